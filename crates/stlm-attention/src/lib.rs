@@ -1,0 +1,15 @@
+//! stlm-attention: attention kernels, position encodings, masks and the KV cache.
+//!
+//! Tensors use the layout `[batch, heads, seq, head_dim]` for queries, keys and values. The dense
+//! causal kernel is the baseline every other variant is compared against; it calls libtorch's
+//! `scaled_dot_product_attention` (with grouped-query heads through `enable_gqa`).
+
+pub mod cache;
+pub mod dense;
+pub mod mask;
+pub mod rope;
+
+pub use cache::KvCache;
+pub use dense::{dense_attention, naive_attention};
+pub use mask::AttentionMask;
+pub use rope::{apply_rotary, Rope};

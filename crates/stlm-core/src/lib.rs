@@ -1,0 +1,20 @@
+//! stlm-core: what every stlm crate shares.
+//!
+//! Device and dtype choice, the error type for file and tensor IO, seeding, safetensors reading
+//! (memory-mapped) and writing (atomic), JSON/TOML reading with errors that name the field, and
+//! parameter counting.
+
+pub mod device;
+pub mod error;
+pub mod io;
+
+pub use device::{parse_device, seed_all, DType};
+pub use error::{CoreError, Result};
+pub use io::{
+    atomic_write, atomic_write_bytes, read_json, read_safetensors, read_toml, write_safetensors,
+};
+
+/// Number of elements in a list of tensors (for parameter counts).
+pub fn numel(tensors: &[tch::Tensor]) -> i64 {
+    tensors.iter().map(|t| t.numel() as i64).sum()
+}

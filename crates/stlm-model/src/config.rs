@@ -1,0 +1,352 @@
+//! One `ModelConfig` describes a whole decoder; Llama and GPT-2 are presets of it.
+
+use crate::{ModelError, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The normalisation layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// RMSNorm (Llama), weight only.
+    RmsNorm,
+    /// LayerNorm (GPT-2), weight and bias.
+    LayerNorm,
+}
+
+/// How positions enter the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionKind {
+    /// Rotary embedding on queries and keys (`rope_theta`).
+    Rope,
+    /// A learned absolute position embedding added to the token embedding.
+    Learned,
+    /// No position information (causal attention alone).
+    None,
+}
+
+/// The feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MlpKind {
+    /// `down(act(gate(x)) * up(x))` (SwiGLU with `silu`).
+    Gated,
+    /// `down(act(up(x)))` (GPT-2).
+    Plain,
+}
+
+/// The activation of the feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// x * sigmoid(x).
+    Silu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// GELU with the tanh approximation (GPT-2's `gelu_new`).
+    GeluTanh,
+    /// max(x, 0).
+    Relu,
+}
+
+/// The transformers family a model is saved as (`config.json`'s `model_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelType {
+    /// `LlamaForCausalLM`.
+    Llama,
+    /// `GPT2LMHeadModel`.
+    Gpt2,
+    /// Any other combination: `config.json` holds the stlm config with `model_type: "stlm"`.
+    Stlm,
+}
+
+/// The whole decoder-only model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Family the model is exported as.
+    pub model_type: ModelType,
+    /// Number of token ids.
+    pub vocab_size: i64,
+    /// Width of the residual stream.
+    pub hidden_size: i64,
+    /// Width of the feed-forward block.
+    pub intermediate_size: i64,
+    /// Number of decoder blocks.
+    pub num_hidden_layers: i64,
+    /// Query heads.
+    pub num_attention_heads: i64,
+    /// Key/value heads (equal to query heads: multi-head; 1: multi-query; between: grouped).
+    pub num_key_value_heads: i64,
+    /// Width of one head; `hidden_size / num_attention_heads` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<i64>,
+    /// Longest sequence (the size of a learned position table; a default context for RoPE).
+    pub max_position_embeddings: i64,
+    /// Normalisation layer.
+    pub norm: NormKind,
+    /// Epsilon of the normalisation layers.
+    pub norm_eps: f64,
+    /// Position encoding.
+    pub position: PositionKind,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Feed-forward block.
+    pub mlp: MlpKind,
+    /// Feed-forward activation.
+    pub hidden_act: Activation,
+    /// Biases on q, k, v and o projections.
+    pub attention_bias: bool,
+    /// Biases on the feed-forward projections.
+    pub mlp_bias: bool,
+    /// The output head shares the token embedding.
+    pub tie_word_embeddings: bool,
+    /// Standard deviation of the normal initialisation.
+    pub initializer_range: f64,
+    /// Beginning-of-sequence token id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<i64>,
+    /// End-of-sequence token ids (generation stops at any of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eos_token_id: Vec<i64>,
+    /// Padding token id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<i64>,
+}
+
+/// Names of the presets accepted by `preset = "..."`.
+pub const PRESETS: &[&str] = &["llama", "gpt2"];
+
+impl ModelConfig {
+    /// A Llama-style model: RMSNorm, RoPE, SwiGLU, no biases.
+    pub fn llama() -> Self {
+        ModelConfig {
+            model_type: ModelType::Llama,
+            vocab_size: 4096,
+            hidden_size: 256,
+            intermediate_size: 688,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 4,
+            head_dim: None,
+            max_position_embeddings: 2048,
+            norm: NormKind::RmsNorm,
+            norm_eps: 1e-6,
+            position: PositionKind::Rope,
+            rope_theta: 10000.0,
+            mlp: MlpKind::Gated,
+            hidden_act: Activation::Silu,
+            attention_bias: false,
+            mlp_bias: false,
+            tie_word_embeddings: false,
+            initializer_range: 0.02,
+            bos_token_id: None,
+            eos_token_id: Vec::new(),
+            pad_token_id: None,
+        }
+    }
+
+    /// A GPT-2-style model: LayerNorm with bias, learned positions, GELU MLP, tied embeddings.
+    pub fn gpt2() -> Self {
+        ModelConfig {
+            model_type: ModelType::Gpt2,
+            intermediate_size: 1024,
+            max_position_embeddings: 1024,
+            norm: NormKind::LayerNorm,
+            norm_eps: 1e-5,
+            position: PositionKind::Learned,
+            mlp: MlpKind::Plain,
+            hidden_act: Activation::GeluTanh,
+            attention_bias: true,
+            mlp_bias: true,
+            tie_word_embeddings: true,
+            ..Self::llama()
+        }
+    }
+
+    /// The preset called `name` (see [`PRESETS`]).
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "llama" => Some(Self::llama()),
+            "gpt2" => Some(Self::gpt2()),
+            _ => None,
+        }
+    }
+
+    /// Parses a TOML model config: `preset = "llama"|"gpt2"` (default llama) supplies every field
+    /// the file does not set. A `[model]` table is used when present, so one file can hold the
+    /// model and, later, the training settings.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
+        let err = |m: String| ModelError::config(path, m);
+        let value: toml::Value = text.parse().map_err(|e: toml::de::Error| err(e.message().to_string()))?;
+        let mut table = match value {
+            toml::Value::Table(mut t) => match t.remove("model") {
+                Some(toml::Value::Table(m)) => m,
+                Some(_) => return Err(err("field `model` must be a table".into())),
+                None => t,
+            },
+            _ => return Err(err("expected a TOML table".into())),
+        };
+        let preset = match table.remove("preset") {
+            None => "llama".to_string(),
+            Some(toml::Value::String(s)) => s,
+            Some(v) => return Err(err(format!("field `preset`: expected a string, got {v}"))),
+        };
+        let base = Self::preset(&preset)
+            .ok_or_else(|| err(format!("field `preset`: unknown preset `{preset}` (known: {})", PRESETS.join(", "))))?;
+        let toml::Value::Table(mut merged) = toml::Value::try_from(&base).map_err(|e| err(e.to_string()))? else {
+            unreachable!("a struct serializes to a table")
+        };
+        if table.contains_key("head_dim") || !merged.contains_key("head_dim") {
+            merged.remove("head_dim");
+        }
+        // Without an explicit kv head count, follow the (possibly overridden) query head count.
+        if !table.contains_key("num_key_value_heads") {
+            if let Some(h) = table.get("num_attention_heads") {
+                merged.insert("num_key_value_heads".into(), h.clone());
+            }
+        }
+        merged.extend(table);
+        let cfg: Self = serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
+            err(format!("field `{}`: {}", e.path(), e.inner().message().trim()))
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Reads a TOML model config file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| stlm_core::CoreError::io(path, e))?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// The config as TOML, every field explicit.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a ModelConfig always serializes")
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Checks ranges and consistency; errors name `path` and the field.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let err = |m: String| Err(ModelError::config(path, m));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("head_dim", self.head_dim()),
+        ] {
+            if v <= 0 {
+                return err(format!("field `{name}` must be positive, got {v}"));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return err(format!(
+                "field `num_key_value_heads` ({}) must divide `num_attention_heads` ({})",
+                self.num_key_value_heads, self.num_attention_heads
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return err(format!(
+                "field `hidden_size` ({}) must be a multiple of `num_attention_heads` ({}) unless `head_dim` is set",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.position == PositionKind::Rope && self.head_dim() % 2 != 0 {
+            return err(format!("field `head_dim` ({}) must be even for rope", self.head_dim()));
+        }
+        if !(self.norm_eps > 0.0) || !(self.rope_theta > 0.0) || !(self.initializer_range > 0.0) {
+            return err("fields `norm_eps`, `rope_theta` and `initializer_range` must be positive".into());
+        }
+        for (name, id) in [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)]
+            .into_iter()
+            .chain(self.eos_token_id.iter().map(|&e| ("eos_token_id", Some(e))))
+        {
+            if let Some(id) = id {
+                if id < 0 || id >= self.vocab_size {
+                    return err(format!("field `{name}` ({id}) is outside the vocabulary (0..{})", self.vocab_size));
+                }
+            }
+        }
+        if let Some(reason) = self.export_mismatch() {
+            return err(format!("field `model_type`: cannot be {:?}: {reason}; use model_type = \"stlm\"", self.model_type));
+        }
+        Ok(())
+    }
+
+    /// Why this config cannot be saved as its `model_type` in transformers, if it cannot.
+    fn export_mismatch(&self) -> Option<String> {
+        match self.model_type {
+            ModelType::Stlm => None,
+            ModelType::Llama => {
+                let ok = self.norm == NormKind::RmsNorm
+                    && self.position == PositionKind::Rope
+                    && self.mlp == MlpKind::Gated;
+                if !ok {
+                    Some("llama needs norm = rms_norm, position = rope, mlp = gated".into())
+                } else {
+                    None
+                }
+            }
+            ModelType::Gpt2 => {
+                let ok = self.norm == NormKind::LayerNorm
+                    && self.position == PositionKind::Learned
+                    && self.mlp == MlpKind::Plain
+                    && self.attention_bias
+                    && self.mlp_bias
+                    && self.num_key_value_heads == self.num_attention_heads
+                    && self.head_dim() * self.num_attention_heads == self.hidden_size;
+                if !ok {
+                    Some("gpt2 needs layer_norm, learned positions, a plain mlp, biases, multi-head attention and head_dim = hidden_size / heads".into())
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> &'static Path {
+        Path::new("test.toml")
+    }
+
+    #[test]
+    fn presets_fill_unset_fields() {
+        let c = ModelConfig::from_toml_str("preset = \"gpt2\"\nhidden_size = 64\nnum_attention_heads = 2\n", p()).unwrap();
+        assert_eq!(c.norm, NormKind::LayerNorm);
+        assert_eq!(c.hidden_size, 64);
+        assert_eq!(c.num_key_value_heads, 2);
+        let c = ModelConfig::from_toml_str("[model]\nnum_key_value_heads = 1\n", p()).unwrap();
+        assert_eq!(c.model_type, ModelType::Llama);
+        assert_eq!(c.num_key_value_heads, 1);
+        let back = ModelConfig::from_toml_str(&c.to_toml(), p()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = ModelConfig::from_toml_str("hidden_sise = 3\n", p()).unwrap_err().to_string();
+        assert!(e.contains("hidden_sise") && e.contains("test.toml"), "{e}");
+        let e = ModelConfig::from_toml_str("hidden_size = \"big\"\n", p()).unwrap_err().to_string();
+        assert!(e.contains("hidden_size"), "{e}");
+        let e = ModelConfig::from_toml_str("num_key_value_heads = 3\n", p()).unwrap_err().to_string();
+        assert!(e.contains("num_key_value_heads"), "{e}");
+        let e = ModelConfig::from_toml_str("preset = \"gpt5\"\n", p()).unwrap_err().to_string();
+        assert!(e.contains("gpt5"), "{e}");
+        let e = ModelConfig::from_toml_str("preset = \"gpt2\"\nnorm = \"rms_norm\"\n", p()).unwrap_err().to_string();
+        assert!(e.contains("model_type"), "{e}");
+    }
+}

@@ -1,0 +1,387 @@
+//! Hugging Face `config.json` and weight names <-> stlm, for Llama and GPT-2.
+//!
+//! Llama weights already use stlm's names. GPT-2 stores `Conv1D` weights as `[in, out]` and fuses
+//! q, k and v into `c_attn`; they are transposed and split here on import, and joined back on
+//! export. Every config field transformers writes is either understood or refused by name.
+
+use crate::config::{Activation, MlpKind, ModelConfig, ModelType, NormKind, PositionKind};
+use crate::{ModelError, Result};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::Tensor;
+
+/// Model types stlm loads from `config.json`.
+pub const KNOWN_MODEL_TYPES: &[&str] = &["llama", "gpt2", "stlm"];
+
+fn parse<T: serde::de::DeserializeOwned>(value: Value, path: &Path) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        ModelError::config(path, format!("field `{field}`: {}", e.inner()))
+    })
+}
+
+/// Token ids written as a number, a list, or null.
+fn ids(value: &Option<Value>, field: &str, path: &Path) -> Result<Vec<i64>> {
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Number(n)) => n.as_i64().map(|i| vec![i]).ok_or_else(|| bad_id(field, path)),
+        Some(Value::Array(a)) => a.iter().map(|v| v.as_i64().ok_or_else(|| bad_id(field, path))).collect(),
+        Some(_) => Err(bad_id(field, path)),
+    }
+}
+
+fn bad_id(field: &str, path: &Path) -> ModelError {
+    ModelError::config(path, format!("field `{field}`: expected a token id, a list of ids or null"))
+}
+
+fn unsupported(path: &Path, message: String) -> ModelError {
+    ModelError::Unsupported { path: path.to_path_buf(), message }
+}
+
+fn activation(name: &str, field: &str, path: &Path) -> Result<Activation> {
+    match name {
+        "silu" | "swish" => Ok(Activation::Silu),
+        "gelu" => Ok(Activation::Gelu),
+        "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+        "relu" => Ok(Activation::Relu),
+        _ => Err(unsupported(path, format!("field `{field}`: activation `{name}` is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh, relu)"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct RopeParameters {
+    rope_theta: f64,
+    rope_type: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct LlamaHf {
+    model_type: String,
+    vocab_size: i64,
+    hidden_size: i64,
+    intermediate_size: i64,
+    num_hidden_layers: i64,
+    num_attention_heads: i64,
+    num_key_value_heads: Option<i64>,
+    head_dim: Option<i64>,
+    hidden_act: Option<String>,
+    max_position_embeddings: Option<i64>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<RopeParameters>,
+    attention_bias: Option<bool>,
+    attention_dropout: Option<f64>,
+    mlp_bias: Option<bool>,
+    pretraining_tp: Option<i64>,
+    tie_word_embeddings: Option<bool>,
+    initializer_range: Option<f64>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    pad_token_id: Option<Value>,
+    use_cache: Option<bool>,
+    architectures: Option<Vec<String>>,
+    transformers_version: Option<String>,
+    dtype: Option<String>,
+    torch_dtype: Option<String>,
+    #[serde(rename = "_name_or_path")]
+    name_or_path: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Gpt2Hf {
+    model_type: String,
+    vocab_size: i64,
+    n_embd: i64,
+    n_head: i64,
+    n_layer: i64,
+    n_positions: i64,
+    n_ctx: Option<i64>,
+    n_inner: Option<i64>,
+    activation_function: Option<String>,
+    layer_norm_epsilon: Option<f64>,
+    initializer_range: Option<f64>,
+    scale_attn_weights: Option<bool>,
+    scale_attn_by_inverse_layer_idx: Option<bool>,
+    reorder_and_upcast_attn: Option<bool>,
+    add_cross_attention: Option<bool>,
+    attn_pdrop: Option<f64>,
+    embd_pdrop: Option<f64>,
+    resid_pdrop: Option<f64>,
+    summary_activation: Option<Value>,
+    summary_first_dropout: Option<f64>,
+    summary_proj_to_labels: Option<bool>,
+    summary_type: Option<String>,
+    summary_use_proj: Option<bool>,
+    task_specific_params: Option<Value>,
+    tie_word_embeddings: Option<bool>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    pad_token_id: Option<Value>,
+    use_cache: Option<bool>,
+    architectures: Option<Vec<String>>,
+    transformers_version: Option<String>,
+    dtype: Option<String>,
+    torch_dtype: Option<String>,
+    #[serde(rename = "_name_or_path")]
+    name_or_path: Option<String>,
+}
+
+/// Reads a `config.json` of a known `model_type` into a [`ModelConfig`].
+pub fn config_from_json(value: Value, path: &Path) -> Result<ModelConfig> {
+    let model_type = match value.get("model_type") {
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => return Err(ModelError::config(path, format!("field `model_type`: expected a string, got {v}"))),
+        None => return Err(ModelError::config(path, "missing field `model_type`")),
+    };
+    let cfg = match model_type.as_str() {
+        "llama" => llama_config(parse(value, path)?, path)?,
+        "gpt2" => gpt2_config(parse(value, path)?, path)?,
+        "stlm" => parse(value, path)?,
+        other => {
+            return Err(unsupported(path, format!(
+                "field `model_type`: `{other}` is not supported (known: {})",
+                KNOWN_MODEL_TYPES.join(", ")
+            )))
+        }
+    };
+    cfg.validate(path)?;
+    Ok(cfg)
+}
+
+fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
+    if let Some(v) = c.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+        return Err(unsupported(path, format!("field `rope_scaling`: {v} is not supported yet (only unscaled rope)")));
+    }
+    let rope_theta = match (&c.rope_parameters, c.rope_theta) {
+        (Some(p), _) if p.rope_type != "default" => {
+            return Err(unsupported(path, format!("field `rope_parameters.rope_type`: `{}` is not supported yet (only `default`)", p.rope_type)))
+        }
+        (Some(p), _) => p.rope_theta,
+        (None, Some(t)) => t,
+        (None, None) => 10000.0,
+    };
+    if c.pretraining_tp.is_some_and(|tp| tp != 1) {
+        return Err(unsupported(path, "field `pretraining_tp`: only 1 is supported".into()));
+    }
+    Ok(ModelConfig {
+        model_type: ModelType::Llama,
+        vocab_size: c.vocab_size,
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        num_hidden_layers: c.num_hidden_layers,
+        num_attention_heads: c.num_attention_heads,
+        num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+        head_dim: c.head_dim.filter(|&d| d * c.num_attention_heads != c.hidden_size),
+        max_position_embeddings: c.max_position_embeddings.unwrap_or(2048),
+        norm: NormKind::RmsNorm,
+        norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
+        position: PositionKind::Rope,
+        rope_theta,
+        mlp: MlpKind::Gated,
+        hidden_act: activation(c.hidden_act.as_deref().unwrap_or("silu"), "hidden_act", path)?,
+        attention_bias: c.attention_bias.unwrap_or(false),
+        mlp_bias: c.mlp_bias.unwrap_or(false),
+        tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
+        initializer_range: c.initializer_range.unwrap_or(0.02),
+        bos_token_id: ids(&c.bos_token_id, "bos_token_id", path)?.first().copied(),
+        eos_token_id: ids(&c.eos_token_id, "eos_token_id", path)?,
+        pad_token_id: ids(&c.pad_token_id, "pad_token_id", path)?.first().copied(),
+    })
+}
+
+fn gpt2_config(c: Gpt2Hf, path: &Path) -> Result<ModelConfig> {
+    if c.scale_attn_weights == Some(false) {
+        return Err(unsupported(path, "field `scale_attn_weights`: only true is supported".into()));
+    }
+    if c.scale_attn_by_inverse_layer_idx == Some(true) {
+        return Err(unsupported(path, "field `scale_attn_by_inverse_layer_idx`: only false is supported".into()));
+    }
+    if c.add_cross_attention == Some(true) {
+        return Err(unsupported(path, "field `add_cross_attention`: cross-attention is not supported".into()));
+    }
+    Ok(ModelConfig {
+        model_type: ModelType::Gpt2,
+        vocab_size: c.vocab_size,
+        hidden_size: c.n_embd,
+        intermediate_size: c.n_inner.unwrap_or(4 * c.n_embd),
+        num_hidden_layers: c.n_layer,
+        num_attention_heads: c.n_head,
+        num_key_value_heads: c.n_head,
+        head_dim: None,
+        max_position_embeddings: c.n_positions,
+        norm: NormKind::LayerNorm,
+        norm_eps: c.layer_norm_epsilon.unwrap_or(1e-5),
+        position: PositionKind::Learned,
+        rope_theta: 10000.0,
+        mlp: MlpKind::Plain,
+        hidden_act: activation(c.activation_function.as_deref().unwrap_or("gelu_new"), "activation_function", path)?,
+        attention_bias: true,
+        mlp_bias: true,
+        tie_word_embeddings: c.tie_word_embeddings.unwrap_or(true),
+        initializer_range: c.initializer_range.unwrap_or(0.02),
+        bos_token_id: ids(&c.bos_token_id, "bos_token_id", path)?.first().copied(),
+        eos_token_id: ids(&c.eos_token_id, "eos_token_id", path)?,
+        pad_token_id: ids(&c.pad_token_id, "pad_token_id", path)?.first().copied(),
+    })
+}
+
+fn ids_json(ids: &[i64]) -> Value {
+    match ids {
+        [] => Value::Null,
+        [one] => json!(one),
+        many => json!(many),
+    }
+}
+
+/// The `config.json` transformers reads for this config (`model_type` llama, gpt2 or stlm).
+pub fn config_to_json(c: &ModelConfig, dtype: &str) -> Value {
+    let act = |gpt2: bool| match c.hidden_act {
+        Activation::Silu => "silu",
+        Activation::Gelu => "gelu",
+        Activation::GeluTanh if gpt2 => "gelu_new",
+        Activation::GeluTanh => "gelu_pytorch_tanh",
+        Activation::Relu => "relu",
+    };
+    let mut v = match c.model_type {
+        ModelType::Llama => json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim(),
+            "hidden_act": act(false),
+            "max_position_embeddings": c.max_position_embeddings,
+            "rms_norm_eps": c.norm_eps,
+            "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"},
+            "attention_bias": c.attention_bias,
+            "mlp_bias": c.mlp_bias,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "initializer_range": c.initializer_range,
+        }),
+        ModelType::Gpt2 => json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": c.vocab_size,
+            "n_embd": c.hidden_size,
+            "n_head": c.num_attention_heads,
+            "n_layer": c.num_hidden_layers,
+            "n_positions": c.max_position_embeddings,
+            "n_inner": c.intermediate_size,
+            "activation_function": act(true),
+            "layer_norm_epsilon": c.norm_eps,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "initializer_range": c.initializer_range,
+        }),
+        ModelType::Stlm => serde_json::to_value(c).expect("a ModelConfig always serializes"),
+    };
+    if c.model_type != ModelType::Stlm {
+        let o = v.as_object_mut().expect("json! object");
+        o.insert("bos_token_id".into(), c.bos_token_id.map_or(Value::Null, |i| json!(i)));
+        o.insert("eos_token_id".into(), ids_json(&c.eos_token_id));
+        o.insert("pad_token_id".into(), c.pad_token_id.map_or(Value::Null, |i| json!(i)));
+        o.insert("dtype".into(), json!(dtype));
+    }
+    v
+}
+
+/// Buffers some checkpoints carry that are not weights.
+fn is_ignored_buffer(name: &str) -> bool {
+    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name.ends_with("rotary_emb.inv_freq")
+}
+
+/// Renames (and for GPT-2 transposes and splits) checkpoint tensors to stlm names.
+pub fn import_weights(cfg: &ModelConfig, tensors: HashMap<String, Tensor>, path: &Path) -> Result<HashMap<String, Tensor>> {
+    let tensors = tensors.into_iter().filter(|(n, _)| !is_ignored_buffer(n));
+    if cfg.model_type != ModelType::Gpt2 {
+        return Ok(tensors.collect());
+    }
+    let h = cfg.hidden_size;
+    let mut out = HashMap::new();
+    for (name, t) in tensors {
+        let name = name.strip_prefix("transformer.").unwrap_or(&name).to_string();
+        let mut put = |n: String, t: Tensor| {
+            out.insert(n, t);
+        };
+        let parts: Vec<&str> = name.split('.').collect();
+        match parts.as_slice() {
+            ["wte", "weight"] => put("model.embed_tokens.weight".into(), t),
+            ["wpe", "weight"] => put("model.embed_positions.weight".into(), t),
+            ["ln_f", p] => put(format!("model.norm.{p}"), t),
+            ["lm_head", "weight"] => put("lm_head.weight".into(), t),
+            ["h", i, "ln_1", p] => put(format!("model.layers.{i}.input_layernorm.{p}"), t),
+            ["h", i, "ln_2", p] => put(format!("model.layers.{i}.post_attention_layernorm.{p}"), t),
+            ["h", i, "attn", "c_attn", p] => {
+                let t = if *p == "weight" { t.tr() } else { t };
+                if t.size()[0] != 3 * h {
+                    return Err(ModelError::Weights {
+                        path: path.to_path_buf(),
+                        message: format!("tensor `{name}` has shape {:?}, config expects {} fused q/k/v rows", t.size(), 3 * h),
+                    });
+                }
+                for (j, proj) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+                    put(format!("model.layers.{i}.self_attn.{proj}.{p}"), t.narrow(0, j as i64 * h, h).contiguous());
+                }
+            }
+            ["h", i, "attn", "c_proj", p] => put(format!("model.layers.{i}.self_attn.o_proj.{p}"), conv1d(t, p)),
+            ["h", i, "mlp", "c_fc", p] => put(format!("model.layers.{i}.mlp.up_proj.{p}"), conv1d(t, p)),
+            ["h", i, "mlp", "c_proj", p] => put(format!("model.layers.{i}.mlp.down_proj.{p}"), conv1d(t, p)),
+            _ => put(name.clone(), t),
+        }
+    }
+    Ok(out)
+}
+
+/// GPT-2's Conv1D stores `[in, out]`; stlm's linear stores `[out, in]` (and back).
+fn conv1d(t: Tensor, param: &str) -> Tensor {
+    if param == "weight" { t.tr().contiguous() } else { t }
+}
+
+/// Names (and for GPT-2 layouts) under which transformers expects each stlm weight.
+pub fn export_weights(cfg: &ModelConfig, vars: &HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
+    let mut out: Vec<(String, Tensor)> = if cfg.model_type != ModelType::Gpt2 {
+        vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    } else {
+        let get = |n: String| vars[&n].shallow_clone();
+        let mut out = vec![
+            ("transformer.wte.weight".to_string(), get("model.embed_tokens.weight".into())),
+            ("transformer.wpe.weight".to_string(), get("model.embed_positions.weight".into())),
+            ("transformer.ln_f.weight".to_string(), get("model.norm.weight".into())),
+            ("transformer.ln_f.bias".to_string(), get("model.norm.bias".into())),
+        ];
+        if let Some(head) = vars.get("lm_head.weight") {
+            out.push(("lm_head.weight".into(), head.shallow_clone()));
+        }
+        for i in 0..cfg.num_hidden_layers {
+            let l = format!("model.layers.{i}");
+            let h = format!("transformer.h.{i}");
+            for p in ["weight", "bias"] {
+                out.push((format!("{h}.ln_1.{p}"), get(format!("{l}.input_layernorm.{p}"))));
+                out.push((format!("{h}.ln_2.{p}"), get(format!("{l}.post_attention_layernorm.{p}"))));
+                let qkv = Tensor::cat(
+                    &["q_proj", "k_proj", "v_proj"].map(|proj| get(format!("{l}.self_attn.{proj}.{p}"))),
+                    0,
+                );
+                out.push((format!("{h}.attn.c_attn.{p}"), conv1d(qkv, p)));
+                out.push((format!("{h}.attn.c_proj.{p}"), conv1d(get(format!("{l}.self_attn.o_proj.{p}")), p)));
+                out.push((format!("{h}.mlp.c_fc.{p}"), conv1d(get(format!("{l}.mlp.up_proj.{p}")), p)));
+                out.push((format!("{h}.mlp.c_proj.{p}"), conv1d(get(format!("{l}.mlp.down_proj.{p}")), p)));
+            }
+        }
+        out
+    };
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

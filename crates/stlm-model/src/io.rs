@@ -1,0 +1,118 @@
+//! Model directories (Hugging Face layout plus `stlm.toml`): load and save.
+
+use crate::config::ModelConfig;
+use crate::hf::{config_from_json, config_to_json, export_weights, import_weights};
+use crate::{DecoderModel, ModelError, Result};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use stlm_core::{atomic_write_bytes, read_safetensors, write_safetensors, CoreError, DType};
+use tch::{Device, Tensor};
+
+/// Weight file name inside a model directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Reads the model config of a directory: `stlm.toml` when present, else `config.json`.
+pub fn load_config(dir: &Path) -> Result<ModelConfig> {
+    if !dir.is_dir() {
+        return Err(CoreError::Invalid(format!("{}: model directory does not exist", dir.display())).into());
+    }
+    let toml_path = dir.join("stlm.toml");
+    if toml_path.is_file() {
+        return ModelConfig::from_toml_file(&toml_path);
+    }
+    let json_path = dir.join("config.json");
+    if !json_path.is_file() {
+        return Err(ModelError::config(dir, "neither stlm.toml nor config.json is in this directory"));
+    }
+    let value: serde_json::Value = stlm_core::read_json(&json_path)?;
+    config_from_json(value, &json_path)
+}
+
+/// Loads a model directory onto `device` in `dtype`: config, then every weight, checking that
+/// no weight is missing, unexpected, or of the wrong shape.
+pub fn load_model(dir: &Path, device: Device, dtype: DType) -> Result<DecoderModel> {
+    let config = load_config(dir)?;
+    let mut model = DecoderModel::new(config, device)?;
+    let path = dir.join(WEIGHTS_FILE);
+    if !path.is_file() {
+        return Err(ModelError::Weights { path, message: "weight file is missing".into() });
+    }
+    let tensors = import_weights(&model.config, read_safetensors(&path)?, &path)?;
+    copy_weights(&model, tensors, &path)?;
+    model.set_kind(dtype.kind());
+    Ok(model)
+}
+
+fn copy_weights(model: &DecoderModel, mut tensors: HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let err = |message: String| ModelError::Weights { path: path.to_path_buf(), message };
+    if model.config.tie_word_embeddings {
+        // Some checkpoints store the tied head as well; it is the embedding.
+        tensors.remove("lm_head.weight");
+    }
+    let mut vars: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let missing: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).filter(|n| !tensors.contains_key(*n)).collect();
+    if !missing.is_empty() {
+        return Err(err(format!("{} weights the config needs are missing, e.g. `{}`", missing.len(), missing[0])));
+    }
+    let _guard = tch::no_grad_guard();
+    for (name, mut var) in vars {
+        let t = tensors.remove(&name).expect("checked above");
+        if t.size() != var.size() {
+            return Err(err(format!("tensor `{name}` has shape {:?}, the config expects {:?}", t.size(), var.size())));
+        }
+        if !t.is_floating_point() {
+            return Err(err(format!("tensor `{name}` has kind {:?}, expected a float", t.kind())));
+        }
+        var.copy_(&t);
+    }
+    if let Some(extra) = tensors.keys().min() {
+        return Err(err(format!("{} tensors are not used by the config, e.g. `{extra}`", tensors.len())));
+    }
+    Ok(())
+}
+
+impl DecoderModel {
+    /// Saves a model directory that transformers loads when `model_type` is llama or gpt2:
+    /// `model.safetensors`, `config.json`, `generation_config.json`, `stlm.toml`, and
+    /// `tokenizer.json` copied from `tokenizer` when given. Each file is written atomically.
+    pub fn save(&self, dir: &Path, tokenizer: Option<&Path>) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+        let dtype = match self.kind() {
+            tch::Kind::BFloat16 => "bfloat16",
+            tch::Kind::Half => "float16",
+            _ => "float32",
+        };
+        let weights = export_weights(&self.config, &self.var_store().variables());
+        write_safetensors(&dir.join(WEIGHTS_FILE), &weights)?;
+        let write_json = |name: &str, v: serde_json::Value| -> Result<()> {
+            let text = serde_json::to_string_pretty(&v).expect("json values serialize");
+            Ok(atomic_write_bytes(&dir.join(name), text.as_bytes())?)
+        };
+        write_json("config.json", config_to_json(&self.config, dtype))?;
+        let c = &self.config;
+        let mut gen = json!({});
+        if let Some(b) = c.bos_token_id {
+            gen["bos_token_id"] = json!(b);
+        }
+        if !c.eos_token_id.is_empty() {
+            gen["eos_token_id"] = json!(c.eos_token_id);
+        }
+        if let Some(p) = c.pad_token_id {
+            gen["pad_token_id"] = json!(p);
+        }
+        write_json("generation_config.json", gen)?;
+        atomic_write_bytes(&dir.join("stlm.toml"), self.config.to_toml().as_bytes())?;
+        if let Some(src) = tokenizer {
+            let bytes = std::fs::read(src).map_err(|e| CoreError::io(src, e))?;
+            atomic_write_bytes(&dir.join("tokenizer.json"), &bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// The `tokenizer.json` of a model directory, if it has one.
+pub fn tokenizer_path(dir: &Path) -> Option<PathBuf> {
+    Some(dir.join("tokenizer.json")).filter(|p| p.is_file())
+}

@@ -1,0 +1,21 @@
+//! stlm-model: decoder-only language models assembled from one config.
+//!
+//! - [`config`]: `ModelConfig` and its presets (Llama, GPT-2) as TOML.
+//! - [`layers`]: the building blocks (linear, norm, attention, MLP, decoder block).
+//! - [`model`]: `DecoderModel`, its forward pass and KV cache.
+//! - [`hf`] and [`io`]: Hugging Face `config.json` and weight names; model directories.
+//! - [`generate`]: sampling and batched generation.
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod hf;
+pub mod io;
+pub mod layers;
+pub mod model;
+
+pub use config::{Activation, MlpKind, ModelConfig, ModelType, NormKind, PositionKind};
+pub use error::{ModelError, Result};
+pub use generate::{generate, GenerationConfig};
+pub use io::{load_config, load_model, tokenizer_path};
+pub use model::DecoderModel;

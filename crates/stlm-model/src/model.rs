@@ -1,0 +1,153 @@
+//! The decoder-only language model, assembled from one [`ModelConfig`].
+//!
+//! Llama (RMSNorm, RoPE, SwiGLU, GQA/MQA, tied or untied head) and GPT-2 (LayerNorm with bias,
+//! learned positions, GELU MLP, tied head) are presets of the same blocks. Reference
+//! implementations: transformers' `LlamaForCausalLM` and `GPT2LMHeadModel`; the parity tests in
+//! `tests/tests/hf_parity.rs` compare logits with them both ways.
+
+use crate::config::{ModelConfig, PositionKind};
+use crate::layers::{DecoderLayer, Linear, Norm, RotaryAngles};
+use crate::{ModelError, Result};
+use stlm_attention::{AttentionMask, KvCache, Rope};
+use tch::nn::{self, Init};
+use tch::{Device, Kind, Tensor};
+
+/// A decoder-only language model and the variable store that owns its weights.
+#[derive(Debug)]
+pub struct DecoderModel {
+    /// The config it was built from.
+    pub config: ModelConfig,
+    /// Token embedding, `[vocab, hidden]` (`model.embed_tokens.weight`).
+    pub embed_tokens: Tensor,
+    /// Learned position embedding, `[max_positions, hidden]` (`model.embed_positions.weight`).
+    pub embed_positions: Option<Tensor>,
+    /// Decoder blocks (`model.layers.{i}`).
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm (`model.norm`).
+    pub norm: Norm,
+    /// Output head (`lm_head`); `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    rope: Option<Rope>,
+    vs: nn::VarStore,
+}
+
+impl DecoderModel {
+    /// Builds a randomly initialised model (normal(0, `initializer_range`), residual projections
+    /// scaled by `1/sqrt(2 * layers)`) in float32 on `device`.
+    pub fn new(config: ModelConfig, device: Device) -> Result<Self> {
+        config.validate(std::path::Path::new("model config"))?;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let model = &root / "model";
+        let std = config.initializer_range;
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = (&model / "embed_tokens").var("weight", &[v, h], Init::Randn { mean: 0.0, stdev: std });
+        let embed_positions = (config.position == PositionKind::Learned).then(|| {
+            (&model / "embed_positions").var("weight", &[config.max_position_embeddings, h], Init::Randn { mean: 0.0, stdev: std })
+        });
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&model / "layers" / i, &config))
+            .collect();
+        let norm = Norm::new(&model / "norm", config.norm, h, config.norm_eps);
+        let lm_head = (!config.tie_word_embeddings).then(|| Linear::new(&root / "lm_head", h, v, false, std));
+        let rope = (config.position == PositionKind::Rope).then(|| Rope::new(config.head_dim(), config.rope_theta, device));
+        Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, rope, vs })
+    }
+
+    /// The variable store holding every weight, by its Hugging Face name.
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// Mutable access to the variable store (to change dtype or device).
+    pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Floating-point kind of the weights.
+    pub fn kind(&self) -> Kind {
+        self.embed_tokens.kind()
+    }
+
+    /// Casts every weight to `kind` (e.g. bfloat16 on CUDA).
+    pub fn set_kind(&mut self, kind: Kind) {
+        // Rope frequencies are not variables: they stay float32, as in transformers.
+        self.vs.set_kind(kind);
+    }
+
+    /// Total number of parameters (tied weights counted once).
+    pub fn num_parameters(&self) -> i64 {
+        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    }
+
+    /// Checks that every id in `ids` is inside the vocabulary.
+    pub fn check_ids(&self, ids: &[i64]) -> Result<()> {
+        match ids.iter().find(|&&id| id < 0 || id >= self.config.vocab_size) {
+            Some(id) => Err(ModelError::Input(format!(
+                "token id {id} is outside the vocabulary (0..{})",
+                self.config.vocab_size
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Logits `[b, s, vocab]` of a full causal pass over `input_ids` `[b, s]` (positions 0..s).
+    pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
+        let positions = Tensor::arange(s, (Kind::Int64, self.device())).unsqueeze(0).expand([b, s], false);
+        self.forward_ext(input_ids, &positions, &AttentionMask::Causal, None)
+    }
+
+    /// Logits `[b, s, vocab]` for `input_ids` `[b, s]` at `positions` `[b, s]` under `mask`;
+    /// with a cache, keys and values are appended to it and it is advanced by `s`.
+    pub fn forward_ext(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let x = self.hidden_states(input_ids, positions, mask, cache);
+        match &self.lm_head {
+            Some(head) => head.forward(&x),
+            None => x.matmul(&self.embed_tokens.tr()),
+        }
+    }
+
+    /// Final hidden states `[b, s, hidden]` (after the final norm).
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &AttentionMask,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        // input_ids, positions: [b, s]
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, s, hidden]
+        if let Some(pos) = &self.embed_positions {
+            x = x + Tensor::embedding(pos, positions, -1, false, false);
+        }
+        let rotary = self.rope.as_ref().map(|rope| {
+            let (cos, sin) = rope.cos_sin(positions, x.kind());
+            RotaryAngles { cos, sin }
+        });
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, rotary.as_ref(), mask, cache.as_deref().map(|c| (c, i)));
+        }
+        if let Some(c) = cache.as_mut() {
+            c.advance(input_ids.size()[1]);
+        }
+        self.norm.forward(&x)
+    }
+
+    /// A KV cache for `batch` sequences of up to `capacity` positions, in the model's dtype.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        let c = &self.config;
+        KvCache::new(c.num_hidden_layers as usize, batch, c.num_key_value_heads, c.head_dim(), capacity, self.kind(), self.device())
+    }
+}

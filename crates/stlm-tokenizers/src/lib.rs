@@ -1,0 +1,241 @@
+//! stlm-tokenizers: byte-level BPE (train, load, save as Hugging Face `tokenizer.json`) on the
+//! `tokenizers` crate. No tch dependency.
+//!
+//! Any `tokenizer.json` that transformers can read loads here (BPE, WordPiece, Unigram, byte
+//! fallback); [`Tokenizer::train_bpe`] trains GPT-2-style byte-level BPE, which encodes every
+//! string losslessly: `decode(encode(s)) == s`.
+
+use std::path::{Path, PathBuf};
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::models::TrainerWrapper;
+use tokenizers::AddedToken;
+
+/// Result alias for stlm-tokenizers.
+pub type Result<T, E = TokenizerError> = std::result::Result<T, E>;
+
+/// Errors naming the file or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// A tokenizer file could not be read, parsed or written.
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    /// Bad training options or input.
+    #[error("{0}")]
+    Invalid(String),
+    /// Encoding or decoding failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// The end-of-text token stlm's trained tokenizers carry.
+pub const ENDOFTEXT: &str = "<|endoftext|>";
+/// The padding token stlm's trained tokenizers carry.
+pub const PAD: &str = "<|pad|>";
+
+/// Options for training byte-level BPE.
+#[derive(Debug, Clone)]
+pub struct BpeOptions {
+    /// Final vocabulary size, special tokens and the 256 byte symbols included.
+    pub vocab_size: usize,
+    /// Pairs seen fewer times than this are not merged.
+    pub min_frequency: u64,
+    /// Special tokens, given the first ids in this order.
+    pub special_tokens: Vec<String>,
+    /// Show a progress bar on stderr.
+    pub show_progress: bool,
+}
+
+impl Default for BpeOptions {
+    fn default() -> Self {
+        BpeOptions {
+            vocab_size: 4096,
+            min_frequency: 2,
+            special_tokens: vec![ENDOFTEXT.to_string(), PAD.to_string()],
+            show_progress: true,
+        }
+    }
+}
+
+/// A tokenizer: any Hugging Face `tokenizer.json`.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    /// Loads a `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| file_err(path, format!("not a valid tokenizer.json ({e})")))?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// Trains byte-level BPE (GPT-2's pre-tokenizer, no prefix space) on text files.
+    pub fn train_bpe(files: &[PathBuf], options: &BpeOptions) -> Result<Self> {
+        let min_vocab = 256 + options.special_tokens.len();
+        if options.vocab_size < min_vocab {
+            return Err(TokenizerError::Invalid(format!(
+                "--vocab-size {} is too small: byte-level BPE needs at least {min_vocab} (256 bytes + {} special tokens)",
+                options.vocab_size,
+                options.special_tokens.len()
+            )));
+        }
+        if files.is_empty() {
+            return Err(TokenizerError::Invalid("no training files given".into()));
+        }
+        for f in files {
+            std::fs::metadata(f).map_err(|e| file_err(f, e))?;
+        }
+        let specials: Vec<AddedToken> = options.special_tokens.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
+        let trainer = BpeTrainerBuilder::new()
+            .show_progress(options.show_progress)
+            .vocab_size(options.vocab_size)
+            .min_frequency(options.min_frequency)
+            .special_tokens(specials)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build();
+        let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+        let byte_level = ByteLevel::new(false, true, true);
+        let mut inner = tokenizers::Tokenizer::new(BPE::default());
+        inner.with_pre_tokenizer(Some(byte_level)).with_decoder(Some(byte_level)).with_post_processor(Some(byte_level));
+        let names = files.iter().map(|f| f.to_string_lossy().into_owned()).collect();
+        inner.train_from_files(&mut trainer, names).map_err(|e| TokenizerError::Tokenizer(e.to_string()))?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// Writes `tokenizer.json` atomically (temporary name, then rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = self.inner.to_string(true).map_err(|e| file_err(path, e))?;
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp-{}",
+            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            std::process::id()
+        ));
+        std::fs::write(&tmp, json).map_err(|e| file_err(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            file_err(path, e)
+        })
+    }
+
+    /// Token ids of `text`, without added special tokens (BOS/EOS templates) unless asked.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| TokenizerError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`; special tokens are kept unless `skip_special_tokens`.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        let size = self.vocab_size();
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= size) {
+            return Err(TokenizerError::Invalid(format!("token id {bad} is outside the vocabulary (0..{size})")));
+        }
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| TokenizerError::Tokenizer(e.to_string()))
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Id of a token string.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The end-of-text id: `<|endoftext|>`, `</s>` or `<eos>`, whichever the vocabulary has.
+    pub fn eos_id(&self) -> Option<u32> {
+        [ENDOFTEXT, "</s>", "<eos>", "<|end_of_text|>"].iter().find_map(|t| self.token_to_id(t))
+    }
+
+    /// The padding id, if the vocabulary has one.
+    pub fn pad_id(&self) -> Option<u32> {
+        [PAD, "<pad>", "<|padding|>"].iter().find_map(|t| self.token_to_id(t))
+    }
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> TokenizerError {
+    TokenizerError::File { path: path.to_path_buf(), message: e.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    fn trained() -> &'static Tokenizer {
+        static TOK: OnceLock<Tokenizer> = OnceLock::new();
+        TOK.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("corpus.txt");
+            let text = "Once upon a time, a little fox found a shiny stone.\n\nThe fox said: \"Look!\" <|endoftext|> Tom and Lily played in the park. ".repeat(200);
+            std::fs::write(&path, text).unwrap();
+            let opts = BpeOptions { vocab_size: 300, show_progress: false, ..Default::default() };
+            Tokenizer::train_bpe(&[path], &opts).unwrap()
+        })
+    }
+
+    #[test]
+    fn trains_specials_first_and_saves_loadable_json() {
+        let tok = trained();
+        assert_eq!(tok.token_to_id(ENDOFTEXT), Some(0));
+        assert_eq!(tok.pad_id(), Some(1));
+        assert_eq!(tok.vocab_size(), 300);
+        let ids = tok.encode("a little fox<|endoftext|>", false).unwrap();
+        assert_eq!(*ids.last().unwrap(), 0);
+        assert!(ids.len() < "a little fox".len());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        tok.save(&path).unwrap();
+        let back = Tokenizer::from_file(&path).unwrap();
+        assert_eq!(back.encode("the fox said", false).unwrap(), tok.encode("the fox said", false).unwrap());
+    }
+
+    #[test]
+    fn errors_name_the_file_or_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, "{ not json").unwrap();
+        let e = Tokenizer::from_file(&path).err().unwrap().to_string();
+        assert!(e.contains("tokenizer.json") && e.contains("not a valid"), "{e}");
+        let e = trained().decode(&[5, 100000], false).unwrap_err().to_string();
+        assert!(e.contains("100000"), "{e}");
+        let opts = BpeOptions { vocab_size: 10, ..Default::default() };
+        assert!(Tokenizer::train_bpe(&[path], &opts).err().unwrap().to_string().contains("--vocab-size"));
+    }
+
+    #[test]
+    fn loads_a_real_mistral_tokenizer_when_present() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tokenizers/mistral-7b-tokenizer.json");
+        if !path.exists() {
+            eprintln!("skipping: {} is not present", path.display());
+            return;
+        }
+        let tok = Tokenizer::from_file(&path).unwrap();
+        assert_eq!(tok.vocab_size(), 32000);
+        assert_eq!(tok.eos_id(), Some(2));
+        let ids = tok.encode("Hello world", false).unwrap();
+        assert_eq!(tok.decode(&ids, false).unwrap().trim_start(), "Hello world");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Byte-level BPE is lossless on arbitrary Unicode.
+        #[test]
+        fn decode_encode_round_trip(s in any::<String>()) {
+            let tok = trained();
+            let ids = tok.encode(&s, false).unwrap();
+            prop_assert_eq!(tok.decode(&ids, false).unwrap(), s);
+        }
+
+        /// ... and on text made of the corpus' own pieces, where merges apply.
+        #[test]
+        fn round_trip_on_corpus_like_text(words in proptest::collection::vec(prop::sample::select(vec!["fox", " the", "\n\n", "<|endoftext|>", " Lily", "é", "  ", "!\""]), 0..20)) {
+            let s: String = words.concat();
+            let tok = trained();
+            prop_assert_eq!(tok.decode(&tok.encode(&s, false).unwrap(), false).unwrap(), s);
+        }
+    }
+}
