@@ -153,8 +153,20 @@ pub fn config_from_json(value: Value, path: &Path) -> Result<ModelConfig> {
             )))
         }
     };
+    let cfg = drop_ids_outside_vocab(cfg);
     cfg.validate(path)?;
     Ok(cfg)
+}
+
+/// transformers accepts special-token ids outside the vocabulary (GPT2Config's default 50256
+/// on a small vocabulary) and only warns; such ids can never be produced, so they are dropped.
+fn drop_ids_outside_vocab(mut c: ModelConfig) -> ModelConfig {
+    let v = c.vocab_size;
+    let inside = |id: &i64| (0..v).contains(id);
+    c.bos_token_id = c.bos_token_id.filter(inside);
+    c.pad_token_id = c.pad_token_id.filter(inside);
+    c.eos_token_id.retain(inside);
+    c
 }
 
 fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {

@@ -1,0 +1,104 @@
+//! Logit parity with Hugging Face transformers, both ways, for Llama (GQA, MQA, untied and tied
+//! heads, a non-default rope_theta, biases) and GPT-2: a random model saved by transformers loads
+//! in stlm with the same logits and greedy continuation, and a model saved by stlm loads with
+//! `AutoModelForCausalLM.from_pretrained` with the same logits. Max abs difference <= 1e-4.
+
+use serde_json::json;
+use stlm_core::{read_safetensors, DType};
+use stlm_model::{generate, load_model, DecoderModel, GenerationConfig, ModelConfig};
+use stlm_tests::{max_abs_diff, reference_python, run_python};
+use tch::{Device, Tensor};
+
+const IDS: [i64; 12] = [1, 17, 42, 99, 3, 3, 58, 100, 0, 77, 21, 64];
+const TOLERANCE: f64 = 1e-4;
+
+fn cases() -> Vec<(&'static str, &'static str, serde_json::Value)> {
+    let llama = |extra: serde_json::Value| {
+        let mut c = json!({"vocab_size": 101, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "max_position_embeddings": 64});
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        c
+    };
+    vec![
+        ("llama-gqa-untied-theta", "llama", llama(json!({"num_key_value_heads": 2, "tie_word_embeddings": false, "rope_theta": 500000.0}))),
+        ("llama-mqa-tied", "llama", llama(json!({"num_key_value_heads": 1, "tie_word_embeddings": true}))),
+        ("llama-mha-biases-gelu", "llama", llama(json!({"num_key_value_heads": 4, "attention_bias": true, "mlp_bias": true, "hidden_act": "gelu_pytorch_tanh", "head_dim": 32}))),
+        ("gpt2", "gpt2", json!({"vocab_size": 101, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64})),
+    ]
+}
+
+fn stlm_logits(model: &DecoderModel) -> Tensor {
+    let _g = tch::no_grad_guard();
+    model.forward(&Tensor::from_slice(&IDS).unsqueeze(0)).squeeze_dim(0)
+}
+
+#[test]
+fn transformers_models_load_in_stlm_with_the_same_logits_and_greedy_text() {
+    let Some(python) = reference_python() else { return };
+    let root = tempfile::tempdir().unwrap();
+    let tasks: Vec<_> = cases()
+        .iter()
+        .enumerate()
+        .map(|(i, (name, model_type, config))| {
+            json!({"action": "make", "model_type": model_type, "config": config, "seed": i,
+                   "dir": root.path().join(name), "ids": IDS, "new_tokens": 10})
+        })
+        .collect();
+    let job = root.path().join("job.json");
+    std::fs::write(&job, serde_json::to_string(&tasks).unwrap()).unwrap();
+    run_python(&python, "hf_reference.py", &[job.to_str().unwrap()]);
+
+    for (name, _, _) in cases() {
+        let dir = root.path().join(name);
+        let model = load_model(&dir, Device::Cpu, DType::Float32).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
+        let diff = max_abs_diff(&stlm_logits(&model), &reference["logits"]);
+        eprintln!("{name}: max abs logit difference {diff:.2e}");
+        assert!(diff <= TOLERANCE, "{name}: max abs logit difference {diff}");
+
+        let eos = model.config.eos_token_id.clone();
+        let cfg = GenerationConfig { max_new_tokens: 10, eos_token_ids: eos, ..Default::default() };
+        let ours = generate(&model, &[IDS.to_vec()], &cfg, |_, _| {}).unwrap();
+        let theirs: Vec<i64> = Vec::try_from(&reference["greedy"]).unwrap();
+        assert_eq!(ours[0], theirs, "{name}: greedy continuation");
+    }
+}
+
+#[test]
+fn stlm_models_load_in_transformers_with_the_same_logits() {
+    let Some(python) = reference_python() else { return };
+    let root = tempfile::tempdir().unwrap();
+    let configs = [
+        ("llama-gqa", "preset = \"llama\"\nnum_key_value_heads = 2\nrope_theta = 50000.0\n"),
+        ("llama-mqa-tied", "preset = \"llama\"\nnum_key_value_heads = 1\ntie_word_embeddings = true\n"),
+        ("gpt2", "preset = \"gpt2\"\n"),
+    ];
+    let mut tasks = Vec::new();
+    let mut ours = Vec::new();
+    for (name, preset) in configs {
+        let text = format!("{preset}vocab_size = 101\nhidden_size = 64\nintermediate_size = 96\nnum_hidden_layers = 2\nnum_attention_heads = 4\nmax_position_embeddings = 64\n");
+        let cfg = ModelConfig::from_toml_str(&text, std::path::Path::new(name)).unwrap();
+        let model = DecoderModel::new(cfg, Device::Cpu).unwrap();
+        {
+            let _g = tch::no_grad_guard();
+            for (_, mut v) in model.var_store().variables() {
+                let noisy = &v + v.randn_like() * 0.15;
+                v.copy_(&noisy);
+            }
+        }
+        let dir = root.path().join(name);
+        model.save(&dir, None).unwrap();
+        let out = root.path().join(format!("{name}.safetensors"));
+        tasks.push(json!({"action": "logits", "dir": dir, "ids": IDS, "out": out}));
+        ours.push((name, stlm_logits(&model), out));
+    }
+    let job = root.path().join("job.json");
+    std::fs::write(&job, serde_json::to_string(&tasks).unwrap()).unwrap();
+    run_python(&python, "hf_reference.py", &[job.to_str().unwrap()]);
+    for (name, logits, out) in ours {
+        let theirs = &read_safetensors(&out).unwrap()["logits"];
+        let diff = max_abs_diff(&logits, theirs);
+        eprintln!("{name}: max abs logit difference {diff:.2e}");
+        assert!(diff <= TOLERANCE, "{name}: max abs logit difference {diff}");
+    }
+}
