@@ -1,1 +1,67 @@
-fn main(){}
+//! `stlm`: one subcommand per job, thin over the stlm crates. Errors print as one line on stderr
+//! with a non-zero exit; `--json` jobs print exactly one JSON object on stdout.
+
+mod bench;
+mod common;
+mod eval;
+mod model;
+mod tokenizer;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Build, train, compress and evaluate super tiny language models.
+#[derive(Parser)]
+#[command(name = "stlm", version, about)]
+struct Cli {
+    /// libtorch intra-op threads (default: libtorch's choice).
+    #[arg(long, global = true)]
+    threads: Option<i32>,
+    #[command(subcommand)]
+    job: Job,
+}
+
+#[derive(Subcommand)]
+enum Job {
+    /// Create a randomly initialised model directory from a TOML config.
+    Init(model::InitArgs),
+    /// Parameter count and per-layer table of a model directory.
+    Inspect(model::InspectArgs),
+    /// Generate text from a prompt (streamed to stdout).
+    Generate(model::GenerateArgs),
+    /// Write the float32 logits [seq, vocab] of token ids to a safetensors file (key `logits`).
+    Logits(model::LogitsArgs),
+    /// Train, apply and invert tokenizers.
+    #[command(subcommand)]
+    Tokenizer(tokenizer::TokenizerJob),
+    /// Evaluate a model.
+    #[command(subcommand)]
+    Eval(eval::EvalJob),
+    /// Measure speed.
+    #[command(subcommand)]
+    Bench(bench::BenchJob),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        tch::set_num_threads(n);
+    }
+    let result = match cli.job {
+        Job::Init(a) => model::init(a),
+        Job::Inspect(a) => model::inspect(a),
+        Job::Generate(a) => model::generate(a),
+        Job::Logits(a) => model::logits(a),
+        Job::Tokenizer(j) => tokenizer::run(j),
+        Job::Eval(j) => eval::run(j),
+        Job::Bench(j) => bench::run(j),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! stlm-eval: evaluation of stlm models.
+//!
+//! [`perplexity`]: mean next-token loss (nats per token), perplexity and bits per byte over a token
+//! stream, with the sliding window of transformers' perplexity guide for texts longer than the
+//! model's context: each window of `max_length` tokens advances by `stride` (capped so that
+//! windows overlap by at least one token) and only the tokens not scored by an earlier window
+//! count, each seen with at least `max_length - stride` tokens of context. Every token after the
+//! first is scored exactly once. Bits per byte (`total nats / ln 2 / bytes of text`) compares models whose tokenizers
+//! differ.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use stlm_model::DecoderModel;
+use tch::{Kind, Tensor};
+
+/// Errors of evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// Bad evaluation input or options.
+    #[error("{0}")]
+    Input(String),
+    /// An error raised by the model.
+    #[error(transparent)]
+    Model(#[from] stlm_model::ModelError),
+    /// An error raised by libtorch.
+    #[error("libtorch: {0}")]
+    Tch(#[from] tch::TchError),
+}
+
+/// Result alias for stlm-eval.
+pub type Result<T, E = EvalError> = std::result::Result<T, E>;
+
+/// The window over long texts.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowOptions {
+    /// Tokens per forward pass (at most the model's context).
+    pub max_length: i64,
+    /// Tokens the window advances by; `stride == max_length` gives disjoint windows.
+    pub stride: i64,
+}
+
+/// The result of [`perplexity`]; its JSON keys are the ones `stlm eval ppl --json` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct PplReport {
+    /// Tokens scored.
+    pub tokens: i64,
+    /// Bytes of the evaluated text.
+    pub bytes: u64,
+    /// Mean loss in nats per token.
+    pub loss: f64,
+    /// exp(loss).
+    pub ppl: f64,
+    /// Total loss in bits divided by the bytes of text.
+    pub bits_per_byte: f64,
+}
+
+/// Scores every token of `ids` after the first (so put a BOS/EOS token first to score the whole
+/// text); `bytes` is the UTF-8 length of the text the ids encode.
+pub fn perplexity(model: &DecoderModel, ids: &[i64], bytes: u64, window: WindowOptions, progress: bool) -> Result<PplReport> {
+    let n = ids.len() as i64;
+    if n < 2 {
+        return Err(EvalError::Input(format!("the text has {n} tokens; perplexity needs at least 2")));
+    }
+    if window.max_length < 2 || window.stride < 1 || window.stride > window.max_length {
+        return Err(EvalError::Input(format!(
+            "window: need 2 <= --max-length and 1 <= --stride <= --max-length, got max_length {} and stride {}",
+            window.max_length, window.stride
+        )));
+    }
+    model.check_ids(ids)?;
+    let _guard = tch::no_grad_guard();
+    let device = model.device();
+    // Window starts: each next window starts `stride` later, but at most at the last token of
+    // the previous window, so that consecutive windows overlap and every token is scored once.
+    let mut starts = vec![0];
+    loop {
+        let begin = *starts.last().expect("starts is not empty");
+        let end = (begin + window.max_length).min(n);
+        if end == n {
+            break;
+        }
+        starts.push((begin + window.stride).min(end - 1));
+    }
+    let bar = if progress { ProgressBar::new(starts.len() as u64) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} windows {eta}").expect("valid template"));
+    bar.set_prefix("perplexity");
+    let all = Tensor::from_slice(ids).to_device(device);
+    let mut total = Tensor::zeros([], (Kind::Double, device));
+    let mut scored_until = 1; // index of the first token not yet scored (token 0 is never scored)
+    let mut count = 0;
+    for begin in starts {
+        let end = (begin + window.max_length).min(n);
+        let input = all.narrow(0, begin, end - begin).unsqueeze(0); // [1, L]
+        let logits = model.forward(&input).squeeze_dim(0); // [L, vocab]
+        // Position p predicts token p + 1; score the targets in [scored_until, end).
+        let first = scored_until - begin - 1;
+        let len = end - scored_until;
+        let logp = logits.narrow(0, first, len).log_softmax(-1, Kind::Float);
+        let targets = all.narrow(0, scored_until, len);
+        let nll = -logp.gather(1, &targets.unsqueeze(1), false).sum(Kind::Double);
+        total += nll;
+        count += len;
+        scored_until = end;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let total = total.double_value(&[]);
+    let loss = total / count as f64;
+    Ok(PplReport {
+        tokens: count,
+        bytes,
+        loss,
+        ppl: loss.exp(),
+        bits_per_byte: if bytes > 0 { total / std::f64::consts::LN_2 / bytes as f64 } else { f64::NAN },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stlm_model::ModelConfig;
+
+    fn model() -> DecoderModel {
+        let text = "vocab_size = 40\nhidden_size = 32\nintermediate_size = 48\nnum_hidden_layers = 1\nnum_attention_heads = 2\nmax_position_embeddings = 64\n";
+        let cfg = ModelConfig::from_toml_str(text, std::path::Path::new("t.toml")).unwrap();
+        DecoderModel::new(cfg, tch::Device::Cpu).unwrap()
+    }
+
+    /// The loss of one full window, written out directly.
+    fn direct_loss(m: &DecoderModel, ids: &[i64]) -> f64 {
+        let _g = tch::no_grad_guard();
+        let logits = m.forward(&Tensor::from_slice(ids).unsqueeze(0)).squeeze_dim(0);
+        let n = ids.len() as i64;
+        logits.narrow(0, 0, n - 1).cross_entropy_for_logits(&Tensor::from_slice(&ids[1..])).double_value(&[])
+    }
+
+    #[test]
+    fn one_window_equals_plain_cross_entropy() {
+        let m = model();
+        let ids: Vec<i64> = (0..30).map(|i| (i * 7) % 40).collect();
+        let r = perplexity(&m, &ids, 100, WindowOptions { max_length: 64, stride: 64 }, false).unwrap();
+        assert_eq!(r.tokens, 29);
+        assert!((r.loss - direct_loss(&m, &ids)).abs() < 1e-5);
+        assert!((r.bits_per_byte - r.loss * 29.0 / std::f64::consts::LN_2 / 100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn sliding_windows_score_every_token_once() {
+        let m = model();
+        let ids: Vec<i64> = (0..50).map(|i| (i * 13 + 5) % 40).collect();
+        for (max_length, stride) in [(16, 16), (16, 5), (20, 1), (49, 30)] {
+            let r = perplexity(&m, &ids, 50, WindowOptions { max_length, stride }, false).unwrap();
+            assert_eq!(r.tokens, 49, "max_length {max_length} stride {stride}");
+        }
+        // stride = max_length: windows [0,16), [15,31), [30,46), [45,50), each scoring its own
+        // tokens after the first, so the total is the sum of the windows' plain losses.
+        let r = perplexity(&m, &ids, 50, WindowOptions { max_length: 16, stride: 16 }, false).unwrap();
+        let want: f64 = [(0, 16), (15, 31), (30, 46), (45, 50)]
+            .iter()
+            .map(|&(b, e)| direct_loss(&m, &ids[b..e]) * (e - b - 1) as f64)
+            .sum();
+        assert!((r.loss * 49.0 - want).abs() < 1e-3, "{} vs {want}", r.loss * 49.0);
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let m = model();
+        assert!(perplexity(&m, &[1], 1, WindowOptions { max_length: 8, stride: 8 }, false).is_err());
+        assert!(perplexity(&m, &[1, 2, 3], 1, WindowOptions { max_length: 8, stride: 9 }, false).is_err());
+        let e = perplexity(&m, &[1, 99], 1, WindowOptions { max_length: 8, stride: 8 }, false).unwrap_err().to_string();
+        assert!(e.contains("99"), "{e}");
+    }
+}

@@ -1,0 +1,253 @@
+//! Jobs on model directories: init, inspect, generate, logits.
+
+use crate::common::{load_tokenizer, output_path, parse_ids, print_json, DeviceArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use stlm_model::{DecoderModel, GenerationConfig, ModelConfig};
+use stlm_tokenizers::Tokenizer;
+use tch::{Device, Tensor};
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// TOML model config (see configs/).
+    #[arg(long)]
+    config: PathBuf,
+    /// Model directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// tokenizer.json to copy into the directory.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Seed of the random initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn init(a: InitArgs) -> Result<()> {
+    let cfg = ModelConfig::from_toml_file(&a.config)?;
+    if let Some(t) = &a.tokenizer {
+        let tok = Tokenizer::from_file(t)?;
+        if (tok.vocab_size() as i64) > cfg.vocab_size {
+            bail!("{}: vocab_size {} is smaller than the tokenizer's {} ids ({})", a.config.display(), cfg.vocab_size, tok.vocab_size(), t.display());
+        }
+    }
+    stlm_core::seed_all(a.seed);
+    let model = DecoderModel::new(cfg, Device::Cpu)?;
+    model.save(&a.out, a.tokenizer.as_deref())?;
+    eprintln!("wrote {} ({} parameters)", a.out.display(), model.num_parameters());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Default)]
+struct ModuleRow {
+    name: String,
+    attention: i64,
+    mlp: i64,
+    norms: i64,
+    other: i64,
+    total: i64,
+}
+
+#[derive(Serialize)]
+struct InspectReport {
+    parameters: i64,
+    embedding_parameters: i64,
+    non_embedding_parameters: i64,
+    config: ModelConfig,
+    modules: Vec<ModuleRow>,
+}
+
+pub fn inspect(a: InspectArgs) -> Result<()> {
+    let model = stlm_model::load_model(&a.model, Device::Cpu, stlm_core::DType::Float32)?;
+    let mut rows: BTreeMap<(usize, i64, String), ModuleRow> = BTreeMap::new();
+    for (name, t) in model.var_store().variables() {
+        let n = t.numel() as i64;
+        let parts: Vec<&str> = name.split('.').collect();
+        let (key, module) = match parts.as_slice() {
+            ["model", "layers", i, rest @ ..] => {
+                let idx: i64 = i.parse().unwrap_or(0);
+                ((1, idx, format!("model.layers.{i}")), rest.first().copied().unwrap_or(""))
+            }
+            ["model", "embed_tokens" | "embed_positions", ..] => ((0, 0, parts[..2].join(".")), "other"),
+            ["model", "norm", ..] => ((2, 0, "model.norm".into()), "norm"),
+            _ => ((3, 0, parts[0].to_string()), "other"),
+        };
+        let row = rows.entry(key.clone()).or_insert_with(|| ModuleRow { name: key.2.clone(), ..Default::default() });
+        match module {
+            "self_attn" => row.attention += n,
+            "mlp" => row.mlp += n,
+            m if m.contains("norm") => row.norms += n,
+            _ => row.other += n,
+        }
+        row.total += n;
+    }
+    let modules: Vec<ModuleRow> = rows.into_values().collect();
+    let embedding: i64 = modules.iter().filter(|r| r.name.starts_with("model.embed")).map(|r| r.total).sum::<i64>()
+        + modules.iter().filter(|r| r.name == "lm_head").map(|r| r.total).sum::<i64>();
+    let total = model.num_parameters();
+    let report = InspectReport { parameters: total, embedding_parameters: embedding, non_embedding_parameters: total - embedding, config: model.config.clone(), modules };
+    if a.json {
+        return print_json(&report);
+    }
+    let c = &model.config;
+    println!(
+        "{}: {:?}, {} layers, hidden {}, heads {} (kv {}), head_dim {}, ffn {} ({:?}, {:?}), vocab {}, {:?} positions, {:?}, tied head: {}",
+        a.model.display(), c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+        c.head_dim(), c.intermediate_size, c.mlp, c.hidden_act, c.vocab_size, c.position, c.norm, c.tie_word_embeddings
+    );
+    println!("parameters: {} total, {} in embeddings and head, {} in the rest", group(total), group(embedding), group(total - embedding));
+    println!("{:<24} {:>12} {:>12} {:>10} {:>12} {:>12}", "module", "attention", "mlp", "norms", "other", "total");
+    for r in &report.modules {
+        println!("{:<24} {:>12} {:>12} {:>10} {:>12} {:>12}", r.name, group(r.attention), group(r.mlp), group(r.norms), group(r.other), group(r.total));
+    }
+    Ok(())
+}
+
+/// 1234567 -> "1,234,567".
+fn group(n: i64) -> String {
+    let s = n.abs().to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text; repeat for a batch (left-padded).
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: i64,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample only from the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: i64,
+    /// Sample from the smallest set of tokens reaching this probability (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Penalise tokens already present (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f64,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep generating after an end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// tokenizer.json (default: the model directory's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    if let Some(i) = a.prompt.iter().position(|p| p.is_empty()) {
+        bail!("--prompt #{}: the prompt is empty; generation needs text to start from", i + 1);
+    }
+    let tok = load_tokenizer(a.tokenizer.as_deref(), &a.model)?;
+    let model = a.device.load(&a.model)?;
+    let prompts: Vec<Vec<i64>> = a
+        .prompt
+        .iter()
+        .map(|p| Ok(tok.encode(p, true)?.into_iter().map(i64::from).collect()))
+        .collect::<Result<_>>()?;
+    let vocab = model.config.vocab_size;
+    let in_vocab = |id: &i64| (0..vocab).contains(id);
+    let mut eos = model.config.eos_token_id.clone();
+    eos.extend(tok.eos_id().map(i64::from).filter(in_vocab));
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+        eos_token_ids: if a.ignore_eos { Vec::new() } else { eos },
+        pad_token_id: model.config.pad_token_id.or(tok.pad_id().map(i64::from).filter(in_vocab)).unwrap_or(0),
+    };
+    let decode = |ids: &[i64]| -> String {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        tok.decode(&ids, true).unwrap_or_default()
+    };
+    let mut stdout = std::io::stdout().lock();
+    if prompts.len() == 1 {
+        // Stream: print the prompt, then each new piece of text once it is valid UTF-8.
+        let mut all = prompts[0].clone();
+        let mut printed = decode(&all).len();
+        write!(stdout, "{}", decode(&all))?;
+        stdout.flush()?;
+        stlm_model::generate(&model, &prompts, &cfg, |_, id| {
+            all.push(id);
+            let text = decode(&all);
+            if !text.ends_with('\u{FFFD}') {
+                if let Some(new) = text.get(printed..) {
+                    let _ = write!(stdout, "{new}");
+                    let _ = stdout.flush();
+                    printed = text.len();
+                }
+            }
+        })?;
+        writeln!(stdout)?;
+    } else {
+        let outs = stlm_model::generate(&model, &prompts, &cfg, |_, _| {})?;
+        for (i, (p, o)) in prompts.iter().zip(outs).enumerate() {
+            let full: Vec<i64> = p.iter().copied().chain(o).collect();
+            writeln!(stdout, "--- [{i}]\n{}", decode(&full))?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    /// Model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated token ids.
+    #[arg(long)]
+    ids: String,
+    /// Output safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn logits(a: LogitsArgs) -> Result<()> {
+    let ids = parse_ids(&a.ids)?;
+    let out = output_path(&a.out)?;
+    let model = a.device.load(&a.model)?;
+    model.check_ids(&ids).context("--ids")?;
+    let _g = tch::no_grad_guard();
+    let input = Tensor::from_slice(&ids).unsqueeze(0).to_device(model.device());
+    let logits = model.forward(&input).squeeze_dim(0).to_kind(tch::Kind::Float);
+    stlm_core::write_safetensors(&out, &[("logits".to_string(), logits)])?;
+    eprintln!("wrote logits [{}, {}] to {}", ids.len(), model.config.vocab_size, out.display());
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! The `stlm` binary end to end: a tokenizer, a model directory, generation, logits, evaluation,
+//! inspection and a benchmark run; and every kind of bad input gives a one-line error, a non-zero
+//! exit, no panic, and nothing half-written on disk.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn stlm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stlm")).args(args).env("RUST_BACKTRACE", "0").output().expect("stlm runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = stlm(args);
+    assert!(out.status.success(), "stlm {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("stdout is UTF-8")
+}
+
+/// Runs a command that must fail; returns its one-line error after checking the failure shape.
+fn fails(args: &[&str]) -> String {
+    let out = stlm(args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "stlm {args:?} should fail");
+    assert!(!err.contains("panicked"), "stlm {args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(lines.len(), 1, "stlm {args:?}: expected one error line, got: {err}");
+    lines[0].to_string()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+/// A trained tokenizer and a tiny model directory.
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let corpus = root.join("corpus.txt");
+    let story = "Once upon a time, a little cat named Tom lived in a big house. Tom liked to play with a red ball.\n\nOne day, Lily saw a bird in the sky. \"Look!\" she said. The bird sang a happy song.<|endoftext|>";
+    std::fs::write(&corpus, story.repeat(50)).unwrap();
+    let tok = root.join("tokenizer.json");
+    ok(&["tokenizer", "train", "--files", p(&corpus), "--vocab-size", "300", "--out", p(&tok)]);
+    let config = root.join("tiny.toml");
+    std::fs::write(&config, "preset = \"llama\"\nvocab_size = 300\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 128\n").unwrap();
+    ok(&["init", "--config", p(&config), "--out", p(&root.join("model")), "--tokenizer", p(&tok)]);
+    Fixture { _dir: dir, root }
+}
+
+#[test]
+fn jobs_run_end_to_end() {
+    let f = fixture();
+    let model = f.root.join("model");
+    let tok = f.root.join("tokenizer.json");
+
+    let ids = ok(&["tokenizer", "encode", "--tokenizer", p(&tok), "--text", "Tom liked the bird. ✓"]);
+    let text = ok(&["tokenizer", "decode", "--tokenizer", p(&tok), "--ids", ids.trim()]);
+    assert_eq!(text.trim_end_matches('\n'), "Tom liked the bird. ✓");
+
+    let out = ok(&["generate", "--model", p(&model), "--prompt", "Once upon", "--max-new-tokens", "8", "--seed", "3"]);
+    assert!(out.starts_with("Once upon"), "{out}");
+    let batch = ok(&["generate", "--model", p(&model), "--prompt", "Tom", "--prompt", "One day, Lily", "--max-new-tokens", "4", "--temperature", "0"]);
+    assert!(batch.contains("--- [1]\nOne day, Lily"), "{batch}");
+
+    let logits = f.root.join("logits.safetensors");
+    ok(&["logits", "--model", p(&model), "--ids", "1,2,3,4", "--out", p(&logits)]);
+    let t = &stlm_core::read_safetensors(&logits).unwrap()["logits"];
+    assert_eq!(t.size(), vec![4, 300]);
+    assert_eq!(t.kind(), tch::Kind::Float);
+
+    let data = f.root.join("corpus.txt");
+    let json: serde_json::Value = serde_json::from_str(&ok(&["eval", "ppl", "--model", p(&model), "--data", p(&data), "--max-length", "64", "--json"])).unwrap();
+    for key in ["tokens", "bytes", "loss", "ppl", "bits_per_byte"] {
+        assert!(json[key].is_number(), "missing {key}: {json}");
+    }
+    assert_eq!(json["bytes"], std::fs::metadata(&data).unwrap().len());
+    // An untrained model is close to uniform over the vocabulary.
+    let loss = json["loss"].as_f64().unwrap();
+    assert!((loss - (300f64).ln()).abs() < 0.5, "loss {loss}");
+
+    let inspect: serde_json::Value = serde_json::from_str(&ok(&["inspect", "--model", p(&model), "--json"])).unwrap();
+    let params = inspect["parameters"].as_i64().unwrap();
+    let sum: i64 = inspect["modules"].as_array().unwrap().iter().map(|m| m["total"].as_i64().unwrap()).sum();
+    assert_eq!(params, sum);
+    assert_eq!(inspect["embedding_parameters"].as_i64().unwrap(), 2 * 300 * 32);
+    assert!(ok(&["inspect", "--model", p(&model)]).contains("model.layers.1"));
+
+    let bench: serde_json::Value = serde_json::from_str(&ok(&["bench", "generate", "--model", p(&model), "--new-tokens", "8", "--repeats", "1", "--json"])).unwrap();
+    assert!(bench["tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_input_gives_one_line_errors_and_writes_nothing() {
+    let f = fixture();
+    let model = f.root.join("model");
+    let tok = f.root.join("tokenizer.json");
+
+    let e = fails(&["inspect", "--model", p(&f.root.join("missing"))]);
+    assert!(e.contains("missing") && e.contains("does not exist"), "{e}");
+
+    // A broken copy of the model directory for each kind of damage.
+    let broken = |name: &str, edit: &dyn Fn(&Path)| -> PathBuf {
+        let d = f.root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(model.join(file), d.join(file)).unwrap();
+        }
+        edit(&d);
+        d
+    };
+    let config_text = std::fs::read_to_string(model.join("config.json")).unwrap();
+    let d = broken("wrong-type", &|d| std::fs::write(d.join("config.json"), config_text.replace("\"hidden_size\": 32", "\"hidden_size\": [32]")).unwrap());
+    let e = fails(&["inspect", "--model", p(&d)]);
+    assert!(e.contains("config.json") && e.contains("hidden_size"), "{e}");
+
+    let d = broken("unknown-arch", &|d| std::fs::write(d.join("config.json"), config_text.replace("\"llama\"", "\"mamba\"")).unwrap());
+    let e = fails(&["inspect", "--model", p(&d)]);
+    assert!(e.contains("config.json") && e.contains("mamba"), "{e}");
+
+    let d = broken("truncated", &|d| {
+        let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+        std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() - 100]).unwrap();
+    });
+    let e = fails(&["generate", "--model", p(&d), "--prompt", "Tom"]);
+    assert!(e.contains("model.safetensors"), "{e}");
+
+    let d = broken("shapes", &|d| std::fs::write(d.join("config.json"), config_text.replace("\"intermediate_size\": 64", "\"intermediate_size\": 65")).unwrap());
+    let e = fails(&["inspect", "--model", p(&d)]);
+    assert!(e.contains("model.safetensors") && e.contains("shape"), "{e}");
+
+    let d = broken("bad-tokenizer", &|d| std::fs::write(d.join("tokenizer.json"), "{\"model\": 3").unwrap());
+    let e = fails(&["generate", "--model", p(&d), "--prompt", "Tom"]);
+    assert!(e.contains("tokenizer.json"), "{e}");
+
+    let out = f.root.join("out.safetensors");
+    let e = fails(&["logits", "--model", p(&model), "--ids", "1,2,300", "--out", p(&out)]);
+    assert!(e.contains("300") && e.contains("vocabulary"), "{e}");
+    let e = fails(&["logits", "--model", p(&model), "--ids", "1,x", "--out", p(&out)]);
+    assert!(e.contains("`x`"), "{e}");
+    assert!(!out.exists(), "a failed job wrote its output");
+
+    let e = fails(&["generate", "--model", p(&model), "--prompt", ""]);
+    assert!(e.contains("empty"), "{e}");
+    let e = fails(&["generate", "--model", p(&model), "--prompt", "Tom", "--top-p", "2"]);
+    assert!(e.contains("--top-p"), "{e}");
+    let e = fails(&["tokenizer", "decode", "--tokenizer", p(&tok), "--ids", "5,99999"]);
+    assert!(e.contains("99999"), "{e}");
+    let e = fails(&["eval", "ppl", "--model", p(&model), "--data", p(&f.root.join("nope.txt"))]);
+    assert!(e.contains("nope.txt"), "{e}");
+    let e = fails(&["generate", "--model", p(&model), "--prompt", "Tom", "--device", "cuda:7"]);
+    assert!(e.contains("cuda:7"), "{e}");
+
+    // Nothing but the files we wrote is in the model directory (no temporaries).
+    let mut names: Vec<String> = std::fs::read_dir(&model).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["config.json", "generation_config.json", "model.safetensors", "stlm.toml", "tokenizer.json"]);
+}
