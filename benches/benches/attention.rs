@@ -1,1 +1,47 @@
-fn main(){}
+//! Dense causal attention: libtorch's `scaled_dot_product_attention` against the op-by-op naive
+//! kernel, forward and forward+backward, at the head layouts stlm's models use.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use stlm_attention::{dense_attention, naive_attention, AttentionMask};
+use tch::{Device, Kind, Tensor};
+
+fn inputs(seq: i64, heads: i64, kv_heads: i64, grad: bool) -> (Tensor, Tensor, Tensor) {
+    let mk = |h| Tensor::randn([1, h, seq, 64], (Kind::Float, Device::Cpu)).set_requires_grad(grad);
+    (mk(heads), mk(kv_heads), mk(kv_heads))
+}
+
+fn attention(c: &mut Criterion) {
+    tch::manual_seed(0);
+    let mut group = c.benchmark_group("causal_attention_forward");
+    for seq in [128i64, 512] {
+        for (name, kv) in [("mha", 8), ("gqa4", 2)] {
+            let (q, k, v) = inputs(seq, 8, kv, false);
+            group.bench_with_input(BenchmarkId::new(format!("sdpa-{name}"), seq), &seq, |b, _| {
+                b.iter(|| tch::no_grad(|| dense_attention(&q, &k, &v, &AttentionMask::Causal, None)))
+            });
+            group.bench_with_input(BenchmarkId::new(format!("naive-{name}"), seq), &seq, |b, _| {
+                b.iter(|| tch::no_grad(|| naive_attention(&q, &k, &v, &AttentionMask::Causal, None)))
+            });
+        }
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("causal_attention_forward_backward");
+    for seq in [128i64, 512] {
+        let (q, k, v) = inputs(seq, 8, 2, true);
+        group.bench_with_input(BenchmarkId::new("sdpa-gqa4", seq), &seq, |b, _| {
+            b.iter(|| dense_attention(&q, &k, &v, &AttentionMask::Causal, None).sum(Kind::Float).backward())
+        });
+        group.bench_with_input(BenchmarkId::new("naive-gqa4", seq), &seq, |b, _| {
+            b.iter(|| naive_attention(&q, &k, &v, &AttentionMask::Causal, None).sum(Kind::Float).backward())
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
+    targets = attention
+}
+criterion_main!(benches);
