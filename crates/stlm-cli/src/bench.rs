@@ -58,7 +58,8 @@ pub fn run(job: BenchJob) -> Result<()> {
     if new_tokens < 2 || prompt_tokens < 1 || repeats < 1 {
         bail!("need --new-tokens >= 2, --prompt-tokens >= 1 and --repeats >= 1");
     }
-    let model = device.load(&dir)?;
+    let mut model = device.load(&dir)?;
+    model.optimize_for_decoding();
     let vocab = model.config.vocab_size;
     let prompt: Vec<i64> = (1..=prompt_tokens).map(|i| i % vocab).collect();
     time_generate(&model, &prompt, new_tokens.min(16))?; // warm-up

@@ -171,7 +171,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         bail!("--prompt #{}: the prompt is empty; generation needs text to start from", i + 1);
     }
     let tok = load_tokenizer(a.tokenizer.as_deref(), &a.model)?;
-    let model = a.device.load(&a.model)?;
+    let mut model = a.device.load(&a.model)?;
+    model.optimize_for_decoding();
     let prompts: Vec<Vec<i64>> = a
         .prompt
         .iter()

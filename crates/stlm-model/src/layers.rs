@@ -57,6 +57,10 @@ impl Norm {
         match self.kind {
             NormKind::RmsNorm => {
                 let kind = x.kind();
+                if kind == Kind::Float {
+                    let var = x.square().mean_dim(-1, true, Kind::Float);
+                    return x * (var + self.eps).rsqrt() * &self.weight;
+                }
                 let xf = x.to_kind(Kind::Float);
                 let var = xf.square().mean_dim(-1, true, Kind::Float);
                 (xf * (var + self.eps).rsqrt()).to_kind(kind) * &self.weight

@@ -64,3 +64,18 @@ fn broken_directories_give_errors_naming_the_problem() {
     let e = load_model(dir.path(), Device::Cpu, DType::Float32).unwrap_err().to_string();
     assert!(e.contains("model.safetensors"), "{e}");
 }
+
+#[test]
+fn decoding_layout_keeps_logits_and_saved_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = tiny("llama", "");
+    let before = logits(&m);
+    m.optimize_for_decoding();
+    let after = logits(&m);
+    assert!((before - after).abs().max().double_value(&[]) < 1e-5);
+    m.save(dir.path(), None).unwrap();
+    let back = load_model(dir.path(), Device::Cpu, DType::Float32).unwrap();
+    for (name, t) in m.var_store().variables() {
+        assert!(t.equal(&back.var_store().variables()[&name]), "{name}");
+    }
+}

@@ -1,4 +1,5 @@
-// tch's link recipe: rpath to libtorch so binaries and tests run without LD_LIBRARY_PATH.
+// tch's link recipe, shared by every package that links libtorch (`build = ...` in its Cargo.toml):
+// rpath to libtorch so binaries and tests run without LD_LIBRARY_PATH.
 fn main() {
     let os = std::env::var("CARGO_CFG_TARGET_OS").expect("CARGO_CFG_TARGET_OS is set by cargo");
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
