@@ -199,9 +199,6 @@ impl ModelConfig {
         let toml::Value::Table(mut merged) = toml::Value::try_from(&base).map_err(|e| err(e.to_string()))? else {
             unreachable!("a struct serializes to a table")
         };
-        if table.contains_key("head_dim") || !merged.contains_key("head_dim") {
-            merged.remove("head_dim");
-        }
         // Without an explicit kv head count, follow the (possibly overridden) query head count.
         if !table.contains_key("num_key_value_heads") {
             if let Some(h) = table.get("num_attention_heads") {
