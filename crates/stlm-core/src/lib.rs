@@ -1,12 +1,13 @@
 //! stlm-core: what every stlm crate shares.
 //!
 //! Device and dtype choice, the error type for file and tensor IO, seeding, safetensors reading
-//! (memory-mapped) and writing (atomic), JSON/TOML reading with errors that name the field, and
-//! parameter counting.
+//! (memory-mapped) and writing (atomic), JSON/TOML reading with errors that name the field,
+//! parameter counting, and the small-batch CPU linear kernel used for decoding.
 
 pub mod device;
 pub mod error;
 pub mod io;
+pub mod kernels;
 
 pub use device::{parse_device, seed_all, DType};
 pub use error::{CoreError, Result};

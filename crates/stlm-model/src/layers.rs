@@ -5,6 +5,7 @@
 
 use crate::config::{Activation, MlpKind, ModelConfig, NormKind};
 use stlm_attention::{apply_rotary, dense_attention, AttentionMask, KvCache};
+use stlm_core::kernels::{small_batch_linear, small_batch_rms_norm};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
@@ -25,9 +26,30 @@ impl Linear {
         Linear { weight, bias }
     }
 
-    /// `[.., in] -> [.., out]`.
+    /// `[.., in] -> [.., out]`; a few rows of float32 on the CPU without gradients (decoding) go
+    /// through stlm-core's small-batch kernel, everything else through libtorch.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        small_batch_linear(x, &self.weight, self.bias.as_ref())
+            .unwrap_or_else(|| x.linear(&self.weight, self.bias.as_ref()))
+    }
+
+    /// One linear computing `parts` (which read the same input) in a single product; the
+    /// weights and biases of `parts` become views of its rows, so they stay the variables that
+    /// are trained and saved, and the fused layer always sees their values.
+    pub fn fuse(parts: &mut [&mut Linear]) -> Linear {
+        let weight = Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0);
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
+        let bias = biases.map(|b| Tensor::cat(&b, 0));
+        let mut offset = 0;
+        for p in parts.iter_mut() {
+            let n = p.weight.size()[0];
+            p.weight.set_data(&weight.narrow(0, offset, n));
+            if let (Some(pb), Some(b)) = (p.bias.as_mut(), bias.as_ref()) {
+                pb.set_data(&b.narrow(0, offset, n));
+            }
+            offset += n;
+        }
+        Linear { weight, bias }
     }
 }
 
@@ -57,6 +79,9 @@ impl Norm {
         match self.kind {
             NormKind::RmsNorm => {
                 let kind = x.kind();
+                if let Some(y) = small_batch_rms_norm(x, &self.weight, self.eps) {
+                    return y;
+                }
                 if kind == Kind::Float {
                     let var = x.square().mean_dim(-1, true, Kind::Float);
                     return x * (var + self.eps).rsqrt() * &self.weight;
@@ -96,6 +121,8 @@ pub struct Mlp {
     pub down_proj: Linear,
     /// Activation.
     pub act: Activation,
+    /// `gate_proj` and `up_proj` in one product, for decoding (see [`Linear::fuse`]).
+    pub gate_up: Option<Linear>,
 }
 
 impl Mlp {
@@ -107,14 +134,27 @@ impl Mlp {
             up_proj: Linear::new(&path / "up_proj", h, i, b, std),
             down_proj: Linear::new(&path / "down_proj", i, h, b, resid_std),
             act: cfg.hidden_act,
+            gate_up: None,
+        }
+    }
+
+    /// Fuses the gate and up projections (gated MLPs) for fast decoding.
+    pub fn prepare_for_decoding(&mut self) {
+        if let Some(gate) = self.gate_proj.as_mut() {
+            self.gate_up = Some(Linear::fuse(&mut [gate, &mut self.up_proj]));
         }
     }
 
     /// `[b, s, hidden] -> [b, s, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let hidden = match &self.gate_proj {
-            Some(gate) => self.act.forward(&gate.forward(x)) * self.up_proj.forward(x),
-            None => self.act.forward(&self.up_proj.forward(x)),
+        let hidden = match (&self.gate_up, &self.gate_proj) {
+            (Some(fused), _) => {
+                let width = self.up_proj.weight.size()[0];
+                let both = fused.forward(x);
+                self.act.forward(&both.narrow(-1, 0, width)) * both.narrow(-1, width, width)
+            }
+            (None, Some(gate)) => self.act.forward(&gate.forward(x)) * self.up_proj.forward(x),
+            (None, None) => self.act.forward(&self.up_proj.forward(x)),
         };
         self.down_proj.forward(&hidden)
     }
@@ -145,6 +185,8 @@ pub struct SelfAttention {
     pub num_kv_heads: i64,
     /// Width of one head.
     pub head_dim: i64,
+    /// q, k and v projections in one product, for decoding (see [`Linear::fuse`]).
+    pub qkv: Option<Linear>,
 }
 
 impl SelfAttention {
@@ -160,7 +202,13 @@ impl SelfAttention {
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
+            qkv: None,
         }
+    }
+
+    /// Fuses the q, k, v projections for fast decoding.
+    pub fn prepare_for_decoding(&mut self) {
+        self.qkv = Some(Linear::fuse(&mut [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj]));
     }
 
     /// `[b, s, hidden] -> [b, s, hidden]`. With a cache, keys and values of this layer are
@@ -173,11 +221,24 @@ impl SelfAttention {
         cache: Option<(&KvCache, usize)>,
     ) -> Tensor {
         let (b, s) = (x.size()[0], x.size()[1]);
-        let heads = |t: Tensor, n: i64| t.view([b, s, n, self.head_dim]).transpose(1, 2);
-        let mut q = heads(self.q_proj.forward(x), self.num_heads); // [b, h, s, d]
-        let mut k = heads(self.k_proj.forward(x), self.num_kv_heads); // [b, kvh, s, d]
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
-        if let Some(r) = rotary {
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: Tensor, n: i64| t.view([b, s, n, d]).transpose(1, 2);
+        let (mut q, mut k, v) = match &self.qkv {
+            Some(qkv) => {
+                let all = heads(qkv.forward(x), nh + 2 * nkv); // [b, h + 2 kvh, s, d]
+                let mut qk = all.narrow(1, 0, nh + nkv);
+                if let Some(r) = rotary {
+                    qk = apply_rotary(&qk, &r.cos, &r.sin); // q and k rotated in one pass
+                }
+                (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv), all.narrow(1, nh + nkv, nkv))
+            }
+            None => (
+                heads(self.q_proj.forward(x), nh), // [b, h, s, d]
+                heads(self.k_proj.forward(x), nkv), // [b, kvh, s, d]
+                heads(self.v_proj.forward(x), nkv),
+            ),
+        };
+        if let (Some(r), None) = (rotary, &self.qkv) {
             q = apply_rotary(&q, &r.cos, &r.sin);
             k = apply_rotary(&k, &r.cos, &r.sin);
         }

@@ -9,6 +9,7 @@ use crate::config::{ModelConfig, PositionKind};
 use crate::layers::{DecoderLayer, Linear, Norm, RotaryAngles};
 use crate::{ModelError, Result};
 use stlm_attention::{AttentionMask, KvCache, Rope};
+use stlm_core::kernels::small_batch_linear;
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
@@ -80,19 +81,15 @@ impl DecoderModel {
         self.vs.set_kind(kind);
     }
 
-    /// Re-lays every linear weight in column-major order (same shape, names and values) when
-    /// the model is on the CPU. MKL's matrix-vector product is faster on that layout, which is
-    /// what batch-1 decoding spends most of its time in; training and saving are unaffected.
+    /// Prepares the model for fast decoding: the q/k/v and gate/up projections of every layer
+    /// are fused into one product each. Names, shapes and values are unchanged: the original
+    /// weights become views of the fused ones, so training and saving still work. Call it last:
+    /// a later dtype or device change would separate the views from the fused copy.
     pub fn optimize_for_decoding(&mut self) {
-        if self.device() != Device::Cpu {
-            return;
-        }
         let _guard = tch::no_grad_guard();
-        for (name, mut var) in self.vs.variables() {
-            if var.dim() == 2 && !name.contains("embed") {
-                let relaid = var.tr().contiguous().tr();
-                var.set_data(&relaid);
-            }
+        for layer in &mut self.layers {
+            layer.self_attn.prepare_for_decoding();
+            layer.mlp.prepare_for_decoding();
         }
     }
 
@@ -131,7 +128,7 @@ impl DecoderModel {
         let x = self.hidden_states(input_ids, positions, mask, cache);
         match &self.lm_head {
             Some(head) => head.forward(&x),
-            None => x.matmul(&self.embed_tokens.tr()),
+            None => small_batch_linear(&x, &self.embed_tokens, None).unwrap_or_else(|| x.matmul(&self.embed_tokens.tr())),
         }
     }
 

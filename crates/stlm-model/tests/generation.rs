@@ -45,6 +45,11 @@ fn cached_greedy_equals_argmax_of_full_forwards() {
         let want = greedy_by_full_forward(&model, &prompt, 12);
         assert_eq!(got[0], want, "{preset}");
         assert_eq!(streamed, want, "{preset}: streamed tokens");
+        // The fused, column-major decoding layout gives the same tokens.
+        let mut fast = model;
+        fast.optimize_for_decoding();
+        let fused = generate(&fast, &[prompt.to_vec()], &cfg, |_, _| {}).unwrap();
+        assert_eq!(fused[0], want, "{preset}: optimized for decoding");
     }
 }
 
