@@ -1,17 +1,22 @@
-//! A linear layer and RMSNorm for a few rows at a time on the CPU (batch-1 decoding); the linear
+//! A matrix-vector linear layer and a few-row RMSNorm on the CPU (batch-1 decoding); the linear
 //! layer on the `gemm` crate.
 //!
 //! libtorch's CPU matrix products go through MKL, whose matrix-vector product runs far below the
 //! machine's memory bandwidth on AMD CPUs (MKL takes its generic code path there). Decoding one
-//! token is nothing but matrix-vector products, so for up to [`SMALL_BATCH_ROWS`] rows of float32
-//! without gradients this kernel computes `x W^T + b` with the `gemm` crate's AVX2/AVX-512 code
+//! token at batch 1 is nothing but matrix-vector products, so for one row of float32 without
+//! gradients this kernel computes `x W^T + b` with the `gemm` crate's AVX2/AVX-512 code
 //! instead. Its reference is `libtorch`'s `linear` and a float64 computation (tests below); its
 //! speed is measured against libtorch in `benches/benches/linear.rs`.
 
 use tch::{Device, Kind, Tensor};
 
-/// Most rows (`batch * seq`) the small-batch kernel takes; larger products stay in libtorch.
-pub const SMALL_BATCH_ROWS: i64 = 16;
+/// Most rows (`batch * seq`) [`small_batch_linear`] takes: the `gemm` crate beats MKL here only
+/// for the matrix-vector product (one row: 28 us against 45 us at 256 -> 1376), and loses from two
+/// rows on (174 us against 86 us), measured with `cargo xtask bench -- linear`.
+pub const LINEAR_MAX_ROWS: i64 = 1;
+
+/// Most rows [`small_batch_rms_norm`] takes; larger inputs stay in libtorch.
+pub const RMS_NORM_MAX_ROWS: i64 = 16;
 
 /// True when libtorch records gradients on this thread.
 pub fn grad_enabled() -> bool {
@@ -24,7 +29,7 @@ pub fn grad_enabled() -> bool {
 }
 
 /// `x W^T + b` for `x` `[.., in]`, `weight` `[out, in]` (any strides) and `bias` `[out]`, when
-/// everything is float32 on the CPU, `x` has at most [`SMALL_BATCH_ROWS`] rows and no gradient is
+/// everything is float32 on the CPU, `x` has at most [`LINEAR_MAX_ROWS`] rows and no gradient is
 /// needed; `None` otherwise, and the caller uses libtorch.
 pub fn small_batch_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
     let cpu_f32 = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float;
@@ -32,18 +37,27 @@ pub fn small_batch_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) ->
         return None;
     }
     let (out_dim, in_dim) = (weight.size()[0], weight.size()[1]);
-    let mut shape = x.size();
+    let shape = x.size();
     if shape.last() != Some(&in_dim) || in_dim == 0 || out_dim == 0 || bias.is_some_and(|b| b.size() != [out_dim]) {
         return None;
     }
     let rows = x.numel() as i64 / in_dim;
-    if rows == 0 || rows > SMALL_BATCH_ROWS {
+    if rows == 0 || rows > LINEAR_MAX_ROWS {
         return None;
     }
     let needs_grad = x.requires_grad() || weight.requires_grad() || bias.is_some_and(Tensor::requires_grad);
     if needs_grad && grad_enabled() {
         return None;
     }
+    Some(gemm_linear(x, weight, bias, shape))
+}
+
+/// The product behind [`small_batch_linear`], for any number of rows; the caller has checked
+/// that `x` `[.., in]` (shape `shape`), `weight` `[out, in]` and `bias` `[out]` are float32 on
+/// the CPU.
+fn gemm_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, mut shape: Vec<i64>) -> Tensor {
+    let (out_dim, in_dim) = (weight.size()[0], weight.size()[1]);
+    let rows = x.numel() as i64 / in_dim;
     let x = x.contiguous();
     // A fresh output; with a bias it starts as the bias in every row (`repeat` always copies).
     let out = match bias {
@@ -79,12 +93,12 @@ pub fn small_batch_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) ->
         );
     }
     *shape.last_mut().expect("x has a last dimension") = out_dim;
-    Some(out.view(shape.as_slice()))
+    out.view(shape.as_slice())
 }
 
-/// RMSNorm `x / sqrt(mean(x^2) + eps) * weight` over the last dimension, for the same inputs as
-/// [`small_batch_linear`] (a few float32 rows on the CPU, no gradient); `None` otherwise. One
-/// libtorch call costs more than the whole computation at these sizes.
+/// RMSNorm `x / sqrt(mean(x^2) + eps) * weight` over the last dimension for at most
+/// [`RMS_NORM_MAX_ROWS`] float32 rows on the CPU without gradients; `None` otherwise. libtorch's
+/// `rms_norm` costs about 18 us a call at decoding sizes, this loop about 1 us.
 pub fn small_batch_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Option<Tensor> {
     let cpu_f32 = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float;
     let dim = *weight.size().first()?;
@@ -92,7 +106,7 @@ pub fn small_batch_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Option<Ten
         return None;
     }
     let rows = x.numel() as i64 / dim;
-    if rows == 0 || rows > SMALL_BATCH_ROWS || ((x.requires_grad() || weight.requires_grad()) && grad_enabled()) {
+    if rows == 0 || rows > RMS_NORM_MAX_ROWS || ((x.requires_grad() || weight.requires_grad()) && grad_enabled()) {
         return None;
     }
     let (x, weight) = (x.contiguous(), weight.contiguous());
@@ -133,7 +147,8 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Agrees with a float64 computation for row-major, column-major and sliced weights.
+        /// Agrees with a float64 computation for row-major, column-major and sliced weights, for
+        /// one row (the public kernel) and for several (the product behind it).
         #[test]
         fn matches_float64(seed in 0i64..10_000, rows in 1i64..=16, in_dim in 1i64..70, out_dim in 1i64..90, layout in 0u8..3, with_bias: bool) {
             tch::manual_seed(seed);
@@ -146,7 +161,12 @@ mod tests {
             let b = with_bias.then(|| Tensor::randn([out_dim], opts));
             let x = Tensor::randn([1, rows, in_dim], opts);
             let _g = tch::no_grad_guard();
-            let got = small_batch_linear(&x, &w, b.as_ref()).expect("kernel applies");
+            let got = if rows <= LINEAR_MAX_ROWS {
+                small_batch_linear(&x, &w, b.as_ref()).expect("kernel applies")
+            } else {
+                prop_assert!(small_batch_linear(&x, &w, b.as_ref()).is_none());
+                gemm_linear(&x, &w, b.as_ref(), x.size())
+            };
             prop_assert_eq!(got.size(), vec![1, rows, out_dim]);
             let diff = (got.to_kind(Kind::Double) - reference(&x, &w, b.as_ref())).abs().max().double_value(&[]);
             prop_assert!(diff < 1e-4 * (in_dim as f64).sqrt(), "max abs diff {}", diff);
@@ -173,15 +193,15 @@ mod tests {
     fn declines_what_it_does_not_handle() {
         let opts = (Kind::Float, Device::Cpu);
         let w = Tensor::randn([8, 4], opts).set_requires_grad(true);
-        let x = Tensor::randn([2, 4], opts);
+        let x = Tensor::randn([1, 4], opts);
         assert!(grad_enabled());
         assert!(small_batch_linear(&x, &w, None).is_none(), "gradients are needed");
         let _g = tch::no_grad_guard();
         assert!(!grad_enabled());
         assert!(small_batch_linear(&x, &w, None).is_some());
-        assert!(small_batch_linear(&Tensor::randn([17, 4], opts), &w, None).is_none(), "too many rows");
+        assert!(small_batch_linear(&Tensor::randn([2, 4], opts), &w, None).is_none(), "too many rows");
         assert!(small_batch_linear(&x.to_kind(Kind::Double), &w, None).is_none(), "not float32");
-        assert!(small_batch_linear(&Tensor::randn([2, 5], opts), &w, None).is_none(), "shape mismatch");
+        assert!(small_batch_linear(&Tensor::randn([1, 5], opts), &w, None).is_none(), "shape mismatch");
         // The bias is never written to.
         let b = Tensor::randn([8], opts);
         let before = b.copy();

@@ -149,6 +149,7 @@ pub fn generate(
     for p in prompts {
         model.check_ids(p)?;
     }
+    model.check_ids(&[cfg.pad_token_id]).map_err(|e| ModelError::Input(format!("pad token: {e}")))?;
     let _guard = tch::no_grad_guard();
     let device = model.device();
     let b = prompts.len() as i64;
@@ -185,7 +186,9 @@ pub fn generate(
 
     let mut cache = model.new_cache(b, capacity);
     let mask = AttentionMask::causal(prompt_len, 0, key_valid.as_ref().map(|k| k.narrow(1, 0, prompt_len)).as_ref(), device);
-    let mut logits = model.forward_ext(&ids, &positions, &mask, Some(&mut cache)).select(1, -1); // [b, vocab]
+    // Only the last position's logits are needed: the head runs on one position per row.
+    let last = model.hidden_states(&ids, &positions, &mask, Some(&mut cache)).narrow(1, prompt_len - 1, 1);
+    let mut logits = model.head(&last).select(1, 0); // [b, vocab]
 
     let mut seen = ids.shallow_clone(); // [b, n] ids the repetition penalty looks at
     let mut out: Vec<Vec<i64>> = vec![Vec::new(); prompts.len()];

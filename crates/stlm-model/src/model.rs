@@ -125,10 +125,14 @@ impl DecoderModel {
         mask: &AttentionMask,
         cache: Option<&mut KvCache>,
     ) -> Tensor {
-        let x = self.hidden_states(input_ids, positions, mask, cache);
+        self.head(&self.hidden_states(input_ids, positions, mask, cache))
+    }
+
+    /// Logits `[.., vocab]` of final hidden states `[.., hidden]` (the tied or untied head).
+    pub fn head(&self, x: &Tensor) -> Tensor {
         match &self.lm_head {
-            Some(head) => head.forward(&x),
-            None => small_batch_linear(&x, &self.embed_tokens, None).unwrap_or_else(|| x.matmul(&self.embed_tokens.tr())),
+            Some(head) => head.forward(x),
+            None => small_batch_linear(x, &self.embed_tokens, None).unwrap_or_else(|| x.matmul(&self.embed_tokens.tr())),
         }
     }
 
