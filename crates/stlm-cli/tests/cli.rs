@@ -5,8 +5,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Runs the binary as a user would: without the library path cargo adds for tests, so that the
+/// rpath to libtorch is what makes it start.
 fn stlm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stlm")).args(args).env("RUST_BACKTRACE", "0").output().expect("stlm runs")
+    Command::new(env!("CARGO_BIN_EXE_stlm"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("DYLD_LIBRARY_PATH")
+        .output()
+        .expect("stlm runs")
 }
 
 fn ok(args: &[&str]) -> String {
