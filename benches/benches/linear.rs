@@ -11,7 +11,15 @@ fn linear(c: &mut Criterion) {
     let _g = tch::no_grad_guard();
     let mut group = c.benchmark_group("linear_decode");
     // (rows, in, out): attention and MLP projections of a hidden-256 model, and a 4096-token head.
-    for (rows, in_dim, out_dim) in [(1i64, 256i64, 768i64), (1, 256, 1376), (1, 688, 256), (1, 256, 4096), (2, 256, 1376), (4, 256, 1376), (8, 256, 1376)] {
+    for (rows, in_dim, out_dim) in [
+        (1i64, 256i64, 768i64),
+        (1, 256, 1376),
+        (1, 688, 256),
+        (1, 256, 4096),
+        (2, 256, 1376),
+        (4, 256, 1376),
+        (8, 256, 1376),
+    ] {
         let w = Tensor::randn([out_dim, in_dim], (Kind::Float, Device::Cpu));
         let x = Tensor::randn([rows, in_dim], (Kind::Float, Device::Cpu));
         let id = format!("{rows}x{in_dim}->{out_dim}");

@@ -20,9 +20,19 @@ fn cases() -> Vec<(&'static str, &'static str, serde_json::Value)> {
         c
     };
     vec![
-        ("llama-gqa-untied-theta", "llama", llama(json!({"num_key_value_heads": 2, "tie_word_embeddings": false, "rope_theta": 500000.0}))),
+        (
+            "llama-gqa-untied-theta",
+            "llama",
+            llama(json!({"num_key_value_heads": 2, "tie_word_embeddings": false, "rope_theta": 500000.0})),
+        ),
         ("llama-mqa-tied", "llama", llama(json!({"num_key_value_heads": 1, "tie_word_embeddings": true}))),
-        ("llama-mha-biases-gelu", "llama", llama(json!({"num_key_value_heads": 4, "attention_bias": true, "mlp_bias": true, "hidden_act": "gelu_pytorch_tanh", "head_dim": 32}))),
+        (
+            "llama-mha-biases-gelu",
+            "llama",
+            llama(
+                json!({"num_key_value_heads": 4, "attention_bias": true, "mlp_bias": true, "hidden_act": "gelu_pytorch_tanh", "head_dim": 32}),
+            ),
+        ),
         ("gpt2", "gpt2", json!({"vocab_size": 101, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64})),
     ]
 }

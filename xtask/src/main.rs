@@ -15,13 +15,8 @@ const TORCH_VERSION: &str = "2.13.0";
 
 /// Every Python package the build and the interop tests use, pinned in one place so that parity
 /// results are reproducible.
-const PY_REQUIREMENTS: &[&str] = &[
-    "torch==2.13.0",
-    "setuptools==84.2.1",
-    "numpy==2.4.6",
-    "safetensors==0.8.0",
-    "transformers==5.24.0",
-];
+const PY_REQUIREMENTS: &[&str] =
+    &["torch==2.13.0", "setuptools==84.2.1", "numpy==2.4.6", "safetensors==0.8.0", "transformers==5.24.0"];
 
 const USAGE: &str = "usage: cargo xtask <job> [args]
 
@@ -72,7 +67,11 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             let mut args = vec!["test".into(), "--workspace".into()];
             args.extend(rest.iter().cloned());
             // With the Python environment provided, parity tests must not skip.
-            let extra = if env.python.is_some() { vec![("STLM_REQUIRE_PYTHON".to_string(), OsString::from("1"))] } else { vec![] };
+            let extra = if env.python.is_some() {
+                vec![("STLM_REQUIRE_PYTHON".to_string(), OsString::from("1"))]
+            } else {
+                vec![]
+            };
             cargo(&env, &args, &extra)
         }
         "bench" => {
@@ -89,8 +88,9 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         }
         "run" => {
             let env = TorchEnv::ensure()?;
-            let mut args: Vec<String> =
-                ["run", "--quiet", "--release", "--package", "stlm-cli", "--bin", "stlm", "--"].map(String::from).to_vec();
+            let mut args: Vec<String> = ["run", "--quiet", "--release", "--package", "stlm-cli", "--bin", "stlm", "--"]
+                .map(String::from)
+                .to_vec();
             args.extend(rest_after_dashes());
             cargo(&env, &args, &[])
         }
@@ -116,7 +116,10 @@ impl TorchEnv {
             let version = torch_version(&py)
                 .ok_or_else(|| format!("STLM_PYTHON={}: cannot import torch with it", py.display()))?;
             if version.split('+').next() != Some(TORCH_VERSION) {
-                return Err(format!("STLM_PYTHON={}: has torch {version}, tch 0.26 needs torch=={TORCH_VERSION}", py.display()));
+                return Err(format!(
+                    "STLM_PYTHON={}: has torch {version}, tch 0.26 needs torch=={TORCH_VERSION}",
+                    py.display()
+                ));
             }
             eprintln!("xtask: using STLM_PYTHON={} (torch {version})", py.display());
             return Ok(TorchEnv { libtorch: None, python: Some(py) });
@@ -132,7 +135,11 @@ impl TorchEnv {
         create_venv(&venv, &python)?;
         let reqs = venv.join("requirements.txt");
         std::fs::write(&reqs, &wanted).map_err(|e| format!("{}: {e}", reqs.display()))?;
-        eprintln!("xtask: installing {} into {} (the torch wheel is large: several GB, a few minutes)", PY_REQUIREMENTS.join(" "), venv.display());
+        eprintln!(
+            "xtask: installing {} into {} (the torch wheel is large: several GB, a few minutes)",
+            PY_REQUIREMENTS.join(" "),
+            venv.display()
+        );
         let status = Command::new(&python)
             .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-r"])
             .arg(&reqs)
@@ -192,11 +199,16 @@ fn create_venv(venv: &Path, python: &Path) -> Result<(), String> {
     let version = Command::new("python3").arg("--version").output().map_err(|_| {
         "python3 is not installed (or not on PATH): install Python 3.10 or newer, or set LIBTORCH to a libtorch 2.13.0 directory".to_string()
     })?;
-    eprintln!("xtask: creating Python environment {} with {}", venv.display(), String::from_utf8_lossy(&version.stdout).trim());
+    eprintln!(
+        "xtask: creating Python environment {} with {}",
+        venv.display(),
+        String::from_utf8_lossy(&version.stdout).trim()
+    );
     if let Some(parent) = venv.parent() {
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     }
-    let out = Command::new("python3").args(["-m", "venv"]).arg(venv).output().map_err(|e| format!("python3 -m venv: {e}"))?;
+    let out =
+        Command::new("python3").args(["-m", "venv"]).arg(venv).output().map_err(|e| format!("python3 -m venv: {e}"))?;
     if !out.status.success() {
         let _ = std::fs::remove_dir_all(venv);
         return Err(format!(
@@ -221,7 +233,11 @@ fn cargo(env: &TorchEnv, args: &[String], extra: &[(String, OsString)]) -> Resul
         .envs(extra.iter().cloned())
         .status()
         .map_err(|e| format!("could not run cargo: {e}"))?;
-    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8) })
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8)
+    })
 }
 
 fn shell_quote(s: &str) -> String {

@@ -13,7 +13,15 @@ pub struct KvCache {
 
 impl KvCache {
     /// Allocates a cache of `capacity` positions for `layers` layers.
-    pub fn new(layers: usize, batch: i64, kv_heads: i64, head_dim: i64, capacity: i64, kind: Kind, device: Device) -> Self {
+    pub fn new(
+        layers: usize,
+        batch: i64,
+        kv_heads: i64,
+        head_dim: i64,
+        capacity: i64,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
         let alloc = || Tensor::zeros([batch, kv_heads, capacity, head_dim], (kind, device));
         KvCache {
             keys: (0..layers).map(|_| alloc()).collect(),

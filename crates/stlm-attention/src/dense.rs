@@ -7,24 +7,12 @@ use tch::{Kind, Tensor};
 /// Dense attention. `q` is `[batch, heads, q_len, head_dim]`, `k` and `v` are
 /// `[batch, kv_heads, kv_len, head_dim]` with `heads` a multiple of `kv_heads` (multi-head,
 /// grouped-query or multi-query). `scale` defaults to `1/sqrt(head_dim)`. Returns the shape of `q`.
-pub fn dense_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &AttentionMask,
-    scale: Option<f64>,
-) -> Tensor {
+pub fn dense_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, scale: Option<f64>) -> Tensor {
     let gqa = q.size()[1] != k.size()[1];
     match mask {
-        AttentionMask::Causal => {
-            Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, scale, gqa)
-        }
-        AttentionMask::Full => {
-            Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, scale, gqa)
-        }
-        AttentionMask::Explicit(m) => {
-            Tensor::scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, gqa)
-        }
+        AttentionMask::Causal => Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, scale, gqa),
+        AttentionMask::Full => Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, scale, gqa),
+        AttentionMask::Explicit(m) => Tensor::scaled_dot_product_attention(q, k, v, Some(m), 0.0, false, scale, gqa),
     }
 }
 
@@ -39,9 +27,7 @@ pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask,
     let scores = q.matmul(&k.transpose(-2, -1)) * scale; // [b, h, q, t]
     let allowed = match mask {
         AttentionMask::Full => None,
-        AttentionMask::Causal => Some(
-            Tensor::ones([q_len, kv_len], (Kind::Bool, q.device())).tril(0),
-        ),
+        AttentionMask::Causal => Some(Tensor::ones([q_len, kv_len], (Kind::Bool, q.device())).tril(0)),
         AttentionMask::Explicit(m) => Some(m.shallow_clone()),
     };
     let scores = match allowed {

@@ -63,7 +63,7 @@ pub fn run(job: BenchJob) -> Result<()> {
     let vocab = model.config.vocab_size;
     let prompt: Vec<i64> = (1..=prompt_tokens).map(|i| i % vocab).collect();
     time_generate(&model, &prompt, new_tokens.min(16))?; // warm-up
-    // Time n tokens minus time of 1 token: the prompt's prefill and the first token cancel out.
+                                                         // Time n tokens minus time of 1 token: the prompt's prefill and the first token cancel out.
     let mut best = f64::INFINITY;
     for _ in 0..repeats {
         let one = time_generate(&model, &prompt, 1)?;
@@ -82,7 +82,14 @@ pub fn run(job: BenchJob) -> Result<()> {
     if json {
         print_json(&report)
     } else {
-        println!("{:.1} tokens/s ({} new tokens after a {}-token prompt, {:?}, {} threads)", report.tokens_per_s, new_tokens, prompt_tokens, model.device(), report.threads);
+        println!(
+            "{:.1} tokens/s ({} new tokens after a {}-token prompt, {:?}, {} threads)",
+            report.tokens_per_s,
+            new_tokens,
+            prompt_tokens,
+            model.device(),
+            report.threads
+        );
         Ok(())
     }
 }

@@ -36,7 +36,8 @@ pub enum EvalJob {
 
 pub fn run(job: EvalJob) -> Result<()> {
     let EvalJob::Ppl { model: dir, data, max_length, stride, tokenizer, json, device } = job;
-    let text = std::fs::read_to_string(&data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
+    let text =
+        std::fs::read_to_string(&data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
     if text.is_empty() {
         bail!("{}: the file is empty", data.display());
     }
@@ -47,7 +48,10 @@ pub fn run(job: EvalJob) -> Result<()> {
     let ids: Vec<i64> = start.into_iter().chain(tok.encode(&text, false)?.into_iter().map(i64::from)).collect();
     let max_length = max_length.unwrap_or(model.config.max_position_embeddings.min(1024));
     if max_length > model.config.max_position_embeddings {
-        bail!("--max-length {max_length} exceeds the model's max_position_embeddings ({})", model.config.max_position_embeddings);
+        bail!(
+            "--max-length {max_length} exceeds the model's max_position_embeddings ({})",
+            model.config.max_position_embeddings
+        );
     }
     let window = WindowOptions { max_length, stride: stride.unwrap_or((max_length / 2).max(1)) };
     let report = perplexity(&model, &ids, text.len() as u64, window, std::io::stderr().is_terminal())?;
@@ -56,7 +60,12 @@ pub fn run(job: EvalJob) -> Result<()> {
     } else {
         println!(
             "{}: {} tokens, {} bytes, loss {:.4} nats/token, perplexity {:.3}, {:.4} bits/byte",
-            data.display(), report.tokens, report.bytes, report.loss, report.ppl, report.bits_per_byte
+            data.display(),
+            report.tokens,
+            report.bytes,
+            report.loss,
+            report.ppl,
+            report.bits_per_byte
         );
         Ok(())
     }

@@ -32,7 +32,13 @@ pub fn init(a: InitArgs) -> Result<()> {
     if let Some(t) = &a.tokenizer {
         let tok = Tokenizer::from_file(t)?;
         if (tok.vocab_size() as i64) > cfg.vocab_size {
-            bail!("{}: vocab_size {} is smaller than the tokenizer's {} ids ({})", a.config.display(), cfg.vocab_size, tok.vocab_size(), t.display());
+            bail!(
+                "{}: vocab_size {} is smaller than the tokenizer's {} ids ({})",
+                a.config.display(),
+                cfg.vocab_size,
+                tok.vocab_size(),
+                t.display()
+            );
         }
     }
     stlm_core::seed_all(a.seed);
@@ -99,7 +105,13 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     let embedding: i64 = modules.iter().filter(|r| r.name.starts_with("model.embed")).map(|r| r.total).sum::<i64>()
         + modules.iter().filter(|r| r.name == "lm_head").map(|r| r.total).sum::<i64>();
     let total = model.num_parameters();
-    let report = InspectReport { parameters: total, embedding_parameters: embedding, non_embedding_parameters: total - embedding, config: model.config.clone(), modules };
+    let report = InspectReport {
+        parameters: total,
+        embedding_parameters: embedding,
+        non_embedding_parameters: total - embedding,
+        config: model.config.clone(),
+        modules,
+    };
     if a.json {
         return print_json(&report);
     }
@@ -109,10 +121,23 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         a.model.display(), c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
         c.head_dim(), c.intermediate_size, c.mlp, c.hidden_act, c.vocab_size, c.position, c.norm, c.tie_word_embeddings
     );
-    println!("parameters: {} total, {} in embeddings and head, {} in the rest", group(total), group(embedding), group(total - embedding));
+    println!(
+        "parameters: {} total, {} in embeddings and head, {} in the rest",
+        group(total),
+        group(embedding),
+        group(total - embedding)
+    );
     println!("{:<24} {:>12} {:>12} {:>10} {:>12} {:>12}", "module", "attention", "mlp", "norms", "other", "total");
     for r in &report.modules {
-        println!("{:<24} {:>12} {:>12} {:>10} {:>12} {:>12}", r.name, group(r.attention), group(r.mlp), group(r.norms), group(r.other), group(r.total));
+        println!(
+            "{:<24} {:>12} {:>12} {:>10} {:>12} {:>12}",
+            r.name,
+            group(r.attention),
+            group(r.mlp),
+            group(r.norms),
+            group(r.other),
+            group(r.total)
+        );
     }
     Ok(())
 }
@@ -122,12 +147,16 @@ fn group(n: i64) -> String {
     let s = n.abs().to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
     }
-    if n < 0 { format!("-{out}") } else { out }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
 }
 
 #[derive(Args)]

@@ -53,7 +53,8 @@ pub fn run(job: TokenizerJob) -> Result<()> {
     match job {
         TokenizerJob::Train { files, vocab_size, min_frequency, special_tokens, out } => {
             let out = output_path(&out)?;
-            let special_tokens = special_tokens.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+            let special_tokens =
+                special_tokens.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
             let opts = BpeOptions { vocab_size, min_frequency, special_tokens, show_progress: true };
             let tok = Tokenizer::train_bpe(&files, &opts)?;
             tok.save(&out)?;

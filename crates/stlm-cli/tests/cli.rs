@@ -70,7 +70,19 @@ fn jobs_run_end_to_end() {
 
     let out = ok(&["generate", "--model", p(&model), "--prompt", "Once upon", "--max-new-tokens", "8", "--seed", "3"]);
     assert!(out.starts_with("Once upon"), "{out}");
-    let batch = ok(&["generate", "--model", p(&model), "--prompt", "Tom", "--prompt", "One day, Lily", "--max-new-tokens", "4", "--temperature", "0"]);
+    let batch = ok(&[
+        "generate",
+        "--model",
+        p(&model),
+        "--prompt",
+        "Tom",
+        "--prompt",
+        "One day, Lily",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+    ]);
     assert!(batch.contains("--- [1]\nOne day, Lily"), "{batch}");
 
     let logits = f.root.join("logits.safetensors");
@@ -80,7 +92,18 @@ fn jobs_run_end_to_end() {
     assert_eq!(t.kind(), tch::Kind::Float);
 
     let data = f.root.join("corpus.txt");
-    let json: serde_json::Value = serde_json::from_str(&ok(&["eval", "ppl", "--model", p(&model), "--data", p(&data), "--max-length", "64", "--json"])).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "ppl",
+        "--model",
+        p(&model),
+        "--data",
+        p(&data),
+        "--max-length",
+        "64",
+        "--json",
+    ]))
+    .unwrap();
     for key in ["tokens", "bytes", "loss", "ppl", "bits_per_byte"] {
         assert!(json[key].is_number(), "missing {key}: {json}");
     }
@@ -96,7 +119,18 @@ fn jobs_run_end_to_end() {
     assert_eq!(inspect["embedding_parameters"].as_i64().unwrap(), 2 * 300 * 32);
     assert!(ok(&["inspect", "--model", p(&model)]).contains("model.layers.1"));
 
-    let bench: serde_json::Value = serde_json::from_str(&ok(&["bench", "generate", "--model", p(&model), "--new-tokens", "8", "--repeats", "1", "--json"])).unwrap();
+    let bench: serde_json::Value = serde_json::from_str(&ok(&[
+        "bench",
+        "generate",
+        "--model",
+        p(&model),
+        "--new-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--json",
+    ]))
+    .unwrap();
     assert!(bench["tokens_per_s"].as_f64().unwrap() > 0.0);
 }
 
@@ -120,11 +154,16 @@ fn bad_input_gives_one_line_errors_and_writes_nothing() {
         d
     };
     let config_text = std::fs::read_to_string(model.join("config.json")).unwrap();
-    let d = broken("wrong-type", &|d| std::fs::write(d.join("config.json"), config_text.replace("\"hidden_size\": 32", "\"hidden_size\": [32]")).unwrap());
+    let d = broken("wrong-type", &|d| {
+        std::fs::write(d.join("config.json"), config_text.replace("\"hidden_size\": 32", "\"hidden_size\": [32]"))
+            .unwrap()
+    });
     let e = fails(&["inspect", "--model", p(&d)]);
     assert!(e.contains("config.json") && e.contains("hidden_size"), "{e}");
 
-    let d = broken("unknown-arch", &|d| std::fs::write(d.join("config.json"), config_text.replace("\"llama\"", "\"mamba\"")).unwrap());
+    let d = broken("unknown-arch", &|d| {
+        std::fs::write(d.join("config.json"), config_text.replace("\"llama\"", "\"mamba\"")).unwrap()
+    });
     let e = fails(&["inspect", "--model", p(&d)]);
     assert!(e.contains("config.json") && e.contains("mamba"), "{e}");
 
@@ -135,7 +174,13 @@ fn bad_input_gives_one_line_errors_and_writes_nothing() {
     let e = fails(&["generate", "--model", p(&d), "--prompt", "Tom"]);
     assert!(e.contains("model.safetensors"), "{e}");
 
-    let d = broken("shapes", &|d| std::fs::write(d.join("config.json"), config_text.replace("\"intermediate_size\": 64", "\"intermediate_size\": 65")).unwrap());
+    let d = broken("shapes", &|d| {
+        std::fs::write(
+            d.join("config.json"),
+            config_text.replace("\"intermediate_size\": 64", "\"intermediate_size\": 65"),
+        )
+        .unwrap()
+    });
     let e = fails(&["inspect", "--model", p(&d)]);
     assert!(e.contains("model.safetensors") && e.contains("shape"), "{e}");
 
@@ -162,7 +207,8 @@ fn bad_input_gives_one_line_errors_and_writes_nothing() {
     assert!(e.contains("cuda:7"), "{e}");
 
     // Nothing but the files we wrote is in the model directory (no temporaries).
-    let mut names: Vec<String> = std::fs::read_dir(&model).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&model).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     assert_eq!(names, ["config.json", "generation_config.json", "model.safetensors", "stlm.toml", "tokenizer.json"]);
 }

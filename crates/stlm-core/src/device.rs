@@ -21,9 +21,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "cuda" => cuda(0),
         _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => cuda(n),
-            _ => Err(CoreError::Invalid(format!(
-                "--device {s}: expected auto, cpu, cuda or cuda:N"
-            ))),
+            _ => Err(CoreError::Invalid(format!("--device {s}: expected auto, cpu, cuda or cuda:N"))),
         },
     }
 }
@@ -47,9 +45,7 @@ impl DType {
             "float32" | "f32" => Ok(DType::Float32),
             "bfloat16" | "bf16" => Ok(DType::BFloat16),
             "float16" | "f16" => Ok(DType::Float16),
-            _ => Err(CoreError::Invalid(format!(
-                "--dtype {s}: expected float32, bfloat16 or float16"
-            ))),
+            _ => Err(CoreError::Invalid(format!("--dtype {s}: expected float32, bfloat16 or float16"))),
         }
     }
 

@@ -1,4 +1,4 @@
-//! Files: atomic writes, memory-mapped safetensors, JSON and TOML with errors naming the field.
+//! Files: atomic writes, memory-mapped safetensors, JSON with errors naming the field.
 
 use crate::{CoreError, Result};
 use safetensors::tensor::{Dtype, SafeTensors, View};
@@ -20,9 +20,7 @@ where
     F: FnOnce(&Path) -> Result<()>,
 {
     let tmp = temporary_path(path);
-    let result = write(&tmp).and_then(|()| {
-        std::fs::rename(&tmp, path).map_err(|e| CoreError::io(path, e))
-    });
+    let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| CoreError::io(path, e)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -39,26 +37,6 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
     let de = &mut serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|e| field_error(path, e.path(), e.inner()))
-}
-
-/// Reads and parses a TOML file; errors name the file and the field.
-pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
-    toml_from_str(&text).map_err(|m| CoreError::format(path, m))
-}
-
-/// Parses TOML text; the error names the field path.
-fn toml_from_str<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
-    let de = toml_de(text)?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let msg = e.inner().message().trim().to_string();
-        if path == "." { msg } else { format!("field `{path}`: {msg}") }
-    })
-}
-
-fn toml_de(text: &str) -> std::result::Result<toml::Value, String> {
-    text.parse::<toml::Value>().map_err(|e| e.to_string().trim().replace('\n', " "))
 }
 
 fn field_error(path: &Path, field: &serde_path_to_error::Path, err: &impl std::fmt::Display) -> CoreError {
@@ -113,9 +91,8 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         .map_err(|e| CoreError::format(path, format!("not a valid safetensors file ({e})")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let kind = kind_of(view.dtype()).ok_or_else(|| {
-            CoreError::format(path, format!("tensor `{name}`: unsupported dtype {:?}", view.dtype()))
-        })?;
+        let kind = kind_of(view.dtype())
+            .ok_or_else(|| CoreError::format(path, format!("tensor `{name}`: unsupported dtype {:?}", view.dtype())))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
         out.insert(name, t);
@@ -149,22 +126,18 @@ impl View for TensorView<'_> {
 /// Writes named tensors to a safetensors file atomically, with `{"format": "pt"}` metadata as
 /// transformers writes it. Tensors are moved to the CPU and made contiguous first.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let cpu: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous()))
-        .collect();
+    let cpu: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous())).collect();
     let mut views = Vec::with_capacity(cpu.len());
     for (name, t) in &cpu {
-        let dtype = dtype_of(t.kind()).ok_or_else(|| {
-            CoreError::Invalid(format!("tensor `{name}`: cannot save kind {:?}", t.kind()))
-        })?;
+        let dtype = dtype_of(t.kind())
+            .ok_or_else(|| CoreError::Invalid(format!("tensor `{name}`: cannot save kind {:?}", t.kind())))?;
         let shape = t.size().iter().map(|&d| d as usize).collect();
         views.push((name.as_str(), TensorView { tensor: t, dtype, shape }));
     }
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     atomic_write(path, |tmp| {
-        safetensors::tensor::serialize_to_file(views, metadata, tmp)
-            .map_err(|e| CoreError::format(tmp, e.to_string()))
+        safetensors::tensor::serialize_to_file(views, metadata, tmp).map_err(|e| CoreError::format(tmp, e.to_string()))
     })
 }
 
@@ -178,8 +151,7 @@ mod tests {
         let path = dir.path().join("m.safetensors");
         let a = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([2, 3]);
         let b = Tensor::from_slice(&[1i64, 2, 3]);
-        write_safetensors(&path, &[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone())])
-            .unwrap();
+        write_safetensors(&path, &[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone())]).unwrap();
         let back = read_safetensors(&path).unwrap();
         assert!(back["a"].equal(&a));
         assert!(back["b"].equal(&b));

@@ -186,7 +186,12 @@ mod tests {
             let diff = (got.to_kind(Kind::Double) - want).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "rows {rows} dim {dim}: {diff}");
         }
-        assert!(small_batch_rms_norm(&Tensor::randn([17, 4], (Kind::Float, Device::Cpu)), &Tensor::ones([4], (Kind::Float, Device::Cpu)), 1e-6).is_none());
+        assert!(small_batch_rms_norm(
+            &Tensor::randn([17, 4], (Kind::Float, Device::Cpu)),
+            &Tensor::ones([4], (Kind::Float, Device::Cpu)),
+            1e-6
+        )
+        .is_none());
     }
 
     #[test]

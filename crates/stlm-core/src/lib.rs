@@ -1,7 +1,7 @@
 //! stlm-core: what every stlm crate shares.
 //!
 //! Device and dtype choice, the error type for file and tensor IO, seeding, safetensors reading
-//! (memory-mapped) and writing (atomic), JSON/TOML reading with errors that name the field,
+//! (memory-mapped) and writing (atomic), JSON reading with errors that name the field,
 //! parameter counting, and the small-batch CPU linear kernel used for decoding.
 
 pub mod device;
@@ -11,9 +11,7 @@ pub mod kernels;
 
 pub use device::{parse_device, seed_all, DType};
 pub use error::{CoreError, Result};
-pub use io::{
-    atomic_write, atomic_write_bytes, read_json, read_safetensors, read_toml, write_safetensors,
-};
+pub use io::{atomic_write, atomic_write_bytes, read_json, read_safetensors, write_safetensors};
 
 /// Number of elements in a list of tensors (for parameter counts).
 pub fn numel(tensors: &[tch::Tensor]) -> i64 {

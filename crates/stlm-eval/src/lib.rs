@@ -56,7 +56,13 @@ pub struct PplReport {
 
 /// Scores every token of `ids` after the first (so put a BOS/EOS token first to score the whole
 /// text); `bytes` is the UTF-8 length of the text the ids encode.
-pub fn perplexity(model: &DecoderModel, ids: &[i64], bytes: u64, window: WindowOptions, progress: bool) -> Result<PplReport> {
+pub fn perplexity(
+    model: &DecoderModel,
+    ids: &[i64],
+    bytes: u64,
+    window: WindowOptions,
+    progress: bool,
+) -> Result<PplReport> {
     let n = ids.len() as i64;
     if n < 2 {
         return Err(EvalError::Input(format!("the text has {n} tokens; perplexity needs at least 2")));
@@ -92,7 +98,7 @@ pub fn perplexity(model: &DecoderModel, ids: &[i64], bytes: u64, window: WindowO
         let end = (begin + window.max_length).min(n);
         let input = all.narrow(0, begin, end - begin).unsqueeze(0); // [1, L]
         let logits = model.forward(&input).squeeze_dim(0); // [L, vocab]
-        // Position p predicts token p + 1; score the targets in [scored_until, end).
+                                                           // Position p predicts token p + 1; score the targets in [scored_until, end).
         let first = scored_until - begin - 1;
         let len = end - scored_until;
         let logp = logits.narrow(0, first, len).log_softmax(-1, Kind::Float);

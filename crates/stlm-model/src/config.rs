@@ -206,9 +206,8 @@ impl ModelConfig {
             }
         }
         merged.extend(table);
-        let cfg: Self = serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
-            err(format!("field `{}`: {}", e.path(), e.inner().message().trim()))
-        })?;
+        let cfg: Self = serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| err(format!("field `{}`: {}", e.path(), e.inner().message().trim())))?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -261,7 +260,8 @@ impl ModelConfig {
         if self.position == PositionKind::Rope && self.head_dim() % 2 != 0 {
             return err(format!("field `head_dim` ({}) must be even for rope", self.head_dim()));
         }
-        if !(self.norm_eps > 0.0) || !(self.rope_theta > 0.0) || !(self.initializer_range > 0.0) {
+        let positive = |v: f64| v > 0.0; // false for NaN too
+        if !positive(self.norm_eps) || !positive(self.rope_theta) || !positive(self.initializer_range) {
             return err("fields `norm_eps`, `rope_theta` and `initializer_range` must be positive".into());
         }
         for (name, id) in [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)]
@@ -275,7 +275,10 @@ impl ModelConfig {
             }
         }
         if let Some(reason) = self.export_mismatch() {
-            return err(format!("field `model_type`: cannot be {:?}: {reason}; use model_type = \"stlm\"", self.model_type));
+            return err(format!(
+                "field `model_type`: cannot be {:?}: {reason}; use model_type = \"stlm\"",
+                self.model_type
+            ));
         }
         Ok(())
     }
@@ -285,9 +288,8 @@ impl ModelConfig {
         match self.model_type {
             ModelType::Stlm => None,
             ModelType::Llama => {
-                let ok = self.norm == NormKind::RmsNorm
-                    && self.position == PositionKind::Rope
-                    && self.mlp == MlpKind::Gated;
+                let ok =
+                    self.norm == NormKind::RmsNorm && self.position == PositionKind::Rope && self.mlp == MlpKind::Gated;
                 if !ok {
                     Some("llama needs norm = rms_norm, position = rope, mlp = gated".into())
                 } else {
@@ -322,7 +324,8 @@ mod tests {
 
     #[test]
     fn presets_fill_unset_fields() {
-        let c = ModelConfig::from_toml_str("preset = \"gpt2\"\nhidden_size = 64\nnum_attention_heads = 2\n", p()).unwrap();
+        let c =
+            ModelConfig::from_toml_str("preset = \"gpt2\"\nhidden_size = 64\nnum_attention_heads = 2\n", p()).unwrap();
         assert_eq!(c.norm, NormKind::LayerNorm);
         assert_eq!(c.hidden_size, 64);
         assert_eq!(c.num_key_value_heads, 2);

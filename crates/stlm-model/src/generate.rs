@@ -2,9 +2,9 @@
 //! penalty, seeded sampling, stop at EOS or a token budget, and batches with left padding.
 
 use crate::{DecoderModel, ModelError, Result};
-use stlm_attention::AttentionMask;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use stlm_attention::AttentionMask;
 use tch::{Kind, Tensor};
 
 /// How to pick each next token.
@@ -45,12 +45,14 @@ impl Default for GenerationConfig {
 }
 
 impl GenerationConfig {
+    #[allow(clippy::neg_cmp_op_on_partial_ord)] // the negations reject NaN
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::Input(m));
         if self.max_new_tokens < 0 {
             return bad(format!("--max-new-tokens must be >= 0, got {}", self.max_new_tokens));
         }
-        if !(self.temperature >= 0.0) {
+        // Written so that NaN fails each check.
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad(format!("--temperature must be >= 0, got {}", self.temperature));
         }
         if self.top_k < 0 {
@@ -167,25 +169,26 @@ pub fn generate(
     // Left padding: [b, prompt_len] ids and a validity mask over the whole cache.
     let padded: Vec<i64> = prompts
         .iter()
-        .flat_map(|p| std::iter::repeat(cfg.pad_token_id).take(prompt_len as usize - p.len()).chain(p.iter().copied()))
+        .flat_map(|p| std::iter::repeat_n(cfg.pad_token_id, prompt_len as usize - p.len()).chain(p.iter().copied()))
         .collect();
     let ids = Tensor::from_slice(&padded).view([b, prompt_len]).to_device(device);
     let needs_padding = prompts.iter().any(|p| p.len() as i64 != prompt_len);
-    let valid_prompt: Vec<bool> = prompts
-        .iter()
-        .flat_map(|p| (0..prompt_len).map(move |i| i >= prompt_len - p.len() as i64))
-        .collect();
+    let valid_prompt: Vec<bool> =
+        prompts.iter().flat_map(|p| (0..prompt_len).map(move |i| i >= prompt_len - p.len() as i64)).collect();
     let key_valid = needs_padding.then(|| {
         let v = Tensor::from_slice(&valid_prompt).view([b, prompt_len]).to_device(device);
         Tensor::cat(&[v, Tensor::ones([b, cfg.max_new_tokens], (Kind::Bool, device))], 1)
     });
     let lengths = Tensor::from_slice(&prompts.iter().map(|p| p.len() as i64).collect::<Vec<_>>()).to_device(device);
     // Position of each prompt token counts real tokens only: [b, prompt_len].
-    let positions = (Tensor::arange(prompt_len, (Kind::Int64, device)).unsqueeze(0) - (prompt_len - lengths.unsqueeze(1))).clamp_min(0);
+    let positions = (Tensor::arange(prompt_len, (Kind::Int64, device)).unsqueeze(0)
+        - (prompt_len - lengths.unsqueeze(1)))
+    .clamp_min(0);
     let mut next_pos = lengths.unsqueeze(1); // [b, 1]
 
     let mut cache = model.new_cache(b, capacity);
-    let mask = AttentionMask::causal(prompt_len, 0, key_valid.as_ref().map(|k| k.narrow(1, 0, prompt_len)).as_ref(), device);
+    let mask =
+        AttentionMask::causal(prompt_len, 0, key_valid.as_ref().map(|k| k.narrow(1, 0, prompt_len)).as_ref(), device);
     // Only the last position's logits are needed: the head runs on one position per row.
     let last = model.hidden_states(&ids, &positions, &mask, Some(&mut cache)).narrow(1, prompt_len - 1, 1);
     let mut logits = model.head(&last).select(1, 0); // [b, vocab]
@@ -215,9 +218,10 @@ pub fn generate(
             seen = Tensor::cat(&[&seen, &next], 1);
         }
         let past = cache.len();
-        let mask = AttentionMask::causal(1, past, key_valid.as_ref().map(|k| k.narrow(1, 0, past + 1)).as_ref(), device);
+        let mask =
+            AttentionMask::causal(1, past, key_valid.as_ref().map(|k| k.narrow(1, 0, past + 1)).as_ref(), device);
         logits = model.forward_ext(&next, &next_pos, &mask, Some(&mut cache)).select(1, -1);
-        next_pos = next_pos + 1;
+        next_pos = &next_pos + 1;
     }
     Ok(out)
 }

@@ -46,7 +46,12 @@ fn activation(name: &str, field: &str, path: &Path) -> Result<Activation> {
         "gelu" => Ok(Activation::Gelu),
         "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
         "relu" => Ok(Activation::Relu),
-        _ => Err(unsupported(path, format!("field `{field}`: activation `{name}` is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh, relu)"))),
+        _ => Err(unsupported(
+            path,
+            format!(
+                "field `{field}`: activation `{name}` is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh, relu)"
+            ),
+        )),
     }
 }
 
@@ -147,10 +152,10 @@ pub fn config_from_json(value: Value, path: &Path) -> Result<ModelConfig> {
         "gpt2" => gpt2_config(parse(value, path)?, path)?,
         "stlm" => parse(value, path)?,
         other => {
-            return Err(unsupported(path, format!(
-                "field `model_type`: `{other}` is not supported (known: {})",
-                KNOWN_MODEL_TYPES.join(", ")
-            )))
+            return Err(unsupported(
+                path,
+                format!("field `model_type`: `{other}` is not supported (known: {})", KNOWN_MODEL_TYPES.join(", ")),
+            ))
         }
     };
     let cfg = drop_ids_outside_vocab(cfg);
@@ -175,7 +180,10 @@ fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
     }
     let rope_theta = match (&c.rope_parameters, c.rope_theta) {
         (Some(p), _) if p.rope_type != "default" => {
-            return Err(unsupported(path, format!("field `rope_parameters.rope_type`: `{}` is not supported yet (only `default`)", p.rope_type)))
+            return Err(unsupported(
+                path,
+                format!("field `rope_parameters.rope_type`: `{}` is not supported yet (only `default`)", p.rope_type),
+            ))
         }
         (Some(p), _) => p.rope_theta,
         (None, Some(t)) => t,
@@ -315,7 +323,11 @@ fn is_ignored_buffer(name: &str) -> bool {
 }
 
 /// Renames (and for GPT-2 transposes and splits) checkpoint tensors to stlm names.
-pub fn import_weights(cfg: &ModelConfig, tensors: HashMap<String, Tensor>, path: &Path) -> Result<HashMap<String, Tensor>> {
+pub fn import_weights(
+    cfg: &ModelConfig,
+    tensors: HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<HashMap<String, Tensor>> {
     let tensors = tensors.into_iter().filter(|(n, _)| !is_ignored_buffer(n));
     if cfg.model_type != ModelType::Gpt2 {
         return Ok(tensors.collect());
@@ -340,7 +352,11 @@ pub fn import_weights(cfg: &ModelConfig, tensors: HashMap<String, Tensor>, path:
                 if t.size()[0] != 3 * h {
                     return Err(ModelError::Weights {
                         path: path.to_path_buf(),
-                        message: format!("tensor `{name}` has shape {:?}, config expects {} fused q/k/v rows", t.size(), 3 * h),
+                        message: format!(
+                            "tensor `{name}` has shape {:?}, config expects {} fused q/k/v rows",
+                            t.size(),
+                            3 * h
+                        ),
                     });
                 }
                 for (j, proj) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
@@ -358,7 +374,11 @@ pub fn import_weights(cfg: &ModelConfig, tensors: HashMap<String, Tensor>, path:
 
 /// GPT-2's Conv1D stores `[in, out]`; stlm's linear stores `[out, in]` (and back).
 fn conv1d(t: Tensor, param: &str) -> Tensor {
-    if param == "weight" { t.tr().contiguous() } else { t }
+    if param == "weight" {
+        t.tr().contiguous()
+    } else {
+        t
+    }
 }
 
 /// Names (and for GPT-2 layouts) under which transformers expects each stlm weight.

@@ -233,7 +233,7 @@ impl SelfAttention {
                 (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv), all.narrow(1, nh + nkv, nkv))
             }
             None => (
-                heads(self.q_proj.forward(x), nh), // [b, h, s, d]
+                heads(self.q_proj.forward(x), nh),  // [b, h, s, d]
                 heads(self.k_proj.forward(x), nkv), // [b, kvh, s, d]
                 heads(self.v_proj.forward(x), nkv),
             ),
@@ -271,7 +271,12 @@ impl DecoderLayer {
         DecoderLayer {
             input_layernorm: Norm::new(&path / "input_layernorm", cfg.norm, cfg.hidden_size, cfg.norm_eps),
             self_attn: SelfAttention::new(&path / "self_attn", cfg, resid_std),
-            post_attention_layernorm: Norm::new(&path / "post_attention_layernorm", cfg.norm, cfg.hidden_size, cfg.norm_eps),
+            post_attention_layernorm: Norm::new(
+                &path / "post_attention_layernorm",
+                cfg.norm,
+                cfg.hidden_size,
+                cfg.norm_eps,
+            ),
             mlp: Mlp::new(&path / "mlp", cfg, resid_std),
         }
     }

@@ -44,14 +44,17 @@ impl DecoderModel {
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = (&model / "embed_tokens").var("weight", &[v, h], Init::Randn { mean: 0.0, stdev: std });
         let embed_positions = (config.position == PositionKind::Learned).then(|| {
-            (&model / "embed_positions").var("weight", &[config.max_position_embeddings, h], Init::Randn { mean: 0.0, stdev: std })
+            (&model / "embed_positions").var(
+                "weight",
+                &[config.max_position_embeddings, h],
+                Init::Randn { mean: 0.0, stdev: std },
+            )
         });
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&model / "layers" / i, &config))
-            .collect();
+        let layers = (0..config.num_hidden_layers).map(|i| DecoderLayer::new(&model / "layers" / i, &config)).collect();
         let norm = Norm::new(&model / "norm", config.norm, h, config.norm_eps);
         let lm_head = (!config.tie_word_embeddings).then(|| Linear::new(&root / "lm_head", h, v, false, std));
-        let rope = (config.position == PositionKind::Rope).then(|| Rope::new(config.head_dim(), config.rope_theta, device));
+        let rope =
+            (config.position == PositionKind::Rope).then(|| Rope::new(config.head_dim(), config.rope_theta, device));
         Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, rope, vs })
     }
 
@@ -95,7 +98,7 @@ impl DecoderModel {
 
     /// Total number of parameters (tied weights counted once).
     pub fn num_parameters(&self) -> i64 {
-        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+        stlm_core::numel(&self.vs.trainable_variables())
     }
 
     /// Checks that every id in `ids` is inside the vocabulary.
@@ -132,7 +135,9 @@ impl DecoderModel {
     pub fn head(&self, x: &Tensor) -> Tensor {
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => small_batch_linear(x, &self.embed_tokens, None).unwrap_or_else(|| x.matmul(&self.embed_tokens.tr())),
+            None => {
+                small_batch_linear(x, &self.embed_tokens, None).unwrap_or_else(|| x.matmul(&self.embed_tokens.tr()))
+            }
         }
     }
 
@@ -147,7 +152,7 @@ impl DecoderModel {
         // input_ids, positions: [b, s]
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, s, hidden]
         if let Some(pos) = &self.embed_positions {
-            x = x + Tensor::embedding(pos, positions, -1, false, false);
+            x = &x + Tensor::embedding(pos, positions, -1, false, false);
         }
         let rotary = self.rope.as_ref().map(|rope| {
             let (cos, sin) = rope.cos_sin(positions, x.kind());
@@ -165,6 +170,14 @@ impl DecoderModel {
     /// A KV cache for `batch` sequences of up to `capacity` positions, in the model's dtype.
     pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
         let c = &self.config;
-        KvCache::new(c.num_hidden_layers as usize, batch, c.num_key_value_heads, c.head_dim(), capacity, self.kind(), self.device())
+        KvCache::new(
+            c.num_hidden_layers as usize,
+            batch,
+            c.num_key_value_heads,
+            c.head_dim(),
+            capacity,
+            self.kind(),
+            self.device(),
+        )
     }
 }

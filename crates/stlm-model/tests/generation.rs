@@ -61,7 +61,7 @@ fn left_padded_batch_equals_one_by_one() {
         let cfg = GenerationConfig { max_new_tokens: 8, ..Default::default() };
         let batch = generate(&model, &prompts, &cfg, |_, _| {}).unwrap();
         for (p, b) in prompts.iter().zip(&batch) {
-            let single = generate(&model, &[p.clone()], &cfg, |_, _| {}).unwrap();
+            let single = generate(&model, std::slice::from_ref(p), &cfg, |_, _| {}).unwrap();
             assert_eq!(&single[0], b, "{preset}: prompt {p:?}");
         }
     }
@@ -71,7 +71,8 @@ fn left_padded_batch_equals_one_by_one() {
 fn stops_at_eos_and_sampling_is_seeded() {
     let model = tiny("llama");
     let prompt = vec![vec![5, 6, 7]];
-    let greedy = generate(&model, &prompt, &GenerationConfig { max_new_tokens: 10, ..Default::default() }, |_, _| {}).unwrap();
+    let greedy =
+        generate(&model, &prompt, &GenerationConfig { max_new_tokens: 10, ..Default::default() }, |_, _| {}).unwrap();
     let eos = greedy[0][3];
     let first = greedy[0].iter().position(|&t| t == eos).unwrap();
     let cfg = GenerationConfig { max_new_tokens: 10, eos_token_ids: vec![eos], ..Default::default() };
@@ -79,7 +80,15 @@ fn stops_at_eos_and_sampling_is_seeded() {
     assert_eq!(stopped[0], greedy[0][..=first].to_vec());
 
     let sampled = |seed| {
-        let cfg = GenerationConfig { max_new_tokens: 16, temperature: 1.5, top_k: 20, top_p: 0.9, repetition_penalty: 1.3, seed, ..Default::default() };
+        let cfg = GenerationConfig {
+            max_new_tokens: 16,
+            temperature: 1.5,
+            top_k: 20,
+            top_p: 0.9,
+            repetition_penalty: 1.3,
+            seed,
+            ..Default::default()
+        };
         generate(&model, &prompt, &cfg, |_, _| {}).unwrap()
     };
     assert_eq!(sampled(1), sampled(1));
@@ -98,7 +107,10 @@ fn top_k_one_is_greedy_and_top_p_keeps_the_head() {
     let p_small = GenerationConfig { temperature: 1.0, top_p: 1e-6, ..Default::default() };
     assert_eq!(sampler.sample(&logits, &p_small).unwrap(), argmax);
     // top-p keeps exactly the smallest head of the distribution reaching p.
-    let probs = filtered_probs(&Tensor::from_slice(&[0.5f32, 0.3, 0.2].map(f32::ln)).view([1, 3]), &GenerationConfig { temperature: 1.0, top_p: 0.75, ..Default::default() });
+    let probs = filtered_probs(
+        &Tensor::from_slice(&[0.5f32, 0.3, 0.2].map(f32::ln)).view([1, 3]),
+        &GenerationConfig { temperature: 1.0, top_p: 0.75, ..Default::default() },
+    );
     let probs: Vec<f32> = Vec::try_from(probs.view([-1])).unwrap();
     assert!((probs[0] - 0.625).abs() < 1e-5 && (probs[1] - 0.375).abs() < 1e-5 && probs[2] == 0.0, "{probs:?}");
 }

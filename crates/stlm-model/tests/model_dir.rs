@@ -17,7 +17,9 @@ fn logits(m: &DecoderModel) -> Tensor {
 
 #[test]
 fn save_then_load_gives_identical_logits() {
-    for (preset, extra) in [("llama", "num_key_value_heads = 1\n"), ("llama", "tie_word_embeddings = true\n"), ("gpt2", "")] {
+    for (preset, extra) in
+        [("llama", "num_key_value_heads = 1\n"), ("llama", "tie_word_embeddings = true\n"), ("gpt2", "")]
+    {
         let dir = tempfile::tempdir().unwrap();
         let m = tiny(preset, extra);
         m.save(dir.path(), None).unwrap();

@@ -7,8 +7,8 @@
 
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
 /// Result alias for stlm-tokenizers.
@@ -87,7 +87,8 @@ impl Tokenizer {
         for f in files {
             std::fs::metadata(f).map_err(|e| file_err(f, e))?;
         }
-        let specials: Vec<AddedToken> = options.special_tokens.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
+        let specials: Vec<AddedToken> =
+            options.special_tokens.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
         let trainer = BpeTrainerBuilder::new()
             .show_progress(options.show_progress)
             .vocab_size(options.vocab_size)
@@ -208,7 +209,8 @@ mod tests {
 
     #[test]
     fn loads_a_real_mistral_tokenizer_when_present() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tokenizers/mistral-7b-tokenizer.json");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tokenizers/mistral-7b-tokenizer.json");
         if !path.exists() {
             eprintln!("skipping: {} is not present", path.display());
             return;
