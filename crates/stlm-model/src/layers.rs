@@ -223,25 +223,22 @@ impl SelfAttention {
         let (b, s) = (x.size()[0], x.size()[1]);
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor, n: i64| t.view([b, s, n, d]).transpose(1, 2);
-        let (mut q, mut k, v) = match &self.qkv {
+        let rotate = |t: Tensor| match rotary {
+            Some(r) => apply_rotary(&t, &r.cos, &r.sin),
+            None => t,
+        };
+        let (q, k, v) = match &self.qkv {
             Some(qkv) => {
                 let all = heads(qkv.forward(x), nh + 2 * nkv); // [b, h + 2 kvh, s, d]
-                let mut qk = all.narrow(1, 0, nh + nkv);
-                if let Some(r) = rotary {
-                    qk = apply_rotary(&qk, &r.cos, &r.sin); // q and k rotated in one pass
-                }
+                let qk = rotate(all.narrow(1, 0, nh + nkv)); // q and k rotated in one pass
                 (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv), all.narrow(1, nh + nkv, nkv))
             }
             None => (
-                heads(self.q_proj.forward(x), nh),  // [b, h, s, d]
-                heads(self.k_proj.forward(x), nkv), // [b, kvh, s, d]
+                rotate(heads(self.q_proj.forward(x), nh)),  // [b, h, s, d]
+                rotate(heads(self.k_proj.forward(x), nkv)), // [b, kvh, s, d]
                 heads(self.v_proj.forward(x), nkv),
             ),
         };
-        if let (Some(r), None) = (rotary, &self.qkv) {
-            q = apply_rotary(&q, &r.cos, &r.sin);
-            k = apply_rotary(&k, &r.cos, &r.sin);
-        }
         let (k, v) = match cache {
             Some((cache, layer)) => cache.update(layer, &k, &v),
             None => (k, v),
