@@ -74,6 +74,14 @@ fn copy_weights(model: &DecoderModel, mut tensors: HashMap<String, Tensor>, path
 }
 
 impl DecoderModel {
+    /// Replaces every weight with the ones in `path` (a `model.safetensors` this model's config
+    /// wrote), checking names and shapes; the tensors stay the same objects, so an optimizer
+    /// holding them keeps working.
+    pub fn load_weights(&self, path: &Path) -> Result<()> {
+        let tensors = import_weights(&self.config, read_safetensors(path)?, path)?;
+        copy_weights(self, tensors, path)
+    }
+
     /// Saves a model directory that transformers loads when `model_type` is llama or gpt2:
     /// `model.safetensors`, `config.json`, `generation_config.json`, `stlm.toml`, and
     /// `tokenizer.json` copied from `tokenizer` when given. Each file is written atomically.
