@@ -10,6 +10,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod vs_pytorch;
+
 /// The torch version tch 0.26 is built against.
 const TORCH_VERSION: &str = "2.13.0";
 
@@ -23,8 +25,11 @@ const USAGE: &str = "usage: cargo xtask <job> [args]
 jobs:
   test [cargo test args]     set up libtorch, then run the whole test suite (parity tests included)
   bench [cargo bench args]   run the criterion benchmarks (package stlm-benches)
+  bench --vs-pytorch [--config FILE] [--steps N] [--rounds R]
+                             `stlm bench train` against the PyTorch eager peer, alternated; prints the ratio
   build                      build the stlm binary (release)
   run -- <stlm args>         build and run stlm (release), e.g. `cargo xtask run -- inspect --model DIR`
+  train [stlm train args]    `stlm train` (release) with configs/default.toml unless --config is given
   env                        print the exports that let plain `cargo` build and test stlm
 
 environment:
@@ -74,6 +79,18 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             };
             cargo(&env, &args, &extra)
         }
+        "bench" if rest.iter().any(|a| a == "--vs-pytorch") => {
+            let opts = vs_pytorch::Options::parse(rest)?;
+            let env = TorchEnv::ensure()?;
+            let python = env.python.clone().ok_or("bench --vs-pytorch needs Python with torch: set STLM_PYTHON")?;
+            let build = ["build", "--quiet", "--release", "--package", "stlm-cli"].map(String::from);
+            if cargo(&env, &build, &[])? != ExitCode::SUCCESS {
+                return Err("building stlm failed".into());
+            }
+            let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| "target".into());
+            vs_pytorch::run(&opts, &target.join("release").join("stlm"), &python, &env.vars())?;
+            Ok(ExitCode::SUCCESS)
+        }
         "bench" => {
             let env = TorchEnv::ensure()?;
             let mut args = vec!["bench".into(), "--package".into(), "stlm-benches".into()];
@@ -92,6 +109,19 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 .map(String::from)
                 .to_vec();
             args.extend(rest_after_dashes());
+            cargo(&env, &args, &[])
+        }
+        "train" => {
+            let env = TorchEnv::ensure()?;
+            let mut args: Vec<String> =
+                ["run", "--quiet", "--release", "--package", "stlm-cli", "--bin", "stlm", "--", "train"]
+                    .map(String::from)
+                    .to_vec();
+            let given = rest_after_dashes();
+            if !given.iter().any(|a| a == "--config" || a.starts_with("--config=")) {
+                args.extend(["--config".to_string(), "configs/default.toml".to_string()]);
+            }
+            args.extend(given);
             cargo(&env, &args, &[])
         }
         other => Err(format!("unknown job `{other}`\n\n{USAGE}")),

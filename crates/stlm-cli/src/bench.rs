@@ -1,12 +1,18 @@
 //! `stlm bench generate`: decoding speed at batch 1, greedy, prompt excluded.
+//! `stlm bench train`: training throughput of a config, and model FLOPs utilisation against a
+//! float32 matmul timed in the same process.
 
 use crate::common::{print_json, DeviceArgs};
+use crate::train::RunConfig;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use stlm_model::{DecoderModel, GenerationConfig};
+use stlm_train::optim::AdamW;
+use stlm_train::trainer::{train_step, BatchSource};
+use tch::{Kind, Tensor};
 
 #[derive(Subcommand)]
 pub enum BenchJob {
@@ -24,6 +30,24 @@ pub enum BenchJob {
         /// Timed runs; the fastest is reported.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Training speed of a config: tokens/s, step time and model FLOPs utilisation (random tokens;
+    /// the [model] and [train] tables of the config, no data or checkpoints).
+    Train {
+        /// TOML run config (see configs/).
+        #[arg(long)]
+        config: PathBuf,
+        /// Timed optimizer steps.
+        #[arg(long, default_value_t = 20)]
+        steps: u64,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -54,7 +78,22 @@ fn time_generate(model: &DecoderModel, prompt: &[i64], n: i64) -> Result<f64> {
 }
 
 pub fn run(job: BenchJob) -> Result<()> {
-    let BenchJob::Generate { model: dir, new_tokens, prompt_tokens, repeats, json, device } = job;
+    match job {
+        BenchJob::Generate { model, new_tokens, prompt_tokens, repeats, json, device } => {
+            bench_generate(model, new_tokens, prompt_tokens, repeats, json, device)
+        }
+        BenchJob::Train { config, steps, warmup, json, device } => bench_train(&config, steps, warmup, json, &device),
+    }
+}
+
+fn bench_generate(
+    dir: PathBuf,
+    new_tokens: i64,
+    prompt_tokens: i64,
+    repeats: usize,
+    json: bool,
+    device: DeviceArgs,
+) -> Result<()> {
     if new_tokens < 2 || prompt_tokens < 1 || repeats < 1 {
         bail!("need --new-tokens >= 2, --prompt-tokens >= 1 and --repeats >= 1");
     }
@@ -88,6 +127,128 @@ pub fn run(job: BenchJob) -> Result<()> {
             new_tokens,
             prompt_tokens,
             model.device(),
+            report.threads
+        );
+        Ok(())
+    }
+}
+
+#[derive(Serialize)]
+struct TrainBench {
+    tokens_per_s: f64,
+    step_ms: f64,
+    mfu: f64,
+    params: i64,
+    model_flops_per_token: f64,
+    matmul_gflops: f64,
+    batch_size: i64,
+    seq_len: i64,
+    grad_accum: u64,
+    steps: u64,
+    device: String,
+    threads: i32,
+}
+
+/// Uniformly random token batches, the same for a given step.
+struct RandomTokens {
+    vocab: i64,
+    batch: i64,
+    seq: i64,
+    device: tch::Device,
+}
+
+impl BatchSource for RandomTokens {
+    fn train_batch(&self, step: u64, micro: u64) -> stlm_train::Result<(Tensor, Tensor)> {
+        tch::manual_seed((step * 1000 + micro) as i64);
+        let all = Tensor::randint(self.vocab, [self.batch, self.seq + 1], (Kind::Int64, self.device));
+        Ok((all.narrow(1, 0, self.seq), all.narrow(1, 1, self.seq)))
+    }
+    fn val_batch(&self, index: u64) -> stlm_train::Result<(Tensor, Tensor)> {
+        self.train_batch(u64::MAX / 2 + index, 0)
+    }
+}
+
+/// Model FLOPs per trained token, as nanoGPT's `estimate_mfu` counts them (PaLM appendix B):
+/// 6 per weight of every matmul (the head included, the embedding lookup not) plus
+/// 12 * layers * hidden * seq for the attention scores and weighted sums.
+fn flops_per_token(model: &DecoderModel, seq: i64) -> f64 {
+    let c = &model.config;
+    let matmul_params: i64 = model
+        .var_store()
+        .variables()
+        .iter()
+        .filter(|(name, t)| t.dim() == 2 && !name.contains("embed"))
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    let head = if c.tie_word_embeddings { c.vocab_size * c.hidden_size } else { 0 };
+    6.0 * (matmul_params + head) as f64 + 12.0 * (c.num_hidden_layers * c.hidden_size * seq) as f64
+}
+
+/// Float32 matmul GFLOP/s on `device`: the best of several 1024x1024 products.
+fn matmul_gflops(device: tch::Device) -> f64 {
+    let n = 1024i64;
+    let a = Tensor::randn([n, n], (Kind::Float, device));
+    let b = Tensor::randn([n, n], (Kind::Float, device));
+    let mut best = f64::INFINITY;
+    for _ in 0..8 {
+        let t = Instant::now();
+        let c = a.matmul(&b);
+        let _ = c.double_value(&[0, 0]); // waits for the device
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+fn bench_train(config: &Path, steps: u64, warmup: u64, json: bool, device: &DeviceArgs) -> Result<()> {
+    if steps < 1 {
+        bail!("--steps must be at least 1");
+    }
+    let run = RunConfig::load(config)?;
+    let dev = stlm_core::parse_device(&device.device)?;
+    stlm_core::seed_all(run.train.seed);
+    let model = DecoderModel::new(run.model.clone(), dev)?;
+    let (batch, seq, accum) = (run.train.batch_size, run.train.seq_len, run.train.grad_accum);
+    let data = RandomTokens { vocab: run.model.vocab_size, batch, seq, device: dev };
+    let settings = run.train.settings(None, false);
+    let params: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+    let mut opt = AdamW::new(params, settings.adamw);
+    let lr = run.train.lr;
+    for step in 0..warmup {
+        train_step(&model, &mut opt, &data, step, lr, accum, settings.grad_clip)?;
+    }
+    let t = Instant::now();
+    for step in warmup..warmup + steps {
+        train_step(&model, &mut opt, &data, step, lr, accum, settings.grad_clip)?;
+    }
+    let secs = t.elapsed().as_secs_f64() / steps as f64;
+    let tokens_per_step = (batch * seq) as f64 * accum as f64;
+    let per_token = flops_per_token(&model, seq);
+    let gflops = matmul_gflops(dev);
+    let report = TrainBench {
+        tokens_per_s: tokens_per_step / secs,
+        step_ms: secs * 1e3,
+        mfu: per_token * tokens_per_step / secs / (gflops * 1e9),
+        params: model.num_parameters(),
+        model_flops_per_token: per_token,
+        matmul_gflops: gflops,
+        batch_size: batch,
+        seq_len: seq,
+        grad_accum: accum,
+        steps,
+        device: format!("{dev:?}"),
+        threads: tch::get_num_threads(),
+    };
+    if json {
+        print_json(&report)
+    } else {
+        println!(
+            "{:.0} tokens/s, {:.1} ms/step, MFU {:.1}% of a {:.1} GFLOP/s float32 matmul ({} parameters, {:?}, {} threads)",
+            report.tokens_per_s,
+            report.step_ms,
+            report.mfu * 100.0,
+            gflops,
+            report.params,
+            dev,
             report.threads
         );
         Ok(())

@@ -3,9 +3,11 @@
 
 mod bench;
 mod common;
+mod data;
 mod eval;
 mod model;
 mod tokenizer;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -23,6 +25,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Job {
+    /// Train a model from a TOML config on text files (or the built-in stories).
+    Train(train::TrainArgs),
+    /// Corpora: write the built-in stories.
+    #[command(subcommand)]
+    Data(data::DataJob),
     /// Create a randomly initialised model directory from a TOML config.
     Init(model::InitArgs),
     /// Parameter count and per-layer table of a model directory.
@@ -48,6 +55,8 @@ fn main() -> ExitCode {
         tch::set_num_threads(n);
     }
     let result = match cli.job {
+        Job::Train(a) => train::train(a),
+        Job::Data(j) => data::run(j),
         Job::Init(a) => model::init(a),
         Job::Inspect(a) => model::inspect(a),
         Job::Generate(a) => model::generate(a),

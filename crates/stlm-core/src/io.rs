@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 /// The temporary sibling of `path` that a write goes to before the rename.
-fn temporary_path(path: &Path) -> PathBuf {
+pub fn temporary_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
@@ -37,6 +37,28 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
     let de = &mut serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|e| field_error(path, e.path(), e.inner()))
+}
+
+/// The `[key]` table of the TOML `text` read from `path`, as `T`; `T::default()` when the table
+/// is absent. Errors name the file and the field (`train.lr`).
+pub fn toml_table<T: serde::de::DeserializeOwned + Default>(text: &str, path: &Path, key: &str) -> Result<T> {
+    let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| CoreError::format(path, e.message()))?;
+    match doc.remove(key) {
+        None => Ok(T::default()),
+        Some(value @ toml::Value::Table(_)) => serde_path_to_error::deserialize(value).map_err(|e| {
+            CoreError::format(path, format!("field `{key}.{}`: {}", e.path(), e.inner().message().trim()))
+        }),
+        Some(_) => Err(CoreError::format(path, format!("field `{key}` must be a table"))),
+    }
+}
+
+/// Checks that the TOML `text` read from `path` has no top-level tables besides `known`.
+pub fn toml_known_tables(text: &str, path: &Path, known: &[&str]) -> Result<()> {
+    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| CoreError::format(path, e.message()))?;
+    match doc.iter().find(|(k, v)| v.is_table() && !known.contains(&k.as_str())) {
+        Some((k, _)) => Err(CoreError::format(path, format!("unknown table `[{k}]` (known: {})", known.join(", ")))),
+        None => Ok(()),
+    }
 }
 
 fn field_error(path: &Path, field: &serde_path_to_error::Path, err: &impl std::fmt::Display) -> CoreError {

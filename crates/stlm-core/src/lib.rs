@@ -11,7 +11,10 @@ pub mod kernels;
 
 pub use device::{parse_device, seed_all, DType};
 pub use error::{CoreError, Result};
-pub use io::{atomic_write, atomic_write_bytes, read_json, read_safetensors, write_safetensors};
+pub use io::{
+    atomic_write, atomic_write_bytes, read_json, read_safetensors, temporary_path, toml_known_tables, toml_table,
+    write_safetensors,
+};
 
 /// Number of elements in a list of tensors (for parameter counts).
 pub fn numel(tensors: &[tch::Tensor]) -> i64 {

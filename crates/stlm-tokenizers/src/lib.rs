@@ -73,6 +73,20 @@ impl Tokenizer {
 
     /// Trains byte-level BPE (GPT-2's pre-tokenizer, no prefix space) on text files.
     pub fn train_bpe(files: &[PathBuf], options: &BpeOptions) -> Result<Self> {
+        if files.is_empty() {
+            return Err(TokenizerError::Invalid("no training files given".into()));
+        }
+        for f in files {
+            std::fs::metadata(f).map_err(|e| file_err(f, e))?;
+        }
+        let (mut trainer, mut inner) = Self::bpe_parts(options)?;
+        let names = files.iter().map(|f| f.to_string_lossy().into_owned()).collect();
+        inner.train_from_files(&mut trainer, names).map_err(|e| TokenizerError::Tokenizer(e.to_string()))?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// An untrained byte-level BPE tokenizer and its trainer.
+    fn bpe_parts(options: &BpeOptions) -> Result<(TrainerWrapper, tokenizers::Tokenizer)> {
         let min_vocab = 256 + options.special_tokens.len();
         if options.vocab_size < min_vocab {
             return Err(TokenizerError::Invalid(format!(
@@ -80,12 +94,6 @@ impl Tokenizer {
                 options.vocab_size,
                 options.special_tokens.len()
             )));
-        }
-        if files.is_empty() {
-            return Err(TokenizerError::Invalid("no training files given".into()));
-        }
-        for f in files {
-            std::fs::metadata(f).map_err(|e| file_err(f, e))?;
         }
         let specials: Vec<AddedToken> =
             options.special_tokens.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
@@ -96,18 +104,31 @@ impl Tokenizer {
             .special_tokens(specials)
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .build();
-        let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+        let trainer = TrainerWrapper::BpeTrainer(trainer);
         let byte_level = ByteLevel::new(false, true, true);
         let mut inner = tokenizers::Tokenizer::new(BPE::default());
         inner.with_pre_tokenizer(Some(byte_level)).with_decoder(Some(byte_level)).with_post_processor(Some(byte_level));
-        let names = files.iter().map(|f| f.to_string_lossy().into_owned()).collect();
-        inner.train_from_files(&mut trainer, names).map_err(|e| TokenizerError::Tokenizer(e.to_string()))?;
+        Ok((trainer, inner))
+    }
+
+    /// Trains byte-level BPE on in-memory texts (e.g. documents sampled from a corpus).
+    pub fn train_bpe_on_texts(texts: &[String], options: &BpeOptions) -> Result<Self> {
+        if texts.is_empty() {
+            return Err(TokenizerError::Invalid("no text to train the tokenizer on".into()));
+        }
+        let (mut trainer, mut inner) = Self::bpe_parts(options)?;
+        inner.train(&mut trainer, texts.iter()).map_err(|e| TokenizerError::Tokenizer(e.to_string()))?;
         Ok(Tokenizer { inner })
+    }
+
+    /// The `tokenizer.json` text (also what identifies the tokenizer in token-cache keys).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(|e| TokenizerError::Tokenizer(e.to_string()))
     }
 
     /// Writes `tokenizer.json` atomically (temporary name, then rename).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let json = self.inner.to_string(true).map_err(|e| file_err(path, e))?;
+        let json = self.to_json().map_err(|e| file_err(path, e))?;
         let tmp = path.with_file_name(format!(
             ".{}.tmp-{}",
             path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),

@@ -10,6 +10,7 @@
 //!   so that a resumed run sees exactly the batches of an uninterrupted one.
 
 pub mod checkpoint;
+pub mod config;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;

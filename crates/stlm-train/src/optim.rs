@@ -175,7 +175,7 @@ mod tests {
             let (gw, gb) = (w.grad().to_kind(Kind::Double), b.grad().to_kind(Kind::Double));
             opt.step(lr);
             let (b1, b2) = (1.0 - 0.9f64.powi(t), 1.0 - 0.99f64.powi(t));
-            wd = wd * (1.0 - lr * 0.1);
+            wd = &wd * (1.0 - lr * 0.1);
             mw = &mw * 0.9 + &gw * 0.1;
             vw = &vw * 0.99 + gw.square() * 0.01;
             wd = &wd - (&mw / b1) / ((&vw / b2).sqrt() + 1e-8) * lr;

@@ -9,6 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use stlm_core::CoreError;
 use stlm_model::DecoderModel;
@@ -48,6 +50,19 @@ pub struct TrainSettings {
     pub seed: u64,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Set from elsewhere (a Ctrl-C handler) to stop after the current step with a checkpoint.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// How a call to [`train`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// The log lines of this process.
+    pub logs: Vec<StepLog>,
+    /// Steps completed (the run's total, resumed steps included).
+    pub step: u64,
+    /// False when `stop` ended the run early (a checkpoint of `step` was written).
+    pub completed: bool,
 }
 
 /// One metrics.jsonl line.
@@ -70,6 +85,50 @@ pub struct StepLog {
     pub elapsed: f64,
 }
 
+/// What one optimizer step reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutput {
+    /// Mean training loss over the step's micro-batches (nats per token).
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Input tokens processed.
+    pub tokens: u64,
+}
+
+/// One optimizer step at `step` with learning rate `lr`: `grad_accum` micro-batches forward and
+/// backward, clipping to `grad_clip` (0: off), the NaN/Inf check, AdamW, and cleared gradients.
+/// A non-finite loss is an error and leaves the parameters untouched.
+pub fn train_step(
+    model: &DecoderModel,
+    opt: &mut AdamW,
+    data: &dyn BatchSource,
+    step: u64,
+    lr: f64,
+    grad_accum: u64,
+    grad_clip: f64,
+) -> Result<StepOutput> {
+    let mut step_loss = Tensor::zeros([], (Kind::Float, model.device()));
+    let mut tokens = 0;
+    for micro in 0..grad_accum {
+        let (x, y) = data.train_batch(step, micro)?;
+        tokens += x.numel() as u64;
+        let loss = loss_of(model, &x, &y) / grad_accum as f64;
+        loss.backward();
+        step_loss += loss.detach();
+    }
+    let grad_norm = opt.clip_grad_norm(grad_clip);
+    // One host sync a step: the NaN/Inf check must see every step's loss.
+    let loss = step_loss.double_value(&[]);
+    if !loss.is_finite() {
+        opt.zero_grad();
+        return Err(TrainError::NonFinite { step: step + 1, loss });
+    }
+    opt.step(lr);
+    opt.zero_grad();
+    Ok(StepOutput { loss, grad_norm, tokens })
+}
+
 /// Mean next-token cross-entropy of a batch.
 fn loss_of(model: &DecoderModel, inputs: &Tensor, targets: &Tensor) -> Tensor {
     let logits = model.forward(inputs); // [b, s, vocab]
@@ -90,14 +149,14 @@ pub fn validation_loss(model: &DecoderModel, data: &dyn BatchSource, batches: u6
 
 /// Trains `model` in `run_dir` (metrics.jsonl, checkpoints/) until `schedule.max_steps`. With
 /// `resume`, continues from the newest usable checkpoint and drops metrics lines written after
-/// it. Returns the log lines of this process.
+/// it. When `settings.stop` is set, finishes the current step, writes a checkpoint and returns.
 pub fn train(
     model: &DecoderModel,
     data: &dyn BatchSource,
     settings: &TrainSettings,
     run_dir: &Path,
     resume: bool,
-) -> Result<Vec<StepLog>> {
+) -> Result<TrainReport> {
     if settings.grad_accum == 0 || settings.log_every == 0 {
         return Err(TrainError::Config("grad_accum and log_every must be at least 1".into()));
     }
@@ -127,24 +186,16 @@ pub fn train(
     while state.step < max_steps {
         let step = state.step;
         let lr = settings.schedule.at(step);
-        let mut step_loss = Tensor::zeros([], (Kind::Float, model.device()));
-        for micro in 0..settings.grad_accum {
-            let (x, y) = data.train_batch(step, micro)?;
-            window_tokens += x.numel() as u64;
-            state.tokens_seen += x.numel() as u64;
-            let loss = loss_of(model, &x, &y) / settings.grad_accum as f64;
-            loss.backward();
-            step_loss += loss.detach();
-        }
-        let grad_norm = opt.clip_grad_norm(settings.grad_clip);
-        // One host sync a step: the NaN/Inf check must see every step's loss.
-        let loss_value = step_loss.double_value(&[]);
-        if !loss_value.is_finite() {
-            bar.abandon();
-            return Err(TrainError::NonFinite { step: step + 1, loss: loss_value });
-        }
-        opt.step(lr);
-        opt.zero_grad();
+        let out = match train_step(model, &mut opt, data, step, lr, settings.grad_accum, settings.grad_clip) {
+            Ok(out) => out,
+            Err(e) => {
+                bar.abandon();
+                return Err(e);
+            }
+        };
+        let (loss_value, grad_norm) = (out.loss, out.grad_norm);
+        window_tokens += out.tokens;
+        state.tokens_seen += out.tokens;
         state.step += 1;
         bar.inc(1);
 
@@ -163,16 +214,33 @@ pub fn train(
                 elapsed: started.elapsed().as_secs_f64(),
             };
             append_metrics(&metrics_path, &log)?;
-            bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s", log.loss, lr, log.tokens_per_s));
+            let line = format!(
+                "loss {:.4}{} lr {:.2e} {:.0} tok/s",
+                log.loss,
+                val_loss.map(|v| format!(" val {v:.4}")).unwrap_or_default(),
+                lr,
+                log.tokens_per_s
+            );
+            if bar.is_hidden() {
+                // Not a terminal: plain lines instead of a live bar.
+                eprintln!("step {}/{max_steps} {line}", state.step);
+            } else {
+                bar.set_message(line);
+            }
             logs.push(log);
             (window_start, window_tokens) = (Instant::now(), 0);
         }
-        if last || (settings.save_every > 0 && state.step.is_multiple_of(settings.save_every)) {
+        let stop = settings.stop.load(Ordering::SeqCst);
+        if last || stop || (settings.save_every > 0 && state.step.is_multiple_of(settings.save_every)) {
             checkpoint::save(run_dir, model, &opt, &state, settings.keep_last)?;
+        }
+        if stop && !last {
+            bar.abandon();
+            return Ok(TrainReport { logs, step: state.step, completed: false });
         }
     }
     bar.finish_and_clear();
-    Ok(logs)
+    Ok(TrainReport { logs, step: state.step, completed: true })
 }
 
 fn append_metrics(path: &Path, log: &StepLog) -> Result<()> {

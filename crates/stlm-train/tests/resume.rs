@@ -1,7 +1,10 @@
 //! Exact resume: a run stopped after a checkpoint and resumed with `resume = true` logs the same
 //! per-step losses (bit for bit, float32 CPU) as the same run uninterrupted; a corrupt newest
-//! checkpoint is skipped for the previous one; checkpoints are pruned to the newest K.
+//! checkpoint is skipped for the previous one; checkpoints are pruned to the newest K; a run
+//! stopped at any step (as by Ctrl-C) writes a checkpoint there and resumes exactly (proptest).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use stlm_model::{DecoderModel, ModelConfig};
 use stlm_train::optim::AdamWConfig;
 use stlm_train::schedule::{LrSchedule, Schedule};
@@ -25,6 +28,25 @@ impl Synthetic {
         let rows: Vec<Tensor> = starts.iter().map(|&st| self.tokens.narrow(0, st, s + 1)).collect();
         let all = Tensor::stack(&rows, 0);
         (all.narrow(1, 0, s), all.narrow(1, 1, s))
+    }
+}
+
+/// Raises `stop` while step `at` is being drawn, as a Ctrl-C during that step would.
+struct StopAt<'a> {
+    inner: &'a Synthetic,
+    at: u64,
+    stop: Arc<AtomicBool>,
+}
+
+impl BatchSource for StopAt<'_> {
+    fn train_batch(&self, step: u64, micro: u64) -> Result<(Tensor, Tensor)> {
+        if step == self.at {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        self.inner.train_batch(step, micro)
+    }
+    fn val_batch(&self, index: u64) -> Result<(Tensor, Tensor)> {
+        self.inner.val_batch(index)
     }
 }
 
@@ -67,6 +89,7 @@ fn settings(max_steps: u64) -> TrainSettings {
         keep_last: 2,
         seed: 0,
         progress: false,
+        stop: Arc::new(AtomicBool::new(false)),
     }
 }
 
@@ -78,7 +101,7 @@ fn losses(logs: &[StepLog]) -> Vec<(u64, u64)> {
 fn resumed_run_logs_the_same_losses() {
     let data = Synthetic::new();
     let full_dir = tempfile::tempdir().unwrap();
-    let full = train(&model(), &data, &settings(10), full_dir.path(), false).unwrap();
+    let full = train(&model(), &data, &settings(10), full_dir.path(), false).unwrap().logs;
     assert_eq!(full.len(), 10);
     assert!(full[9].loss < full[0].loss, "training lowers the loss: {} -> {}", full[0].loss, full[9].loss);
 
@@ -92,7 +115,7 @@ fn resumed_run_logs_the_same_losses() {
         std::fs::remove_dir_all(ckpts.join(gone)).unwrap();
     }
     std::fs::write(ckpts.join("latest"), "step-0000010").unwrap();
-    let resumed = train(&model(), &data, &keep_all, dir.path(), true).unwrap();
+    let resumed = train(&model(), &data, &keep_all, dir.path(), true).unwrap().logs;
     assert_eq!(resumed.first().map(|l| l.step), Some(7), "resumed from step 6");
     assert_eq!(losses(&resumed), losses(&full[6..]));
 
@@ -111,7 +134,7 @@ fn resumed_run_logs_the_same_losses() {
 fn corrupt_newest_checkpoint_is_skipped_and_old_ones_pruned() {
     let data = Synthetic::new();
     let full_dir = tempfile::tempdir().unwrap();
-    let full = train(&model(), &data, &settings(9), full_dir.path(), false).unwrap();
+    let full = train(&model(), &data, &settings(9), full_dir.path(), false).unwrap().logs;
 
     let dir = tempfile::tempdir().unwrap();
     train(&model(), &data, &settings(9), dir.path(), false).unwrap();
@@ -125,7 +148,7 @@ fn corrupt_newest_checkpoint_is_skipped_and_old_ones_pruned() {
     let opt = ckpts.join("step-0000009").join("optimizer.safetensors");
     let bytes = std::fs::read(&opt).unwrap();
     std::fs::write(&opt, &bytes[..bytes.len() / 3]).unwrap();
-    let resumed = train(&model(), &data, &settings(9), dir.path(), true).unwrap();
+    let resumed = train(&model(), &data, &settings(9), dir.path(), true).unwrap().logs;
     assert_eq!(losses(&resumed), losses(&full[6..]));
 }
 
@@ -134,4 +157,27 @@ fn resume_without_checkpoints_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let e = train(&model(), &Synthetic::new(), &settings(3), dir.path(), true).unwrap_err().to_string();
     assert!(e.contains("no complete checkpoint"), "{e}");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 5, ..Default::default() })]
+
+    /// Stopped during any step, a run checkpoints that step, and `resume` continues bit for bit.
+    #[test]
+    fn stopped_anywhere_resumes_exactly(at in 0u64..7) {
+        let data = Synthetic::new();
+        let full_dir = tempfile::tempdir().unwrap();
+        let full = train(&model(), &data, &settings(8), full_dir.path(), false).unwrap().logs;
+
+        let dir = tempfile::tempdir().unwrap();
+        let stopping = settings(8);
+        let source = StopAt { inner: &data, at, stop: Arc::clone(&stopping.stop) };
+        let first = train(&model(), &source, &stopping, dir.path(), false).unwrap();
+        proptest::prop_assert!(!first.completed);
+        proptest::prop_assert_eq!(first.step, at + 1);
+        proptest::prop_assert_eq!(losses(&first.logs), losses(&full[..=at as usize]));
+        let rest = train(&model(), &data, &settings(8), dir.path(), true).unwrap();
+        proptest::prop_assert!(rest.completed);
+        proptest::prop_assert_eq!(losses(&rest.logs), losses(&full[at as usize + 1..]));
+    }
 }

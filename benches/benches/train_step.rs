@@ -1,0 +1,48 @@
+//! One optimizer step (forward, backward, clipping, AdamW) of `configs/default.toml` at its
+//! batch and sequence length, on random tokens: what `stlm train` repeats.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use std::path::Path;
+use stlm_model::{DecoderModel, ModelConfig};
+use stlm_train::config::TrainTable;
+use stlm_train::optim::AdamW;
+use stlm_train::trainer::{train_step, BatchSource};
+use tch::{Device, Kind, Tensor};
+
+/// One fixed random batch.
+struct Fixed(Tensor);
+
+impl BatchSource for Fixed {
+    fn train_batch(&self, _step: u64, _micro: u64) -> stlm_train::Result<(Tensor, Tensor)> {
+        let s = self.0.size()[1] - 1;
+        Ok((self.0.narrow(1, 0, s), self.0.narrow(1, 1, s)))
+    }
+    fn val_batch(&self, _index: u64) -> stlm_train::Result<(Tensor, Tensor)> {
+        self.train_batch(0, 0)
+    }
+}
+
+fn step(c: &mut Criterion) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
+    let text = std::fs::read_to_string(&path).expect("configs/default.toml");
+    let model_cfg = ModelConfig::from_toml_str(&text, &path).expect("model config");
+    let train = TrainTable::from_toml_str(&text, &path).expect("train config");
+    tch::manual_seed(0);
+    let model = DecoderModel::new(model_cfg.clone(), Device::Cpu).expect("model");
+    let data =
+        Fixed(Tensor::randint(model_cfg.vocab_size, [train.batch_size, train.seq_len + 1], (Kind::Int64, Device::Cpu)));
+    let settings = train.settings(None, false);
+    let mut opt = AdamW::new(model.var_store().variables(), settings.adamw);
+    let mut group = c.benchmark_group("train_step");
+    group.bench_function("default_config", |b| {
+        b.iter(|| train_step(&model, &mut opt, &data, 0, 1e-4, 1, settings.grad_clip).expect("step"))
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).warm_up_time(std::time::Duration::from_secs(2)).measurement_time(std::time::Duration::from_secs(8));
+    targets = step
+}
+criterion_main!(benches);

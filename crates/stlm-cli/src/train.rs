@@ -1,0 +1,210 @@
+//! `stlm train`: config + data (files, or the built-in stories) -> tokenizer, cached token shards,
+//! a training run with checkpoints, a model directory, and a few samples.
+
+use crate::common::DeviceArgs;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use stlm_data::{sample_documents, tokenize_corpus, DataConfig, ShardOptions, Source, TokenBatches};
+use stlm_model::{DecoderModel, GenerationConfig, ModelConfig};
+use stlm_tokenizers::{BpeOptions, Tokenizer};
+use stlm_train::config::TrainTable;
+use stlm_train::trainer::{train as run_training, BatchSource};
+
+/// Bytes of text a tokenizer is trained on at most (the start of the corpus).
+const TOKENIZER_SAMPLE_BYTES: usize = 50 << 20;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// TOML config with [model], [train] and [data] tables (see configs/ and docs/stlm-train.md).
+    #[arg(long)]
+    config: PathBuf,
+    /// Training text: .txt (documents split at blank lines or <|endoftext|>), .jsonl or .parquet;
+    /// repeatable. Without it, the built-in story corpus.
+    #[arg(long = "data")]
+    data: Vec<PathBuf>,
+    /// Run directory (default: runs/<config name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Length of the run in steps (overrides [train] max_steps; keep it when resuming).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Continue the run in --out from its newest usable checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stories to sample from the trained model at the end.
+    #[arg(long, default_value_t = 3)]
+    samples: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// Batches for the trainer from stlm-data's token windows.
+struct Batches(TokenBatches);
+
+impl BatchSource for Batches {
+    fn train_batch(&self, step: u64, micro: u64) -> stlm_train::Result<(tch::Tensor, tch::Tensor)> {
+        Ok(self.0.train_batch(step, micro))
+    }
+    fn val_batch(&self, index: u64) -> stlm_train::Result<(tch::Tensor, tch::Tensor)> {
+        Ok(self.0.val_batch(index))
+    }
+}
+
+/// The model, train and data tables of a run config, checked together.
+pub struct RunConfig {
+    /// The config file's text, copied into the run directory.
+    pub text: String,
+    /// `[model]`.
+    pub model: ModelConfig,
+    /// `[train]`.
+    pub train: TrainTable,
+    /// `[data]`.
+    pub data: DataConfig,
+}
+
+impl RunConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        stlm_core::toml_known_tables(&text, path, &["model", "train", "data"])?;
+        let model = ModelConfig::from_toml_str(&text, path)?;
+        let train = TrainTable::from_toml_str(&text, path)?;
+        let data = DataConfig::from_toml_str(&text, path)?;
+        if train.seq_len > model.max_position_embeddings {
+            bail!(
+                "{}: train.seq_len {} exceeds model.max_position_embeddings {}",
+                path.display(),
+                train.seq_len,
+                model.max_position_embeddings
+            );
+        }
+        Ok(RunConfig { text, model, train, data })
+    }
+}
+
+/// The config's tokenizer, the run's own when resuming, or BPE trained on the data now.
+fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, progress: bool) -> Result<Tokenizer> {
+    let saved = out.join("tokenizer.json");
+    let tok = match (&run.data.tokenizer, resume && saved.is_file()) {
+        (Some(path), _) => Tokenizer::from_file(path)?,
+        (None, true) => Tokenizer::from_file(&saved)?,
+        (None, false) => {
+            eprintln!("training a BPE tokenizer of {} tokens on the data", run.model.vocab_size);
+            let sample = sample_documents(sources, &run.data.read_options(), TOKENIZER_SAMPLE_BYTES)?;
+            let opts =
+                BpeOptions { vocab_size: run.model.vocab_size as usize, show_progress: progress, ..Default::default() };
+            Tokenizer::train_bpe_on_texts(&sample, &opts)?
+        }
+    };
+    if tok.vocab_size() as i64 > run.model.vocab_size {
+        bail!("model.vocab_size {} is smaller than the tokenizer's {} tokens", run.model.vocab_size, tok.vocab_size());
+    }
+    tok.save(&saved)?;
+    Ok(tok)
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let run = RunConfig::load(&a.config)?;
+    let stem = a.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+    let out = a.out.clone().unwrap_or_else(|| Path::new("runs").join(stem));
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the run directory", out.display()))?;
+    let device = stlm_core::parse_device(&a.device.device)?;
+    if a.device.dtype != "float32" {
+        bail!("--dtype {}: training runs in float32 for now", a.device.dtype);
+    }
+    let progress = std::io::stderr().is_terminal();
+    let sources: Vec<Source> = if a.data.is_empty() {
+        let (stories, seed) = (run.data.builtin_stories, run.data.builtin_seed);
+        eprintln!("no --data: training on the built-in corpus of {stories} stories (seed {seed})");
+        vec![Source::Builtin { stories, seed }]
+    } else {
+        a.data.iter().cloned().map(Source::File).collect()
+    };
+
+    let tok = run_tokenizer(&run, &sources, &out, a.resume, progress)?;
+    let mut model_cfg = run.model.clone();
+    let eot = tok.eos_id().map(i64::from);
+    if model_cfg.eos_token_id.is_empty() {
+        model_cfg.eos_token_id.extend(eot);
+    }
+    model_cfg.bos_token_id = model_cfg.bos_token_id.or(eot);
+    model_cfg.pad_token_id = model_cfg.pad_token_id.or(tok.pad_id().map(i64::from));
+
+    let shard_opts = ShardOptions {
+        read: run.data.read_options(),
+        val_fraction: run.data.val_fraction,
+        seed: run.train.seed,
+        cache_dir: run.data.cache_dir.clone().unwrap_or_else(|| out.join("tokens")),
+        progress,
+    };
+    let corpus = tokenize_corpus(&sources, &tok, &shard_opts)?;
+    eprintln!(
+        "corpus: {} documents, {} bytes, {} training and {} validation tokens; unigram entropy {:.3} nats/token",
+        corpus.documents(),
+        corpus.bytes(),
+        corpus.train_tokens(),
+        corpus.val_tokens(),
+        corpus.unigram_entropy(10_000_000)
+    );
+    let batches = Batches(TokenBatches::new(corpus, run.train.batch_size, run.train.seq_len, run.train.seed, device)?);
+    stlm_core::seed_all(run.train.seed);
+    let model = DecoderModel::new(model_cfg, device)?;
+    eprintln!("model: {} parameters; run directory {}", model.num_parameters(), out.display());
+    stlm_core::atomic_write_bytes(&out.join("config.toml"), run.text.as_bytes())?;
+
+    let settings = run.train.settings(a.max_steps, progress);
+    let stop = Arc::clone(&settings.stop);
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: stopping now, without a checkpoint of this step");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: finishing this step and writing a checkpoint (press again to quit at once)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let report = run_training(&model, &batches, &settings, &out, a.resume)?;
+    if !report.completed {
+        eprintln!("stopped at step {}; checkpoint written. Continue with the same command plus --resume.", report.step);
+        std::process::exit(130);
+    }
+    if let Some(last) = report.logs.last() {
+        eprintln!(
+            "step {}: loss {:.4}{}",
+            last.step,
+            last.loss,
+            last.val_loss.map(|v| format!(", validation loss {v:.4}")).unwrap_or_default()
+        );
+    }
+    let model_dir = out.join("model");
+    model.save(&model_dir, Some(&out.join("tokenizer.json")))?;
+    eprintln!("saved {}", model_dir.display());
+    print_samples(&model, &tok, a.samples, run.train.seed)
+}
+
+/// Prints `count` texts sampled from the model, each started from the end-of-text token.
+fn print_samples(model: &DecoderModel, tok: &Tokenizer, count: usize, seed: u64) -> Result<()> {
+    let Some(start) = tok.eos_id().map(i64::from) else { return Ok(()) };
+    if count == 0 {
+        return Ok(());
+    }
+    let cfg = GenerationConfig {
+        max_new_tokens: 160,
+        temperature: 0.8,
+        top_p: 0.95,
+        seed,
+        eos_token_ids: model.config.eos_token_id.clone(),
+        pad_token_id: model.config.pad_token_id.unwrap_or(0),
+        ..Default::default()
+    };
+    let prompts = vec![vec![start]; count];
+    let outs = stlm_model::generate(model, &prompts, &cfg, |_, _| {})?;
+    for (i, ids) in outs.iter().enumerate() {
+        let ids: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+        println!("--- sample {}\n{}", i + 1, tok.decode(&ids, true)?.trim());
+    }
+    Ok(())
+}

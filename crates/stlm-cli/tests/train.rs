@@ -1,0 +1,185 @@
+//! `stlm train` end to end on a tiny corpus: trains, checkpoints, saves a model directory that
+//! `stlm generate` loads, resumes to the same losses (after lost checkpoints or Ctrl-C), trains on
+//! the built-in stories without --data, and refuses bad input with one line.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn stlm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stlm"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("stlm runs")
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+const CONFIG: &str = "[model]\npreset = \"llama\"\nvocab_size = 320\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\nnum_attention_heads = 4\nmax_position_embeddings = 64\n\n[train]\nmax_steps = 8\nbatch_size = 4\nseq_len = 32\nlog_every = 1\neval_every = 4\neval_batches = 2\nsave_every = 3\nkeep_last = 0\nwarmup_steps = 2\n\n[data]\nval_fraction = 0.1\n";
+
+fn losses(run: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn trains_saves_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("stories.txt");
+    let story = "Once upon a time, a little fox lived in the woods. The fox liked to play with a ball.\n\nOne day, Tom went to the park. He saw a big dog and said hello.\n\n";
+    std::fs::write(&data, story.repeat(60)).unwrap();
+    let jsonl = dir.path().join("more.jsonl");
+    std::fs::write(&jsonl, "{\"text\": \"Lily had a red kite. It flew high.\"}\n".repeat(40)).unwrap();
+    let config = dir.path().join("tiny.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let run = dir.path().join("run");
+    let args =
+        ["train", "--config", p(&config), "--data", p(&data), "--data", p(&jsonl), "--out", p(&run), "--samples", "1"];
+    let out = stlm(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--- sample 1"));
+    let full = losses(&run);
+    assert_eq!(full.len(), 8);
+
+    let gen = stlm(&["generate", "--model", p(&run.join("model")), "--prompt", "Once upon", "--max-new-tokens", "5"]);
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+
+    // Lose the checkpoints after step 3 and resume with the same command.
+    for gone in ["step-0000006", "step-0000008"] {
+        std::fs::remove_dir_all(run.join("checkpoints").join(gone)).unwrap();
+    }
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let out = stlm(&resume);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(losses(&run), full, "a resumed run logs the same losses");
+}
+
+#[test]
+fn bad_input_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiny.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let check = |args: &[&str], needle: &str| {
+        let out = stlm(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success() && !err.contains("panicked"), "{args:?}: {err}");
+        let line = err.lines().find(|l| l.starts_with("error")).unwrap_or_default();
+        assert!(line.contains(needle), "{args:?}: expected `{needle}` in: {err}");
+    };
+    let out = dir.path().join("run");
+    check(&["train", "--config", p(&config), "--data", p(&dir.path().join("none.txt")), "--out", p(&out)], "none.txt");
+    let bad_json = dir.path().join("bad.jsonl");
+    std::fs::write(&bad_json, "{\"text\": \"fine\"}\n{oops\n").unwrap();
+    check(&["train", "--config", p(&config), "--data", p(&bad_json), "--out", p(&out)], "bad.jsonl:2");
+    let bad_config = dir.path().join("bad.toml");
+    std::fs::write(&bad_config, CONFIG.replace("max_steps = 8", "max_step = 8")).unwrap();
+    check(&["train", "--config", p(&bad_config), "--data", p(&bad_json), "--out", p(&out)], "max_step");
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, CONFIG.replace("[train]", "[trian]")).unwrap();
+    check(&["train", "--config", p(&typo), "--data", p(&bad_json), "--out", p(&out)], "[trian]");
+    // An output folder that cannot be created (its parent is a file).
+    let blocked = dir.path().join("file");
+    std::fs::write(&blocked, "not a folder").unwrap();
+    let good = dir.path().join("good.txt");
+    std::fs::write(&good, "A story.\n\nAnother one.\n").unwrap();
+    let under_file = blocked.join("run");
+    check(&["train", "--config", p(&config), "--data", p(&good), "--out", p(&under_file)], "cannot create the run directory");
+    let tiny = dir.path().join("tiny.txt");
+    std::fs::write(&tiny, "Hi.\n\nHo.\n\nHa.\n").unwrap();
+    check(&["train", "--config", p(&config), "--data", p(&tiny), "--out", p(&out)], "seq_len");
+}
+
+#[test]
+fn trains_on_builtin_stories_without_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiny.toml");
+    let cfg = CONFIG
+        .replace("max_steps = 8", "max_steps = 200")
+        .replace("batch_size = 4", "batch_size = 8")
+        .replace("warmup_steps = 2", "warmup_steps = 5\nlr = 1e-2\nmin_lr = 1e-3")
+        .replace("log_every = 1", "log_every = 10")
+        .replace("eval_every = 4", "eval_every = 100")
+        .replace("save_every = 3", "save_every = 0");
+    std::fs::write(&config, format!("{cfg}builtin_stories = 300\n")).unwrap();
+    let run = dir.path().join("run");
+    let out = stlm(&["train", "--config", p(&config), "--out", p(&run), "--samples", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("built-in corpus of 300 stories"), "{err}");
+    assert!(err.contains("corpus: 300 documents"), "{err}");
+    assert_eq!(losses(&run).len(), 20);
+    // It learns: the validation loss ends well below the unigram entropy of the corpus.
+    let entropy: f64 = err.split("unigram entropy ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let val = last["val_loss"].as_f64().unwrap();
+    assert!(val < 0.75 * entropy, "validation loss {val} vs unigram entropy {entropy}");
+    let cached = std::fs::read_dir(run.join("tokens")).unwrap().count();
+    assert_eq!(cached, 5, "one cached shard: header, tokens and document starts per split");
+    // A second run reuses the tokens.
+    let again = stlm(&["train", "--config", p(&config), "--out", p(&run), "--samples", "0"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("cached in"));
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("stories.txt");
+    std::fs::write(&data, "Once upon a time, a little fox lived in the woods.\n\nTom saw a big dog.\n\n".repeat(80))
+        .unwrap();
+    let config = dir.path().join("long.toml");
+    let cfg = CONFIG.replace("max_steps = 8", "max_steps = 1500").replace("save_every = 3", "save_every = 0");
+    std::fs::write(&config, cfg.replace("log_every = 1", "log_every = 50").replace("eval_every = 4", "eval_every = 0"))
+        .unwrap();
+    let args = |run: &Path| -> Vec<String> {
+        ["train", "--config", p(&config), "--data", p(&data), "--out", p(run), "--samples", "0"]
+            .map(String::from)
+            .to_vec()
+    };
+    let full_run = dir.path().join("full");
+    let out = stlm(&args(&full_run).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let run = dir.path().join("run");
+    let child =
+        Command::new(env!("CARGO_BIN_EXE_stlm")).args(args(&run)).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Interrupt once training is under way (the first metrics line is written at step 50).
+    let started = std::time::Instant::now();
+    while losses_if_any(&run).is_empty() {
+        assert!(started.elapsed().as_secs() < 120, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped at step") && !err.contains("panicked"), "{err}");
+    assert!(!run.join("model").exists(), "no final model from an interrupted run");
+    let latest = std::fs::read_to_string(run.join("checkpoints").join("latest")).unwrap();
+    assert!(latest.starts_with("step-") && latest != "step-0001500", "{latest}");
+
+    let mut resume = args(&run);
+    resume.push("--resume".into());
+    let out = stlm(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(losses(&run), losses(&full_run), "an interrupted and resumed run logs the same losses");
+}
+
+fn losses_if_any(run: &Path) -> Vec<(u64, String)> {
+    if std::fs::read_to_string(run.join("metrics.jsonl")).is_ok_and(|t| t.ends_with('\n')) {
+        losses(run)
+    } else {
+        Vec::new()
+    }
+}

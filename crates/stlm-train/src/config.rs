@@ -1,0 +1,151 @@
+//! The `[train]` table of a run config (`[model]` is stlm-model's, `[data]` stlm-data's).
+//! Every field has a default; unknown fields and wrong types are errors naming the field.
+
+use crate::optim::AdamWConfig;
+use crate::schedule::{LrSchedule, Schedule};
+use crate::trainer::TrainSettings;
+use crate::{Result, TrainError};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// `[train]`: the optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainTable {
+    /// Length of the run in optimizer steps (the schedule's horizon).
+    pub max_steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: i64,
+    /// Tokens per sequence.
+    pub seq_len: i64,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate.
+    pub min_lr: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// `{ kind = "cosine" }`, `{ kind = "wsd", decay_fraction = 0.2 }` or `{ kind = "constant" }`.
+    pub schedule: Schedule,
+    /// Decoupled weight decay on matrices (not embeddings, norms or biases).
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub beta1: f64,
+    /// AdamW beta2.
+    pub beta2: f64,
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Global gradient-norm bound (0: off).
+    pub grad_clip: f64,
+    /// Log every this many steps.
+    pub log_every: u64,
+    /// Validation loss every this many steps (0: at the end only).
+    pub eval_every: u64,
+    /// Validation batches per evaluation.
+    pub eval_batches: u64,
+    /// Checkpoint every this many steps (0: at the end only).
+    pub save_every: u64,
+    /// Checkpoints kept (0: all).
+    pub keep_last: usize,
+    /// Seed of initialisation, data split and batch order.
+    pub seed: u64,
+}
+
+impl Default for TrainTable {
+    fn default() -> Self {
+        TrainTable {
+            max_steps: 1000,
+            batch_size: 16,
+            seq_len: 256,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 50,
+            schedule: Schedule::Cosine,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            log_every: 10,
+            eval_every: 100,
+            eval_batches: 8,
+            save_every: 200,
+            keep_last: 3,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainTable {
+    /// The `[train]` table of the TOML `text` read from `path`, checked; errors name the field.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
+        let table: TrainTable = stlm_core::toml_table(text, path, "train")?;
+        table.validate().map_err(|m| TrainError::Config(format!("{}: {m}", path.display())))?;
+        Ok(table)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let t = self;
+        if t.max_steps == 0 || t.batch_size < 1 || t.seq_len < 1 || t.grad_accum == 0 || t.log_every == 0 {
+            return Err("fields `train.max_steps`, `train.batch_size`, `train.seq_len`, `train.grad_accum` and `train.log_every` must be at least 1".into());
+        }
+        if t.lr.is_nan() || t.lr <= 0.0 || t.min_lr < 0.0 || t.min_lr > t.lr {
+            return Err(format!(
+                "fields `train.lr` ({}) and `train.min_lr` ({}) need 0 <= min_lr <= lr, lr > 0",
+                t.lr, t.min_lr
+            ));
+        }
+        Ok(())
+    }
+
+    /// The loop's settings; `max_steps` overrides the config's.
+    pub fn settings(&self, max_steps: Option<u64>, progress: bool) -> TrainSettings {
+        let t = self;
+        TrainSettings {
+            schedule: LrSchedule {
+                lr: t.lr,
+                min_lr: t.min_lr,
+                warmup_steps: t.warmup_steps,
+                max_steps: max_steps.unwrap_or(t.max_steps),
+                schedule: t.schedule,
+            },
+            adamw: AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
+            grad_accum: t.grad_accum,
+            grad_clip: t.grad_clip,
+            log_every: t.log_every,
+            eval_every: t.eval_every,
+            eval_batches: t.eval_batches,
+            save_every: t.save_every,
+            keep_last: t.keep_last,
+            seed: t.seed,
+            progress,
+            stop: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_overrides_and_named_errors() {
+        let p = Path::new("run.toml");
+        let r = TrainTable::from_toml_str(
+            "[model]\nhidden_size = 64\n[train]\nlr = 1e-3\nschedule = { kind = \"wsd\", decay_fraction = 0.3 }\n",
+            p,
+        )
+        .unwrap();
+        assert_eq!(r.lr, 1e-3);
+        assert_eq!(r.schedule, Schedule::Wsd { decay_fraction: 0.3 });
+        assert_eq!(r.batch_size, 16);
+        let e = TrainTable::from_toml_str("[train]\nbatch = 3\n", p).unwrap_err().to_string();
+        assert!(e.contains("run.toml") && e.contains("batch"), "{e}");
+        let e = TrainTable::from_toml_str("[train]\nseq_len = \"long\"\n", p).unwrap_err().to_string();
+        assert!(e.contains("train.seq_len"), "{e}");
+        let e = TrainTable::from_toml_str("[train]\nmin_lr = 1.0\n", p).unwrap_err().to_string();
+        assert!(e.contains("min_lr"), "{e}");
+    }
+}
