@@ -204,6 +204,7 @@ fn bench_train(config: &Path, steps: u64, warmup: u64, json: bool, device: &Devi
         bail!("--steps must be at least 1");
     }
     let run = RunConfig::load(config)?;
+    stlm_core::memory::keep_freed_memory(); // as `stlm train` does
     let dev = stlm_core::parse_device(&device.device)?;
     stlm_core::seed_all(run.train.seed);
     let model = DecoderModel::new(run.model.clone(), dev)?;

@@ -108,6 +108,7 @@ fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, 
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    stlm_core::memory::keep_freed_memory();
     let run = RunConfig::load(&a.config)?;
     let stem = a.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
     let out = a.out.clone().unwrap_or_else(|| Path::new("runs").join(stem));

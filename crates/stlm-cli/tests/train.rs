@@ -93,7 +93,10 @@ fn bad_input_is_one_line() {
     let good = dir.path().join("good.txt");
     std::fs::write(&good, "A story.\n\nAnother one.\n").unwrap();
     let under_file = blocked.join("run");
-    check(&["train", "--config", p(&config), "--data", p(&good), "--out", p(&under_file)], "cannot create the run directory");
+    check(
+        &["train", "--config", p(&config), "--data", p(&good), "--out", p(&under_file)],
+        "cannot create the run directory",
+    );
     let tiny = dir.path().join("tiny.txt");
     std::fs::write(&tiny, "Hi.\n\nHo.\n\nHa.\n").unwrap();
     check(&["train", "--config", p(&config), "--data", p(&tiny), "--out", p(&out)], "seq_len");

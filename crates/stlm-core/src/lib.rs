@@ -8,6 +8,7 @@ pub mod device;
 pub mod error;
 pub mod io;
 pub mod kernels;
+pub mod memory;
 
 pub use device::{parse_device, seed_all, DType};
 pub use error::{CoreError, Result};

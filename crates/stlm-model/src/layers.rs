@@ -33,6 +33,16 @@ impl Linear {
             .unwrap_or_else(|| x.linear(&self.weight, self.bias.as_ref()))
     }
 
+    /// `parts` (which read the same input `x`) applied in one product of their concatenated
+    /// weights, `[.., in] -> [.., sum of out]`: one larger GEMM forward and backward instead of
+    /// several small ones (the training path; decoding fuses once, see [`Linear::fuse`]).
+    pub fn forward_concat(parts: &[&Linear], x: &Tensor) -> Tensor {
+        let weight = Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0);
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
+        let bias = biases.map(|b| Tensor::cat(&b, 0));
+        small_batch_linear(x, &weight, bias.as_ref()).unwrap_or_else(|| x.linear(&weight, bias.as_ref()))
+    }
+
     /// One linear computing `parts` (which read the same input) in a single product; the
     /// weights and biases of `parts` become views of its rows, so they stay the variables that
     /// are trained and saved, and the fused layer always sees their values.
@@ -153,7 +163,11 @@ impl Mlp {
                 let both = fused.forward(x);
                 self.act.forward(&both.narrow(-1, 0, width)) * both.narrow(-1, width, width)
             }
-            (None, Some(gate)) => self.act.forward(&gate.forward(x)) * self.up_proj.forward(x),
+            (None, Some(gate)) => {
+                let width = self.up_proj.weight.size()[0];
+                let both = Linear::forward_concat(&[gate, &self.up_proj], x);
+                self.act.forward(&both.narrow(-1, 0, width)) * both.narrow(-1, width, width)
+            }
             (None, None) => self.act.forward(&self.up_proj.forward(x)),
         };
         self.down_proj.forward(&hidden)
@@ -227,18 +241,13 @@ impl SelfAttention {
             Some(r) => apply_rotary(&t, &r.cos, &r.sin),
             None => t,
         };
-        let (q, k, v) = match &self.qkv {
-            Some(qkv) => {
-                let all = heads(qkv.forward(x), nh + 2 * nkv); // [b, h + 2 kvh, s, d]
-                let qk = rotate(all.narrow(1, 0, nh + nkv)); // q and k rotated in one pass
-                (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv), all.narrow(1, nh + nkv, nkv))
-            }
-            None => (
-                rotate(heads(self.q_proj.forward(x), nh)),  // [b, h, s, d]
-                rotate(heads(self.k_proj.forward(x), nkv)), // [b, kvh, s, d]
-                heads(self.v_proj.forward(x), nkv),
-            ),
+        let projected = match &self.qkv {
+            Some(qkv) => qkv.forward(x),
+            None => Linear::forward_concat(&[&self.q_proj, &self.k_proj, &self.v_proj], x),
         };
+        let all = heads(projected, nh + 2 * nkv); // [b, h + 2 kvh, s, d]
+        let qk = rotate(all.narrow(1, 0, nh + nkv)); // q and k rotated in one pass
+        let (q, k, v) = (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv), all.narrow(1, nh + nkv, nkv));
         let (k, v) = match cache {
             Some((cache, layer)) => cache.update(layer, &k, &v),
             None => (k, v),

@@ -79,10 +79,13 @@ impl AdamW {
             if slot.decay && c.weight_decay != 0.0 {
                 let _ = slot.param.g_mul_scalar_(1.0 - lr * c.weight_decay);
             }
-            let _ = slot.exp_avg.g_mul_scalar_(c.beta1).g_add_(&(&grad * (1.0 - c.beta1)));
-            let _ = slot.exp_avg_sq.g_mul_scalar_(c.beta2).g_add_(&(grad.square() * (1.0 - c.beta2)));
-            let denom = slot.exp_avg_sq.sqrt() / bias2.sqrt() + c.eps;
-            let _ = slot.param.g_sub_(&(&slot.exp_avg / denom * (lr / bias1)));
+            // In place, as torch's single-tensor AdamW: m += (1 - b1)(g - m); v = b2 v + (1 - b2) g^2;
+            // p -= lr / bias1 * m / (sqrt(v) / sqrt(bias2) + eps).
+            let _ = slot.exp_avg.lerp_(&grad, 1.0 - c.beta1);
+            let _ = slot.exp_avg_sq.g_mul_scalar_(c.beta2).addcmul_(&grad, &(&grad * (1.0 - c.beta2)));
+            let mut denom = slot.exp_avg_sq.sqrt();
+            let _ = denom.g_div_scalar_(bias2.sqrt()).g_add_scalar_(c.eps).g_mul_scalar_(-bias1 / lr);
+            let _ = slot.param.addcdiv_(&slot.exp_avg, &denom);
         }
     }
 
@@ -101,8 +104,8 @@ impl AdamW {
         if grads.is_empty() {
             return 0.0;
         }
-        let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
-        let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[]);
+        let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm()).collect();
+        let norm = Tensor::stack(&norms, 0).norm().double_value(&[]);
         if max_norm > 0.0 && norm > max_norm {
             let scale = max_norm / (norm + 1e-6);
             for mut g in grads {
