@@ -23,6 +23,7 @@ impl BatchSource for Fixed {
 }
 
 fn step(c: &mut Criterion) {
+    stlm_core::memory::keep_freed_memory(); // as `stlm train` does
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
     let text = std::fs::read_to_string(&path).expect("configs/default.toml");
     let model_cfg = ModelConfig::from_toml_str(&text, &path).expect("model config");
