@@ -2,7 +2,7 @@
 //! kernel, forward and forward+backward, at the head layouts stlm's models use.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use stlm_attention::{dense_attention, naive_attention, AttentionMask};
+use stlm_attention::{dense_attention, naive_attention, sliding_window_attention, AttentionMask};
 use tch::{Device, Kind, Tensor};
 
 fn inputs(seq: i64, heads: i64, kv_heads: i64, grad: bool) -> (Tensor, Tensor, Tensor) {
@@ -34,6 +34,22 @@ fn attention(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("naive-gqa4", seq), &seq, |b, _| {
             b.iter(|| naive_attention(&q, &k, &v, &AttentionMask::Causal, None).sum(Kind::Float).backward())
+        });
+    }
+    group.finish();
+
+    // Sliding window (w = 256) against dense causal SDPA, forward+backward, batch 1, 4 heads,
+    // head dim 64: the shapes of docs/results/attention.md.
+    let mut group = c.benchmark_group("sliding_window_forward_backward");
+    group.sample_size(10);
+    for seq in [1024i64, 4096] {
+        let mk = || Tensor::randn([1, 4, seq, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let (q, k, v) = (mk(), mk(), mk());
+        group.bench_with_input(BenchmarkId::new("sdpa-dense", seq), &seq, |b, _| {
+            b.iter(|| dense_attention(&q, &k, &v, &AttentionMask::Causal, None).sum(Kind::Float).backward())
+        });
+        group.bench_with_input(BenchmarkId::new("sliding-256", seq), &seq, |b, _| {
+            b.iter(|| sliding_window_attention(&q, &k, &v, 256, 0, None).sum(Kind::Float).backward())
         });
     }
     group.finish();

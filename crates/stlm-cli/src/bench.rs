@@ -54,6 +54,119 @@ pub enum BenchJob {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Forward+backward time of an attention kernel and of dense SDPA on the same inputs.
+    Attention {
+        /// Kernel: dense or sliding-window.
+        #[arg(long)]
+        kind: String,
+        /// Sequence length.
+        #[arg(long, default_value_t = 1024)]
+        seq: i64,
+        /// Local window (sliding-window).
+        #[arg(long, default_value_t = 256)]
+        window: i64,
+        /// Global tokens (sliding-window).
+        #[arg(long, default_value_t = 0)]
+        global_tokens: i64,
+        /// Batch size.
+        #[arg(long, default_value_t = 1)]
+        batch: i64,
+        /// Query heads (keys and values have as many).
+        #[arg(long, default_value_t = 4)]
+        heads: i64,
+        /// Head dimension.
+        #[arg(long, default_value_t = 64)]
+        head_dim: i64,
+        /// Timed runs of each; the fastest is reported.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+}
+
+#[derive(Serialize)]
+struct AttentionBench {
+    kind: String,
+    seq: i64,
+    ms: f64,
+    dense_ms: f64,
+    speedup: f64,
+    window: i64,
+    global_tokens: i64,
+    batch: i64,
+    heads: i64,
+    head_dim: i64,
+    device: String,
+    threads: i32,
+}
+
+/// The attention kernels `stlm bench attention` knows, by their config names.
+const ATTENTION_KINDS: &[&str] = &["dense", "sliding-window"];
+
+fn bench_attention(a: &BenchJob) -> Result<()> {
+    let BenchJob::Attention { kind, seq, window, global_tokens, batch, heads, head_dim, repeats, json, device } = a
+    else {
+        unreachable!("called with the attention job")
+    };
+    let (seq, window, global, batch, heads, head_dim) = (*seq, *window, *global_tokens, *batch, *heads, *head_dim);
+    if !ATTENTION_KINDS.contains(&kind.as_str()) {
+        bail!("--kind {kind}: unknown attention (known: {})", ATTENTION_KINDS.join(", "));
+    }
+    if seq < 1 || window < 1 || global < 0 || batch < 1 || heads < 1 || head_dim < 1 || *repeats < 1 {
+        bail!("--seq, --window, --batch, --heads, --head-dim and --repeats must be at least 1 (--global-tokens at least 0)");
+    }
+    let dev = stlm_core::parse_device(device)?;
+    stlm_core::memory::keep_freed_memory(); // as `stlm train` does; both kernels benefit
+    tch::manual_seed(0);
+    let input = || Tensor::randn([batch, heads, seq, head_dim], (Kind::Float, dev)).set_requires_grad(true);
+    let (q, k, v) = (input(), input(), input());
+    let run = |f: &dyn Fn() -> Tensor| -> f64 {
+        let mut best = f64::INFINITY;
+        for i in 0..=*repeats {
+            let t = Instant::now();
+            let out = f();
+            out.sum(Kind::Float).backward();
+            let _ = q.grad().double_value(&[0, 0, 0, 0]); // waits for the device
+            if i > 0 {
+                best = best.min(t.elapsed().as_secs_f64()); // the first run warms up
+            }
+        }
+        best * 1e3
+    };
+    let dense = || stlm_attention::dense_attention(&q, &k, &v, &stlm_attention::AttentionMask::Causal, None);
+    let dense_ms = run(&dense);
+    let ms = match kind.as_str() {
+        "sliding-window" => run(&|| stlm_attention::sliding_window_attention(&q, &k, &v, window, global, None)),
+        _ => run(&dense),
+    };
+    let report = AttentionBench {
+        kind: kind.clone(),
+        seq,
+        ms,
+        dense_ms,
+        speedup: dense_ms / ms,
+        window,
+        global_tokens: global,
+        batch,
+        heads,
+        head_dim,
+        device: format!("{dev:?}"),
+        threads: tch::get_num_threads(),
+    };
+    if *json {
+        print_json(&report)
+    } else {
+        println!(
+            "{kind}: {ms:.2} ms forward+backward; dense SDPA {dense_ms:.2} ms ({:.2}x), seq {seq}",
+            report.speedup
+        );
+        Ok(())
+    }
 }
 
 #[derive(Serialize)]
@@ -83,6 +196,7 @@ pub fn run(job: BenchJob) -> Result<()> {
             bench_generate(model, new_tokens, prompt_tokens, repeats, json, device)
         }
         BenchJob::Train { config, steps, warmup, json, device } => bench_train(&config, steps, warmup, json, &device),
+        job @ BenchJob::Attention { .. } => bench_attention(&job),
     }
 }
 
