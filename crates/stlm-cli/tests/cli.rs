@@ -212,3 +212,39 @@ fn bad_input_gives_one_line_errors_and_writes_nothing() {
     names.sort();
     assert_eq!(names, ["config.json", "generation_config.json", "model.safetensors", "stlm.toml", "tokenizer.json"]);
 }
+
+#[test]
+fn bench_attention_and_train_report_json() {
+    let out = ok(&[
+        "bench",
+        "attention",
+        "--kind",
+        "sliding-window",
+        "--seq",
+        "96",
+        "--window",
+        "16",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["kind"], "sliding-window");
+    assert_eq!(v["seq"], 96);
+    assert!(v["ms"].as_f64().unwrap() > 0.0 && v["dense_ms"].as_f64().unwrap() > 0.0, "{v}");
+    let err = fails(&["bench", "attention", "--kind", "flash-magic", "--seq", "8"]);
+    assert!(err.contains("flash-magic") && err.contains("sliding-window"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiny.toml");
+    std::fs::write(
+        &config,
+        "[model]\nvocab_size = 64\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 1\nnum_attention_heads = 2\nmax_position_embeddings = 32\n[train]\nbatch_size = 2\nseq_len = 16\n",
+    )
+    .unwrap();
+    let out = ok(&["bench", "train", "--config", p(&config), "--steps", "2", "--warmup", "1", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for key in ["tokens_per_s", "step_ms", "mfu", "params"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+}
