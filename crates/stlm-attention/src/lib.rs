@@ -4,16 +4,19 @@
 //! causal kernel is the baseline every other variant is compared against; it calls libtorch's
 //! `scaled_dot_product_attention` (with grouped-query heads through `enable_gqa`).
 //! [`sliding_window_attention`] is the local-window variant (with optional global tokens),
-//! computed by blocks in O(n·w).
+//! computed by blocks in O(n·w); [`fixed_sparse_attention`] is the fixed pattern of Sparse
+//! Transformers, computed block-sparse.
 
 pub mod cache;
 pub mod dense;
 pub mod mask;
 pub mod rope;
 pub mod sliding;
+pub mod sparse;
 
 pub use cache::KvCache;
 pub use dense::{dense_attention, naive_attention};
 pub use mask::AttentionMask;
 pub use rope::{apply_rotary, Rope};
 pub use sliding::{sliding_window_attention, sliding_window_mask};
+pub use sparse::{fixed_sparse_attention, fixed_sparse_mask};

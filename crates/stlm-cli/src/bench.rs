@@ -56,7 +56,7 @@ pub enum BenchJob {
     },
     /// Forward+backward time of an attention kernel and of dense SDPA on the same inputs.
     Attention {
-        /// Kernel: dense or sliding-window.
+        /// Kernel: dense, sliding-window or fixed-sparse.
         #[arg(long)]
         kind: String,
         /// Sequence length.
@@ -68,6 +68,12 @@ pub enum BenchJob {
         /// Global tokens (sliding-window).
         #[arg(long, default_value_t = 0)]
         global_tokens: i64,
+        /// Block length l (fixed-sparse).
+        #[arg(long, default_value_t = 128)]
+        block: i64,
+        /// Summary positions c at the end of each block (fixed-sparse).
+        #[arg(long, default_value_t = 8)]
+        summary: i64,
         /// Batch size.
         #[arg(long, default_value_t = 1)]
         batch: i64,
@@ -98,6 +104,8 @@ struct AttentionBench {
     speedup: f64,
     window: i64,
     global_tokens: i64,
+    block: i64,
+    summary: i64,
     batch: i64,
     heads: i64,
     head_dim: i64,
@@ -106,10 +114,23 @@ struct AttentionBench {
 }
 
 /// The attention kernels `stlm bench attention` knows, by their config names.
-const ATTENTION_KINDS: &[&str] = &["dense", "sliding-window"];
+const ATTENTION_KINDS: &[&str] = &["dense", "sliding-window", "fixed-sparse"];
 
 fn bench_attention(a: &BenchJob) -> Result<()> {
-    let BenchJob::Attention { kind, seq, window, global_tokens, batch, heads, head_dim, repeats, json, device } = a
+    let BenchJob::Attention {
+        kind,
+        seq,
+        window,
+        global_tokens,
+        block,
+        summary,
+        batch,
+        heads,
+        head_dim,
+        repeats,
+        json,
+        device,
+    } = a
     else {
         unreachable!("called with the attention job")
     };
@@ -119,6 +140,10 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
     }
     if seq < 1 || window < 1 || global < 0 || batch < 1 || heads < 1 || head_dim < 1 || *repeats < 1 {
         bail!("--seq, --window, --batch, --heads, --head-dim and --repeats must be at least 1 (--global-tokens at least 0)");
+    }
+    let (block, summary) = (*block, *summary);
+    if block < 1 || !(1..=block).contains(&summary) {
+        bail!("--block must be at least 1 and --summary between 1 and --block (got {block} and {summary})");
     }
     let dev = stlm_core::parse_device(device)?;
     stlm_core::memory::keep_freed_memory(); // as `stlm train` does; both kernels benefit
@@ -142,6 +167,7 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
     let dense_ms = run(&dense);
     let ms = match kind.as_str() {
         "sliding-window" => run(&|| stlm_attention::sliding_window_attention(&q, &k, &v, window, global, None)),
+        "fixed-sparse" => run(&|| stlm_attention::fixed_sparse_attention(&q, &k, &v, block, summary, None)),
         _ => run(&dense),
     };
     let report = AttentionBench {
@@ -152,6 +178,8 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
         speedup: dense_ms / ms,
         window,
         global_tokens: global,
+        block,
+        summary,
         batch,
         heads,
         head_dim,
