@@ -2,7 +2,9 @@
 //! kernel, forward and forward+backward, at the head layouts stlm's models use.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use stlm_attention::{dense_attention, naive_attention, sliding_window_attention, AttentionMask};
+use stlm_attention::{
+    dense_attention, fixed_sparse_attention, naive_attention, sliding_window_attention, AttentionMask,
+};
 use tch::{Device, Kind, Tensor};
 
 fn inputs(seq: i64, heads: i64, kv_heads: i64, grad: bool) -> (Tensor, Tensor, Tensor) {
@@ -38,9 +40,9 @@ fn attention(c: &mut Criterion) {
     }
     group.finish();
 
-    // Sliding window (w = 256) against dense causal SDPA, forward+backward, batch 1, 4 heads,
+    // Sliding window (w = 256) and fixed sparse (l = 128, c = 8) against dense causal SDPA, forward+backward, batch 1, 4 heads,
     // head dim 64: the shapes of docs/results/attention.md.
-    let mut group = c.benchmark_group("sliding_window_forward_backward");
+    let mut group = c.benchmark_group("sparse_forward_backward");
     group.sample_size(10);
     for seq in [1024i64, 4096] {
         let mk = || Tensor::randn([1, 4, seq, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
@@ -50,6 +52,9 @@ fn attention(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("sliding-256", seq), &seq, |b, _| {
             b.iter(|| sliding_window_attention(&q, &k, &v, 256, 0, None).sum(Kind::Float).backward())
+        });
+        group.bench_with_input(BenchmarkId::new("fixed-sparse-128-8", seq), &seq, |b, _| {
+            b.iter(|| fixed_sparse_attention(&q, &k, &v, 128, 8, None).sum(Kind::Float).backward())
         });
     }
     group.finish();

@@ -232,6 +232,25 @@ fn bench_attention_and_train_report_json() {
     assert_eq!(v["kind"], "sliding-window");
     assert_eq!(v["seq"], 96);
     assert!(v["ms"].as_f64().unwrap() > 0.0 && v["dense_ms"].as_f64().unwrap() > 0.0, "{v}");
+    let out = ok(&[
+        "bench",
+        "attention",
+        "--kind",
+        "fixed-sparse",
+        "--seq",
+        "96",
+        "--block",
+        "16",
+        "--summary",
+        "4",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["kind"].as_str(), v["block"].as_i64()), (Some("fixed-sparse"), Some(16)), "{v}");
+    let err = fails(&["bench", "attention", "--kind", "fixed-sparse", "--block", "4", "--summary", "5"]);
+    assert!(err.contains("--summary"), "{err}");
     let err = fails(&["bench", "attention", "--kind", "flash-magic", "--seq", "8"]);
     assert!(err.contains("flash-magic") && err.contains("sliding-window"), "{err}");
 
