@@ -3,7 +3,8 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use stlm_attention::{
-    dense_attention, fixed_sparse_attention, naive_attention, sliding_window_attention, AttentionMask,
+    dense_attention, fixed_sparse_attention, naive_attention, sliding_window_attention, strided_sparse_attention,
+    AttentionMask,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -55,6 +56,9 @@ fn attention(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("fixed-sparse-128-8", seq), &seq, |b, _| {
             b.iter(|| fixed_sparse_attention(&q, &k, &v, 128, 8, None).sum(Kind::Float).backward())
+        });
+        group.bench_with_input(BenchmarkId::new("strided-sparse-128", seq), &seq, |b, _| {
+            b.iter(|| strided_sparse_attention(&q, &k, &v, 128, None).sum(Kind::Float).backward())
         });
     }
     group.finish();

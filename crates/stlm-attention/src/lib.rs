@@ -19,4 +19,4 @@ pub use dense::{dense_attention, naive_attention};
 pub use mask::AttentionMask;
 pub use rope::{apply_rotary, Rope};
 pub use sliding::{sliding_window_attention, sliding_window_mask};
-pub use sparse::{fixed_sparse_attention, fixed_sparse_mask};
+pub use sparse::{fixed_sparse_attention, fixed_sparse_mask, strided_sparse_attention, strided_sparse_mask};

@@ -1,6 +1,12 @@
-//! The "fixed" pattern of Sparse Transformers (Child et al. 2019, "Generating Long Sequences with
-//! Sparse Transformers", §4.2), causal, computed block-sparse.
+//! The "fixed" and "strided" patterns of Sparse Transformers (Child et al. 2019, "Generating Long
+//! Sequences with Sparse Transformers", §4.2), causal, computed block-sparse.
 //!
+//! Strided: query `i` sees `j <= i` with `i - j <= l` (the local part) or `(i - j) mod l == 0`
+//! (the strided part), both in one softmax. Per block of `l` queries the local keys are its own
+//! block and the previous one (band mask); the strided keys of offset `r` are the offset-`r`
+//! positions of the earlier blocks, scored by one batched product per offset: O(n·l + n²/l).
+//!
+//! Fixed:
 //! Positions are cut into blocks of `block` (the paper's `l`); query `i` sees the keys `j <= i`
 //! of its own block (`floor(j/l) == floor(i/l)`) and the last `summary` (the paper's `c`)
 //! positions of every earlier block (`j mod l >= l - c`), both in one softmax. Only those keys are
@@ -49,6 +55,61 @@ pub fn fixed_sparse_attention(
     let allowed = block_mask(blocks, block, summary, q.device());
     let out = masked_softmax_attention(&qb, &kb, &vb, &allowed, scale.unwrap_or(1.0 / (d as f64).sqrt()));
     out.reshape([b, h, padded, d]).narrow(2, 0, s)
+}
+
+/// The dense boolean mask `[seq, seq]` of the strided pattern (true: allowed), for references.
+pub fn strided_sparse_mask(seq: i64, stride: i64, device: Device) -> Tensor {
+    let i = Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(1);
+    let j = Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0);
+    let gap = &i - &j;
+    gap.ge(0).logical_and(&gap.le(stride).logical_or(&gap.remainder(stride).eq(0)))
+}
+
+/// Strided-pattern sparse causal attention (shapes as [`fixed_sparse_attention`]); `stride >= 1`.
+pub fn strided_sparse_attention(q: &Tensor, k: &Tensor, v: &Tensor, stride: i64, scale: Option<f64>) -> Tensor {
+    assert!(stride >= 1, "stride >= 1");
+    let (b, h, s, d) = (q.size()[0], q.size()[1], q.size()[2], q.size()[3]);
+    let kvh = k.size()[1];
+    let l = stride;
+    let blocks = (s + l - 1) / l;
+    let padded = blocks * l;
+    let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let heads = |t: &Tensor| {
+        if kvh == h {
+            t.shallow_clone()
+        } else {
+            t.repeat_interleave_self_int(h / kvh, 1, None)
+        }
+    };
+    let to_blocks = |t: &Tensor| t.constant_pad_nd([0, 0, 0, padded - s]).view([b, h, blocks, l, d]);
+    let (qb, kb, vb) = (to_blocks(&(q * scale)), to_blocks(&heads(k)), to_blocks(&heads(v)));
+    // Local keys: the previous block and the own block, [b, h, blocks, 2l, d].
+    let with_previous = |t: &Tensor| {
+        Tensor::cat(&[t.narrow(2, 0, blocks - 1).constant_pad_nd([0, 0, 0, 0, 1, 0]), t.shallow_clone()], 3)
+    };
+    let (kl, vl) = (with_previous(&kb), with_previous(&vb));
+    let local = qb.matmul(&kl.transpose(-2, -1)); // [b, h, blocks, l, 2l]
+                                                  // Strided keys: same offset, earlier blocks. Offsets first: [b, h, l, blocks, d].
+    let (qr, kr, vr) = (qb.transpose(2, 3), kb.transpose(2, 3), vb.transpose(2, 3));
+    let strided = qr.matmul(&kr.transpose(-2, -1)).transpose(2, 3); // [b, h, blocks(q), l, blocks(k)]
+    let opts = (Kind::Int64, q.device());
+    let qi = Tensor::arange(blocks, opts).view([blocks, 1, 1]) * l + Tensor::arange(l, opts).view([1, l, 1]);
+    let kj =
+        (Tensor::arange(blocks, opts).view([blocks, 1, 1]) - 1) * l + Tensor::arange(2 * l, opts).view([1, 1, 2 * l]);
+    let gap = &qi - &kj;
+    // Local: 0 <= i - j < l (i - j = l is the first strided key, counted there).
+    let local_ok = gap.ge(0).logical_and(&gap.lt(l)).logical_and(&kj.ge(0));
+    let strided_ok = Tensor::arange(blocks, opts)
+        .view([1, 1, blocks])
+        .lt_tensor(&Tensor::arange(blocks, opts).view([blocks, 1, 1]))
+        .expand([blocks, l, blocks], false);
+    let allowed = Tensor::cat(&[local_ok, strided_ok], 2);
+    let mut scores = Tensor::cat(&[local, strided], 4);
+    let _ = scores.masked_fill_(&allowed.logical_not(), f64::NEG_INFINITY);
+    let p = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+    let out_local = p.narrow(4, 0, 2 * l).matmul(&vl); // [b, h, blocks, l, d]
+    let out_strided = p.narrow(4, 2 * l, blocks).transpose(2, 3).matmul(&vr).transpose(2, 3);
+    (out_local + out_strided).reshape([b, h, padded, d]).narrow(2, 0, s)
 }
 
 /// `[blocks, block, blocks · summary + block]`: summary keys of earlier blocks (the own block's
@@ -104,6 +165,41 @@ mod tests {
             let n = seq - t - 1;
             let change = |x: &Tensor, heads: i64| Tensor::cat(&[x.narrow(2, 0, t + 1), f(&[1, heads, n, 8])], 2);
             let out2 = fixed_sparse_attention(&change(&q, 4), &change(&k, 2), &change(&v, 2), block, summary, None);
+            let diff = (out.narrow(2, 0, t + 1) - out2.narrow(2, 0, t + 1)).abs().max().double_value(&[]);
+            prop_assert!(diff == 0.0, "output at <= {t} changed by {diff}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// The strided pattern against the float64 dense computation under its mask.
+        #[test]
+        fn strided_matches_float64_reference(seed in 0i64..1000, seq in 1i64..40, stride in 1i64..9, group in 1i64..3) {
+            tch::manual_seed(seed);
+            let (b, kvh, d) = (2, 2, 8);
+            let q = rand(&[b, kvh * group, seq, d]);
+            let k = rand(&[b, kvh, seq, d]);
+            let v = rand(&[b, kvh, seq, d]);
+            let mask = strided_sparse_mask(seq, stride, Device::Cpu).view([1, 1, seq, seq]);
+            let want = naive_attention(&q, &k, &v, &AttentionMask::Explicit(mask), None);
+            let f = |t: &Tensor| t.to_kind(Kind::Float);
+            let got = strided_sparse_attention(&f(&q), &f(&k), &f(&v), stride, None);
+            let diff = (got.to_kind(Kind::Double) - want).abs().max().double_value(&[]);
+            prop_assert!(diff <= 1e-5, "max abs diff {diff}");
+        }
+
+        /// Perturbing positions after t never changes the strided outputs at positions <= t.
+        #[test]
+        fn strided_is_causal(seed in 0i64..1000, seq in 2i64..40, t in 0i64..39, stride in 1i64..9) {
+            let t = t % (seq - 1);
+            tch::manual_seed(seed);
+            let f = |shape: &[i64]| rand(shape).to_kind(Kind::Float);
+            let (q, k, v) = (f(&[1, 4, seq, 8]), f(&[1, 2, seq, 8]), f(&[1, 2, seq, 8]));
+            let out = strided_sparse_attention(&q, &k, &v, stride, None);
+            let n = seq - t - 1;
+            let change = |x: &Tensor, heads: i64| Tensor::cat(&[x.narrow(2, 0, t + 1), f(&[1, heads, n, 8])], 2);
+            let out2 = strided_sparse_attention(&change(&q, 4), &change(&k, 2), &change(&v, 2), stride, None);
             let diff = (out.narrow(2, 0, t + 1) - out2.narrow(2, 0, t + 1)).abs().max().double_value(&[]);
             prop_assert!(diff == 0.0, "output at <= {t} changed by {diff}");
         }

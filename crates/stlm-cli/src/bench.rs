@@ -56,7 +56,7 @@ pub enum BenchJob {
     },
     /// Forward+backward time of an attention kernel and of dense SDPA on the same inputs.
     Attention {
-        /// Kernel: dense, sliding-window or fixed-sparse.
+        /// Kernel: dense, sliding-window, fixed-sparse or strided-sparse.
         #[arg(long)]
         kind: String,
         /// Sequence length.
@@ -68,7 +68,7 @@ pub enum BenchJob {
         /// Global tokens (sliding-window).
         #[arg(long, default_value_t = 0)]
         global_tokens: i64,
-        /// Block length l (fixed-sparse).
+        /// Block length l (fixed-sparse), the stride (strided-sparse).
         #[arg(long, default_value_t = 128)]
         block: i64,
         /// Summary positions c at the end of each block (fixed-sparse).
@@ -114,7 +114,7 @@ struct AttentionBench {
 }
 
 /// The attention kernels `stlm bench attention` knows, by their config names.
-const ATTENTION_KINDS: &[&str] = &["dense", "sliding-window", "fixed-sparse"];
+const ATTENTION_KINDS: &[&str] = &["dense", "sliding-window", "fixed-sparse", "strided-sparse"];
 
 fn bench_attention(a: &BenchJob) -> Result<()> {
     let BenchJob::Attention {
@@ -168,6 +168,7 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
     let ms = match kind.as_str() {
         "sliding-window" => run(&|| stlm_attention::sliding_window_attention(&q, &k, &v, window, global, None)),
         "fixed-sparse" => run(&|| stlm_attention::fixed_sparse_attention(&q, &k, &v, block, summary, None)),
+        "strided-sparse" => run(&|| stlm_attention::strided_sparse_attention(&q, &k, &v, block, None)),
         _ => run(&dense),
     };
     let report = AttentionBench {

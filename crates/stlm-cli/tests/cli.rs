@@ -249,6 +249,20 @@ fn bench_attention_and_train_report_json() {
     ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!((v["kind"].as_str(), v["block"].as_i64()), (Some("fixed-sparse"), Some(16)), "{v}");
+    let out = ok(&[
+        "bench",
+        "attention",
+        "--kind",
+        "strided-sparse",
+        "--seq",
+        "80",
+        "--block",
+        "8",
+        "--repeats",
+        "1",
+        "--json",
+    ]);
+    assert!(out.contains("\"kind\":\"strided-sparse\""), "{out}");
     let err = fails(&["bench", "attention", "--kind", "fixed-sparse", "--block", "4", "--summary", "5"]);
     assert!(err.contains("--summary"), "{err}");
     let err = fails(&["bench", "attention", "--kind", "flash-magic", "--seq", "8"]);
