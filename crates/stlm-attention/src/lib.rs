@@ -11,6 +11,7 @@ pub mod cache;
 pub mod dense;
 pub mod mask;
 pub mod rope;
+pub mod scores;
 pub mod sliding;
 pub mod sparse;
 
@@ -18,5 +19,6 @@ pub use cache::KvCache;
 pub use dense::{dense_attention, naive_attention};
 pub use mask::AttentionMask;
 pub use rope::{apply_rotary, Rope};
+pub use scores::{power_attention, ssmax_attention, temperature_attention};
 pub use sliding::{sliding_window_attention, sliding_window_mask};
 pub use sparse::{fixed_sparse_attention, fixed_sparse_mask, strided_sparse_attention, strided_sparse_mask};

@@ -1,0 +1,133 @@
+//! Attention with re-scaled or re-normalised scores, for the "power-scaled attention scores"
+//! idea: how sharply attention concentrates should not fade as the context grows.
+//!
+//! - [`ssmax_attention`]: Scalable-Softmax (Nakanishi 2025, "Scalable-Softmax Is Superior for
+//!   Attention"): the scores of a query that sees `n` keys are multiplied by `s · ln n` before
+//!   the softmax, `s` learnable per head, so the largest score keeps its weight as `n` grows.
+//!   Causally `n = i + 1`; the factor is applied to the query row, so it runs through SDPA.
+//! - [`temperature_attention`]: a learnable inverse temperature per head (scores times `1/τ_h`).
+//! - [`power_attention`]: weights proportional to `max(score, 0)^p`, normalised to sum to one
+//!   (no exponential: larger `p` is sharper, `p = 1` is ReLU attention normalised).
+
+use crate::{dense_attention, AttentionMask};
+use tch::{Kind, Tensor};
+
+/// Causal Scalable-Softmax attention: `q` `[batch, heads, seq, head_dim]`, `k`/`v`
+/// `[batch, kv_heads, seq, head_dim]`, `s` `[heads]` (learnable). Returns the shape of `q`.
+pub fn ssmax_attention(q: &Tensor, k: &Tensor, v: &Tensor, s: &Tensor, scale: Option<f64>) -> Tensor {
+    let (h, seq) = (q.size()[1], q.size()[2]);
+    let log_n = Tensor::arange_start(1, seq + 1, (Kind::Float, q.device())).log().to_kind(q.kind());
+    let factor = s.view([1, h, 1, 1]) * log_n.view([1, 1, seq, 1]);
+    dense_attention(&(q * factor), k, v, &AttentionMask::Causal, scale)
+}
+
+/// Attention with scores multiplied by `inv_temperature` `[heads]` (learnable) under `mask`.
+pub fn temperature_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    inv_temperature: &Tensor,
+    mask: &AttentionMask,
+    scale: Option<f64>,
+) -> Tensor {
+    let h = q.size()[1];
+    dense_attention(&(q * inv_temperature.view([1, h, 1, 1])), k, v, mask, scale)
+}
+
+/// Power-normalised attention under a causal mask: weights `max(q·k·scale, 0)^p / Σ max(..)^p`
+/// over the visible keys (a row with no positive score gives zeros). `p > 0`.
+pub fn power_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: f64, scale: Option<f64>) -> Tensor {
+    assert!(p > 0.0, "p > 0");
+    let (h, kvh, seq, d) = (q.size()[1], k.size()[1], q.size()[2], q.size()[3]);
+    let (k, v) = if h == kvh {
+        (k.shallow_clone(), v.shallow_clone())
+    } else {
+        (k.repeat_interleave_self_int(h / kvh, 1, None), v.repeat_interleave_self_int(h / kvh, 1, None))
+    };
+    let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let causal = Tensor::ones([seq, seq], (Kind::Bool, q.device())).tril(0);
+    let weights = (q * scale).matmul(&k.transpose(-2, -1)).relu().pow_tensor_scalar(p) * causal.to_kind(q.kind());
+    let total = weights.sum_dim_intlist(-1, true, q.kind()) + 1e-12;
+    (weights / total).matmul(&v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::naive_attention;
+    use proptest::prelude::*;
+    use tch::Device;
+
+    fn rand(shape: &[i64]) -> Tensor {
+        Tensor::randn(shape, (Kind::Double, Device::Cpu))
+    }
+
+    fn f(t: &Tensor) -> Tensor {
+        t.to_kind(Kind::Float)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_kind(Kind::Double) - b).abs().max().double_value(&[])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// SSMax and per-head temperature agree with float64 softmax attention on scaled queries,
+        /// and power attention with its float64 definition.
+        #[test]
+        fn match_float64_references(seed in 0i64..1000, seq in 1i64..24, group in 1i64..3, p in 0.5f64..4.0) {
+            tch::manual_seed(seed);
+            let (b, kvh, d) = (2, 2, 8);
+            let h = kvh * group;
+            let (q, k, v) = (rand(&[b, h, seq, d]), rand(&[b, kvh, seq, d]), rand(&[b, kvh, seq, d]));
+            let s = rand(&[h]).abs() + 0.5;
+            let log_n = Tensor::arange_start(1, seq + 1, (Kind::Double, Device::Cpu)).log();
+            let scaled = &q * s.view([1, h, 1, 1]) * log_n.view([1, 1, seq, 1]);
+            let want = naive_attention(&scaled, &k, &v, &AttentionMask::Causal, None);
+            prop_assert!(max_diff(&ssmax_attention(&f(&q), &f(&k), &f(&v), &f(&s), None), &want) <= 1e-5);
+
+            let want = naive_attention(&(&q * s.view([1, h, 1, 1])), &k, &v, &AttentionMask::Causal, None);
+            let got = temperature_attention(&f(&q), &f(&k), &f(&v), &f(&s), &AttentionMask::Causal, None);
+            prop_assert!(max_diff(&got, &want) <= 1e-5);
+
+            // Power attention by its definition, row by row in float64.
+            let kr = k.repeat_interleave_self_int(group, 1, None);
+            let vr = v.repeat_interleave_self_int(group, 1, None);
+            let z = q.matmul(&kr.transpose(-2, -1)) / (d as f64).sqrt();
+            let w = z.relu().pow_tensor_scalar(p) * Tensor::ones([seq, seq], (Kind::Double, Device::Cpu)).tril(0);
+            let want = (&w / (w.sum_dim_intlist(-1, true, Kind::Double) + 1e-12)).matmul(&vr);
+            let got = power_attention(&f(&q), &f(&k), &f(&v), p, None);
+            prop_assert!(max_diff(&got, &want) <= 1e-4, "power {}", max_diff(&got, &want));
+        }
+
+        /// Perturbing positions after t never changes outputs at positions <= t.
+        #[test]
+        fn are_causal(seed in 0i64..1000, seq in 2i64..24, t in 0i64..23) {
+            let t = t % (seq - 1);
+            tch::manual_seed(seed);
+            let g = |shape: &[i64]| f(&rand(shape));
+            let (q, k, v) = (g(&[1, 4, seq, 8]), g(&[1, 2, seq, 8]), g(&[1, 2, seq, 8]));
+            let s = g(&[4]).abs();
+            let n = seq - t - 1;
+            let change = |x: &Tensor, heads: i64| Tensor::cat(&[x.narrow(2, 0, t + 1), g(&[1, heads, n, 8])], 2);
+            let (q2, k2, v2) = (change(&q, 4), change(&k, 2), change(&v, 2));
+            for (a, b) in [
+                (ssmax_attention(&q, &k, &v, &s, None), ssmax_attention(&q2, &k2, &v2, &s, None)),
+                (power_attention(&q, &k, &v, 2.0, None), power_attention(&q2, &k2, &v2, 2.0, None)),
+            ] {
+                let diff = (a.narrow(2, 0, t + 1) - b.narrow(2, 0, t + 1)).abs().max().double_value(&[]);
+                prop_assert!(diff == 0.0, "output at <= {t} changed by {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_scales_are_learnable() {
+        let g = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let (q, k, v) = (g(&[1, 2, 10, 8]), g(&[1, 2, 10, 8]), g(&[1, 2, 10, 8]));
+        let s = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        (ssmax_attention(&q, &k, &v, &s, None) * &v).sum(Kind::Float).backward();
+        assert!(s.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+}
