@@ -14,6 +14,8 @@ pub mod rope;
 pub mod scores;
 pub mod sliding;
 pub mod sparse;
+#[cfg(test)]
+mod testing;
 
 pub use cache::KvCache;
 pub use dense::{dense_attention, naive_attention};

@@ -121,12 +121,9 @@ fn block_mask(blocks: i64, block: i64, back: i64, window: i64, g: i64, device: D
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{dense_attention, naive_attention, AttentionMask};
+    use crate::testing::{causal_diff, reference_diff};
+    use crate::{dense_attention, AttentionMask};
     use proptest::prelude::*;
-
-    fn rand(shape: &[i64]) -> Tensor {
-        Tensor::randn(shape, (Kind::Double, Device::Cpu))
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
@@ -135,30 +132,17 @@ mod tests {
         #[test]
         fn matches_float64_reference(seed in 0i64..1000, seq in 1i64..40, window in 1i64..20, global in 0i64..4, group in 1i64..3, block in 1i64..9) {
             tch::manual_seed(seed);
-            let (b, kvh, d) = (2, 2, 8);
-            let q = rand(&[b, kvh * group, seq, d]);
-            let k = rand(&[b, kvh, seq, d]);
-            let v = rand(&[b, kvh, seq, d]);
-            let mask = sliding_window_mask(seq, window, global, Device::Cpu).view([1, 1, seq, seq]);
-            let want = naive_attention(&q, &k, &v, &AttentionMask::Explicit(mask), None);
-            let f = |t: &Tensor| t.to_kind(Kind::Float);
-            let got = blocked(&f(&q), &f(&k), &f(&v), window, global, None, block);
-            let diff = (got.to_kind(Kind::Double) - want).abs().max().double_value(&[]);
+            let mask = sliding_window_mask(seq, window, global, Device::Cpu);
+            let diff = reference_diff(|q, k, v| blocked(q, k, v, window, global, None, block), &mask, group);
             prop_assert!(diff <= 1e-5, "max abs diff {diff}");
         }
 
         /// Perturbing positions after t never changes the outputs at positions <= t.
         #[test]
         fn is_causal(seed in 0i64..1000, seq in 2i64..40, t in 0i64..39, window in 1i64..20, global in 0i64..3, block in 1i64..9) {
-            let t = t % (seq - 1);
             tch::manual_seed(seed);
-            let f = |shape: &[i64]| rand(shape).to_kind(Kind::Float);
-            let (q, k, v) = (f(&[1, 4, seq, 8]), f(&[1, 2, seq, 8]), f(&[1, 2, seq, 8]));
-            let out = blocked(&q, &k, &v, window, global, None, block);
-            let n = seq - t - 1;
-            let change = |x: &Tensor, heads: i64| Tensor::cat(&[x.narrow(2, 0, t + 1), f(&[1, heads, n, 8])], 2);
-            let out2 = blocked(&change(&q, 4), &change(&k, 2), &change(&v, 2), window, global, None, block);
-            let diff = (out.narrow(2, 0, t + 1) - out2.narrow(2, 0, t + 1)).abs().max().double_value(&[]);
+            let t = t % (seq - 1);
+            let diff = causal_diff(|q, k, v| blocked(q, k, v, window, global, None, block), seq, t);
             prop_assert!(diff == 0.0, "output at <= {t} changed by {diff}");
         }
     }

@@ -127,81 +127,34 @@ fn block_mask(blocks: i64, block: i64, summary: i64, device: Device) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{naive_attention, AttentionMask};
+    use crate::testing::{causal_diff, reference_diff};
     use proptest::prelude::*;
-
-    fn rand(shape: &[i64]) -> Tensor {
-        Tensor::randn(shape, (Kind::Double, Device::Cpu))
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
 
-        /// Float32 blocks agree with the float64 dense computation under the explicit mask.
+        /// Both patterns agree with the float64 dense computation under their masks.
         #[test]
-        fn matches_float64_reference(seed in 0i64..1000, seq in 1i64..40, block in 1i64..9, summary in 1i64..9, group in 1i64..3) {
+        fn match_float64_reference(seed in 0i64..1000, seq in 1i64..40, block in 1i64..9, summary in 1i64..9, group in 1i64..3) {
             let summary = summary.min(block);
             tch::manual_seed(seed);
-            let (b, kvh, d) = (2, 2, 8);
-            let q = rand(&[b, kvh * group, seq, d]);
-            let k = rand(&[b, kvh, seq, d]);
-            let v = rand(&[b, kvh, seq, d]);
-            let mask = fixed_sparse_mask(seq, block, summary, Device::Cpu).view([1, 1, seq, seq]);
-            let want = naive_attention(&q, &k, &v, &AttentionMask::Explicit(mask), None);
-            let f = |t: &Tensor| t.to_kind(Kind::Float);
-            let got = fixed_sparse_attention(&f(&q), &f(&k), &f(&v), block, summary, None);
-            let diff = (got.to_kind(Kind::Double) - want).abs().max().double_value(&[]);
-            prop_assert!(diff <= 1e-5, "max abs diff {diff}");
+            let mask = fixed_sparse_mask(seq, block, summary, Device::Cpu);
+            let diff = reference_diff(|q, k, v| fixed_sparse_attention(q, k, v, block, summary, None), &mask, group);
+            prop_assert!(diff <= 1e-5, "fixed: max abs diff {diff}");
+            let mask = strided_sparse_mask(seq, block, Device::Cpu);
+            let diff = reference_diff(|q, k, v| strided_sparse_attention(q, k, v, block, None), &mask, group);
+            prop_assert!(diff <= 1e-5, "strided: max abs diff {diff}");
         }
 
         /// Perturbing positions after t never changes the outputs at positions <= t.
         #[test]
-        fn is_causal(seed in 0i64..1000, seq in 2i64..40, t in 0i64..39, block in 1i64..9, summary in 1i64..9) {
+        fn are_causal(seed in 0i64..1000, seq in 2i64..40, t in 0i64..39, block in 1i64..9, summary in 1i64..9) {
             let (t, summary) = (t % (seq - 1), summary.min(block));
             tch::manual_seed(seed);
-            let f = |shape: &[i64]| rand(shape).to_kind(Kind::Float);
-            let (q, k, v) = (f(&[1, 4, seq, 8]), f(&[1, 2, seq, 8]), f(&[1, 2, seq, 8]));
-            let out = fixed_sparse_attention(&q, &k, &v, block, summary, None);
-            let n = seq - t - 1;
-            let change = |x: &Tensor, heads: i64| Tensor::cat(&[x.narrow(2, 0, t + 1), f(&[1, heads, n, 8])], 2);
-            let out2 = fixed_sparse_attention(&change(&q, 4), &change(&k, 2), &change(&v, 2), block, summary, None);
-            let diff = (out.narrow(2, 0, t + 1) - out2.narrow(2, 0, t + 1)).abs().max().double_value(&[]);
-            prop_assert!(diff == 0.0, "output at <= {t} changed by {diff}");
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(32))]
-
-        /// The strided pattern against the float64 dense computation under its mask.
-        #[test]
-        fn strided_matches_float64_reference(seed in 0i64..1000, seq in 1i64..40, stride in 1i64..9, group in 1i64..3) {
-            tch::manual_seed(seed);
-            let (b, kvh, d) = (2, 2, 8);
-            let q = rand(&[b, kvh * group, seq, d]);
-            let k = rand(&[b, kvh, seq, d]);
-            let v = rand(&[b, kvh, seq, d]);
-            let mask = strided_sparse_mask(seq, stride, Device::Cpu).view([1, 1, seq, seq]);
-            let want = naive_attention(&q, &k, &v, &AttentionMask::Explicit(mask), None);
-            let f = |t: &Tensor| t.to_kind(Kind::Float);
-            let got = strided_sparse_attention(&f(&q), &f(&k), &f(&v), stride, None);
-            let diff = (got.to_kind(Kind::Double) - want).abs().max().double_value(&[]);
-            prop_assert!(diff <= 1e-5, "max abs diff {diff}");
-        }
-
-        /// Perturbing positions after t never changes the strided outputs at positions <= t.
-        #[test]
-        fn strided_is_causal(seed in 0i64..1000, seq in 2i64..40, t in 0i64..39, stride in 1i64..9) {
-            let t = t % (seq - 1);
-            tch::manual_seed(seed);
-            let f = |shape: &[i64]| rand(shape).to_kind(Kind::Float);
-            let (q, k, v) = (f(&[1, 4, seq, 8]), f(&[1, 2, seq, 8]), f(&[1, 2, seq, 8]));
-            let out = strided_sparse_attention(&q, &k, &v, stride, None);
-            let n = seq - t - 1;
-            let change = |x: &Tensor, heads: i64| Tensor::cat(&[x.narrow(2, 0, t + 1), f(&[1, heads, n, 8])], 2);
-            let out2 = strided_sparse_attention(&change(&q, 4), &change(&k, 2), &change(&v, 2), stride, None);
-            let diff = (out.narrow(2, 0, t + 1) - out2.narrow(2, 0, t + 1)).abs().max().double_value(&[]);
-            prop_assert!(diff == 0.0, "output at <= {t} changed by {diff}");
+            let diff = causal_diff(|q, k, v| fixed_sparse_attention(q, k, v, block, summary, None), seq, t);
+            prop_assert!(diff == 0.0, "fixed: output at <= {t} changed by {diff}");
+            let diff = causal_diff(|q, k, v| strided_sparse_attention(q, k, v, block, None), seq, t);
+            prop_assert!(diff == 0.0, "strided: output at <= {t} changed by {diff}");
         }
     }
 
