@@ -86,8 +86,9 @@ const BLOCK: i64 = 64;
 
 /// Softmax attention over blocks with an explicit boolean mask, by batched matmuls: `q`
 /// `[b, heads, blocks, n, d]`, `k`/`v` `[b, kv_heads, blocks, m, d]`, `allowed` broadcastable to
-/// the scores `[b, heads, blocks, n, m]`. (libtorch's SDPA with a mask on 5-d inputs ran several
-/// times slower on the CPU than these ops.)
+/// the scores `[b, heads, blocks, n, m]`. (libtorch's SDPA with the same boolean mask on the same
+/// 5-d blocks was 10-20% slower on the CPU: 87-103 ms against 79-86 ms forward+backward for
+/// 64 blocks of 64 queries x 320 keys x 4 heads in a PyTorch microbenchmark.)
 pub(crate) fn masked_softmax_attention(q: &Tensor, k: &Tensor, v: &Tensor, allowed: &Tensor, scale: f64) -> Tensor {
     let (h, kvh) = (q.size()[1], k.size()[1]);
     let (k, v) = if h == kvh {

@@ -101,7 +101,11 @@ fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, 
         }
     };
     if tok.vocab_size() as i64 > run.model.vocab_size {
-        bail!("model.vocab_size {} is smaller than the tokenizer's {} tokens", run.model.vocab_size, tok.vocab_size());
+        bail!(
+            "field `model.vocab_size` ({}) is smaller than the tokenizer's {} tokens",
+            run.model.vocab_size,
+            tok.vocab_size()
+        );
     }
     tok.save(&saved)?;
     Ok(tok)

@@ -72,7 +72,7 @@ impl TokenBatches {
         Ok(TokenBatches { corpus, train, val, batch, seq, seed, device })
     }
 
-    /// Training tokens available.
+    /// The corpus the batches are drawn from.
     pub fn corpus(&self) -> &TokenizedCorpus {
         &self.corpus
     }

@@ -107,7 +107,7 @@ const TREASURES: &[&str] =
 /// A story being written: its cast (the values of `{key}` placeholders) and its sentences.
 struct Story<'r> {
     rng: &'r mut ChaCha8Rng,
-    vars: Vec<(&'static str, String)>,
+    vars: Vec<(String, String)>,
     sentences: Vec<String>,
 }
 
@@ -131,7 +131,7 @@ impl<'r> Story<'r> {
     }
 
     /// A child or a named animal under `key`, whose name differs from `other`'s.
-    fn character(&mut self, key: &'static str, other: Option<&str>) -> String {
+    fn character(&mut self, key: &str, other: Option<&str>) -> String {
         let (name, kind, she) = loop {
             let she = self.rng.random_bool(0.5);
             let (name, kind) = if self.rng.random_bool(0.6) {
@@ -145,22 +145,22 @@ impl<'r> Story<'r> {
         };
         let adj = self.any(ADJECTIVES);
         self.set(key, name);
-        self.set(key_of(key, "kind"), kind);
-        self.set(key_of(key, "adj"), adj);
+        self.set(&format!("{key}.kind"), kind);
+        self.set(&format!("{key}.adj"), adj);
         self.pronouns(key, she);
         name.to_string()
     }
 
-    fn pronouns(&mut self, key: &'static str, she: bool) {
+    fn pronouns(&mut self, key: &str, she: bool) {
         let forms = if she { ["she", "She", "her", "her", "Her"] } else { ["he", "He", "him", "his", "His"] };
         for (form, value) in ["he", "He", "him", "his", "His"].into_iter().zip(forms) {
-            self.set(key_of(key, form), value);
+            self.set(&format!("{key}.{form}"), value);
         }
     }
 
-    fn set(&mut self, key: &'static str, value: &str) {
-        self.vars.retain(|(k, _)| *k != key);
-        self.vars.push((key, value.to_string()));
+    fn set(&mut self, key: &str, value: &str) {
+        self.vars.retain(|(k, _)| k != key);
+        self.vars.push((key.to_string(), value.to_string()));
     }
 
     fn any(&mut self, list: &[&'static str]) -> &'static str {
@@ -220,16 +220,6 @@ impl<'r> Story<'r> {
             ],
         );
     }
-}
-
-/// Keys of a character's attributes, e.g. `a.his`.
-fn key_of(who: &'static str, what: &str) -> &'static str {
-    const KEYS: &[&str] = &[
-        "a.kind", "a.adj", "a.he", "a.He", "a.him", "a.his", "a.His", "b.kind", "b.adj", "b.he", "b.He", "b.him",
-        "b.his", "b.His", "par.he", "par.He", "par.him", "par.his", "par.His",
-    ];
-    let key = format!("{who}.{what}");
-    KEYS.iter().find(|k| **k == key).expect("a known character attribute")
 }
 
 type Plot = fn(&mut Story);

@@ -87,7 +87,7 @@ impl TrainTable {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        let t = self;
+        let t = self; // short name for the many fields below
         if t.max_steps == 0 || t.batch_size < 1 || t.seq_len < 1 || t.grad_accum == 0 || t.log_every == 0 {
             return Err("fields `train.max_steps`, `train.batch_size`, `train.seq_len`, `train.grad_accum` and `train.log_every` must be at least 1".into());
         }
@@ -102,24 +102,23 @@ impl TrainTable {
 
     /// The loop's settings; `max_steps` overrides the config's.
     pub fn settings(&self, max_steps: Option<u64>, progress: bool) -> TrainSettings {
-        let t = self;
         TrainSettings {
             schedule: LrSchedule {
-                lr: t.lr,
-                min_lr: t.min_lr,
-                warmup_steps: t.warmup_steps,
-                max_steps: max_steps.unwrap_or(t.max_steps),
-                schedule: t.schedule,
+                lr: self.lr,
+                min_lr: self.min_lr,
+                warmup_steps: self.warmup_steps,
+                max_steps: max_steps.unwrap_or(self.max_steps),
+                schedule: self.schedule,
             },
-            adamw: AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
-            grad_accum: t.grad_accum,
-            grad_clip: t.grad_clip,
-            log_every: t.log_every,
-            eval_every: t.eval_every,
-            eval_batches: t.eval_batches,
-            save_every: t.save_every,
-            keep_last: t.keep_last,
-            seed: t.seed,
+            adamw: AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay },
+            grad_accum: self.grad_accum,
+            grad_clip: self.grad_clip,
+            log_every: self.log_every,
+            eval_every: self.eval_every,
+            eval_batches: self.eval_batches,
+            save_every: self.save_every,
+            keep_last: self.keep_last,
+            seed: self.seed,
             progress,
             stop: Default::default(),
         }
