@@ -57,6 +57,13 @@ impl KvCache {
         (self.keys[layer].narrow(2, 0, self.len + s), self.values[layer].narrow(2, 0, self.len + s))
     }
 
+    /// The key and value buffers of `layer`, `[batch, kv_heads, capacity, head_dim]`
+    /// (contiguous), for kernels that write the next position themselves; `&mut` because they
+    /// do. Call [`KvCache::advance`] after.
+    pub fn buffers_mut(&mut self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
+    }
+
     /// Marks `s` more positions as cached.
     pub fn advance(&mut self, s: i64) {
         self.len += s;

@@ -16,6 +16,11 @@ impl Rope {
         Rope { inv_freq }
     }
 
+    /// The frequencies `[head_dim / 2]` on the host (for kernels that rotate one position).
+    pub fn inv_freq(&self) -> Vec<f32> {
+        Vec::try_from(&self.inv_freq.to_device(Device::Cpu)).expect("float32 frequencies")
+    }
+
     /// `(cos, sin)` of shape `[batch, 1, seq, head_dim]` for integer `positions` `[batch, seq]`,
     /// computed in float32 and cast to `kind`.
     pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {

@@ -2,13 +2,14 @@
 //!
 //! Device and dtype choice, the error type for file and tensor IO, seeding, safetensors reading
 //! (memory-mapped) and writing (atomic), JSON reading with errors that name the field,
-//! parameter counting, and the small-batch CPU linear kernel used for decoding.
+//! parameter counting, and the CPU kernels (and their spinning thread pool) of batch-1 decoding.
 
 pub mod device;
 pub mod error;
 pub mod io;
 pub mod kernels;
 pub mod memory;
+pub mod spin;
 
 pub use device::{parse_device, seed_all, DType};
 pub use error::{CoreError, Result};

@@ -1,6 +1,7 @@
 //! Text generation with a preallocated KV cache: greedy, temperature, top-k, top-p, repetition
 //! penalty, seeded sampling, stop at EOS or a token budget, and batches with left padding.
 
+use crate::decode::FastDecoder;
 use crate::{DecoderModel, ModelError, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -193,6 +194,8 @@ pub fn generate(
     let last = model.hidden_states(&ids, &positions, &mask, Some(&mut cache)).narrow(1, prompt_len - 1, 1);
     let mut logits = model.head(&last).select(1, 0); // [b, vocab]
 
+    // One sequence of float32 on the CPU: the fused Rust step instead of libtorch (decode.rs).
+    let mut fast = if b == 1 { FastDecoder::new(model) } else { None };
     let mut seen = ids.shallow_clone(); // [b, n] ids the repetition penalty looks at
     let mut out: Vec<Vec<i64>> = vec![Vec::new(); prompts.len()];
     let mut done = vec![false; prompts.len()];
@@ -212,6 +215,14 @@ pub fn generate(
         }
         if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
             break;
+        }
+        if let Some(fast) = fast.as_mut() {
+            if cfg.repetition_penalty != 1.0 {
+                seen = Tensor::cat(&[&seen, &Tensor::from_slice(&next).view([b, 1])], 1);
+            }
+            let position = cache.len(); // one sequence, no padding: positions are cache slots
+            logits = fast.step(next[0], position, &mut cache).select(1, -1);
+            continue;
         }
         let next = Tensor::from_slice(&next).view([b, 1]).to_device(device);
         if cfg.repetition_penalty != 1.0 {

@@ -4,9 +4,10 @@
 //! - [`layers`]: the building blocks (linear, norm, attention, MLP, decoder block).
 //! - [`model`]: `DecoderModel`, its forward pass and KV cache.
 //! - [`hf`] and [`io`]: Hugging Face `config.json` and weight names; model directories.
-//! - [`generate`]: sampling and batched generation.
+//! - [`generate`]: sampling and batched generation; [`decode`]: the fused batch-1 CPU step it uses.
 
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod generate;
 pub mod hf;
@@ -14,6 +15,7 @@ pub mod io;
 pub mod layers;
 pub mod model;
 
+pub use decode::FastDecoder;
 pub use config::{Activation, MlpKind, ModelConfig, ModelType, NormKind, PositionKind};
 pub use error::{ModelError, Result};
 pub use generate::{generate, GenerationConfig};

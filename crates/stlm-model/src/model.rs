@@ -28,7 +28,7 @@ pub struct DecoderModel {
     pub norm: Norm,
     /// Output head (`lm_head`); `None` when tied to `embed_tokens`.
     pub lm_head: Option<Linear>,
-    rope: Option<Rope>,
+    pub(crate) rope: Option<Rope>,
     vs: nn::VarStore,
 }
 

@@ -1,0 +1,411 @@
+//! A fused decoding step: one new token of one sequence, float32 on the CPU, computed in Rust
+//! over the model's weights and the KV cache's memory instead of one libtorch call per operation.
+//!
+//! At batch 1 a model of a few million parameters spends as much time in libtorch's
+//! per-operation dispatch (about 25 calls a layer, a few microseconds each) as in arithmetic.
+//! [`FastDecoder::step`] computes what [`DecoderModel::forward_ext`] computes for one position,
+//! with stlm-core's slice kernels, reading and writing the same [`KvCache`]; so a prompt can be
+//! prefilled by libtorch and continued here. [`crate::generate`] uses it whenever
+//! [`FastDecoder::new`] accepts the model. Tests compare its logits with the libtorch path.
+
+use crate::config::{Activation, MlpKind, NormKind, PositionKind};
+use crate::layers::{Linear, Norm};
+use crate::DecoderModel;
+use stlm_attention::KvCache;
+use stlm_core::kernels::{f32_slice, layer_norm_row, rms_norm_row, Rows};
+use stlm_core::spin::SpinPool;
+use tch::{Device, Kind, Tensor};
+
+/// A linear layer as slices: `y = W x + b`.
+struct Affine<'m> {
+    weight: Rows<'m>,
+    bias: Option<&'m [f32]>,
+}
+
+impl<'m> Affine<'m> {
+    fn new(l: &'m Linear) -> Option<Self> {
+        let bias = match &l.bias {
+            Some(b) => Some(f32_slice(b)?),
+            None => None,
+        };
+        Some(Affine { weight: Rows::from_tensor(&l.weight)?, bias })
+    }
+
+    /// Writes `W x + b` to `y`.
+    fn apply(&self, x: &[f32], y: &mut [f32], pool: &SpinPool) {
+        match self.bias {
+            Some(b) => y.copy_from_slice(b),
+            None => y.fill(0.0),
+        }
+        self.weight.matvec_add_split(x, y, pool);
+    }
+}
+
+/// Several linear layers reading the same input, writing consecutive parts of one output (q, k,
+/// v; gate, up), or one already fused layer.
+struct Stacked<'m>(Vec<Affine<'m>>);
+
+impl<'m> Stacked<'m> {
+    fn new(fused: Option<&'m Linear>, parts: &[&'m Linear]) -> Option<Self> {
+        match fused {
+            Some(f) => Some(Stacked(vec![Affine::new(f)?])),
+            None => parts.iter().map(|&p| Affine::new(p)).collect::<Option<_>>().map(Stacked),
+        }
+    }
+
+    fn apply(&self, x: &[f32], y: &mut [f32], pool: &SpinPool) {
+        let mut offset = 0;
+        for part in &self.0 {
+            let n = part.weight.rows();
+            part.apply(x, &mut y[offset..offset + n], pool);
+            offset += n;
+        }
+    }
+}
+
+/// A norm as slices.
+struct NormRow<'m> {
+    kind: NormKind,
+    weight: &'m [f32],
+    bias: Option<&'m [f32]>,
+    eps: f32,
+}
+
+impl<'m> NormRow<'m> {
+    fn new(n: &'m Norm) -> Option<Self> {
+        let bias = match &n.bias {
+            Some(b) => Some(f32_slice(b)?),
+            None => None,
+        };
+        Some(NormRow { kind: n.kind, weight: f32_slice(&n.weight)?, bias, eps: n.eps as f32 })
+    }
+
+    fn apply(&self, x: &[f32], out: &mut [f32]) {
+        match self.kind {
+            NormKind::RmsNorm => rms_norm_row(x, self.weight, self.eps, out),
+            NormKind::LayerNorm => layer_norm_row(x, self.weight, self.bias, self.eps, out),
+        }
+    }
+}
+
+/// One decoder block as slices.
+struct Block<'m> {
+    input_norm: NormRow<'m>,
+    qkv: Stacked<'m>,
+    o_proj: Affine<'m>,
+    post_norm: NormRow<'m>,
+    /// Gate and up (gated MLP, in that order) or up alone.
+    up: Stacked<'m>,
+    down: Affine<'m>,
+}
+
+/// Work buffers, allocated once.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    scores: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+    out: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// The decoding step of one model over borrowed weights (see the module docs).
+pub struct FastDecoder<'m> {
+    embed: Rows<'m>,
+    positions: Option<Rows<'m>>,
+    inv_freq: Option<Vec<f32>>,
+    blocks: Vec<Block<'m>>,
+    norm: NormRow<'m>,
+    head: Rows<'m>,
+    act: Activation,
+    gated: bool,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scratch: Scratch,
+    /// Splits the products over libtorch's intra-op thread count (`--threads`).
+    pool: SpinPool,
+}
+
+impl<'m> FastDecoder<'m> {
+    /// The fused step for `model`, or `None` when it does not apply: weights not float32 on the
+    /// CPU or not row-major, or an activation without a kernel (exact GELU); then decode with
+    /// libtorch. The model's weights must not change while the decoder is alive.
+    pub fn new(model: &'m DecoderModel) -> Option<Self> {
+        let cfg = &model.config;
+        if model.device() != Device::Cpu || model.kind() != Kind::Float || cfg.hidden_act == Activation::Gelu {
+            return None;
+        }
+        let blocks = model
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                let up = match &m.gate_proj {
+                    Some(gate) => Stacked::new(m.gate_up.as_ref(), &[gate, &m.up_proj])?,
+                    None => Stacked::new(None, &[&m.up_proj])?,
+                };
+                Some(Block {
+                    input_norm: NormRow::new(&l.input_layernorm)?,
+                    qkv: Stacked::new(a.qkv.as_ref(), &[&a.q_proj, &a.k_proj, &a.v_proj])?,
+                    o_proj: Affine::new(&a.o_proj)?,
+                    post_norm: NormRow::new(&l.post_attention_layernorm)?,
+                    up,
+                    down: Affine::new(&m.down_proj)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let embed = Rows::from_tensor(&model.embed_tokens)?;
+        let head = match &model.lm_head {
+            Some(h) if h.bias.is_none() => Rows::from_tensor(&h.weight)?,
+            Some(_) => return None,
+            None => embed,
+        };
+        let positions = match &model.embed_positions {
+            Some(p) => Some(Rows::from_tensor(p)?),
+            None => None,
+        };
+        let inv_freq = match cfg.position {
+            PositionKind::Rope => Some(model.rope.as_ref()?.inv_freq()),
+            PositionKind::Learned | PositionKind::None => None,
+        };
+        Some(FastDecoder {
+            embed,
+            positions,
+            inv_freq,
+            blocks,
+            norm: NormRow::new(&model.norm)?,
+            head,
+            act: cfg.hidden_act,
+            gated: cfg.mlp == MlpKind::Gated,
+            heads: cfg.num_attention_heads as usize,
+            kv_heads: cfg.num_key_value_heads as usize,
+            head_dim: cfg.head_dim() as usize,
+            scratch: Scratch::default(),
+            pool: SpinPool::new(tch::get_num_threads().max(1) as usize),
+        })
+    }
+
+    /// Logits `[1, 1, vocab]` of `token` at `position`, attending to every position in `cache`
+    /// (a batch-1 cache of this model); its keys and values are appended and the cache advanced
+    /// by one, exactly as [`DecoderModel::forward_ext`] does with one new position.
+    ///
+    /// # Panics
+    /// When `token` is outside the vocabulary, `position` outside a learned position table, or
+    /// the cache is full, not batch 1, or not of this model's shape.
+    pub fn step(&mut self, token: i64, position: i64, cache: &mut KvCache) -> Tensor {
+        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        let hidden = self.embed.cols();
+        let len = cache.len() as usize; // positions already cached
+        assert!((len as i64) < cache.capacity(), "KV cache full ({} positions)", cache.capacity());
+        let (s, pool) = (&mut self.scratch, &self.pool);
+        resize(&mut s.x, hidden);
+        s.x.copy_from_slice(self.embed.row(token as usize));
+        if let Some(p) = &self.positions {
+            s.x.iter_mut().zip(p.row(position as usize)).for_each(|(x, p)| *x += p);
+        }
+        if let Some(inv_freq) = &self.inv_freq {
+            // As `Rope::cos_sin`: the angle is the float32 product of position and frequency.
+            let angles = inv_freq.iter().map(|&f| position as f32 * f);
+            (s.cos, s.sin) = angles.map(|a| (a.cos(), a.sin())).unzip();
+        }
+        let group = nh / nkv;
+        let scale = 1.0 / (d as f32).sqrt();
+        for (layer, block) in self.blocks.iter().enumerate() {
+            // Attention: [hidden] -> q [nh, d], k and v [nkv, d].
+            resize(&mut s.normed, hidden);
+            block.input_norm.apply(&s.x, &mut s.normed);
+            resize(&mut s.qkv, (nh + 2 * nkv) * d);
+            block.qkv.apply(&s.normed, &mut s.qkv, pool);
+            if self.inv_freq.is_some() {
+                for head in s.qkv[..(nh + nkv) * d].chunks_exact_mut(d) {
+                    rotate_half(head, &s.cos, &s.sin);
+                }
+            }
+            let (keys, values) = cache_slices(cache, layer, nkv, d);
+            let capacity = keys.len() / (nkv * d);
+            let (q, kv) = s.qkv.split_at(nh * d);
+            for g in 0..nkv {
+                let at = (g * capacity + len) * d;
+                keys[at..at + d].copy_from_slice(&kv[g * d..(g + 1) * d]);
+                values[at..at + d].copy_from_slice(&kv[(nkv + g) * d..(nkv + g + 1) * d]);
+            }
+            resize(&mut s.attn, nh * d);
+            s.attn.fill(0.0);
+            resize(&mut s.scores, len + 1);
+            for h in 0..nh {
+                let g = h / group;
+                let k = Rows::new(&keys[g * capacity * d..], len + 1, d, d).expect("inside the cache");
+                s.scores.fill(0.0);
+                k.matvec_add(&q[h * d..(h + 1) * d], &mut s.scores);
+                softmax_scaled(&mut s.scores, scale);
+                let out = &mut s.attn[h * d..(h + 1) * d];
+                for (t, &p) in s.scores.iter().enumerate() {
+                    let v = &values[(g * capacity + t) * d..][..d];
+                    out.iter_mut().zip(v).for_each(|(o, &v)| *o += p * v);
+                }
+            }
+            resize(&mut s.out, hidden);
+            block.o_proj.apply(&s.attn, &mut s.out, pool);
+            s.x.iter_mut().zip(&s.out).for_each(|(x, o)| *x += o);
+
+            // MLP: [hidden] -> [intermediate] -> [hidden].
+            block.post_norm.apply(&s.x, &mut s.normed);
+            let width = block.down.weight.cols();
+            resize(&mut s.up, if self.gated { 2 * width } else { width });
+            block.up.apply(&s.normed, &mut s.up, pool);
+            resize(&mut s.act, width);
+            if self.gated {
+                let (gate, up) = s.up.split_at(width);
+                s.act.iter_mut().zip(gate.iter().zip(up)).for_each(|(a, (&g, &u))| *a = activate(self.act, g) * u);
+            } else {
+                s.act.iter_mut().zip(&s.up).for_each(|(a, &u)| *a = activate(self.act, u));
+            }
+            block.down.apply(&s.act, &mut s.out, pool);
+            s.x.iter_mut().zip(&s.out).for_each(|(x, o)| *x += o);
+        }
+        cache.advance(1);
+        self.norm.apply(&s.x, &mut s.normed);
+        let mut logits = vec![0f32; self.head.rows()];
+        self.head.matvec_add_split(&s.normed, &mut logits, pool);
+        Tensor::from_slice(&logits).view([1, 1, -1])
+    }
+}
+
+fn resize(v: &mut Vec<f32>, n: usize) {
+    v.resize(n, 0.0);
+}
+
+/// Rotates one head in place by the angles (transformers' `rotate_half` layout).
+fn rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let (lo, hi) = x.split_at_mut(half);
+    for i in 0..half {
+        let (a, b) = (lo[i], hi[i]);
+        lo[i] = a * cos[i] - b * sin[i];
+        hi[i] = b * cos[i] + a * sin[i];
+    }
+}
+
+/// `softmax(scores * scale)` in place.
+fn softmax_scaled(scores: &mut [f32], scale: f32) {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+    let mut total = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s * scale - max).exp();
+        total += *s;
+    }
+    scores.iter_mut().for_each(|s| *s /= total);
+}
+
+fn activate(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::GeluTanh => {
+            const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+            0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+        }
+        Activation::Relu => x.max(0.0),
+        Activation::Gelu => unreachable!("FastDecoder::new declines exact GELU"),
+    }
+}
+
+/// The key and value buffers of `layer` as mutable slices `[kv_heads, capacity, head_dim]`.
+fn cache_slices(cache: &mut KvCache, layer: usize, kv_heads: usize, head_dim: usize) -> (&mut [f32], &mut [f32]) {
+    let (k, v) = cache.buffers_mut(layer);
+    let ok = |t: &Tensor| {
+        let size = t.size();
+        t.device() == Device::Cpu
+            && t.kind() == Kind::Float
+            && t.is_contiguous()
+            && size[0] == 1
+            && size[1] as usize == kv_heads
+            && size[3] as usize == head_dim
+    };
+    assert!(ok(k) && ok(v), "FastDecoder needs a batch-1 float32 CPU cache of this model, got {:?}", k.size());
+    let n = k.numel();
+    // SAFETY: both are contiguous float32 CPU tensors of `n` floats, distinct allocations made
+    // by `KvCache::new`; the `&mut KvCache` borrow keeps every other user out while the slices
+    // live, and keeps the tensors alive.
+    unsafe {
+        (
+            std::slice::from_raw_parts_mut(k.data_ptr() as *mut f32, n),
+            std::slice::from_raw_parts_mut(v.data_ptr() as *mut f32, n),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ModelConfig;
+    use stlm_attention::AttentionMask;
+
+    fn model(toml: &str, fuse: bool) -> DecoderModel {
+        tch::manual_seed(7);
+        let cfg = ModelConfig::from_toml_str(toml, std::path::Path::new("test.toml")).expect("valid config");
+        let mut m = DecoderModel::new(cfg, Device::Cpu).expect("model");
+        if fuse {
+            m.optimize_for_decoding();
+        }
+        m
+    }
+
+    /// Prefills a prompt with libtorch, then decodes the same greedy tokens through libtorch and
+    /// through the fused step (each with its own cache) and returns the largest logit difference.
+    fn max_diff(m: &DecoderModel, steps: i64) -> f64 {
+        let _g = tch::no_grad_guard();
+        let prompt = Tensor::from_slice(&[3i64, 1, 4, 1, 5]).view([1, 5]);
+        let mut caches = [m.new_cache(1, 5 + steps), m.new_cache(1, 5 + steps)];
+        let mut logits = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        for c in caches.iter_mut() {
+            let positions = Tensor::arange(5, (Kind::Int64, Device::Cpu)).view([1, 5]);
+            logits = m.forward_ext(&prompt, &positions, &AttentionMask::Causal, Some(c)).select(1, -1);
+        }
+        let mut fast = FastDecoder::new(m).expect("the fused step applies");
+        let [slow_cache, fast_cache] = &mut caches;
+        let mut worst = 0f64;
+        for _ in 0..steps {
+            let id = logits.argmax(-1, false).int64_value(&[0]);
+            let pos = slow_cache.len();
+            let mask = AttentionMask::causal(1, pos, None, Device::Cpu);
+            let ids = Tensor::from_slice(&[id]).view([1, 1]);
+            let slow = m.forward_ext(&ids, &Tensor::from_slice(&[pos]).view([1, 1]), &mask, Some(slow_cache));
+            let quick = fast.step(id, fast_cache.len(), fast_cache);
+            assert_eq!(quick.size(), slow.size());
+            assert!(slow.abs().max().double_value(&[]) > 0.5, "logits large enough to compare");
+            worst = worst.max((&quick - &slow).abs().max().double_value(&[]));
+            logits = slow.select(1, -1);
+        }
+        assert_eq!(slow_cache.len(), fast_cache.len());
+        worst
+    }
+
+    const LLAMA_GQA: &str = "vocab_size = 97\nhidden_size = 64\nintermediate_size = 96\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 2\nrope_theta = 500000.0\ninitializer_range = 0.3\n";
+    const GPT2: &str = "preset = \"gpt2\"\nvocab_size = 61\nhidden_size = 48\nintermediate_size = 80\nnum_hidden_layers = 2\nnum_attention_heads = 3\ninitializer_range = 0.3\n";
+    const MQA_PLAIN: &str = "model_type = \"stlm\"\nvocab_size = 50\nhidden_size = 40\nintermediate_size = 72\nnum_hidden_layers = 3\nnum_attention_heads = 4\nnum_key_value_heads = 1\nhead_dim = 12\nposition = \"none\"\nmlp = \"plain\"\nhidden_act = \"relu\"\nattention_bias = true\nmlp_bias = true\ntie_word_embeddings = true\ninitializer_range = 0.3\n";
+
+    #[test]
+    fn matches_libtorch_decoding() {
+        for (name, toml) in [("llama gqa", LLAMA_GQA), ("gpt2", GPT2), ("mqa plain relu, no positions", MQA_PLAIN)] {
+            for fuse in [false, true] {
+                let diff = max_diff(&model(toml, fuse), 12);
+                assert!(diff < 1e-4, "{name} (fused projections: {fuse}): max abs logit difference {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn declines_what_it_cannot_compute() {
+        let exact_gelu = model(&format!("{GPT2}hidden_act = \"gelu\"\n"), false);
+        assert!(FastDecoder::new(&exact_gelu).is_none());
+        let mut double = model(LLAMA_GQA, false);
+        double.set_kind(Kind::Double);
+        assert!(FastDecoder::new(&double).is_none());
+    }
+}
