@@ -5,10 +5,12 @@
 //! `scaled_dot_product_attention` (with grouped-query heads through `enable_gqa`).
 //! [`sliding_window_attention`] is the local-window variant (with optional global tokens),
 //! computed by blocks in O(n·w); [`fixed_sparse_attention`] is the fixed pattern of Sparse
-//! Transformers, computed block-sparse.
+//! Transformers, computed block-sparse. [`AttentionKind`] is the one interface over all of them that
+//! model configs name per layer, for training over a full sequence and for cached decoding.
 
 pub mod cache;
 pub mod dense;
+pub mod kind;
 pub mod mask;
 pub mod rope;
 pub mod scores;
@@ -17,8 +19,9 @@ pub mod sparse;
 #[cfg(test)]
 mod testing;
 
-pub use cache::KvCache;
+pub use cache::{CachedKeys, KvCache};
 pub use dense::{dense_attention, naive_attention};
+pub use kind::{AttentionKind, ATTENTION_KINDS};
 pub use mask::AttentionMask;
 pub use rope::{apply_rotary, Rope};
 pub use scores::{power_attention, ssmax_attention, temperature_attention};

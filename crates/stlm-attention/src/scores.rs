@@ -12,13 +12,19 @@
 use crate::{dense_attention, AttentionMask};
 use tch::{Kind, Tensor};
 
-/// Causal Scalable-Softmax attention: `q` `[batch, heads, seq, head_dim]`, `k`/`v`
-/// `[batch, kv_heads, seq, head_dim]`, `s` `[heads]` (learnable). Returns the shape of `q`.
-pub fn ssmax_attention(q: &Tensor, k: &Tensor, v: &Tensor, s: &Tensor, scale: Option<f64>) -> Tensor {
-    let (h, seq) = (q.size()[1], q.size()[2]);
-    let log_n = Tensor::arange_start(1, seq + 1, (Kind::Float, q.device())).log().to_kind(q.kind());
-    let factor = s.view([1, h, 1, 1]) * log_n.view([1, 1, seq, 1]);
-    dense_attention(&(q * factor), k, v, &AttentionMask::Causal, scale)
+/// Scalable-Softmax attention under `mask`: `q` `[batch, heads, q_len, head_dim]`, `k`/`v`
+/// `[batch, kv_heads, kv_len, head_dim]`, `s` `[heads]` (learnable). A query's `n` is the number
+/// of keys it sees (`i + 1` causally). Returns the shape of `q`.
+pub fn ssmax_attention(q: &Tensor, k: &Tensor, v: &Tensor, s: &Tensor, mask: &AttentionMask, scale: Option<f64>) -> Tensor {
+    let (h, q_len, kv_len) = (q.size()[1], q.size()[2], k.size()[2]);
+    let device = q.device();
+    let visible = match mask {
+        AttentionMask::Causal => Tensor::arange_start(1, q_len + 1, (Kind::Float, device)).view([1, 1, q_len, 1]),
+        AttentionMask::Full => Tensor::full([1, 1, q_len, 1], kv_len as f64, (Kind::Float, device)),
+        AttentionMask::Explicit(m) => m.sum_dim_intlist(-1, true, Kind::Float).clamp_min(1.0),
+    };
+    let factor = s.view([1, h, 1, 1]) * visible.log().to_kind(q.kind());
+    dense_attention(&(q * factor), k, v, mask, scale)
 }
 
 /// Attention with scores multiplied by `inv_temperature` `[heads]` (learnable) under `mask`.
@@ -34,19 +40,24 @@ pub fn temperature_attention(
     dense_attention(&(q * inv_temperature.view([1, h, 1, 1])), k, v, mask, scale)
 }
 
-/// Power-normalised attention under a causal mask: weights `max(q·k·scale, 0)^p / Σ max(..)^p`
-/// over the visible keys (a row with no positive score gives zeros). `p > 0`.
-pub fn power_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: f64, scale: Option<f64>) -> Tensor {
+/// Power-normalised attention under `mask`: weights `max(q·k·scale, 0)^p / Σ max(..)^p` over
+/// the visible keys (a row with no positive score gives zeros). `p > 0`.
+pub fn power_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: f64, mask: &AttentionMask, scale: Option<f64>) -> Tensor {
     assert!(p > 0.0, "p > 0");
-    let (h, kvh, seq, d) = (q.size()[1], k.size()[1], q.size()[2], q.size()[3]);
+    let (h, kvh, q_len, d) = (q.size()[1], k.size()[1], q.size()[2], q.size()[3]);
+    let kv_len = k.size()[2];
     let (k, v) = if h == kvh {
         (k.shallow_clone(), v.shallow_clone())
     } else {
         (k.repeat_interleave_self_int(h / kvh, 1, None), v.repeat_interleave_self_int(h / kvh, 1, None))
     };
     let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
-    let causal = Tensor::ones([seq, seq], (Kind::Bool, q.device())).tril(0);
-    let weights = (q * scale).matmul(&k.transpose(-2, -1)).relu().pow_tensor_scalar(p) * causal.to_kind(q.kind());
+    let weights = (q * scale).matmul(&k.transpose(-2, -1)).relu().pow_tensor_scalar(p);
+    let weights = match mask {
+        AttentionMask::Causal => weights * Tensor::ones([q_len, kv_len], (q.kind(), q.device())).tril(0),
+        AttentionMask::Full => weights,
+        AttentionMask::Explicit(m) => weights * m.to_kind(q.kind()),
+    };
     let total = weights.sum_dim_intlist(-1, true, q.kind()) + 1e-12;
     (weights / total).matmul(&v)
 }
@@ -82,7 +93,7 @@ mod tests {
             let log_n = Tensor::arange_start(1, seq + 1, (Kind::Double, Device::Cpu)).log();
             let scaled = &q * s.view([1, h, 1, 1]) * log_n.view([1, 1, seq, 1]);
             let want = naive_attention(&scaled, &k, &v, &AttentionMask::Causal, None);
-            prop_assert!(max_diff(&ssmax_attention(&f(&q), &f(&k), &f(&v), &f(&s), None), &want) <= 1e-5);
+            prop_assert!(max_diff(&ssmax_attention(&f(&q), &f(&k), &f(&v), &f(&s), &AttentionMask::Causal, None), &want) <= 1e-5);
 
             let want = naive_attention(&(&q * s.view([1, h, 1, 1])), &k, &v, &AttentionMask::Causal, None);
             let got = temperature_attention(&f(&q), &f(&k), &f(&v), &f(&s), &AttentionMask::Causal, None);
@@ -94,7 +105,7 @@ mod tests {
             let z = q.matmul(&kr.transpose(-2, -1)) / (d as f64).sqrt();
             let w = z.relu().pow_tensor_scalar(p) * Tensor::ones([seq, seq], (Kind::Double, Device::Cpu)).tril(0);
             let want = (&w / (w.sum_dim_intlist(-1, true, Kind::Double) + 1e-12)).matmul(&vr);
-            let got = power_attention(&f(&q), &f(&k), &f(&v), p, None);
+            let got = power_attention(&f(&q), &f(&k), &f(&v), p, &AttentionMask::Causal, None);
             prop_assert!(max_diff(&got, &want) <= 1e-4, "power {}", max_diff(&got, &want));
         }
 
@@ -104,9 +115,9 @@ mod tests {
             let t = t % (seq - 1);
             tch::manual_seed(seed);
             let s = f(&rand(&[4])).abs();
-            let diff = causal_diff(|q, k, v| ssmax_attention(q, k, v, &s, None), seq, t);
+            let diff = causal_diff(|q, k, v| ssmax_attention(q, k, v, &s, &AttentionMask::Causal, None), seq, t);
             prop_assert!(diff == 0.0, "ssmax: output at <= {t} changed by {diff}");
-            let diff = causal_diff(|q, k, v| power_attention(q, k, v, 2.0, None), seq, t);
+            let diff = causal_diff(|q, k, v| power_attention(q, k, v, 2.0, &AttentionMask::Causal, None), seq, t);
             prop_assert!(diff == 0.0, "power: output at <= {t} changed by {diff}");
         }
     }
@@ -116,7 +127,7 @@ mod tests {
         let g = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
         let (q, k, v) = (g(&[1, 2, 10, 8]), g(&[1, 2, 10, 8]), g(&[1, 2, 10, 8]));
         let s = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        (ssmax_attention(&q, &k, &v, &s, None) * &v).sum(Kind::Float).backward();
+        (ssmax_attention(&q, &k, &v, &s, &AttentionMask::Causal, None) * &v).sum(Kind::Float).backward();
         assert!(s.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 }

@@ -9,6 +9,7 @@ use clap::Subcommand;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use stlm_attention::{AttentionKind, AttentionMask, ATTENTION_KINDS};
 use stlm_model::{DecoderModel, GenerationConfig};
 use stlm_train::optim::AdamW;
 use stlm_train::trainer::{train_step, BatchSource};
@@ -56,7 +57,8 @@ pub enum BenchJob {
     },
     /// Forward+backward time of an attention kernel and of dense SDPA on the same inputs.
     Attention {
-        /// Kernel: dense, sliding-window, fixed-sparse or strided-sparse.
+        /// Attention kind, by its config name: dense, sliding-window, fixed-sparse, strided-sparse,
+        /// ssmax, temperature or power.
         #[arg(long)]
         kind: String,
         /// Sequence length.
@@ -74,6 +76,9 @@ pub enum BenchJob {
         /// Summary positions c at the end of each block (fixed-sparse).
         #[arg(long, default_value_t = 8)]
         summary: i64,
+        /// Exponent (power).
+        #[arg(long, default_value_t = 2.0)]
+        p: f64,
         /// Batch size.
         #[arg(long, default_value_t = 1)]
         batch: i64,
@@ -113,9 +118,6 @@ struct AttentionBench {
     threads: i32,
 }
 
-/// The attention kernels `stlm bench attention` knows, by their config names.
-const ATTENTION_KINDS: &[&str] = &["dense", "sliding-window", "fixed-sparse", "strided-sparse"];
-
 fn bench_attention(a: &BenchJob) -> Result<()> {
     let BenchJob::Attention {
         kind,
@@ -124,6 +126,7 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
         global_tokens,
         block,
         summary,
+        p,
         batch,
         heads,
         head_dim,
@@ -135,16 +138,24 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
         unreachable!("called with the attention job")
     };
     let (seq, window, global, batch, heads, head_dim) = (*seq, *window, *global_tokens, *batch, *heads, *head_dim);
-    if !ATTENTION_KINDS.contains(&kind.as_str()) {
-        bail!("--kind {kind}: unknown attention (known: {})", ATTENTION_KINDS.join(", "));
-    }
+    let (block, summary) = (*block, *summary);
+    let attention = match kind.as_str() {
+        "dense" => AttentionKind::Dense,
+        "sliding-window" => AttentionKind::SlidingWindow { window, global_tokens: global },
+        "fixed-sparse" => AttentionKind::FixedSparse { block, summary },
+        "strided-sparse" => AttentionKind::StridedSparse { stride: block },
+        "ssmax" => AttentionKind::Ssmax,
+        "temperature" => AttentionKind::Temperature,
+        "power" => AttentionKind::Power { p: *p },
+        _ => bail!("--kind {kind}: unknown attention (known: {})", ATTENTION_KINDS.join(", ")),
+    };
     if seq < 1 || window < 1 || global < 0 || batch < 1 || heads < 1 || head_dim < 1 || *repeats < 1 {
         bail!("--seq, --window, --batch, --heads, --head-dim and --repeats must be at least 1 (--global-tokens at least 0)");
     }
-    let (block, summary) = (*block, *summary);
     if block < 1 || !(1..=block).contains(&summary) {
         bail!("--block must be at least 1 and --summary between 1 and --block (got {block} and {summary})");
     }
+    attention.validate().map_err(|e| anyhow::anyhow!("--kind {kind}: {e}"))?;
     let dev = stlm_core::parse_device(device)?;
     stlm_core::memory::keep_freed_memory(); // as `stlm train` does; both kernels benefit
     tch::manual_seed(0);
@@ -163,14 +174,13 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
         }
         best * 1e3
     };
-    let dense = || stlm_attention::dense_attention(&q, &k, &v, &stlm_attention::AttentionMask::Causal, None);
+    let dense = || stlm_attention::dense_attention(&q, &k, &v, &AttentionMask::Causal, None);
     let dense_ms = run(&dense);
-    let ms = match kind.as_str() {
-        "sliding-window" => run(&|| stlm_attention::sliding_window_attention(&q, &k, &v, window, global, None)),
-        "fixed-sparse" => run(&|| stlm_attention::fixed_sparse_attention(&q, &k, &v, block, summary, None)),
-        "strided-sparse" => run(&|| stlm_attention::strided_sparse_attention(&q, &k, &v, block, None)),
-        _ => run(&dense),
-    };
+    // The kind's learnable per-head parameter, if any, at its initial value (it gets gradients).
+    let param = attention
+        .head_parameter(seq)
+        .map(|(_, init)| Tensor::full([heads], init, (Kind::Float, dev)).set_requires_grad(true));
+    let ms = run(&|| attention.forward(&q, &k, &v, param.as_ref(), &AttentionMask::Causal));
     let report = AttentionBench {
         kind: kind.clone(),
         seq,

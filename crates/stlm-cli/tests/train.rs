@@ -186,3 +186,36 @@ fn losses_if_any(run: &Path) -> Vec<(u64, String)> {
         Vec::new()
     }
 }
+
+/// Every example config of an attention kind (`configs/attn-*.toml`) trains a few steps with
+/// `stlm train`, and the saved model keeps its attention and generates (cached decoding).
+#[test]
+fn every_attention_config_trains_and_generates() {
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut names: Vec<_> = std::fs::read_dir(&configs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("attn-") && n.ends_with(".toml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 6, "{names:?}");
+    let dir = tempfile::tempdir().unwrap();
+    for name in names {
+        let text = std::fs::read_to_string(configs.join(&name)).unwrap();
+        assert!(text.trim_end().ends_with("val_fraction = 0.02"), "{name}: [data] comes last");
+        // A small built-in corpus and batch: this checks that the kind trains, not how well.
+        let config = dir.path().join(&name);
+        std::fs::write(&config, format!("{}\nbuiltin_stories = 40\n", text.replace("batch_size = 16", "batch_size = 2"))).unwrap();
+        let run = dir.path().join(name.trim_end_matches(".toml"));
+        let out = stlm(&["train", "--config", p(&config), "--out", p(&run), "--max-steps", "2", "--samples", "0"]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        for (step, loss) in losses(&run) {
+            assert!(loss.parse::<f64>().is_ok_and(f64::is_finite), "{name}: loss {loss} at step {step}");
+        }
+        let kind = name.trim_start_matches("attn-").trim_end_matches(".toml");
+        let saved = std::fs::read_to_string(run.join("model").join("config.json")).unwrap();
+        assert!(saved.contains(&format!("\"{kind}\"")), "{name}: attention kept in config.json");
+        let gen = stlm(&["generate", "--model", p(&run.join("model")), "--prompt", "Once upon", "--max-new-tokens", "8"]);
+        assert!(gen.status.success(), "{name}: {}", String::from_utf8_lossy(&gen.stderr));
+    }
+}

@@ -2,6 +2,7 @@
 
 use crate::{ModelError, Result};
 use serde::{Deserialize, Serialize};
+use stlm_attention::AttentionKind;
 use std::path::Path;
 
 /// The normalisation layer.
@@ -114,6 +115,11 @@ pub struct ModelConfig {
     /// Padding token id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<i64>,
+    /// Attention of each layer: one entry for every layer, or a pattern repeated over the layers
+    /// (its length must divide `num_hidden_layers`); empty means dense everywhere. Last, because
+    /// TOML writes arrays of tables after plain values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attention: Vec<AttentionKind>,
 }
 
 /// Names of the presets accepted by `preset = "..."`.
@@ -145,6 +151,7 @@ impl ModelConfig {
             bos_token_id: None,
             eos_token_id: Vec::new(),
             pad_token_id: None,
+            attention: Vec::new(),
         }
     }
 
@@ -223,6 +230,19 @@ impl ModelConfig {
         toml::to_string(self).expect("a ModelConfig always serializes")
     }
 
+    /// The attention of layer `i` (see [`ModelConfig::attention`]).
+    pub fn layer_attention(&self, i: usize) -> AttentionKind {
+        match self.attention.len() {
+            0 => AttentionKind::Dense,
+            n => self.attention[i % n].clone(),
+        }
+    }
+
+    /// True when every layer uses dense attention.
+    pub fn all_dense(&self) -> bool {
+        self.attention.iter().all(|a| *a == AttentionKind::Dense)
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> i64 {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
@@ -260,6 +280,18 @@ impl ModelConfig {
         if self.position == PositionKind::Rope && self.head_dim() % 2 != 0 {
             return err(format!("field `head_dim` ({}) must be even for rope", self.head_dim()));
         }
+        let n = self.attention.len() as i64;
+        if n > 0 && self.num_hidden_layers % n != 0 {
+            return err(format!(
+                "field `attention`: {n} entries cannot repeat over {} layers (give one, one per layer, or a divisor)",
+                self.num_hidden_layers
+            ));
+        }
+        for (i, kind) in self.attention.iter().enumerate() {
+            if let Err(e) = kind.validate() {
+                return err(format!("field `attention[{i}]` ({}): {e}", kind.name()));
+            }
+        }
         let positive = |v: f64| v > 0.0; // false for NaN too
         if !positive(self.norm_eps) || !positive(self.rope_theta) || !positive(self.initializer_range) {
             return err("fields `norm_eps`, `rope_theta` and `initializer_range` must be positive".into());
@@ -285,6 +317,9 @@ impl ModelConfig {
 
     /// Why this config cannot be saved as its `model_type` in transformers, if it cannot.
     fn export_mismatch(&self) -> Option<String> {
+        if self.model_type != ModelType::Stlm && !self.all_dense() {
+            return Some("only dense attention exists there".into());
+        }
         match self.model_type {
             ModelType::Stlm => None,
             ModelType::Llama => {
@@ -334,6 +369,23 @@ mod tests {
         assert_eq!(c.num_key_value_heads, 1);
         let back = ModelConfig::from_toml_str(&c.to_toml(), p()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn attention_per_layer() {
+        let text = "model_type = \"stlm\"\nnum_hidden_layers = 4\nattention = [{ kind = \"sliding-window\", window = 8 }, { kind = \"dense\" }]\n";
+        let c = ModelConfig::from_toml_str(text, p()).unwrap();
+        assert_eq!(c.layer_attention(2), AttentionKind::SlidingWindow { window: 8, global_tokens: 0 });
+        assert_eq!(c.layer_attention(3), AttentionKind::Dense);
+        assert_eq!(ModelConfig::from_toml_str(&c.to_toml(), p()).unwrap(), c);
+        let e = ModelConfig::from_toml_str(&text.replace("4\n", "3\n"), p()).unwrap_err().to_string();
+        assert!(e.contains("`attention`"), "{e}");
+        let e = ModelConfig::from_toml_str(&text.replace("window = 8", "window = 0"), p()).unwrap_err().to_string();
+        assert!(e.contains("attention[0]") && e.contains("window"), "{e}");
+        let e = ModelConfig::from_toml_str(&text.replace("stlm", "llama"), p()).unwrap_err().to_string();
+        assert!(e.contains("model_type") && e.contains("dense"), "{e}");
+        let e = ModelConfig::from_toml_str(&text.replace("sliding-window", "sliding"), p()).unwrap_err().to_string();
+        assert!(e.contains("attention") && e.contains("sliding"), "{e}");
     }
 
     #[test]

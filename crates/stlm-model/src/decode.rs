@@ -11,7 +11,7 @@
 use crate::config::{Activation, MlpKind, NormKind, PositionKind};
 use crate::layers::{Linear, Norm};
 use crate::DecoderModel;
-use stlm_attention::KvCache;
+use stlm_attention::{AttentionKind, KvCache};
 use stlm_core::kernels::{f32_slice, layer_norm_row, rms_norm_row, Rows};
 use stlm_core::spin::SpinPool;
 use tch::{Device, Kind, Tensor};
@@ -134,11 +134,15 @@ pub struct FastDecoder<'m> {
 
 impl<'m> FastDecoder<'m> {
     /// The fused step for `model`, or `None` when it does not apply: weights not float32 on the
-    /// CPU or not row-major, or an activation without a kernel (exact GELU); then decode with
+    /// CPU or not row-major, an activation without a kernel (exact GELU), or a layer whose attention
+    /// is not dense; then decode with
     /// libtorch. The model's weights must not change while the decoder is alive.
     pub fn new(model: &'m DecoderModel) -> Option<Self> {
         let cfg = &model.config;
         if model.device() != Device::Cpu || model.kind() != Kind::Float || cfg.hidden_act == Activation::Gelu {
+            return None;
+        }
+        if model.layers.iter().any(|l| l.self_attn.attention != AttentionKind::Dense) {
             return None;
         }
         let blocks = model

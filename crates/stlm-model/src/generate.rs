@@ -187,7 +187,8 @@ pub fn generate(
     .clamp_min(0);
     let mut next_pos = lengths.unsqueeze(1); // [b, 1]
 
-    let mut cache = model.new_cache(b, capacity);
+    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0) as i64;
+    let mut cache = model.new_cache_padded(b, capacity, prompt_len - shortest);
     let mask =
         AttentionMask::causal(prompt_len, 0, key_valid.as_ref().map(|k| k.narrow(1, 0, prompt_len)).as_ref(), device);
     // Only the last position's logits are needed: the head runs on one position per row.

@@ -215,6 +215,7 @@ fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
         bos_token_id: ids(&c.bos_token_id, "bos_token_id", path)?.first().copied(),
         eos_token_id: ids(&c.eos_token_id, "eos_token_id", path)?,
         pad_token_id: ids(&c.pad_token_id, "pad_token_id", path)?.first().copied(),
+        attention: Vec::new(),
     })
 }
 
@@ -251,6 +252,7 @@ fn gpt2_config(c: Gpt2Hf, path: &Path) -> Result<ModelConfig> {
         bos_token_id: ids(&c.bos_token_id, "bos_token_id", path)?.first().copied(),
         eos_token_id: ids(&c.eos_token_id, "eos_token_id", path)?,
         pad_token_id: ids(&c.pad_token_id, "pad_token_id", path)?.first().copied(),
+        attention: Vec::new(),
     })
 }
 

@@ -4,7 +4,7 @@
 //! inspection can walk them. Variable names follow Hugging Face Llama naming.
 
 use crate::config::{Activation, MlpKind, ModelConfig, NormKind};
-use stlm_attention::{apply_rotary, dense_attention, AttentionMask, KvCache};
+use stlm_attention::{apply_rotary, AttentionKind, AttentionMask, KvCache};
 use stlm_core::kernels::{small_batch_linear, small_batch_rms_norm};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -201,14 +201,24 @@ pub struct SelfAttention {
     pub head_dim: i64,
     /// q, k and v projections in one product, for decoding (see [`Linear::fuse`]).
     pub qkv: Option<Linear>,
+    /// Which attention this layer computes.
+    pub attention: AttentionKind,
+    /// The kind's learnable `[heads]` parameter (`ssmax_scale`, `inv_temperature`), if any.
+    pub head_param: Option<Tensor>,
 }
 
 impl SelfAttention {
-    /// Builds the projections; `resid_std` initialises `o_proj`.
-    pub fn new(path: nn::Path, cfg: &ModelConfig, resid_std: f64) -> Self {
+    /// Builds the projections of layer `layer`; `resid_std` initialises `o_proj`.
+    pub fn new(path: nn::Path, cfg: &ModelConfig, layer: usize, resid_std: f64) -> Self {
         let (h, d, b, std) = (cfg.hidden_size, cfg.head_dim(), cfg.attention_bias, cfg.initializer_range);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let attention = cfg.layer_attention(layer);
+        let head_param = attention
+            .head_parameter(cfg.max_position_embeddings)
+            .map(|(name, init)| path.var(name, &[nh], Init::Const(init)));
         SelfAttention {
+            attention,
+            head_param,
             q_proj: Linear::new(&path / "q_proj", h, nh * d, b, std),
             k_proj: Linear::new(&path / "k_proj", h, nkv * d, b, std),
             v_proj: Linear::new(&path / "v_proj", h, nkv * d, b, std),
@@ -225,12 +235,13 @@ impl SelfAttention {
         self.qkv = Some(Linear::fuse(&mut [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj]));
     }
 
-    /// `[b, s, hidden] -> [b, s, hidden]`. With a cache, keys and values of this layer are
-    /// appended to it and attention sees every cached position.
+    /// `[b, s, hidden] -> [b, s, hidden]` for tokens at `positions` `[b, s]`. With a cache, keys
+    /// and values of this layer are appended to it and attention sees the cached positions.
     pub fn forward(
         &self,
         x: &Tensor,
         rotary: Option<&RotaryAngles>,
+        positions: &Tensor,
         mask: &AttentionMask,
         cache: Option<(&KvCache, usize)>,
     ) -> Tensor {
@@ -248,11 +259,25 @@ impl SelfAttention {
         let all = heads(projected, nh + 2 * nkv); // [b, h + 2 kvh, s, d]
         let qk = rotate(all.narrow(1, 0, nh + nkv)); // q and k rotated in one pass
         let (q, k, v) = (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv), all.narrow(1, nh + nkv, nkv));
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.update(layer, &k, &v),
-            None => (k, v),
+        let past = cache.map_or(0, |(c, _)| c.len());
+        let (k, v, key_positions) = match cache {
+            Some((cache, layer)) => {
+                let seen = cache.update(layer, &k, &v);
+                (seen.keys, seen.values, seen.positions)
+            }
+            None => (k, v, None),
         };
-        let out = dense_attention(&q, &k, &v, mask, None); // [b, h, s, d]
+        // Over a whole sequence from position 0 each kind runs its own kernel; otherwise its
+        // pattern becomes an explicit mask over the keys (dense attention takes `mask` as is).
+        let own_kernel = past == 0 && matches!(mask, AttentionMask::Causal) && key_positions.is_none();
+        let out = if own_kernel || self.attention == AttentionKind::Dense {
+            self.attention.forward(&q, &k, &v, self.head_param.as_ref(), mask)
+        } else {
+            // Left padding: a row's positions lag its cache slots by its padding.
+            let offsets = (positions.select(1, s - 1) - (past + s - 1)).neg();
+            let mask = self.attention.mask(past, s, key_positions.as_ref(), Some(&offsets), mask, x.device());
+            self.attention.forward(&q, &k, &v, self.head_param.as_ref(), &mask)
+        }; // [b, h, s, d]
         self.o_proj.forward(&out.transpose(1, 2).reshape([b, s, self.num_heads * self.head_dim]))
     }
 }
@@ -271,12 +296,12 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Builds block `path` (`model.layers.{i}`).
-    pub fn new(path: nn::Path, cfg: &ModelConfig) -> Self {
+    /// Builds block `layer` at `path` (`model.layers.{layer}`).
+    pub fn new(path: nn::Path, cfg: &ModelConfig, layer: usize) -> Self {
         let resid_std = cfg.initializer_range / (2.0 * cfg.num_hidden_layers as f64).sqrt();
         DecoderLayer {
             input_layernorm: Norm::new(&path / "input_layernorm", cfg.norm, cfg.hidden_size, cfg.norm_eps),
-            self_attn: SelfAttention::new(&path / "self_attn", cfg, resid_std),
+            self_attn: SelfAttention::new(&path / "self_attn", cfg, layer, resid_std),
             post_attention_layernorm: Norm::new(
                 &path / "post_attention_layernorm",
                 cfg.norm,
@@ -287,15 +312,16 @@ impl DecoderLayer {
         }
     }
 
-    /// `[b, s, hidden] -> [b, s, hidden]`.
+    /// `[b, s, hidden] -> [b, s, hidden]` for tokens at `positions` `[b, s]`.
     pub fn forward(
         &self,
         x: &Tensor,
         rotary: Option<&RotaryAngles>,
+        positions: &Tensor,
         mask: &AttentionMask,
         cache: Option<(&KvCache, usize)>,
     ) -> Tensor {
-        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rotary, mask, cache);
+        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rotary, positions, mask, cache);
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
 }

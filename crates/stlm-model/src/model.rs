@@ -50,7 +50,7 @@ impl DecoderModel {
                 Init::Randn { mean: 0.0, stdev: std },
             )
         });
-        let layers = (0..config.num_hidden_layers).map(|i| DecoderLayer::new(&model / "layers" / i, &config)).collect();
+        let layers = (0..config.num_hidden_layers).map(|i| DecoderLayer::new(&model / "layers" / i, &config, i as usize)).collect();
         let norm = Norm::new(&model / "norm", config.norm, h, config.norm_eps);
         let lm_head = (!config.tie_word_embeddings).then(|| Linear::new(&root / "lm_head", h, v, false, std));
         let rope =
@@ -159,7 +159,7 @@ impl DecoderModel {
             RotaryAngles { cos, sin }
         });
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, rotary.as_ref(), mask, cache.as_deref().map(|c| (c, i)));
+            x = layer.forward(&x, rotary.as_ref(), positions, mask, cache.as_deref().map(|c| (c, i)));
         }
         if let Some(c) = cache.as_mut() {
             c.advance(input_ids.size()[1]);
@@ -167,11 +167,24 @@ impl DecoderModel {
         self.norm.forward(&x)
     }
 
-    /// A KV cache for `batch` sequences of up to `capacity` positions, in the model's dtype.
+    /// A KV cache for `batch` sequences of up to `capacity` positions, in the model's dtype
+    /// (sliding-window layers keep only their window).
     pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        self.new_cache_padded(batch, capacity, 0)
+    }
+
+    /// [`DecoderModel::new_cache`] for rows left-padded by up to `padding` slots: sliding-window
+    /// layers with global tokens keep `padding` more leading slots, where a padded row's global
+    /// tokens are.
+    pub fn new_cache_padded(&self, batch: i64, capacity: i64, padding: i64) -> KvCache {
         let c = &self.config;
-        KvCache::new(
-            c.num_hidden_layers as usize,
+        let windows: Vec<_> = self
+            .layers
+            .iter()
+            .map(|l| l.self_attn.attention.rolling_window().map(|(w, g)| (w, if g > 0 { g + padding } else { 0 })))
+            .collect();
+        KvCache::with_windows(
+            &windows,
             batch,
             c.num_key_value_heads,
             c.head_dim(),
