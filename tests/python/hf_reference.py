@@ -8,6 +8,10 @@ Reads a JSON list of tasks from the file given as the only argument:
       "greedy" (transformers' greedy generate from the ids, stopping at EOS).
   {"action": "logits", "dir": D, "ids": [...], "out": F}
       load D with AutoModelForCausalLM.from_pretrained and write its logits to F as "logits".
+  {"action": "doge_attention", "config": {...}, "seed": S, "batch": B, "seq": N, "out": F}
+      build one random DogeAttention layer (eager attention, A randomised), run it on random
+      hidden states under a causal mask, and write its parameters (by their names),
+      "hidden_states" and "output" to F.
 """
 import json
 import sys
@@ -42,13 +46,16 @@ def make(task):
     randomize(model, task["seed"])
     model.save_pretrained(task["dir"])
     ids = task["ids"]
+    # Logits first: dynamic RoPE in transformers keeps the frequencies of the longest sequence it
+    # has seen, so after `generate` a shorter forward would use the longer context's.
+    reference_logits = logits_of(model, ids)
     input_ids = torch.tensor([ids])
     out = model.generate(
         input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=task["new_tokens"],
         do_sample=False, pad_token_id=0,
     )
     save_file(
-        {"logits": logits_of(model, ids), "greedy": out[0, len(ids):].contiguous()},
+        {"logits": reference_logits, "greedy": out[0, len(ids):].contiguous()},
         task["dir"] + "/reference.safetensors",
     )
 
@@ -58,11 +65,35 @@ def logits(task):
     save_file({"logits": logits_of(model, task["ids"])}, task["out"])
 
 
+def doge_attention(task):
+    from transformers import DogeConfig
+    from transformers.models.doge.modeling_doge import DogeAttention, DogeRotaryEmbedding
+
+    config = DogeConfig(**task["config"])
+    config._attn_implementation = "eager"
+    torch.manual_seed(task["seed"])
+    layer = DogeAttention(config, layer_idx=0).eval()
+    randomize(layer, task["seed"])
+    g = torch.Generator().manual_seed(task["seed"] + 1)
+    with torch.no_grad():
+        layer.A.copy_(0.5 * torch.randn(layer.A.shape, generator=g))
+        b, n = task["batch"], task["seq"]
+        hidden = torch.randn(b, n, config.hidden_size, generator=g)
+        positions = torch.arange(n).unsqueeze(0).expand(b, n)
+        cos_sin = DogeRotaryEmbedding(config)(hidden, positions)
+        allowed = torch.ones(n, n, dtype=torch.bool).tril()
+        mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None].expand(b, 1, n, n)
+        out, _ = layer(hidden, position_embeddings=cos_sin, attention_mask=mask)
+    tensors = {name: p.detach().contiguous() for name, p in layer.named_parameters()}
+    tensors.update({"hidden_states": hidden.contiguous(), "output": out.contiguous()})
+    save_file(tensors, task["out"])
+
+
 def main():
     with open(sys.argv[1]) as f:
         tasks = json.load(f)
     for task in tasks:
-        {"make": make, "logits": logits}[task["action"]](task)
+        {"make": make, "logits": logits, "doge_attention": doge_attention}[task["action"]](task)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 //! Logit parity with Hugging Face transformers, both ways, for Llama (GQA, MQA, untied and tied
-//! heads, a non-default rope_theta, biases) and GPT-2: a random model saved by transformers loads
+//! heads, a non-default rope_theta, biases, the linear, dynamic, YaRN and Llama 3 RoPE scalings) and
+//! GPT-2: a random model saved by transformers loads
 //! in stlm with the same logits and greedy continuation, and a model saved by stlm loads with
 //! `AutoModelForCausalLM.from_pretrained` with the same logits. Max abs difference <= 1e-4.
 
@@ -34,6 +35,35 @@ fn cases() -> Vec<(&'static str, &'static str, serde_json::Value)> {
             ),
         ),
         ("gpt2", "gpt2", json!({"vocab_size": 101, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64})),
+        // RoPE scalings (transformers' rope_parameters); the contexts are short so that each
+        // scaling changes the frequencies that matter here.
+        (
+            "llama-rope-linear",
+            "llama",
+            llama(json!({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}})),
+        ),
+        (
+            "llama-rope-dynamic",
+            "llama",
+            // 12 prompt ids and 10 new tokens run past the 8 positions, where the base grows.
+            llama(
+                json!({"max_position_embeddings": 8, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}),
+            ),
+        ),
+        (
+            "llama-rope-yarn",
+            "llama",
+            llama(
+                json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}}),
+            ),
+        ),
+        (
+            "llama-rope-llama3",
+            "llama",
+            llama(
+                json!({"num_key_value_heads": 2, "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 500000.0}}),
+            ),
+        ),
     ]
 }
 
@@ -82,6 +112,14 @@ fn stlm_models_load_in_transformers_with_the_same_logits() {
         ("llama-gqa", "preset = \"llama\"\nnum_key_value_heads = 2\nrope_theta = 50000.0\n"),
         ("llama-mqa-tied", "preset = \"llama\"\nnum_key_value_heads = 1\ntie_word_embeddings = true\n"),
         ("gpt2", "preset = \"gpt2\"\n"),
+        (
+            "llama-yarn",
+            "preset = \"llama\"\nrope_scaling = { rope_type = \"yarn\", factor = 4.0, original_max_position_embeddings = 16 }\n",
+        ),
+        (
+            "llama-llama3",
+            "preset = \"llama\"\nrope_scaling = { rope_type = \"llama3\", factor = 8.0, low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_position_embeddings = 16 }\n",
+        ),
     ];
     let mut tasks = Vec::new();
     let mut ours = Vec::new();

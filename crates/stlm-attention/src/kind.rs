@@ -8,7 +8,7 @@
 //! outputs.
 
 use crate::{
-    dense_attention, fixed_sparse_attention, power_attention, sliding_window_attention, ssmax_attention,
+    dense_attention, dynamic_mask_attention, fixed_sparse_attention, power_attention, sliding_window_attention, ssmax_attention,
     strided_sparse_attention, temperature_attention, AttentionMask,
 };
 use serde::{Deserialize, Serialize};
@@ -53,11 +53,17 @@ pub enum AttentionKind {
         /// The exponent, > 0.
         p: f64,
     },
+    /// Doge's Dynamic Mask Attention: a learned per-key bias from the values, and each query sees
+    /// only the `keep_window_size` keys with the largest bias (transformers' `DogeAttention`).
+    DogeDma {
+        /// Keys each query keeps (all of them while there are no more).
+        keep_window_size: i64,
+    },
 }
 
 /// The config names of the kinds, in the order of [`AttentionKind`].
 pub const ATTENTION_KINDS: &[&str] =
-    &["dense", "sliding-window", "fixed-sparse", "strided-sparse", "ssmax", "temperature", "power"];
+    &["dense", "sliding-window", "fixed-sparse", "strided-sparse", "ssmax", "temperature", "power", "doge-dma"];
 
 impl AttentionKind {
     /// The config name (`kind = "..."`).
@@ -70,6 +76,7 @@ impl AttentionKind {
             AttentionKind::Ssmax => "ssmax",
             AttentionKind::Temperature => "temperature",
             AttentionKind::Power { .. } => "power",
+            AttentionKind::DogeDma { .. } => "doge-dma",
         }
     }
 
@@ -92,6 +99,7 @@ impl AttentionKind {
                 Ok(())
             }
             AttentionKind::StridedSparse { stride } => positive("stride", stride),
+            AttentionKind::DogeDma { keep_window_size } => positive("keep_window_size", keep_window_size),
             AttentionKind::Power { p } if !(p > 0.0 && p.is_finite()) => Err(format!("`p` must be > 0, got {p}")),
             _ => Ok(()),
         }
@@ -163,13 +171,20 @@ impl AttentionKind {
         })
     }
 
+    /// Whether the kind takes the model's mask over all cached keys as it is (dense attention and
+    /// Dynamic Mask Attention) rather than its own pattern through [`AttentionKind::mask`].
+    pub fn uses_plain_mask(&self) -> bool {
+        matches!(self, AttentionKind::Dense | AttentionKind::DogeDma { .. })
+    }
+
     /// Attention of `q` `[b, heads, q_len, d]` over `k`, `v` `[b, kv_heads, keys, d]` under
     /// `mask`: `Causal` (queries and keys are the same positions from 0) runs the kind's own
-    /// kernel; an explicit mask must come from [`AttentionKind::mask`]. `head_param` is the
-    /// learnable `[heads]` tensor of kinds that have one.
-    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, head_param: Option<&Tensor>, mask: &AttentionMask) -> Tensor {
+    /// kernel; for pattern kinds an explicit mask must come from [`AttentionKind::mask`]. `extra`
+    /// is the learnable `[heads]` tensor of `ssmax` and `temperature`, or the per-key bias `dt`
+    /// `[b, kv_heads, keys]` of `doge-dma`.
+    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, extra: Option<&Tensor>, mask: &AttentionMask) -> Tensor {
         let causal = matches!(mask, AttentionMask::Causal);
-        let param = || head_param.unwrap_or_else(|| panic!("attention kind `{}` needs its per-head parameter", self.name()));
+        let param = || extra.unwrap_or_else(|| panic!("attention kind `{}` needs its extra input", self.name()));
         match *self {
             AttentionKind::SlidingWindow { window, global_tokens } if causal => {
                 sliding_window_attention(q, k, v, window, global_tokens, None)
@@ -179,6 +194,9 @@ impl AttentionKind {
             AttentionKind::Ssmax => ssmax_attention(q, k, v, param(), mask, None),
             AttentionKind::Temperature => temperature_attention(q, k, v, param(), mask, None),
             AttentionKind::Power { p } => power_attention(q, k, v, p, mask, None),
+            AttentionKind::DogeDma { keep_window_size } => {
+                dynamic_mask_attention(q, k, v, param(), keep_window_size, mask, None)
+            }
             _ => dense_attention(q, k, v, mask, None),
         }
     }
@@ -200,6 +218,7 @@ mod tests {
             AttentionKind::Ssmax,
             AttentionKind::Temperature,
             AttentionKind::Power { p: 2.0 },
+            AttentionKind::DogeDma { keep_window_size: 4 },
         ]
     }
 
@@ -224,12 +243,14 @@ mod tests {
         let (seq, past) = (11, 7);
         let f = |t: Tensor| t.to_kind(Kind::Float);
         let (q, k, v) = (f(rand(&[2, 4, seq, 8])), f(rand(&[2, 2, seq, 8])), f(rand(&[2, 2, seq, 8])));
-        let param = Tensor::from_slice(&[0.5f32, 0.9, 1.3, 0.7]);
+        let heads = Tensor::from_slice(&[0.5f32, 0.9, 1.3, 0.7]);
+        let dt = (rand(&[2, 2, seq]) * 2.0).exp().to_kind(Kind::Float);
         for kind in kinds() {
-            let full = kind.forward(&q, &k, &v, Some(&param), &AttentionMask::Causal);
+            let param = if kind.name() == "doge-dma" { &dt } else { &heads };
+            let full = kind.forward(&q, &k, &v, Some(param), &AttentionMask::Causal);
             let base = AttentionMask::causal(seq - past, past, None, Device::Cpu);
-            let mask = kind.mask(past, seq - past, None, None, &base, Device::Cpu);
-            let tail = kind.forward(&q.narrow(2, past, seq - past), &k, &v, Some(&param), &mask);
+            let mask = if kind.uses_plain_mask() { base } else { kind.mask(past, seq - past, None, None, &base, Device::Cpu) };
+            let tail = kind.forward(&q.narrow(2, past, seq - past), &k, &v, Some(param), &mask);
             let diff = (full.narrow(2, past, seq - past) - tail).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "{}: {diff}", kind.name());
         }

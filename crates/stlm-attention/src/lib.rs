@@ -10,6 +10,7 @@
 
 pub mod cache;
 pub mod dense;
+pub mod dma;
 pub mod kind;
 pub mod mask;
 pub mod rope;
@@ -21,9 +22,10 @@ mod testing;
 
 pub use cache::{CachedKeys, KvCache};
 pub use dense::{dense_attention, naive_attention};
+pub use dma::{dynamic_mask, dynamic_mask_attention};
 pub use kind::{AttentionKind, ATTENTION_KINDS};
 pub use mask::AttentionMask;
-pub use rope::{apply_rotary, Rope};
+pub use rope::{apply_rotary, Rope, RopeScaling};
 pub use scores::{power_attention, ssmax_attention, temperature_attention};
 pub use sliding::{sliding_window_attention, sliding_window_mask};
 pub use sparse::{fixed_sparse_attention, fixed_sparse_mask, strided_sparse_attention, strided_sparse_mask};

@@ -58,13 +58,13 @@ pub enum BenchJob {
     /// Forward+backward time of an attention kernel and of dense SDPA on the same inputs.
     Attention {
         /// Attention kind, by its config name: dense, sliding-window, fixed-sparse, strided-sparse,
-        /// ssmax, temperature or power.
+        /// ssmax, temperature, power or doge-dma.
         #[arg(long)]
         kind: String,
         /// Sequence length.
         #[arg(long, default_value_t = 1024)]
         seq: i64,
-        /// Local window (sliding-window).
+        /// Local window (sliding-window), keep_window_size (doge-dma).
         #[arg(long, default_value_t = 256)]
         window: i64,
         /// Global tokens (sliding-window).
@@ -147,6 +147,7 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
         "ssmax" => AttentionKind::Ssmax,
         "temperature" => AttentionKind::Temperature,
         "power" => AttentionKind::Power { p: *p },
+        "doge-dma" => AttentionKind::DogeDma { keep_window_size: window },
         _ => bail!("--kind {kind}: unknown attention (known: {})", ATTENTION_KINDS.join(", ")),
     };
     if seq < 1 || window < 1 || global < 0 || batch < 1 || heads < 1 || head_dim < 1 || *repeats < 1 {
@@ -176,10 +177,13 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
     };
     let dense = || stlm_attention::dense_attention(&q, &k, &v, &AttentionMask::Causal, None);
     let dense_ms = run(&dense);
-    // The kind's learnable per-head parameter, if any, at its initial value (it gets gradients).
-    let param = attention
-        .head_parameter(seq)
-        .map(|(_, init)| Tensor::full([heads], init, (Kind::Float, dev)).set_requires_grad(true));
+    // The kind's learnable per-head parameter at its initial value, or Dynamic Mask Attention's
+    // per-key bias (random); both get gradients.
+    let param = match attention {
+        AttentionKind::DogeDma { .. } => Some(Tensor::randn([batch, heads, seq], (Kind::Float, dev)).exp()),
+        _ => attention.head_parameter(seq).map(|(_, init)| Tensor::full([heads], init, (Kind::Float, dev))),
+    }
+    .map(|t| t.set_requires_grad(true));
     let ms = run(&|| attention.forward(&q, &k, &v, param.as_ref(), &AttentionMask::Causal));
     let report = AttentionBench {
         kind: kind.clone(),

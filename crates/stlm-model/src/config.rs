@@ -2,7 +2,15 @@
 
 use crate::{ModelError, Result};
 use serde::{Deserialize, Serialize};
-use stlm_attention::AttentionKind;
+use stlm_attention::{AttentionKind, RopeScaling};
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
+}
 use std::path::Path;
 
 /// The normalisation layer.
@@ -94,6 +102,13 @@ pub struct ModelConfig {
     pub position: PositionKind,
     /// RoPE base.
     pub rope_theta: f64,
+    /// RoPE scaling for longer contexts (transformers' `rope_parameters`: `rope_type = "linear"`,
+    /// `"dynamic"`, `"yarn"` or `"llama3"` and their fields); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Fraction of each head's dimensions that RoPE rotates (the rest carry no position).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub partial_rotary_factor: f64,
     /// Feed-forward block.
     pub mlp: MlpKind,
     /// Feed-forward activation.
@@ -142,6 +157,8 @@ impl ModelConfig {
             norm_eps: 1e-6,
             position: PositionKind::Rope,
             rope_theta: 10000.0,
+            rope_scaling: None,
+            partial_rotary_factor: 1.0,
             mlp: MlpKind::Gated,
             hidden_act: Activation::Silu,
             attention_bias: false,
@@ -243,6 +260,11 @@ impl ModelConfig {
         self.attention.iter().all(|a| *a == AttentionKind::Dense)
     }
 
+    /// Dimensions of each head that RoPE rotates (`head_dim · partial_rotary_factor`).
+    pub fn rotary_dim(&self) -> i64 {
+        (self.head_dim() as f64 * self.partial_rotary_factor) as i64
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> i64 {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
@@ -277,8 +299,18 @@ impl ModelConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.position == PositionKind::Rope && self.head_dim() % 2 != 0 {
-            return err(format!("field `head_dim` ({}) must be even for rope", self.head_dim()));
+        if self.position == PositionKind::Rope {
+            let r = self.rotary_dim();
+            if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0) || r < 2 || r % 2 != 0 {
+                return err(format!(
+                    "fields `head_dim` ({}) and `partial_rotary_factor` ({}): the rotated width must be even and at least 2, got {r}",
+                    self.head_dim(),
+                    self.partial_rotary_factor
+                ));
+            }
+            if let Some(Err(e)) = self.rope_scaling.as_ref().map(RopeScaling::validate) {
+                return err(format!("field `rope_scaling`: {e}"));
+            }
         }
         let n = self.attention.len() as i64;
         if n > 0 && self.num_hidden_layers % n != 0 {
@@ -319,6 +351,9 @@ impl ModelConfig {
     fn export_mismatch(&self) -> Option<String> {
         if self.model_type != ModelType::Stlm && !self.all_dense() {
             return Some("only dense attention exists there".into());
+        }
+        if self.model_type != ModelType::Stlm && self.partial_rotary_factor != 1.0 {
+            return Some("it rotates whole heads (partial_rotary_factor = 1)".into());
         }
         match self.model_type {
             ModelType::Stlm => None,

@@ -119,6 +119,10 @@ pub struct FastDecoder<'m> {
     embed: Rows<'m>,
     positions: Option<Rows<'m>>,
     inv_freq: Option<Vec<f32>>,
+    /// cos and sin are multiplied by this (YaRN).
+    rope_factor: f32,
+    /// Leading dimensions of each head that rotate.
+    rotary_dim: usize,
     blocks: Vec<Block<'m>>,
     norm: NormRow<'m>,
     head: Rows<'m>,
@@ -174,14 +178,20 @@ impl<'m> FastDecoder<'m> {
             Some(p) => Some(Rows::from_tensor(p)?),
             None => None,
         };
-        let inv_freq = match cfg.position {
-            PositionKind::Rope => Some(model.rope.as_ref()?.inv_freq()),
-            PositionKind::Learned | PositionKind::None => None,
+        // Dynamic RoPE scaling changes the frequencies with the length: left to libtorch.
+        let (inv_freq, rope_factor) = match cfg.position {
+            PositionKind::Rope => {
+                let rope = model.rope.as_ref()?;
+                (Some(rope.inv_freq()?), rope.attention_factor() as f32)
+            }
+            PositionKind::Learned | PositionKind::None => (None, 1.0),
         };
         Some(FastDecoder {
             embed,
             positions,
             inv_freq,
+            rope_factor,
+            rotary_dim: cfg.rotary_dim() as usize,
             blocks,
             norm: NormRow::new(&model.norm)?,
             head,
@@ -216,7 +226,8 @@ impl<'m> FastDecoder<'m> {
         if let Some(inv_freq) = &self.inv_freq {
             // As `Rope::cos_sin`: the angle is the float32 product of position and frequency.
             let angles = inv_freq.iter().map(|&f| position as f32 * f);
-            (s.cos, s.sin) = angles.map(|a| (a.cos(), a.sin())).unzip();
+            let f = self.rope_factor;
+            (s.cos, s.sin) = angles.map(|a| (a.cos() * f, a.sin() * f)).unzip();
         }
         let group = nh / nkv;
         let scale = 1.0 / (d as f32).sqrt();
@@ -228,7 +239,7 @@ impl<'m> FastDecoder<'m> {
             block.qkv.apply(&s.normed, &mut s.qkv, pool);
             if self.inv_freq.is_some() {
                 for head in s.qkv[..(nh + nkv) * d].chunks_exact_mut(d) {
-                    rotate_half(head, &s.cos, &s.sin);
+                    rotate_half(&mut head[..self.rotary_dim], &s.cos, &s.sin);
                 }
             }
             let (keys, values) = cache_slices(cache, layer, nkv, d);
@@ -394,9 +405,17 @@ mod tests {
     const GPT2: &str = "preset = \"gpt2\"\nvocab_size = 61\nhidden_size = 48\nintermediate_size = 80\nnum_hidden_layers = 2\nnum_attention_heads = 3\ninitializer_range = 0.3\n";
     const MQA_PLAIN: &str = "model_type = \"stlm\"\nvocab_size = 50\nhidden_size = 40\nintermediate_size = 72\nnum_hidden_layers = 3\nnum_attention_heads = 4\nnum_key_value_heads = 1\nhead_dim = 12\nposition = \"none\"\nmlp = \"plain\"\nhidden_act = \"relu\"\nattention_bias = true\nmlp_bias = true\ntie_word_embeddings = true\ninitializer_range = 0.3\n";
 
+    const PARTIAL_YARN: &str = "model_type = \"stlm\"\npartial_rotary_factor = 0.5\nrope_scaling = { rope_type = \"yarn\", factor = 4.0, original_max_position_embeddings = 8 }\n";
+
     #[test]
     fn matches_libtorch_decoding() {
-        for (name, toml) in [("llama gqa", LLAMA_GQA), ("gpt2", GPT2), ("mqa plain relu, no positions", MQA_PLAIN)] {
+        let partial = format!("{PARTIAL_YARN}{LLAMA_GQA}");
+        for (name, toml) in [
+            ("llama gqa", LLAMA_GQA),
+            ("gpt2", GPT2),
+            ("mqa plain relu, no positions", MQA_PLAIN),
+            ("partial rotary, yarn", partial.as_str()),
+        ] {
             for fuse in [false, true] {
                 let diff = max_diff(&model(toml, fuse), 12);
                 assert!(diff < 1e-4, "{name} (fused projections: {fuse}): max abs logit difference {diff}");

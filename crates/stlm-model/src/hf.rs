@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
+use stlm_attention::RopeScaling;
 use tch::Tensor;
 
 /// Model types stlm loads from `config.json`.
@@ -55,13 +56,6 @@ fn activation(name: &str, field: &str, path: &Path) -> Result<Activation> {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct RopeParameters {
-    rope_theta: f64,
-    rope_type: String,
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,7 +74,7 @@ struct LlamaHf {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
-    rope_parameters: Option<RopeParameters>,
+    rope_parameters: Option<Value>,
     attention_bias: Option<bool>,
     attention_dropout: Option<f64>,
     mlp_bias: Option<bool>,
@@ -174,21 +168,42 @@ fn drop_ids_outside_vocab(mut c: ModelConfig) -> ModelConfig {
     c
 }
 
-fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
-    if let Some(v) = c.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-        return Err(unsupported(path, format!("field `rope_scaling`: {v} is not supported yet (only unscaled rope)")));
-    }
-    let rope_theta = match (&c.rope_parameters, c.rope_theta) {
-        (Some(p), _) if p.rope_type != "default" => {
-            return Err(unsupported(
-                path,
-                format!("field `rope_parameters.rope_type`: `{}` is not supported yet (only `default`)", p.rope_type),
-            ))
-        }
-        (Some(p), _) => p.rope_theta,
-        (None, Some(t)) => t,
-        (None, None) => 10000.0,
+/// `rope_theta` and the scaling of a Llama `config.json`: `rope_parameters` (transformers 5), or
+/// `rope_theta` with the older `rope_scaling` (whose `type` is `rope_type`).
+fn rope_from_hf(c: &LlamaHf, path: &Path) -> Result<(f64, Option<RopeScaling>)> {
+    let (field, mut params) = match (&c.rope_parameters, &c.rope_scaling) {
+        (Some(p), _) if !p.is_null() => ("rope_parameters", p.clone()),
+        (_, Some(s)) if !s.is_null() => ("rope_scaling", s.clone()),
+        _ => return Ok((c.rope_theta.unwrap_or(10000.0), None)),
     };
+    let Some(map) = params.as_object_mut() else {
+        return Err(unsupported(path, format!("field `{field}`: expected an object, got {params}")));
+    };
+    if let Some(t) = map.remove("type") {
+        map.entry("rope_type").or_insert(t);
+    }
+    let theta = match map.remove("rope_theta") {
+        Some(t) => t.as_f64().ok_or_else(|| unsupported(path, format!("field `{field}.rope_theta`: expected a number, got {t}")))?,
+        None => c.rope_theta.unwrap_or(10000.0),
+    };
+    if let Some(f) = map.remove("partial_rotary_factor").filter(|f| f.as_f64() != Some(1.0)) {
+        return Err(unsupported(path, format!("field `{field}.partial_rotary_factor`: {f} (Llama rotates whole heads)")));
+    }
+    if map.get("rope_type").and_then(Value::as_str) == Some("default") {
+        map.remove("rope_type");
+        return match map.keys().next() {
+            Some(k) => Err(unsupported(path, format!("field `{field}.{k}`: unknown for the default rope type"))),
+            None => Ok((theta, None)),
+        };
+    }
+    let scaling: RopeScaling = serde_json::from_value(params.clone())
+        .map_err(|e| unsupported(path, format!("field `{field}`: {e} (supported rope types: default, linear, dynamic, yarn, llama3)")))?;
+    scaling.validate().map_err(|e| unsupported(path, format!("field `{field}`: {e}")))?;
+    Ok((theta, Some(scaling)))
+}
+
+fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
+    let (rope_theta, rope_scaling) = rope_from_hf(&c, path)?;
     if c.pretraining_tp.is_some_and(|tp| tp != 1) {
         return Err(unsupported(path, "field `pretraining_tp`: only 1 is supported".into()));
     }
@@ -206,6 +221,8 @@ fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
         norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
         position: PositionKind::Rope,
         rope_theta,
+        rope_scaling,
+        partial_rotary_factor: 1.0,
         mlp: MlpKind::Gated,
         hidden_act: activation(c.hidden_act.as_deref().unwrap_or("silu"), "hidden_act", path)?,
         attention_bias: c.attention_bias.unwrap_or(false),
@@ -243,6 +260,8 @@ fn gpt2_config(c: Gpt2Hf, path: &Path) -> Result<ModelConfig> {
         norm_eps: c.layer_norm_epsilon.unwrap_or(1e-5),
         position: PositionKind::Learned,
         rope_theta: 10000.0,
+        rope_scaling: None,
+        partial_rotary_factor: 1.0,
         mlp: MlpKind::Plain,
         hidden_act: activation(c.activation_function.as_deref().unwrap_or("gelu_new"), "activation_function", path)?,
         attention_bias: true,
@@ -262,6 +281,16 @@ fn ids_json(ids: &[i64]) -> Value {
         [one] => json!(one),
         many => json!(many),
     }
+}
+
+/// transformers' `rope_parameters`: `rope_theta` and the scaling's `rope_type` and fields.
+fn rope_parameters_json(c: &ModelConfig) -> Value {
+    let mut v = match &c.rope_scaling {
+        Some(s) => serde_json::to_value(s).expect("a RopeScaling always serializes"),
+        None => json!({"rope_type": "default"}),
+    };
+    v["rope_theta"] = json!(c.rope_theta);
+    v
 }
 
 /// The `config.json` transformers reads for this config (`model_type` llama, gpt2 or stlm).
@@ -287,7 +316,7 @@ pub fn config_to_json(c: &ModelConfig, dtype: &str) -> Value {
             "hidden_act": act(false),
             "max_position_embeddings": c.max_position_embeddings,
             "rms_norm_eps": c.norm_eps,
-            "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"},
+            "rope_parameters": rope_parameters_json(c),
             "attention_bias": c.attention_bias,
             "mlp_bias": c.mlp_bias,
             "tie_word_embeddings": c.tie_word_embeddings,

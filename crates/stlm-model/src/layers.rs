@@ -205,6 +205,32 @@ pub struct SelfAttention {
     pub attention: AttentionKind,
     /// The kind's learnable `[heads]` parameter (`ssmax_scale`, `inv_temperature`), if any.
     pub head_param: Option<Tensor>,
+    /// The layers of Dynamic Mask Attention (`doge-dma`), if this layer uses it.
+    pub dynamic_mask: Option<DynamicMask>,
+}
+
+/// What Doge's Dynamic Mask Attention adds to a layer (names as transformers' `DogeAttention`):
+/// per-head RMSNorm of queries and keys before the rotary embedding, and the per-key bias
+/// `dt = exp(A · softplus(dt_proj(v)))` from the values.
+#[derive(Debug)]
+pub struct DynamicMask {
+    /// `[kv_heads]`, initialised to zero (`self_attn.A`).
+    pub a: Tensor,
+    /// `[kv_heads, kv_heads * head_dim]` (`self_attn.dt_proj`).
+    pub dt_proj: Linear,
+    /// RMSNorm over each query head (`self_attn.q_norm`).
+    pub q_norm: Norm,
+    /// RMSNorm over each key head (`self_attn.k_norm`).
+    pub k_norm: Norm,
+}
+
+impl DynamicMask {
+    /// `dt` `[b, kv_heads, keys]` for values `v` `[b, kv_heads, keys, d]`.
+    pub fn dt(&self, v: &Tensor) -> Tensor {
+        let (b, keys) = (v.size()[0], v.size()[2]);
+        let flat = v.transpose(1, 2).reshape([b, keys, -1]); // [b, keys, kv_heads * d]
+        (&self.a * self.dt_proj.forward(&flat).softplus()).exp().transpose(1, 2)
+    }
 }
 
 impl SelfAttention {
@@ -216,9 +242,16 @@ impl SelfAttention {
         let head_param = attention
             .head_parameter(cfg.max_position_embeddings)
             .map(|(name, init)| path.var(name, &[nh], Init::Const(init)));
+        let dynamic_mask = matches!(attention, AttentionKind::DogeDma { .. }).then(|| DynamicMask {
+            a: path.var("A", &[nkv], Init::Const(0.0)),
+            dt_proj: Linear::new(&path / "dt_proj", nkv * d, nkv, b, std),
+            q_norm: Norm::new(&path / "q_norm", NormKind::RmsNorm, d, cfg.norm_eps),
+            k_norm: Norm::new(&path / "k_norm", NormKind::RmsNorm, d, cfg.norm_eps),
+        });
         SelfAttention {
             attention,
             head_param,
+            dynamic_mask,
             q_proj: Linear::new(&path / "q_proj", h, nh * d, b, std),
             k_proj: Linear::new(&path / "k_proj", h, nkv * d, b, std),
             v_proj: Linear::new(&path / "v_proj", h, nkv * d, b, std),
@@ -257,7 +290,14 @@ impl SelfAttention {
             None => Linear::forward_concat(&[&self.q_proj, &self.k_proj, &self.v_proj], x),
         };
         let all = heads(projected, nh + 2 * nkv); // [b, h + 2 kvh, s, d]
-        let qk = rotate(all.narrow(1, 0, nh + nkv)); // q and k rotated in one pass
+        let qk = match &self.dynamic_mask {
+            Some(dm) => Tensor::cat(
+                &[dm.q_norm.forward(&all.narrow(1, 0, nh)), dm.k_norm.forward(&all.narrow(1, nh, nkv))],
+                1,
+            ),
+            None => all.narrow(1, 0, nh + nkv),
+        };
+        let qk = rotate(qk); // q and k rotated in one pass
         let (q, k, v) = (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv), all.narrow(1, nh + nkv, nkv));
         let past = cache.map_or(0, |(c, _)| c.len());
         let (k, v, key_positions) = match cache {
@@ -270,13 +310,15 @@ impl SelfAttention {
         // Over a whole sequence from position 0 each kind runs its own kernel; otherwise its
         // pattern becomes an explicit mask over the keys (dense attention takes `mask` as is).
         let own_kernel = past == 0 && matches!(mask, AttentionMask::Causal) && key_positions.is_none();
-        let out = if own_kernel || self.attention == AttentionKind::Dense {
-            self.attention.forward(&q, &k, &v, self.head_param.as_ref(), mask)
+        let dt = self.dynamic_mask.as_ref().map(|dm| dm.dt(&v));
+        let extra = dt.as_ref().or(self.head_param.as_ref());
+        let out = if own_kernel || self.attention.uses_plain_mask() {
+            self.attention.forward(&q, &k, &v, extra, mask)
         } else {
             // Left padding: a row's positions lag its cache slots by its padding.
             let offsets = (positions.select(1, s - 1) - (past + s - 1)).neg();
             let mask = self.attention.mask(past, s, key_positions.as_ref(), Some(&offsets), mask, x.device());
-            self.attention.forward(&q, &k, &v, self.head_param.as_ref(), &mask)
+            self.attention.forward(&q, &k, &v, extra, &mask)
         }; // [b, h, s, d]
         self.o_proj.forward(&out.transpose(1, 2).reshape([b, s, self.num_heads * self.head_dim]))
     }

@@ -53,8 +53,10 @@ impl DecoderModel {
         let layers = (0..config.num_hidden_layers).map(|i| DecoderLayer::new(&model / "layers" / i, &config, i as usize)).collect();
         let norm = Norm::new(&model / "norm", config.norm, h, config.norm_eps);
         let lm_head = (!config.tie_word_embeddings).then(|| Linear::new(&root / "lm_head", h, v, false, std));
-        let rope =
-            (config.position == PositionKind::Rope).then(|| Rope::new(config.head_dim(), config.rope_theta, device));
+        let rope = (config.position == PositionKind::Rope).then(|| {
+            let (dim, theta, max) = (config.rotary_dim(), config.rope_theta, config.max_position_embeddings);
+            Rope::with_scaling(dim, theta, config.rope_scaling.as_ref(), max, device)
+        });
         Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, rope, vs })
     }
 
