@@ -187,18 +187,19 @@ fn losses_if_any(run: &Path) -> Vec<(u64, String)> {
     }
 }
 
-/// Every example config of an attention kind (`configs/attn-*.toml`) trains a few steps with
-/// `stlm train`, and the saved model keeps its attention and generates (cached decoding).
+/// Every example config of an attention kind or position encoding (`configs/attn-*.toml`,
+/// `configs/pos-*.toml`) trains a few steps with `stlm train`, and the saved model keeps its
+/// setting and generates (cached decoding).
 #[test]
 fn every_attention_config_trains_and_generates() {
     let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     let mut names: Vec<_> = std::fs::read_dir(&configs)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with("attn-") && n.ends_with(".toml"))
+        .filter(|n| (n.starts_with("attn-") || n.starts_with("pos-")) && n.ends_with(".toml"))
         .collect();
     names.sort();
-    assert!(names.len() >= 6, "{names:?}");
+    assert!(names.len() >= 9, "{names:?}");
     let dir = tempfile::tempdir().unwrap();
     for name in names {
         let text = std::fs::read_to_string(configs.join(&name)).unwrap();
@@ -212,7 +213,7 @@ fn every_attention_config_trains_and_generates() {
         for (step, loss) in losses(&run) {
             assert!(loss.parse::<f64>().is_ok_and(f64::is_finite), "{name}: loss {loss} at step {step}");
         }
-        let kind = name.trim_start_matches("attn-").trim_end_matches(".toml");
+        let kind = name.trim_start_matches("attn-").trim_start_matches("pos-").trim_end_matches(".toml");
         let saved = std::fs::read_to_string(run.join("model").join("config.json")).unwrap();
         assert!(saved.contains(&format!("\"{kind}\"")), "{name}: attention kept in config.json");
         let gen = stlm(&["generate", "--model", p(&run.join("model")), "--prompt", "Once upon", "--max-new-tokens", "8"]);

@@ -31,6 +31,10 @@ pub enum PositionKind {
     Rope,
     /// A learned absolute position embedding added to the token embedding.
     Learned,
+    /// Fixed sinusoidal embeddings added to the token embedding (Vaswani et al. 2017).
+    Sinusoidal,
+    /// Linear biases on the attention scores, `-m_h (i - j)` (ALiBi, Press et al. 2022).
+    Alibi,
     /// No position information (causal attention alone).
     None,
 }
@@ -298,6 +302,12 @@ impl ModelConfig {
                 "field `hidden_size` ({}) must be a multiple of `num_attention_heads` ({}) unless `head_dim` is set",
                 self.hidden_size, self.num_attention_heads
             ));
+        }
+        if self.position == PositionKind::Sinusoidal && self.hidden_size % 2 != 0 {
+            return err(format!("field `hidden_size` ({}) must be even for sinusoidal positions", self.hidden_size));
+        }
+        if self.position == PositionKind::Alibi && !self.all_dense() {
+            return err("field `position`: alibi biases dense attention only (set every `attention` to dense)".into());
         }
         if self.position == PositionKind::Rope {
             let r = self.rotary_dim();

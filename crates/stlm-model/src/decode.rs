@@ -139,7 +139,7 @@ pub struct FastDecoder<'m> {
 impl<'m> FastDecoder<'m> {
     /// The fused step for `model`, or `None` when it does not apply: weights not float32 on the
     /// CPU or not row-major, an activation without a kernel (exact GELU), or a layer whose attention
-    /// is not dense; then decode with
+    /// is not dense, or sinusoidal or ALiBi positions; then decode with
     /// libtorch. The model's weights must not change while the decoder is alive.
     pub fn new(model: &'m DecoderModel) -> Option<Self> {
         let cfg = &model.config;
@@ -185,6 +185,7 @@ impl<'m> FastDecoder<'m> {
                 (Some(rope.inv_freq()?), rope.attention_factor() as f32)
             }
             PositionKind::Learned | PositionKind::None => (None, 1.0),
+            PositionKind::Sinusoidal | PositionKind::Alibi => return None,
         };
         Some(FastDecoder {
             embed,

@@ -3,8 +3,8 @@
 //! Each layer is a named struct whose fields are its sub-layers, so pruning, distillation and
 //! inspection can walk them. Variable names follow Hugging Face Llama naming.
 
-use crate::config::{Activation, MlpKind, ModelConfig, NormKind};
-use stlm_attention::{apply_rotary, AttentionKind, AttentionMask, KvCache};
+use crate::config::{Activation, MlpKind, ModelConfig, NormKind, PositionKind};
+use stlm_attention::{alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, AttentionKind, AttentionMask, KvCache};
 use stlm_core::kernels::{small_batch_linear, small_batch_rms_norm};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -207,6 +207,8 @@ pub struct SelfAttention {
     pub head_param: Option<Tensor>,
     /// The layers of Dynamic Mask Attention (`doge-dma`), if this layer uses it.
     pub dynamic_mask: Option<DynamicMask>,
+    /// ALiBi slopes `[heads]` (fixed, not trained) when positions are ALiBi biases.
+    pub alibi_slopes: Option<Tensor>,
 }
 
 /// What Doge's Dynamic Mask Attention adds to a layer (names as transformers' `DogeAttention`):
@@ -248,10 +250,12 @@ impl SelfAttention {
             q_norm: Norm::new(&path / "q_norm", NormKind::RmsNorm, d, cfg.norm_eps),
             k_norm: Norm::new(&path / "k_norm", NormKind::RmsNorm, d, cfg.norm_eps),
         });
+        let alibi_slopes = (cfg.position == PositionKind::Alibi).then(|| alibi_slope_tensor(nh, path.device()));
         SelfAttention {
             attention,
             head_param,
             dynamic_mask,
+            alibi_slopes,
             q_proj: Linear::new(&path / "q_proj", h, nh * d, b, std),
             k_proj: Linear::new(&path / "k_proj", h, nkv * d, b, std),
             v_proj: Linear::new(&path / "v_proj", h, nkv * d, b, std),
@@ -312,7 +316,11 @@ impl SelfAttention {
         let own_kernel = past == 0 && matches!(mask, AttentionMask::Causal) && key_positions.is_none();
         let dt = self.dynamic_mask.as_ref().map(|dm| dm.dt(&v));
         let extra = dt.as_ref().or(self.head_param.as_ref());
-        let out = if own_kernel || self.attention.uses_plain_mask() {
+        let out = if let Some(slopes) = &self.alibi_slopes {
+            // Dense attention with ALiBi's biases (the config allows no other kind).
+            let bias = alibi_mask(slopes, s, k.size()[2], mask, q.kind());
+            dense_attention(&q, &k, &v, &AttentionMask::Explicit(bias), None)
+        } else if own_kernel || self.attention.uses_plain_mask() {
             self.attention.forward(&q, &k, &v, extra, mask)
         } else {
             // Left padding: a row's positions lag its cache slots by its padding.

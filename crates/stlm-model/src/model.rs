@@ -8,7 +8,7 @@
 use crate::config::{ModelConfig, PositionKind};
 use crate::layers::{DecoderLayer, Linear, Norm, RotaryAngles};
 use crate::{ModelError, Result};
-use stlm_attention::{AttentionMask, KvCache, Rope};
+use stlm_attention::{sinusoidal_positions, AttentionMask, KvCache, Rope};
 use stlm_core::kernels::small_batch_linear;
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
@@ -155,6 +155,9 @@ impl DecoderModel {
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, s, hidden]
         if let Some(pos) = &self.embed_positions {
             x = &x + Tensor::embedding(pos, positions, -1, false, false);
+        }
+        if self.config.position == PositionKind::Sinusoidal {
+            x = &x + sinusoidal_positions(positions, self.config.hidden_size, x.kind());
         }
         let rotary = self.rope.as_ref().map(|rope| {
             let (cos, sin) = rope.cos_sin(positions, x.kind());

@@ -22,8 +22,13 @@ const KINDS: &[&str] = &[
 
 /// A 2-layer model whose first layer uses `kind` and second is dense (a per-layer pattern).
 fn model(kind: &str) -> DecoderModel {
+    model_with(kind, "")
+}
+
+/// [`model`] with more config lines (`extra`).
+fn model_with(kind: &str, extra: &str) -> DecoderModel {
     let text = format!(
-        "model_type = \"stlm\"\nvocab_size = 53\nhidden_size = 32\nintermediate_size = 48\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 64\ninitializer_range = 0.3\nattention = [{kind}, {{ kind = \"dense\" }}]\n"
+        "model_type = \"stlm\"\nvocab_size = 53\nhidden_size = 32\nintermediate_size = 48\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 64\ninitializer_range = 0.3\n{extra}attention = [{kind}, {{ kind = \"dense\" }}]\n"
     );
     tch::manual_seed(11);
     let cfg = ModelConfig::from_toml_str(&text, std::path::Path::new("kinds.toml")).expect("valid config");
@@ -137,4 +142,27 @@ fn per_head_parameters_are_named_variables() {
         assert!(v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} gets gradients");
     }
     assert_eq!(model(KINDS[1]).layers[0].self_attn.attention, AttentionKind::SlidingWindow { window: 4, global_tokens: 0 });
+}
+
+/// The position encodings that are not rotary, with dense attention: cached decoding equals the
+/// full forward, and batches equal single prompts.
+#[test]
+fn sinusoidal_and_alibi_positions_cache_and_batch() {
+    let _g = tch::no_grad_guard();
+    let x = distinct_ids(4, 2, 17);
+    let prompts = vec![vec![5i64, 9, 2, 7, 1, 3], vec![4i64, 8]];
+    let cfg = GenerationConfig { max_new_tokens: 7, ..GenerationConfig::default() };
+    for position in ["sinusoidal", "alibi", "none", "learned"] {
+        let m = model_with(KINDS[0], &format!("position = \"{position}\"\n"));
+        let diff = max_diff(&m.forward(&x), &cached_logits(&m, &x, &[5, 3]));
+        assert!(diff < 1e-4, "{position}: max abs diff {diff}");
+        let together = generate(&m, &prompts, &cfg, |_, _| {}).unwrap();
+        for (p, want) in prompts.iter().zip(&together) {
+            assert_eq!(&generate(&m, std::slice::from_ref(p), &cfg, |_, _| {}).unwrap()[0], want, "{position}: {p:?}");
+        }
+    }
+    // ALiBi biases dense attention only.
+    let text = "model_type = \"stlm\"\nposition = \"alibi\"\nattention = [{ kind = \"sliding-window\", window = 4 }]\n";
+    let e = ModelConfig::from_toml_str(text, std::path::Path::new("a.toml")).unwrap_err().to_string();
+    assert!(e.contains("alibi"), "{e}");
 }
