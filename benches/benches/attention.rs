@@ -1,10 +1,11 @@
 //! Dense causal attention: libtorch's `scaled_dot_product_attention` against the op-by-op naive
-//! kernel, forward and forward+backward, at the head layouts stlm's models use.
+//! kernel, forward and forward+backward, at the head layouts stlm's models use; the sparse
+//! patterns against dense SDPA at 1024 and 4096 positions; every other attention kind at 1024.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use stlm_attention::{
     dense_attention, fixed_sparse_attention, naive_attention, sliding_window_attention, strided_sparse_attention,
-    AttentionMask,
+    AttentionKind, AttentionMask, LinformerSharing,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -59,6 +60,34 @@ fn attention(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("strided-sparse-128", seq), &seq, |b, _| {
             b.iter(|| strided_sparse_attention(&q, &k, &v, 128, None).sum(Kind::Float).backward())
+        });
+    }
+    group.finish();
+
+    // The other kinds through the one interface (`AttentionKind::forward`) at 1024 positions:
+    // the score variants, Doge's Dynamic Mask Attention, and Linformer (bidirectional, so its
+    // reference is bidirectional SDPA).
+    let mut group = c.benchmark_group("kinds_forward_backward_1024");
+    group.sample_size(10);
+    let seq = 1024i64;
+    let mk = || Tensor::randn([1, 4, seq, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let (q, k, v) = (mk(), mk(), mk());
+    let heads = Tensor::full([4], 0.15, (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let dt = Tensor::randn([1, 4, seq], (Kind::Float, Device::Cpu)).exp().set_requires_grad(true);
+    let ef = (Tensor::randn([2, 1, 256, seq], (Kind::Float, Device::Cpu)) / 16.0).set_requires_grad(true);
+    let cases = [
+        (AttentionKind::Ssmax, &heads, AttentionMask::Causal),
+        (AttentionKind::Temperature, &heads, AttentionMask::Causal),
+        (AttentionKind::Power { p: 2.0 }, &heads, AttentionMask::Causal),
+        (AttentionKind::DogeDma { keep_window_size: 256 }, &dt, AttentionMask::Causal),
+        (AttentionKind::Linformer { k: 256, sharing: LinformerSharing::Headwise }, &ef, AttentionMask::Full),
+    ];
+    group.bench_function("sdpa-bidirectional", |b| {
+        b.iter(|| dense_attention(&q, &k, &v, &AttentionMask::Full, None).sum(Kind::Float).backward())
+    });
+    for (kind, extra, mask) in &cases {
+        group.bench_function(kind.name(), |b| {
+            b.iter(|| kind.forward(&q, &k, &v, Some(extra), mask).sum(Kind::Float).backward())
         });
     }
     group.finish();

@@ -8,7 +8,7 @@
 //! outputs.
 
 use crate::{
-    dense_attention, dynamic_mask_attention, fixed_sparse_attention, power_attention, sliding_window_attention, ssmax_attention,
+    dense_attention, dynamic_mask_attention, fixed_sparse_attention, linformer_attention, LinformerSharing, power_attention, sliding_window_attention, ssmax_attention,
     strided_sparse_attention, temperature_attention, AttentionMask,
 };
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,15 @@ pub enum AttentionKind {
         /// The exponent, > 0.
         p: f64,
     },
+    /// Linformer: keys and values projected along the sequence to `k` rows. Bidirectional only
+    /// (not causal; a decoder config refuses it).
+    Linformer {
+        /// Projected length.
+        k: i64,
+        /// Which projections are shared.
+        #[serde(default)]
+        sharing: LinformerSharing,
+    },
     /// Doge's Dynamic Mask Attention: a learned per-key bias from the values, and each query sees
     /// only the `keep_window_size` keys with the largest bias (transformers' `DogeAttention`).
     DogeDma {
@@ -63,7 +72,7 @@ pub enum AttentionKind {
 
 /// The config names of the kinds, in the order of [`AttentionKind`].
 pub const ATTENTION_KINDS: &[&str] =
-    &["dense", "sliding-window", "fixed-sparse", "strided-sparse", "ssmax", "temperature", "power", "doge-dma"];
+    &["dense", "sliding-window", "fixed-sparse", "strided-sparse", "ssmax", "temperature", "power", "linformer", "doge-dma"];
 
 impl AttentionKind {
     /// The config name (`kind = "..."`).
@@ -76,6 +85,7 @@ impl AttentionKind {
             AttentionKind::Ssmax => "ssmax",
             AttentionKind::Temperature => "temperature",
             AttentionKind::Power { .. } => "power",
+            AttentionKind::Linformer { .. } => "linformer",
             AttentionKind::DogeDma { .. } => "doge-dma",
         }
     }
@@ -100,6 +110,7 @@ impl AttentionKind {
             }
             AttentionKind::StridedSparse { stride } => positive("stride", stride),
             AttentionKind::DogeDma { keep_window_size } => positive("keep_window_size", keep_window_size),
+            AttentionKind::Linformer { k, .. } => positive("k", k),
             AttentionKind::Power { p } if !(p > 0.0 && p.is_finite()) => Err(format!("`p` must be > 0, got {p}")),
             _ => Ok(()),
         }
@@ -171,6 +182,15 @@ impl AttentionKind {
         })
     }
 
+    /// Why the kind cannot be used where attention must be causal, if it cannot.
+    pub fn not_causal_because(&self) -> Option<&'static str> {
+        matches!(self, AttentionKind::Linformer { .. }).then_some(
+            "Linformer projects keys and values along the sequence, so every projected key mixes all \
+             positions, future ones included, and a decoder would see the tokens it must predict; use it \
+             where attention is bidirectional (the byte encoder of byte-pooled models)",
+        )
+    }
+
     /// Whether the kind takes the model's mask over all cached keys as it is (dense attention and
     /// Dynamic Mask Attention) rather than its own pattern through [`AttentionKind::mask`].
     pub fn uses_plain_mask(&self) -> bool {
@@ -180,8 +200,10 @@ impl AttentionKind {
     /// Attention of `q` `[b, heads, q_len, d]` over `k`, `v` `[b, kv_heads, keys, d]` under
     /// `mask`: `Causal` (queries and keys are the same positions from 0) runs the kind's own
     /// kernel; for pattern kinds an explicit mask must come from [`AttentionKind::mask`]. `extra`
-    /// is the learnable `[heads]` tensor of `ssmax` and `temperature`, or the per-key bias `dt`
-    /// `[b, kv_heads, keys]` of `doge-dma`.
+    /// is the learnable `[heads]` tensor of `ssmax` and `temperature`, the per-key bias `dt`
+    /// `[b, kv_heads, keys]` of `doge-dma`, or `E` and `F` stacked (`[2, heads or 1, k, max_len]`)
+    /// of `linformer`, which is bidirectional: it takes `AttentionMask::Full` only (padding goes
+    /// through [`linformer_attention`]'s `key_valid`).
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, extra: Option<&Tensor>, mask: &AttentionMask) -> Tensor {
         let causal = matches!(mask, AttentionMask::Causal);
         let param = || extra.unwrap_or_else(|| panic!("attention kind `{}` needs its extra input", self.name()));
@@ -194,6 +216,11 @@ impl AttentionKind {
             AttentionKind::Ssmax => ssmax_attention(q, k, v, param(), mask, None),
             AttentionKind::Temperature => temperature_attention(q, k, v, param(), mask, None),
             AttentionKind::Power { p } => power_attention(q, k, v, p, mask, None),
+            AttentionKind::Linformer { .. } => {
+                assert!(matches!(mask, AttentionMask::Full), "linformer is bidirectional: it takes AttentionMask::Full");
+                let ef = param();
+                linformer_attention(q, k, v, &ef.get(0), &ef.get(1), None, None)
+            }
             AttentionKind::DogeDma { keep_window_size } => {
                 dynamic_mask_attention(q, k, v, param(), keep_window_size, mask, None)
             }
@@ -265,6 +292,9 @@ mod tests {
             assert_eq!(serde_json::from_str::<AttentionKind>(&text).unwrap(), kind);
             kind.validate().unwrap();
         }
+        let lin: AttentionKind = serde_json::from_str(r#"{"kind": "linformer", "k": 8, "sharing": "key-value"}"#).unwrap();
+        assert_eq!(lin, AttentionKind::Linformer { k: 8, sharing: LinformerSharing::KeyValue });
+        assert!(lin.not_causal_because().is_some() && kinds().iter().all(|k| k.not_causal_because().is_none()));
         let e = AttentionKind::FixedSparse { block: 4, summary: 5 }.validate().unwrap_err();
         assert!(e.contains("summary"), "{e}");
         let e = AttentionKind::SlidingWindow { window: 0, global_tokens: 0 }.validate().unwrap_err();

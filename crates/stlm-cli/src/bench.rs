@@ -9,7 +9,7 @@ use clap::Subcommand;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use stlm_attention::{AttentionKind, AttentionMask, ATTENTION_KINDS};
+use stlm_attention::{AttentionKind, AttentionMask, LinformerSharing, ATTENTION_KINDS};
 use stlm_model::{DecoderModel, GenerationConfig};
 use stlm_train::optim::AdamW;
 use stlm_train::trainer::{train_step, BatchSource};
@@ -58,7 +58,7 @@ pub enum BenchJob {
     /// Forward+backward time of an attention kernel and of dense SDPA on the same inputs.
     Attention {
         /// Attention kind, by its config name: dense, sliding-window, fixed-sparse, strided-sparse,
-        /// ssmax, temperature, power or doge-dma.
+        /// ssmax, temperature, power, linformer or doge-dma.
         #[arg(long)]
         kind: String,
         /// Sequence length.
@@ -79,6 +79,9 @@ pub enum BenchJob {
         /// Exponent (power).
         #[arg(long, default_value_t = 2.0)]
         p: f64,
+        /// Projected length k (linformer, headwise sharing; compared with bidirectional SDPA).
+        #[arg(long, default_value_t = 256)]
+        linformer_k: i64,
         /// Batch size.
         #[arg(long, default_value_t = 1)]
         batch: i64,
@@ -127,6 +130,7 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
         block,
         summary,
         p,
+        linformer_k,
         batch,
         heads,
         head_dim,
@@ -148,6 +152,7 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
         "temperature" => AttentionKind::Temperature,
         "power" => AttentionKind::Power { p: *p },
         "doge-dma" => AttentionKind::DogeDma { keep_window_size: window },
+        "linformer" => AttentionKind::Linformer { k: *linformer_k, sharing: LinformerSharing::Headwise },
         _ => bail!("--kind {kind}: unknown attention (known: {})", ATTENTION_KINDS.join(", ")),
     };
     if seq < 1 || window < 1 || global < 0 || batch < 1 || heads < 1 || head_dim < 1 || *repeats < 1 {
@@ -175,16 +180,20 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
         }
         best * 1e3
     };
-    let dense = || stlm_attention::dense_attention(&q, &k, &v, &AttentionMask::Causal, None);
+    // Linformer is bidirectional: its reference is bidirectional SDPA.
+    let bidirectional = matches!(attention, AttentionKind::Linformer { .. });
+    let mask = if bidirectional { AttentionMask::Full } else { AttentionMask::Causal };
+    let dense = || stlm_attention::dense_attention(&q, &k, &v, &mask, None);
     let dense_ms = run(&dense);
     // The kind's learnable per-head parameter at its initial value, or Dynamic Mask Attention's
     // per-key bias (random); both get gradients.
     let param = match attention {
         AttentionKind::DogeDma { .. } => Some(Tensor::randn([batch, heads, seq], (Kind::Float, dev)).exp()),
+        AttentionKind::Linformer { k, .. } => Some(Tensor::randn([2, 1, k, seq], (Kind::Float, dev)) / (k as f64).sqrt()),
         _ => attention.head_parameter(seq).map(|(_, init)| Tensor::full([heads], init, (Kind::Float, dev))),
     }
     .map(|t| t.set_requires_grad(true));
-    let ms = run(&|| attention.forward(&q, &k, &v, param.as_ref(), &AttentionMask::Causal));
+    let ms = run(&|| attention.forward(&q, &k, &v, param.as_ref(), &mask));
     let report = AttentionBench {
         kind: kind.clone(),
         seq,

@@ -215,6 +215,12 @@ fn bad_input_gives_one_line_errors_and_writes_nothing() {
 
 #[test]
 fn bench_attention_and_train_report_json() {
+    for (kind, extra) in [("linformer", "--linformer-k=16"), ("doge-dma", "--window=8"), ("ssmax", "--p=2")] {
+        let out = ok(&["bench", "attention", "--kind", kind, "--seq", "48", extra, "--repeats", "1", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["kind"], kind);
+        assert!(v["ms"].as_f64().unwrap() > 0.0, "{v}");
+    }
     let out = ok(&[
         "bench",
         "attention",

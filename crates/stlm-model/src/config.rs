@@ -333,6 +333,9 @@ impl ModelConfig {
             if let Err(e) = kind.validate() {
                 return err(format!("field `attention[{i}]` ({}): {e}", kind.name()));
             }
+            if let Some(why) = kind.not_causal_because() {
+                return err(format!("field `attention[{i}]` ({}): not causal: {why}", kind.name()));
+            }
         }
         let positive = |v: f64| v > 0.0; // false for NaN too
         if !positive(self.norm_eps) || !positive(self.rope_theta) || !positive(self.initializer_range) {
@@ -429,6 +432,8 @@ mod tests {
         assert!(e.contains("attention[0]") && e.contains("window"), "{e}");
         let e = ModelConfig::from_toml_str(&text.replace("stlm", "llama"), p()).unwrap_err().to_string();
         assert!(e.contains("model_type") && e.contains("dense"), "{e}");
+        let e = ModelConfig::from_toml_str(&text.replace("{ kind = \"dense\" }", "{ kind = \"linformer\", k = 16 }"), p()).unwrap_err().to_string();
+        assert!(e.contains("attention[1]") && e.contains("not causal") && e.contains("future"), "{e}");
         let e = ModelConfig::from_toml_str(&text.replace("sliding-window", "sliding"), p()).unwrap_err().to_string();
         assert!(e.contains("attention") && e.contains("sliding"), "{e}");
     }
