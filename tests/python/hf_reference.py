@@ -1,7 +1,7 @@
 """Reference computations with Hugging Face transformers for stlm's parity tests.
 
 Reads a JSON list of tasks from the file given as the only argument:
-  {"action": "make", "model_type": "llama"|"gpt2", "config": {...}, "dir": D, "ids": [...],
+  {"action": "make", "model_type": "llama"|"mistral"|"gpt2", "config": {...}, "dir": D, "ids": [...],
    "seed": S, "new_tokens": N}
       build a random model (weights drawn at a large scale so that differences show), save it
       with save_pretrained to D, write D/reference.safetensors with "logits" [seq, vocab] and
@@ -37,7 +37,13 @@ def logits_of(model, ids):
 
 
 def make(task):
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "gpt2": (GPT2Config, GPT2LMHeadModel)}
+    from transformers import MistralConfig, MistralForCausalLM
+
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "gpt2": (GPT2Config, GPT2LMHeadModel),
+    }
     config_cls, model_cls = classes[task["model_type"]]
     config = config_cls(**task["config"])
     config._attn_implementation = "eager"

@@ -1,6 +1,6 @@
 //! Logit parity with Hugging Face transformers, both ways, for Llama (GQA, MQA, untied and tied
-//! heads, a non-default rope_theta, biases, the linear, dynamic, YaRN and Llama 3 RoPE scalings) and
-//! GPT-2: a random model saved by transformers loads
+//! heads, a non-default rope_theta, biases, the linear, dynamic, YaRN and Llama 3 RoPE scalings), Mistral
+//! with a sliding window, and GPT-2: a random model saved by transformers loads
 //! in stlm with the same logits and greedy continuation, and a model saved by stlm loads with
 //! `AutoModelForCausalLM.from_pretrained` with the same logits. Max abs difference <= 1e-4.
 
@@ -35,6 +35,14 @@ fn cases() -> Vec<(&'static str, &'static str, serde_json::Value)> {
             ),
         ),
         ("gpt2", "gpt2", json!({"vocab_size": 101, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64})),
+        // Mistral: a 4-token sliding window on every layer under 12 ids and 10 new tokens, so
+        // the window (and stlm's rolling cache in generation) matters.
+        (
+            "mistral-sliding-window",
+            "mistral",
+            json!({"vocab_size": 101, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "sliding_window": 4}),
+        ),
         // RoPE scalings (transformers' rope_parameters); the contexts are short so that each
         // scaling changes the frequencies that matter here.
         (
@@ -112,6 +120,10 @@ fn stlm_models_load_in_transformers_with_the_same_logits() {
         ("llama-gqa", "preset = \"llama\"\nnum_key_value_heads = 2\nrope_theta = 50000.0\n"),
         ("llama-mqa-tied", "preset = \"llama\"\nnum_key_value_heads = 1\ntie_word_embeddings = true\n"),
         ("gpt2", "preset = \"gpt2\"\n"),
+        (
+            "mistral-window-5",
+            "preset = \"llama\"\nmodel_type = \"mistral\"\nnum_key_value_heads = 2\nattention = [{ kind = \"sliding-window\", window = 5 }]\n",
+        ),
         (
             "llama-yarn",
             "preset = \"llama\"\nrope_scaling = { rope_type = \"yarn\", factor = 4.0, original_max_position_embeddings = 16 }\n",

@@ -63,6 +63,8 @@ pub fn linformer_attention(
     assert!(e.size()[2] >= n, "linformer: sequence of {n} positions but projections for {}", e.size()[2]);
     let repeat = |t: &Tensor| if kvh == h { t.shallow_clone() } else { t.repeat_interleave_self_int(h / kvh, 1, None) };
     let (mut k, mut v) = (repeat(k), repeat(v));
+    // Not `*=`: that would write into the caller's (possibly gradient-tracked) tensors.
+    #[allow(clippy::assign_op_pattern)]
     if let Some(valid) = key_valid {
         let keep = valid.to_kind(k.kind()).view([valid.size()[0], 1, n, 1]);
         k = k * &keep;

@@ -71,6 +71,8 @@ pub enum ModelType {
     Llama,
     /// `GPT2LMHeadModel`.
     Gpt2,
+    /// `MistralForCausalLM`: Llama's layout with an optional sliding window on every layer.
+    Mistral,
     /// Any other combination: `config.json` holds the stlm config with `model_type: "stlm"`.
     Stlm,
 }
@@ -259,6 +261,26 @@ impl ModelConfig {
         }
     }
 
+    /// The `sliding_window` of a transformers export: `None` for dense attention everywhere, the
+    /// window when every layer has the same sliding window without global tokens (Mistral only);
+    /// an error saying why for anything else transformers cannot express.
+    pub fn mistral_window(&self) -> std::result::Result<Option<i64>, String> {
+        if self.model_type == ModelType::Stlm || self.all_dense() {
+            return Ok(None);
+        }
+        let first = self.layer_attention(0);
+        let uniform = (0..self.num_hidden_layers as usize).all(|i| self.layer_attention(i) == first);
+        match first {
+            AttentionKind::SlidingWindow { window, global_tokens: 0 } if uniform && self.model_type == ModelType::Mistral => {
+                Ok(Some(window))
+            }
+            _ if self.model_type == ModelType::Mistral => {
+                Err("mistral takes dense attention or the same sliding window (no global tokens) on every layer".into())
+            }
+            _ => Err("only dense attention exists there (a sliding window on every layer exports as mistral)".into()),
+        }
+    }
+
     /// True when every layer uses dense attention.
     pub fn all_dense(&self) -> bool {
         self.attention.iter().all(|a| *a == AttentionKind::Dense)
@@ -362,19 +384,22 @@ impl ModelConfig {
 
     /// Why this config cannot be saved as its `model_type` in transformers, if it cannot.
     fn export_mismatch(&self) -> Option<String> {
-        if self.model_type != ModelType::Stlm && !self.all_dense() {
-            return Some("only dense attention exists there".into());
+        if let Err(e) = self.mistral_window() {
+            return Some(e);
         }
         if self.model_type != ModelType::Stlm && self.partial_rotary_factor != 1.0 {
             return Some("it rotates whole heads (partial_rotary_factor = 1)".into());
         }
         match self.model_type {
             ModelType::Stlm => None,
-            ModelType::Llama => {
+            ModelType::Llama | ModelType::Mistral => {
                 let ok =
                     self.norm == NormKind::RmsNorm && self.position == PositionKind::Rope && self.mlp == MlpKind::Gated;
+                let biases = self.model_type == ModelType::Mistral && (self.attention_bias || self.mlp_bias);
                 if !ok {
-                    Some("llama needs norm = rms_norm, position = rope, mlp = gated".into())
+                    Some("llama and mistral need norm = rms_norm, position = rope, mlp = gated".into())
+                } else if biases {
+                    Some("mistral has no biases".into())
                 } else {
                     None
                 }
@@ -432,6 +457,10 @@ mod tests {
         assert!(e.contains("attention[0]") && e.contains("window"), "{e}");
         let e = ModelConfig::from_toml_str(&text.replace("stlm", "llama"), p()).unwrap_err().to_string();
         assert!(e.contains("model_type") && e.contains("dense"), "{e}");
+        let e = ModelConfig::from_toml_str(&text.replace("stlm", "mistral"), p()).unwrap_err().to_string();
+        assert!(e.contains("same sliding window"), "a dense layer in between: {e}");
+        let mistral = "model_type = \"mistral\"\nattention = [{ kind = \"sliding-window\", window = 8 }]\n";
+        assert_eq!(ModelConfig::from_toml_str(mistral, p()).unwrap().mistral_window(), Ok(Some(8)));
         let e = ModelConfig::from_toml_str(&text.replace("{ kind = \"dense\" }", "{ kind = \"linformer\", k = 16 }"), p()).unwrap_err().to_string();
         assert!(e.contains("attention[1]") && e.contains("not causal") && e.contains("future"), "{e}");
         let e = ModelConfig::from_toml_str(&text.replace("sliding-window", "sliding"), p()).unwrap_err().to_string();

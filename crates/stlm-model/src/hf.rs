@@ -10,11 +10,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
-use stlm_attention::RopeScaling;
+use stlm_attention::{AttentionKind, RopeScaling};
 use tch::Tensor;
 
 /// Model types stlm loads from `config.json`.
-pub const KNOWN_MODEL_TYPES: &[&str] = &["llama", "gpt2", "stlm"];
+pub const KNOWN_MODEL_TYPES: &[&str] = &["llama", "mistral", "gpt2", "stlm"];
 
 fn parse<T: serde::de::DeserializeOwned>(value: Value, path: &Path) -> Result<T> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -143,6 +143,7 @@ pub fn config_from_json(value: Value, path: &Path) -> Result<ModelConfig> {
     };
     let cfg = match model_type.as_str() {
         "llama" => llama_config(parse(value, path)?, path)?,
+        "mistral" => mistral_config(value, path)?,
         "gpt2" => gpt2_config(parse(value, path)?, path)?,
         "stlm" => parse(value, path)?,
         other => {
@@ -200,6 +201,20 @@ fn rope_from_hf(c: &LlamaHf, path: &Path) -> Result<(f64, Option<RopeScaling>)> 
         .map_err(|e| unsupported(path, format!("field `{field}`: {e} (supported rope types: default, linear, dynamic, yarn, llama3)")))?;
     scaling.validate().map_err(|e| unsupported(path, format!("field `{field}`: {e}")))?;
     Ok((theta, Some(scaling)))
+}
+
+/// Mistral is Llama's layout (without biases) plus `sliding_window` on every layer.
+fn mistral_config(mut value: Value, path: &Path) -> Result<ModelConfig> {
+    let window = match value.as_object_mut().and_then(|m| m.remove("sliding_window")) {
+        None | Some(Value::Null) => None,
+        Some(w) => Some(w.as_i64().filter(|&w| w > 0).ok_or_else(|| {
+            unsupported(path, format!("field `sliding_window`: expected a positive integer or null, got {w}"))
+        })?),
+    };
+    let mut cfg = llama_config(parse(value, path)?, path)?;
+    cfg.model_type = ModelType::Mistral;
+    cfg.attention = window.map(|window| AttentionKind::SlidingWindow { window, global_tokens: 0 }).into_iter().collect();
+    Ok(cfg)
 }
 
 fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
@@ -303,6 +318,18 @@ pub fn config_to_json(c: &ModelConfig, dtype: &str) -> Value {
         Activation::Relu => "relu",
     };
     let mut v = match c.model_type {
+        ModelType::Mistral => {
+            let mut v = config_to_json(&ModelConfig { model_type: ModelType::Llama, attention: Vec::new(), ..c.clone() }, dtype);
+            let o = v.as_object_mut().expect("json! object");
+            for gone in ["attention_bias", "mlp_bias"] {
+                o.remove(gone);
+            }
+            let window = c.mistral_window().expect("validated on load and build");
+            o.insert("architectures".into(), json!(["MistralForCausalLM"]));
+            o.insert("model_type".into(), json!("mistral"));
+            o.insert("sliding_window".into(), window.map_or(Value::Null, |w| json!(w)));
+            return v;
+        }
         ModelType::Llama => json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
