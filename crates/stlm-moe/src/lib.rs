@@ -1,0 +1,18 @@
+//! stlm-moe: mixture-of-experts layers for stlm.
+//!
+//! - [`router`]: the routers behind one interface ([`RouterKind::route`] turns router logits into
+//!   a flat list of (token, expert, weight) assignments): top-k with softmax or sigmoid gates
+//!   (Mixtral, Qwen-MoE's `norm_topk_prob`), Switch top-1 with a capacity, DeepSeek-V3's
+//!   auxiliary-loss-free balancing (a per-expert bias that changes which experts are chosen, not
+//!   their weights), and expert choice (not causal: refused where the model is).
+//! - [`dispatch`]: tokens grouped by expert with one sort, one gather and one scatter-add per
+//!   layer (as MegaBlocks does), over expert weights stacked `[E, ...]` ([`Experts`]).
+//! - [`losses`]: the Switch load-balancing loss and the router z-loss, and per-expert load.
+
+pub mod dispatch;
+pub mod losses;
+pub mod router;
+
+pub use dispatch::{moe_forward, Experts};
+pub use losses::{expert_load, load_balancing_loss, z_loss};
+pub use router::{update_balance_bias, Gate, RouterKind, Routing};
