@@ -1,6 +1,6 @@
 //! Logit parity with Hugging Face transformers, both ways, for Llama (GQA, MQA, untied and tied
 //! heads, a non-default rope_theta, biases, the linear, dynamic, YaRN and Llama 3 RoPE scalings), Mistral
-//! with a sliding window, and GPT-2: a random model saved by transformers loads
+//! with a sliding window, Mixtral (top-2 of 4 and 8 experts), and GPT-2: a random model saved by transformers loads
 //! in stlm with the same logits and greedy continuation, and a model saved by stlm loads with
 //! `AutoModelForCausalLM.from_pretrained` with the same logits. Max abs difference <= 1e-4.
 
@@ -42,6 +42,14 @@ fn cases() -> Vec<(&'static str, &'static str, serde_json::Value)> {
             "mistral",
             json!({"vocab_size": 101, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "sliding_window": 4}),
+        ),
+        // Mixtral: 4 experts, top-2, GQA.
+        (
+            "mixtral-4x2",
+            "mixtral",
+            json!({"vocab_size": 101, "hidden_size": 64, "intermediate_size": 48, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                   "num_local_experts": 4, "num_experts_per_tok": 2}),
         ),
         // RoPE scalings (transformers' rope_parameters); the contexts are short so that each
         // scaling changes the frequencies that matter here.
@@ -123,6 +131,10 @@ fn stlm_models_load_in_transformers_with_the_same_logits() {
         (
             "mistral-window-5",
             "preset = \"llama\"\nmodel_type = \"mistral\"\nnum_key_value_heads = 2\nattention = [{ kind = \"sliding-window\", window = 5 }]\n",
+        ),
+        (
+            "mixtral-8x2",
+            "preset = \"llama\"\nmodel_type = \"mixtral\"\nnum_key_value_heads = 2\nmoe = { num_experts = 8, router = { kind = \"top-k\", k = 2 } }\n",
         ),
         (
             "llama-yarn",

@@ -187,8 +187,8 @@ fn losses_if_any(run: &Path) -> Vec<(u64, String)> {
     }
 }
 
-/// Every example config of an attention kind or position encoding (`configs/attn-*.toml`,
-/// `configs/pos-*.toml`) trains a few steps with `stlm train`, and the saved model keeps its
+/// Every example config of an attention kind, position encoding or MoE router
+/// (`configs/attn-*.toml`, `configs/pos-*.toml`, `configs/moe-*.toml`) trains a few steps with `stlm train`, and the saved model keeps its
 /// setting and generates (cached decoding).
 #[test]
 fn every_attention_config_trains_and_generates() {
@@ -196,10 +196,10 @@ fn every_attention_config_trains_and_generates() {
     let mut names: Vec<_> = std::fs::read_dir(&configs)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| (n.starts_with("attn-") || n.starts_with("pos-")) && n.ends_with(".toml"))
+        .filter(|n| ["attn-", "pos-", "moe-"].iter().any(|p| n.starts_with(p)) && n.ends_with(".toml"))
         .collect();
     names.sort();
-    assert!(names.len() >= 9, "{names:?}");
+    assert!(names.len() >= 12, "{names:?}");
     let dir = tempfile::tempdir().unwrap();
     for name in names {
         let text = std::fs::read_to_string(configs.join(&name)).unwrap();
@@ -213,7 +213,13 @@ fn every_attention_config_trains_and_generates() {
         for (step, loss) in losses(&run) {
             assert!(loss.parse::<f64>().is_ok_and(f64::is_finite), "{name}: loss {loss} at step {step}");
         }
-        let kind = name.trim_start_matches("attn-").trim_start_matches("pos-").trim_end_matches(".toml");
+        let kind = ["attn-", "pos-", "moe-"].iter().fold(name.as_str(), |n, p| n.trim_start_matches(p)).trim_end_matches(".toml");
+        if name.starts_with("moe-") {
+            let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+            let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+            assert_eq!(last["moe"].as_array().map(Vec::len), Some(4), "{name}: expert load of 4 layers logged");
+            assert!(last["moe"][0]["load"].as_array().is_some_and(|l| l.len() == 8), "{name}: {last}");
+        }
         let saved = std::fs::read_to_string(run.join("model").join("config.json")).unwrap();
         assert!(saved.contains(&format!("\"{kind}\"")), "{name}: attention kept in config.json");
         let gen = stlm(&["generate", "--model", p(&run.join("model")), "--prompt", "Once upon", "--max-new-tokens", "8"]);

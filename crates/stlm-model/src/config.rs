@@ -3,6 +3,7 @@
 use crate::{ModelError, Result};
 use serde::{Deserialize, Serialize};
 use stlm_attention::{AttentionKind, RopeScaling};
+use stlm_moe::{MoeConfig, RouterKind};
 
 fn one() -> f64 {
     1.0
@@ -71,6 +72,9 @@ pub enum ModelType {
     Llama,
     /// `GPT2LMHeadModel`.
     Gpt2,
+    /// `MixtralForCausalLM`: Mistral's layout with a top-k (softmax, renormalised) mixture of
+    /// experts in every layer.
+    Mixtral,
     /// `MistralForCausalLM`: Llama's layout with an optional sliding window on every layer.
     Mistral,
     /// Any other combination: `config.json` holds the stlm config with `model_type: "stlm"`.
@@ -136,6 +140,10 @@ pub struct ModelConfig {
     /// Padding token id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<i64>,
+    /// A mixture of experts in place of every layer's MLP (experts as wide as
+    /// `intermediate_size`, SwiGLU); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
     /// Attention of each layer: one entry for every layer, or a pattern repeated over the layers
     /// (its length must divide `num_hidden_layers`); empty means dense everywhere. Last, because
     /// TOML writes arrays of tables after plain values.
@@ -174,6 +182,7 @@ impl ModelConfig {
             bos_token_id: None,
             eos_token_id: Vec::new(),
             pad_token_id: None,
+            moe: None,
             attention: Vec::new(),
         }
     }
@@ -271,10 +280,12 @@ impl ModelConfig {
         let first = self.layer_attention(0);
         let uniform = (0..self.num_hidden_layers as usize).all(|i| self.layer_attention(i) == first);
         match first {
-            AttentionKind::SlidingWindow { window, global_tokens: 0 } if uniform && self.model_type == ModelType::Mistral => {
+            AttentionKind::SlidingWindow { window, global_tokens: 0 }
+                if uniform && matches!(self.model_type, ModelType::Mistral | ModelType::Mixtral) =>
+            {
                 Ok(Some(window))
             }
-            _ if self.model_type == ModelType::Mistral => {
+            _ if matches!(self.model_type, ModelType::Mistral | ModelType::Mixtral) => {
                 Err("mistral takes dense attention or the same sliding window (no global tokens) on every layer".into())
             }
             _ => Err("only dense attention exists there (a sliding window on every layer exports as mistral)".into()),
@@ -359,6 +370,17 @@ impl ModelConfig {
                 return err(format!("field `attention[{i}]` ({}): not causal: {why}", kind.name()));
             }
         }
+        if let Some(moe) = &self.moe {
+            if let Err(e) = moe.validate() {
+                return err(format!("field `moe`: {e}"));
+            }
+            if let Some(why) = moe.router.not_causal_because() {
+                return err(format!("field `moe.router`: not causal: {why}"));
+            }
+            if self.mlp != MlpKind::Gated || self.hidden_act != Activation::Silu {
+                return err("field `moe`: experts are SwiGLU (needs mlp = gated, hidden_act = silu)".into());
+            }
+        }
         let positive = |v: f64| v > 0.0; // false for NaN too
         if !positive(self.norm_eps) || !positive(self.rope_theta) || !positive(self.initializer_range) {
             return err("fields `norm_eps`, `rope_theta` and `initializer_range` must be positive".into());
@@ -387,15 +409,28 @@ impl ModelConfig {
         if let Err(e) = self.mistral_window() {
             return Some(e);
         }
+        let mixtral_router = matches!(
+            self.moe.as_ref().map(|m| &m.router),
+            Some(RouterKind::TopK { norm_topk_prob: true, gate: stlm_moe::Gate::Softmax, .. })
+        );
+        match self.model_type {
+            ModelType::Mixtral if !mixtral_router => {
+                return Some("mixtral needs a `[moe]` table with a top-k softmax router (norm_topk_prob = true)".into())
+            }
+            ModelType::Llama | ModelType::Mistral | ModelType::Gpt2 if self.moe.is_some() => {
+                return Some("it has no mixture of experts (a top-k MoE exports as mixtral)".into())
+            }
+            _ => {}
+        }
         if self.model_type != ModelType::Stlm && self.partial_rotary_factor != 1.0 {
             return Some("it rotates whole heads (partial_rotary_factor = 1)".into());
         }
         match self.model_type {
             ModelType::Stlm => None,
-            ModelType::Llama | ModelType::Mistral => {
+            ModelType::Llama | ModelType::Mistral | ModelType::Mixtral => {
                 let ok =
                     self.norm == NormKind::RmsNorm && self.position == PositionKind::Rope && self.mlp == MlpKind::Gated;
-                let biases = self.model_type == ModelType::Mistral && (self.attention_bias || self.mlp_bias);
+                let biases = self.model_type != ModelType::Llama && (self.attention_bias || self.mlp_bias);
                 if !ok {
                     Some("llama and mistral need norm = rms_norm, position = rope, mlp = gated".into())
                 } else if biases {

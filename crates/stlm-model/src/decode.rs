@@ -139,7 +139,7 @@ pub struct FastDecoder<'m> {
 impl<'m> FastDecoder<'m> {
     /// The fused step for `model`, or `None` when it does not apply: weights not float32 on the
     /// CPU or not row-major, an activation without a kernel (exact GELU), or a layer whose attention
-    /// is not dense, or sinusoidal or ALiBi positions; then decode with
+    /// is not dense, a mixture of experts, or sinusoidal or ALiBi positions; then decode with
     /// libtorch. The model's weights must not change while the decoder is alive.
     pub fn new(model: &'m DecoderModel) -> Option<Self> {
         let cfg = &model.config;
@@ -153,7 +153,7 @@ impl<'m> FastDecoder<'m> {
             .layers
             .iter()
             .map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
+                let (a, m) = (&l.self_attn, l.mlp.dense()?);
                 let up = match &m.gate_proj {
                     Some(gate) => Stacked::new(m.gate_up.as_ref(), &[gate, &m.up_proj])?,
                     None => Stacked::new(None, &[&m.up_proj])?,

@@ -11,10 +11,11 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
 use stlm_attention::{AttentionKind, RopeScaling};
+use stlm_moe::{Gate, MoeConfig, RouterKind};
 use tch::Tensor;
 
 /// Model types stlm loads from `config.json`.
-pub const KNOWN_MODEL_TYPES: &[&str] = &["llama", "mistral", "gpt2", "stlm"];
+pub const KNOWN_MODEL_TYPES: &[&str] = &["llama", "mistral", "mixtral", "gpt2", "stlm"];
 
 fn parse<T: serde::de::DeserializeOwned>(value: Value, path: &Path) -> Result<T> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -144,6 +145,7 @@ pub fn config_from_json(value: Value, path: &Path) -> Result<ModelConfig> {
     let cfg = match model_type.as_str() {
         "llama" => llama_config(parse(value, path)?, path)?,
         "mistral" => mistral_config(value, path)?,
+        "mixtral" => mixtral_config(value, path)?,
         "gpt2" => gpt2_config(parse(value, path)?, path)?,
         "stlm" => parse(value, path)?,
         other => {
@@ -203,6 +205,26 @@ fn rope_from_hf(c: &LlamaHf, path: &Path) -> Result<(f64, Option<RopeScaling>)> 
     Ok((theta, Some(scaling)))
 }
 
+/// Mixtral is Mistral's layout with a top-k mixture of experts in every layer. The router's
+/// training-time jitter (`router_jitter_noise`) does not change inference and is not kept.
+fn mixtral_config(mut value: Value, path: &Path) -> Result<ModelConfig> {
+    let map = value.as_object_mut().ok_or_else(|| unsupported(path, "expected a JSON object".into()))?;
+    let mut int = |name: &str| match map.remove(name) {
+        Some(v) => v.as_i64().ok_or_else(|| unsupported(path, format!("field `{name}`: expected an integer, got {v}"))),
+        None => Err(unsupported(path, format!("missing field `{name}`"))),
+    };
+    let (num_experts, k) = (int("num_local_experts")?, int("num_experts_per_tok")?);
+    let aux = map.remove("router_aux_loss_coef").and_then(|v| v.as_f64()).unwrap_or(0.001);
+    for ignored in ["router_jitter_noise", "output_router_logits"] {
+        map.remove(ignored);
+    }
+    let mut cfg = mistral_config(value, path)?;
+    cfg.model_type = ModelType::Mixtral;
+    let router = RouterKind::TopK { k, norm_topk_prob: true, gate: Gate::Softmax };
+    cfg.moe = Some(MoeConfig { num_experts, router, aux_loss_coef: aux, z_loss_coef: 0.0 });
+    Ok(cfg)
+}
+
 /// Mistral is Llama's layout (without biases) plus `sliding_window` on every layer.
 fn mistral_config(mut value: Value, path: &Path) -> Result<ModelConfig> {
     let window = match value.as_object_mut().and_then(|m| m.remove("sliding_window")) {
@@ -238,6 +260,7 @@ fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
         rope_theta,
         rope_scaling,
         partial_rotary_factor: 1.0,
+        moe: None,
         mlp: MlpKind::Gated,
         hidden_act: activation(c.hidden_act.as_deref().unwrap_or("silu"), "hidden_act", path)?,
         attention_bias: c.attention_bias.unwrap_or(false),
@@ -277,6 +300,7 @@ fn gpt2_config(c: Gpt2Hf, path: &Path) -> Result<ModelConfig> {
         rope_theta: 10000.0,
         rope_scaling: None,
         partial_rotary_factor: 1.0,
+        moe: None,
         mlp: MlpKind::Plain,
         hidden_act: activation(c.activation_function.as_deref().unwrap_or("gelu_new"), "activation_function", path)?,
         attention_bias: true,
@@ -318,6 +342,19 @@ pub fn config_to_json(c: &ModelConfig, dtype: &str) -> Value {
         Activation::Relu => "relu",
     };
     let mut v = match c.model_type {
+        ModelType::Mixtral => {
+            let mut v = config_to_json(&ModelConfig { model_type: ModelType::Mistral, moe: None, ..c.clone() }, dtype);
+            let o = v.as_object_mut().expect("json! object");
+            let moe = c.moe.as_ref().expect("validated: mixtral has a [moe] table");
+            let RouterKind::TopK { k, .. } = moe.router else { unreachable!("validated: a top-k router") };
+            o.insert("architectures".into(), json!(["MixtralForCausalLM"]));
+            o.insert("model_type".into(), json!("mixtral"));
+            o.insert("num_local_experts".into(), json!(moe.num_experts));
+            o.insert("num_experts_per_tok".into(), json!(k));
+            o.insert("router_aux_loss_coef".into(), json!(moe.aux_loss_coef));
+            o.insert("router_jitter_noise".into(), json!(0.0));
+            return v;
+        }
         ModelType::Mistral => {
             let mut v = config_to_json(&ModelConfig { model_type: ModelType::Llama, attention: Vec::new(), ..c.clone() }, dtype);
             let o = v.as_object_mut().expect("json! object");
@@ -387,6 +424,9 @@ pub fn import_weights(
     path: &Path,
 ) -> Result<HashMap<String, Tensor>> {
     let tensors = tensors.into_iter().filter(|(n, _)| !is_ignored_buffer(n));
+    if cfg.moe.is_some() {
+        return stack_experts(cfg, tensors.collect(), path);
+    }
     if cfg.model_type != ModelType::Gpt2 {
         return Ok(tensors.collect());
     }
@@ -430,6 +470,75 @@ pub fn import_weights(
     Ok(out)
 }
 
+/// Mixtral checkpoints as transformers saves them (`block_sparse_moe.gate.weight`,
+/// `block_sparse_moe.experts.{j}.w1|w2|w3.weight`: gate, down, up) to stlm's stacked experts
+/// (`mlp.gate.weight`, `mlp.experts.gate_up_proj` `[E, 2I, H]`, `mlp.experts.down_proj`
+/// `[E, H, I]`, the layout transformers uses in memory); stacked names pass through.
+fn stack_experts(cfg: &ModelConfig, mut tensors: HashMap<String, Tensor>, path: &Path) -> Result<HashMap<String, Tensor>> {
+    let e = cfg.moe.as_ref().map_or(0, |m| m.num_experts);
+    for i in 0..cfg.num_hidden_layers {
+        let old = format!("model.layers.{i}.block_sparse_moe");
+        let new = format!("model.layers.{i}.mlp");
+        if let Some(g) = tensors.remove(&format!("{old}.gate.weight")) {
+            tensors.insert(format!("{new}.gate.weight"), g);
+        }
+        if !tensors.contains_key(&format!("{old}.experts.0.w1.weight")) {
+            continue;
+        }
+        let mut take = |j: i64, w: &str| {
+            let name = format!("{old}.experts.{j}.{w}.weight");
+            tensors.remove(&name).ok_or_else(|| ModelError::Weights {
+                path: path.to_path_buf(),
+                message: format!("missing tensor `{name}` (the config has {e} experts)"),
+            })
+        };
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for j in 0..e {
+            gate_up.push(Tensor::cat(&[take(j, "w1")?, take(j, "w3")?], 0));
+            down.push(take(j, "w2")?);
+        }
+        if let Some(extra) = tensors.keys().find(|k| k.starts_with(&format!("{old}.experts."))) {
+            return Err(ModelError::Weights {
+                path: path.to_path_buf(),
+                message: format!("unexpected tensor `{extra}`: the config has {e} experts"),
+            });
+        }
+        tensors.insert(format!("{new}.experts.gate_up_proj"), Tensor::stack(&gate_up, 0));
+        tensors.insert(format!("{new}.experts.down_proj"), Tensor::stack(&down, 0));
+    }
+    Ok(tensors)
+}
+
+/// stlm's stacked experts to the per-expert names transformers saves Mixtral with.
+fn unstack_experts(vars: &HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    for (name, t) in vars {
+        let Some((layer, rest)) = name.split_once(".mlp.") else {
+            out.push((name.clone(), t.shallow_clone()));
+            continue;
+        };
+        let old = format!("{layer}.block_sparse_moe");
+        match rest {
+            "gate.weight" => out.push((format!("{old}.gate.weight"), t.shallow_clone())),
+            "experts.gate_up_proj" => {
+                let width = t.size()[1] / 2;
+                for j in 0..t.size()[0] {
+                    let both = t.get(j);
+                    out.push((format!("{old}.experts.{j}.w1.weight"), both.narrow(0, 0, width).contiguous()));
+                    out.push((format!("{old}.experts.{j}.w3.weight"), both.narrow(0, width, width).contiguous()));
+                }
+            }
+            "experts.down_proj" => {
+                for j in 0..t.size()[0] {
+                    out.push((format!("{old}.experts.{j}.w2.weight"), t.get(j).contiguous()));
+                }
+            }
+            _ => out.push((name.clone(), t.shallow_clone())),
+        }
+    }
+    out
+}
+
 /// GPT-2's Conv1D stores `[in, out]`; stlm's linear stores `[out, in]` (and back).
 fn conv1d(t: Tensor, param: &str) -> Tensor {
     if param == "weight" {
@@ -441,7 +550,9 @@ fn conv1d(t: Tensor, param: &str) -> Tensor {
 
 /// Names (and for GPT-2 layouts) under which transformers expects each stlm weight.
 pub fn export_weights(cfg: &ModelConfig, vars: &HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
-    let mut out: Vec<(String, Tensor)> = if cfg.model_type != ModelType::Gpt2 {
+    let mut out: Vec<(String, Tensor)> = if cfg.model_type == ModelType::Mixtral {
+        unstack_experts(vars)
+    } else if cfg.model_type != ModelType::Gpt2 {
         vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     } else {
         let get = |n: String| vars[&n].shallow_clone();

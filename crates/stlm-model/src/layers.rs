@@ -6,6 +6,7 @@
 use crate::config::{Activation, MlpKind, ModelConfig, NormKind, PositionKind};
 use stlm_attention::{alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, AttentionKind, AttentionMask, KvCache};
 use stlm_core::kernels::{small_batch_linear, small_batch_rms_norm};
+use stlm_moe::MoeLayer;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
@@ -342,7 +343,34 @@ pub struct DecoderLayer {
     /// Norm before the MLP.
     pub post_attention_layernorm: Norm,
     /// Feed-forward block.
-    pub mlp: Mlp,
+    pub mlp: FeedForward,
+}
+
+/// The feed-forward block of a layer: dense, or a mixture of experts.
+#[derive(Debug)]
+pub enum FeedForward {
+    /// One MLP.
+    Dense(Mlp),
+    /// A mixture of experts (`[model.moe]`).
+    Moe(MoeLayer),
+}
+
+impl FeedForward {
+    /// `[b, s, hidden] -> [b, s, hidden]`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            FeedForward::Dense(m) => m.forward(x),
+            FeedForward::Moe(m) => m.forward(x),
+        }
+    }
+
+    /// The dense MLP, if this block is one.
+    pub fn dense(&self) -> Option<&Mlp> {
+        match self {
+            FeedForward::Dense(m) => Some(m),
+            FeedForward::Moe(_) => None,
+        }
+    }
 }
 
 impl DecoderLayer {
@@ -358,7 +386,17 @@ impl DecoderLayer {
                 cfg.hidden_size,
                 cfg.norm_eps,
             ),
-            mlp: Mlp::new(&path / "mlp", cfg, resid_std),
+            mlp: match &cfg.moe {
+                None => FeedForward::Dense(Mlp::new(&path / "mlp", cfg, resid_std)),
+                Some(moe) => FeedForward::Moe(MoeLayer::new(
+                    &path / "mlp",
+                    cfg.hidden_size,
+                    cfg.intermediate_size,
+                    moe,
+                    cfg.initializer_range,
+                    resid_std,
+                )),
+            },
         }
     }
 

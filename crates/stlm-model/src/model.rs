@@ -6,9 +6,10 @@
 //! `tests/tests/hf_parity.rs` compare logits with them both ways.
 
 use crate::config::{ModelConfig, PositionKind};
-use crate::layers::{DecoderLayer, Linear, Norm, RotaryAngles};
+use crate::layers::{DecoderLayer, FeedForward, Linear, Norm, RotaryAngles};
 use crate::{ModelError, Result};
 use stlm_attention::{sinusoidal_positions, AttentionMask, KvCache, Rope};
+use stlm_moe::MoeStats;
 use stlm_core::kernels::small_batch_linear;
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
@@ -94,7 +95,28 @@ impl DecoderModel {
         let _guard = tch::no_grad_guard();
         for layer in &mut self.layers {
             layer.self_attn.prepare_for_decoding();
-            layer.mlp.prepare_for_decoding();
+            if let FeedForward::Dense(mlp) = &mut layer.mlp {
+                mlp.prepare_for_decoding();
+            }
+        }
+    }
+
+    /// The MoE stats of the last forward, per MoE layer (`(layer index, stats)`), taken.
+    pub fn take_moe_stats(&self) -> Vec<(usize, MoeStats)> {
+        let moe = self.layers.iter().enumerate().filter_map(|(i, l)| match &l.mlp {
+            FeedForward::Moe(m) => Some((i, m)),
+            FeedForward::Dense(_) => None,
+        });
+        moe.filter_map(|(i, m)| m.take_stats().map(|s| (i, s))).collect()
+    }
+
+    /// After an optimizer step: moves each aux-free router's bias towards balance by `stats`
+    /// (from [`DecoderModel::take_moe_stats`] of the step's forward).
+    pub fn update_moe_balance(&self, stats: &[(usize, MoeStats)]) {
+        for (i, s) in stats {
+            if let FeedForward::Moe(m) = &self.layers[*i].mlp {
+                m.update_balance(s);
+            }
         }
     }
 

@@ -8,11 +8,14 @@
 //! - [`dispatch`]: tokens grouped by expert with one sort, one gather and one scatter-add per
 //!   layer (as MegaBlocks does), over expert weights stacked `[E, ...]` ([`Experts`]).
 //! - [`losses`]: the Switch load-balancing loss and the router z-loss, and per-expert load.
+//! - [`layer`]: [`MoeLayer`], the feed-forward layer models use, configured by [`MoeConfig`].
 
 pub mod dispatch;
+pub mod layer;
 pub mod losses;
 pub mod router;
 
 pub use dispatch::{moe_forward, Experts};
+pub use layer::{load_entropy, MoeConfig, MoeLayer, MoeStats};
 pub use losses::{expert_load, load_balancing_loss, z_loss};
 pub use router::{update_balance_bias, Gate, RouterKind, Routing};

@@ -1,6 +1,7 @@
 //! The training loop: gradient accumulation, clipping, AdamW, the schedule, validation,
 //! metrics.jsonl, a progress bar, periodic checkpoints and exact resume.
 
+use stlm_moe::{load_entropy, MoeStats};
 use crate::checkpoint::{self, TrainerState};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::LrSchedule;
@@ -83,10 +84,41 @@ pub struct StepLog {
     pub tokens_per_s: f64,
     /// Seconds since this process started training.
     pub elapsed: f64,
+    /// Per MoE layer: balancing loss, expert load, its entropy and dropped tokens (MoE models).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub moe: Vec<MoeLog>,
+}
+
+/// What one MoE layer did in the logged step (its last micro-batch).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MoeLog {
+    /// Layer index.
+    pub layer: usize,
+    /// The weighted balancing (and z) loss added to the training loss.
+    pub aux_loss: f64,
+    /// Tokens (assignments) per expert.
+    pub load: Vec<i64>,
+    /// Entropy of the load in nats (`ln(experts)` when balanced).
+    pub load_entropy: f64,
+    /// Fraction of wanted assignments dropped for capacity.
+    pub dropped: f64,
+}
+
+impl MoeLog {
+    /// Host values of one layer's stats (a device sync: only at log steps).
+    pub fn from_stats(layer: usize, s: &MoeStats) -> Self {
+        MoeLog {
+            layer,
+            aux_loss: s.aux_loss.double_value(&[]),
+            load: Vec::try_from(&s.load).unwrap_or_default(),
+            load_entropy: load_entropy(&s.load),
+            dropped: s.dropped.double_value(&[]),
+        }
+    }
 }
 
 /// What one optimizer step reports.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug)]
 pub struct StepOutput {
     /// Mean training loss over the step's micro-batches (nats per token).
     pub loss: f64,
@@ -94,6 +126,8 @@ pub struct StepOutput {
     pub grad_norm: f64,
     /// Input tokens processed.
     pub tokens: u64,
+    /// MoE layers' stats of the last micro-batch (device tensors; empty without MoE).
+    pub moe: Vec<(usize, MoeStats)>,
 }
 
 /// One optimizer step at `step` with learning rate `lr`: `grad_accum` micro-batches forward and
@@ -110,11 +144,17 @@ pub fn train_step(
 ) -> Result<StepOutput> {
     let mut step_loss = Tensor::zeros([], (Kind::Float, model.device()));
     let mut tokens = 0;
+    let mut moe = Vec::new();
     for micro in 0..grad_accum {
         let (x, y) = data.train_batch(step, micro)?;
         tokens += x.numel() as u64;
         let loss = loss_of(model, &x, &y) / grad_accum as f64;
-        loss.backward();
+        // MoE layers' balancing losses join the gradient; the logged loss stays cross-entropy.
+        moe = model.take_moe_stats();
+        match moe.iter().map(|(_, s)| s.aux_loss.shallow_clone()).reduce(|a, b| a + b) {
+            Some(aux) => (&loss + aux / grad_accum as f64).backward(),
+            None => loss.backward(),
+        }
         step_loss += loss.detach();
     }
     let grad_norm = opt.clip_grad_norm(grad_clip);
@@ -126,7 +166,8 @@ pub fn train_step(
     }
     opt.step(lr);
     opt.zero_grad();
-    Ok(StepOutput { loss, grad_norm, tokens })
+    model.update_moe_balance(&moe);
+    Ok(StepOutput { loss, grad_norm, tokens, moe })
 }
 
 /// Mean next-token cross-entropy of a batch.
@@ -212,6 +253,7 @@ pub fn train(
                 grad_norm,
                 tokens_per_s: window_tokens as f64 / secs,
                 elapsed: started.elapsed().as_secs_f64(),
+                moe: out.moe.iter().map(|(i, s)| MoeLog::from_stats(*i, s)).collect(),
             };
             append_metrics(&metrics_path, &log)?;
             let line = format!(

@@ -1,0 +1,162 @@
+//! A mixture-of-experts feed-forward layer: router gate, routing, stacked SwiGLU experts, and the
+//! balancing losses of its last forward for the trainer to add.
+
+use crate::{expert_load, load_balancing_loss, moe_forward, update_balance_bias, z_loss, Experts, RouterKind};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use stlm_core::kernels::grad_enabled;
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+fn default_aux() -> f64 {
+    0.01
+}
+
+/// The MoE part of a model config (`[model.moe]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeConfig {
+    /// Experts per layer (each as wide as the model's `intermediate_size`).
+    pub num_experts: i64,
+    /// How tokens are routed.
+    pub router: RouterKind,
+    /// Weight of the load-balancing loss in the training loss (Switch: 0.01).
+    #[serde(default = "default_aux")]
+    pub aux_loss_coef: f64,
+    /// Weight of the router z-loss (ST-MoE: 0.001; 0 turns it off).
+    #[serde(default)]
+    pub z_loss_coef: f64,
+}
+
+impl MoeConfig {
+    /// Checks the settings; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_experts < 1 {
+            return Err(format!("`num_experts` must be >= 1, got {}", self.num_experts));
+        }
+        self.router.validate(self.num_experts).map_err(|e| format!("`router` ({}): {e}", self.router.name()))?;
+        for (name, v) in [("aux_loss_coef", self.aux_loss_coef), ("z_loss_coef", self.z_loss_coef)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(format!("`{name}` must be >= 0, got {v}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the last forward of a layer leaves for training and logging.
+#[derive(Debug)]
+pub struct MoeStats {
+    /// `aux_loss_coef · balance + z_loss_coef · z`, with gradients.
+    pub aux_loss: Tensor,
+    /// Tokens per expert `[experts]`.
+    pub load: Tensor,
+    /// Fraction of wanted assignments dropped for capacity.
+    pub dropped: Tensor,
+}
+
+/// The layer (names as transformers' Mixtral: `mlp.gate.weight`, `mlp.experts.gate_up_proj`,
+/// `mlp.experts.down_proj`; the aux-free bias is `mlp.gate.e_score_correction_bias`, as DeepSeek-V3).
+#[derive(Debug)]
+pub struct MoeLayer {
+    /// Router weight `[experts, hidden]`.
+    pub gate: Tensor,
+    /// The experts.
+    pub experts: Experts,
+    /// Balancing bias `[experts]` of the aux-free router (not trained by gradients).
+    pub bias: Option<Tensor>,
+    /// The settings.
+    pub config: MoeConfig,
+    stats: RefCell<Option<MoeStats>>,
+}
+
+impl MoeLayer {
+    /// A layer for `hidden`-wide tokens with experts of width `intermediate`.
+    pub fn new(path: nn::Path, hidden: i64, intermediate: i64, config: &MoeConfig, std: f64, resid_std: f64) -> Self {
+        let e = config.num_experts;
+        let gate_path = &path / "gate";
+        let gate = gate_path.var("weight", &[e, hidden], Init::Randn { mean: 0.0, stdev: std });
+        let bias = matches!(config.router, RouterKind::AuxFree { .. })
+            .then(|| gate_path.zeros_no_train("e_score_correction_bias", &[e]));
+        MoeLayer {
+            gate,
+            experts: Experts::new(&path / "experts", e, hidden, intermediate, std, resid_std),
+            bias,
+            config: config.clone(),
+            stats: RefCell::new(None),
+        }
+    }
+
+    /// `[b, s, hidden] -> [b, s, hidden]`; tokens are routed position-major (see the router
+    /// docs), and the losses and load of this forward are kept for [`MoeLayer::take_stats`].
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, s, h) = (x.size()[0], x.size()[1], x.size()[2]);
+        let tokens = x.transpose(0, 1).reshape([s * b, h]); // position-major
+        let logits = tokens.matmul(&self.gate.tr()); // [tokens, experts]
+        // Capacity limits are a training device: without gradients (evaluation, generation)
+        // Switch routes every token, so cached decoding and full passes agree.
+        let router = match self.config.router {
+            RouterKind::Switch { .. } if !grad_enabled() => RouterKind::Switch { capacity_factor: f64::INFINITY },
+            ref r => r.clone(),
+        };
+        let routing = router.route(&logits, self.bias.as_ref());
+        let y = moe_forward(&tokens, &routing, &self.experts);
+        let balance = load_balancing_loss(&routing) * self.config.aux_loss_coef;
+        let aux = match self.config.z_loss_coef {
+            z if z > 0.0 => balance + z_loss(&logits) * z,
+            _ => balance,
+        };
+        let load = expert_load(&routing, self.config.num_experts);
+        *self.stats.borrow_mut() = Some(MoeStats { aux_loss: aux, load, dropped: routing.dropped });
+        y.view([s, b, h]).transpose(0, 1).to_kind(x.kind())
+    }
+
+    /// The stats of the last forward (and forgets them).
+    pub fn take_stats(&self) -> Option<MoeStats> {
+        self.stats.borrow_mut().take()
+    }
+
+    /// After an optimizer step: moves the aux-free bias towards balance by the load of `stats`.
+    pub fn update_balance(&self, stats: &MoeStats) {
+        if let (Some(bias), RouterKind::AuxFree { gamma, .. }) = (&self.bias, &self.config.router) {
+            update_balance_bias(&mut bias.shallow_clone(), &stats.load, *gamma);
+        }
+    }
+}
+
+/// Entropy (nats) of a load histogram: `ln(experts)` when perfectly balanced.
+pub fn load_entropy(load: &Tensor) -> f64 {
+    let p = load.to_kind(Kind::Double);
+    let p = &p / p.sum(Kind::Double).clamp_min(1.0);
+    -(&p * p.clamp_min(1e-300).log()).sum(Kind::Double).double_value(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Gate;
+    use tch::Device;
+
+    #[test]
+    fn forward_keeps_stats_and_aux_free_rebalances() {
+        tch::manual_seed(8);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = MoeConfig { num_experts: 4, router: RouterKind::AuxFree { k: 1, gate: Gate::Sigmoid, gamma: 0.1 }, aux_loss_coef: 0.0, z_loss_coef: 0.01 };
+        let layer = MoeLayer::new(vs.root(), 8, 6, &cfg, 0.5, 0.5);
+        let x = Tensor::randn([2, 5, 8], (Kind::Float, Device::Cpu));
+        let y = layer.forward(&x);
+        assert_eq!(y.size(), vec![2, 5, 8]);
+        let stats = layer.take_stats().expect("stats after a forward");
+        assert_eq!(stats.load.sum(Kind::Int64).int64_value(&[]), 10);
+        assert!(stats.aux_loss.double_value(&[]) > 0.0, "z-loss on");
+        assert!(layer.take_stats().is_none());
+        layer.update_balance(&stats);
+        let bias = layer.bias.as_ref().unwrap();
+        assert!(bias.abs().sum(Kind::Float).double_value(&[]) > 0.0, "bias moved");
+        assert!(!bias.requires_grad());
+        assert!((load_entropy(&Tensor::from_slice(&[3i64, 3, 3, 3])) - 4f64.ln()).abs() < 1e-12);
+        let too_many = RouterKind::AuxFree { k: 3, gate: Gate::Sigmoid, gamma: 0.1 };
+        let e = MoeConfig { num_experts: 2, router: too_many, ..cfg }.validate().unwrap_err();
+        assert!(e.contains("router") && e.contains("`k`"), "{e}");
+    }
+}
