@@ -55,6 +55,8 @@ pub enum BenchJob {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Forward+backward time of an MoE layer and of a dense MLP with the same active parameters.
+    Moe(crate::bench_moe::MoeBenchArgs),
     /// Forward+backward time of an attention kernel and of dense SDPA on the same inputs.
     Attention {
         /// Attention kind, by its config name: dense, sliding-window, fixed-sparse, strided-sparse,
@@ -249,6 +251,7 @@ pub fn run(job: BenchJob) -> Result<()> {
         }
         BenchJob::Train { config, steps, warmup, json, device } => bench_train(&config, steps, warmup, json, &device),
         job @ BenchJob::Attention { .. } => bench_attention(&job),
+        BenchJob::Moe(args) => crate::bench_moe::bench_moe(&args),
     }
 }
 

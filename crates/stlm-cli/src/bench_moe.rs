@@ -1,0 +1,130 @@
+//! `stlm bench moe`: forward+backward time of one MoE layer against a dense SwiGLU MLP with the
+//! same active parameters (width `k · expert width`), on the same tokens.
+
+use crate::common::print_json;
+use anyhow::{anyhow, bail, Result};
+use clap::Args;
+use serde::Serialize;
+use std::time::Instant;
+use stlm_moe::{Gate, MoeConfig, MoeLayer, RouterKind};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Options of `stlm bench moe`.
+#[derive(Args, Debug)]
+pub struct MoeBenchArgs {
+    /// Router: top-k, switch or aux-free.
+    #[arg(long, default_value = "top-k")]
+    router: String,
+    /// Experts.
+    #[arg(long, default_value_t = 8)]
+    experts: i64,
+    /// Experts per token (top-k, aux-free).
+    #[arg(long, default_value_t = 2)]
+    top_k: i64,
+    /// Model width.
+    #[arg(long, default_value_t = 256)]
+    hidden: i64,
+    /// Width of one expert.
+    #[arg(long, default_value_t = 344)]
+    expert_width: i64,
+    /// Tokens per call (batch · sequence).
+    #[arg(long, default_value_t = 4096)]
+    tokens: i64,
+    /// Timed runs of each; the fastest is reported.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct MoeBench {
+    router: String,
+    experts: i64,
+    top_k: i64,
+    hidden: i64,
+    expert_width: i64,
+    tokens: i64,
+    ms: f64,
+    dense_ms: f64,
+    ratio: f64,
+    dropped: f64,
+    threads: i32,
+}
+
+/// Runs the benchmark on the CPU.
+pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
+    let (e, k, h, w, t) = (a.experts, a.top_k, a.hidden, a.expert_width, a.tokens);
+    if e < 1 || h < 1 || w < 1 || t < 1 || a.repeats < 1 {
+        bail!("--experts, --hidden, --expert-width, --tokens and --repeats must be at least 1");
+    }
+    let router = match a.router.as_str() {
+        "top-k" => RouterKind::TopK { k, norm_topk_prob: true, gate: Gate::Softmax },
+        "switch" => RouterKind::Switch { capacity_factor: 1.25 },
+        "aux-free" => RouterKind::AuxFree { k, gate: Gate::Sigmoid, gamma: 1e-3 },
+        other => bail!("--router {other}: unknown (known: top-k, switch, aux-free)"),
+    };
+    let active = if matches!(router, RouterKind::Switch { .. }) { 1 } else { k };
+    let config = MoeConfig { num_experts: e, router, aux_loss_coef: 0.01, z_loss_coef: 0.0 };
+    config.validate().map_err(|m| anyhow!("--router {}: {m}", a.router))?;
+    stlm_core::memory::keep_freed_memory();
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let layer = MoeLayer::new(vs.root() / "moe", h, w, &config, 0.02, 0.02);
+    // The dense reference: one SwiGLU MLP as wide as the experts a token uses.
+    let dense_w = active * w;
+    let root = vs.root() / "dense";
+    let init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+    let gate_up = root.var("gate_up", &[2 * dense_w, h], init);
+    let down = root.var("down", &[h, dense_w], init);
+    let x = Tensor::randn([1, t, h], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let dense = || {
+        let both = x.matmul(&gate_up.tr());
+        (both.narrow(-1, 0, dense_w).silu() * both.narrow(-1, dense_w, dense_w)).matmul(&down.tr())
+    };
+    let mut dropped = 0.0;
+    let mut run = |f: &dyn Fn() -> Tensor, moe: bool| -> f64 {
+        let mut best = f64::INFINITY;
+        for i in 0..=a.repeats {
+            let start = Instant::now();
+            let out = f();
+            let mut loss = out.square().mean(Kind::Float);
+            if moe {
+                if let Some(s) = layer.take_stats() {
+                    dropped = s.dropped.double_value(&[]);
+                    loss = loss + s.aux_loss;
+                }
+            }
+            loss.backward();
+            if i > 0 {
+                best = best.min(start.elapsed().as_secs_f64()); // the first run warms up
+            }
+        }
+        best * 1e3
+    };
+    let dense_ms = run(&dense, false);
+    let ms = run(&|| layer.forward(&x), true);
+    let report = MoeBench {
+        router: a.router.clone(),
+        experts: e,
+        top_k: active,
+        hidden: h,
+        expert_width: w,
+        tokens: t,
+        ms,
+        dense_ms,
+        ratio: ms / dense_ms,
+        dropped,
+        threads: tch::get_num_threads(),
+    };
+    if a.json {
+        print_json(&report)
+    } else {
+        println!(
+            "{} MoE ({e} experts, {active} per token): {ms:.2} ms forward+backward; dense SwiGLU of width {dense_w}: {dense_ms:.2} ms ({:.2}x)",
+            a.router, report.ratio
+        );
+        Ok(())
+    }
+}
