@@ -12,6 +12,8 @@ Reads a JSON list of tasks from the file given as the only argument:
       build one random DogeAttention layer (eager attention, A randomised), run it on random
       hidden states under a causal mask, and write its parameters (by their names),
       "hidden_states" and "output" to F.
+  {"action": "doge_cdmoe", "config": {...}, "seed": S, "batch": B, "seq": N, "out": F}
+      the same for one random DogeCDMoE block (its transformers routing mixes tokens).
 """
 import json
 import sys
@@ -96,11 +98,28 @@ def doge_attention(task):
     save_file(tensors, task["out"])
 
 
+def doge_cdmoe(task):
+    from transformers import DogeConfig
+    from transformers.models.doge.modeling_doge import DogeCDMoE
+
+    config = DogeConfig(**task["config"])
+    torch.manual_seed(task["seed"])
+    layer = DogeCDMoE(config).eval()
+    randomize(layer, task["seed"])
+    g = torch.Generator().manual_seed(task["seed"] + 1)
+    with torch.no_grad():
+        hidden = torch.randn(task["batch"], task["seq"], config.hidden_size, generator=g)
+        out, _ = layer(hidden)
+    tensors = {name: p.detach().contiguous() for name, p in layer.named_parameters()}
+    tensors.update({"hidden_states": hidden.contiguous(), "output": out.contiguous()})
+    save_file(tensors, task["out"])
+
+
 def main():
     with open(sys.argv[1]) as f:
         tasks = json.load(f)
     for task in tasks:
-        {"make": make, "logits": logits, "doge_attention": doge_attention}[task["action"]](task)
+        {"make": make, "logits": logits, "doge_attention": doge_attention, "doge_cdmoe": doge_cdmoe}[task["action"]](task)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,39 @@ fn dynamic_mask_attention_matches_transformers() {
     assert!(diff <= 1e-4, "max abs difference {diff} against transformers' DogeAttention");
     assert!(reference["output"].abs().max().double_value(&[]) > 0.1, "a non-trivial reference");
 }
+
+/// Doge's Cross Domain MoE in transformers' routing (which mixes tokens: `hf_compat`) against
+/// `DogeCDMoE.forward` on a random block: 64 retrieval experts (8 product keys), top 4, beside the
+/// shared SwiGLU MLP; and stlm's causal mode agrees with it on single tokens.
+#[test]
+fn cross_domain_moe_matches_transformers() {
+    use stlm_moe::{CdMoe, CdmoeRouting};
+    let Some(python) = reference_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cdmoe.safetensors");
+    let job = json!([{"action": "doge_cdmoe", "seed": 5, "batch": 2, "seq": 7, "out": out,
+        "config": {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "is_moe": true,
+                   "num_experts": 64, "num_experts_per_tok": 4, "vocab_size": 10}}]);
+    let job_path = dir.path().join("job.json");
+    std::fs::write(&job_path, job.to_string()).unwrap();
+    run_python(&python, "hf_reference.py", &[job_path.to_str().unwrap()]);
+    let reference = read_safetensors(&out).unwrap();
+
+    let vs = nn::VarStore::new(Device::Cpu);
+    let layer = CdMoe::new(vs.root(), 32, 48, 64, 4, false, CdmoeRouting::HfCompat, 0.02, 0.02);
+    let _g = tch::no_grad_guard();
+    let mut copied = 0;
+    for (name, mut var) in vs.variables() {
+        let value = reference.get(&name).unwrap_or_else(|| panic!("transformers has no parameter `{name}`"));
+        var.copy_(value);
+        copied += 1;
+    }
+    assert_eq!(copied, reference.len() - 2, "same parameters as DogeCDMoE");
+    let x = &reference["hidden_states"];
+    let diff = max_abs_diff(&layer.forward(x), &reference["output"]);
+    assert!(diff <= 1e-4, "max abs difference {diff} against transformers' DogeCDMoE");
+    // One token at a time (generation), the causal mode routes exactly as transformers does.
+    let causal = CdMoe { routing: CdmoeRouting::Causal, ..layer.clone_shallow() };
+    let one = x.narrow(0, 0, 1).narrow(1, 0, 1);
+    assert!(max_abs_diff(&causal.forward(&one), &layer.forward(&one)) < 1e-6);
+}

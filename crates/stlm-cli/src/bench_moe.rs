@@ -6,13 +6,15 @@ use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use serde::Serialize;
 use std::time::Instant;
-use stlm_moe::{Gate, MoeConfig, MoeLayer, RouterKind};
+use stlm_moe::{product_keys, CdMoe, CdmoeRouting, Gate, MoeConfig, MoeLayer, RouterKind};
 use tch::{nn, Device, Kind, Tensor};
 
 /// Options of `stlm bench moe`.
 #[derive(Args, Debug)]
 pub struct MoeBenchArgs {
-    /// Router: top-k, switch or aux-free.
+    /// Router: top-k, switch, aux-free, or cdmoe (Doge's cross-domain MoE: a shared MLP of width
+    /// --expert-width plus --experts single-neuron experts, --top-k per token; compared with the
+    /// shared MLP alone).
     #[arg(long, default_value = "top-k")]
     router: String,
     /// Experts.
@@ -59,11 +61,14 @@ pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
     if e < 1 || h < 1 || w < 1 || t < 1 || a.repeats < 1 {
         bail!("--experts, --hidden, --expert-width, --tokens and --repeats must be at least 1");
     }
+    if a.router == "cdmoe" {
+        return bench_cdmoe(a);
+    }
     let router = match a.router.as_str() {
         "top-k" => RouterKind::TopK { k, norm_topk_prob: true, gate: Gate::Softmax },
         "switch" => RouterKind::Switch { capacity_factor: 1.25 },
         "aux-free" => RouterKind::AuxFree { k, gate: Gate::Sigmoid, gamma: 1e-3 },
-        other => bail!("--router {other}: unknown (known: top-k, switch, aux-free)"),
+        other => bail!("--router {other}: unknown (known: top-k, switch, aux-free, cdmoe)"),
     };
     let active = if matches!(router, RouterKind::Switch { .. }) { 1 } else { k };
     let config = MoeConfig { num_experts: e, router, aux_loss_coef: 0.01, z_loss_coef: 0.0 };
@@ -89,13 +94,14 @@ pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
         for i in 0..=a.repeats {
             let start = Instant::now();
             let out = f();
-            let mut loss = out.square().mean(Kind::Float);
-            if moe {
-                if let Some(s) = layer.take_stats() {
+            let stats = if moe { layer.take_stats() } else { None };
+            let loss = match stats {
+                Some(s) => {
                     dropped = s.dropped.double_value(&[]);
-                    loss = loss + s.aux_loss;
+                    out.square().mean(Kind::Float) + s.aux_loss
                 }
-            }
+                None => out.square().mean(Kind::Float),
+            };
             loss.backward();
             if i > 0 {
                 best = best.min(start.elapsed().as_secs_f64()); // the first run warms up
@@ -125,6 +131,57 @@ pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
             "{} MoE ({e} experts, {active} per token): {ms:.2} ms forward+backward; dense SwiGLU of width {dense_w}: {dense_ms:.2} ms ({:.2}x)",
             a.router, report.ratio
         );
+        Ok(())
+    }
+}
+
+/// Times a forward+backward `f` `repeats` times after a warm-up; the fastest, in ms.
+fn time_ms(repeats: usize, f: &dyn Fn() -> Tensor) -> f64 {
+    let mut best = f64::INFINITY;
+    for i in 0..=repeats {
+        let start = Instant::now();
+        f().square().mean(Kind::Float).backward();
+        if i > 0 {
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+    }
+    best * 1e3
+}
+
+/// Doge's CDMoE (causal routing) against its shared MLP alone.
+fn bench_cdmoe(a: &MoeBenchArgs) -> Result<()> {
+    let (e, k, h, w, t) = (a.experts, a.top_k, a.hidden, a.expert_width, a.tokens);
+    let (keys, square) = product_keys(e);
+    if !square {
+        bail!("--experts {e}: product keys reach only {keys}^2 = {} experts; use a square count", keys * keys);
+    }
+    if !(1..=keys * keys).contains(&k) {
+        bail!("--top-k {k}: must be between 1 and the number of experts ({e})");
+    }
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let layer = CdMoe::new(vs.root(), h, w, e, k, false, CdmoeRouting::Causal, 0.02, 0.02);
+    let x = Tensor::randn([1, t, h], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let shared = || (x.matmul(&layer.gate_proj.tr()).silu() * x.matmul(&layer.up_proj.tr())).matmul(&layer.down_proj.tr());
+    let dense_ms = time_ms(a.repeats, &shared);
+    let ms = time_ms(a.repeats, &|| layer.forward(&x));
+    let report = MoeBench {
+        router: a.router.clone(),
+        experts: e,
+        top_k: k,
+        hidden: h,
+        expert_width: w,
+        tokens: t,
+        ms,
+        dense_ms,
+        ratio: ms / dense_ms,
+        dropped: 0.0,
+        threads: tch::get_num_threads(),
+    };
+    if a.json {
+        print_json(&report)
+    } else {
+        println!("cdmoe ({e} experts, {k} per token): {ms:.2} ms; its shared MLP alone {dense_ms:.2} ms ({:.2}x)", report.ratio);
         Ok(())
     }
 }

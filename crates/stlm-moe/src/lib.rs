@@ -9,12 +9,16 @@
 //!   layer (as MegaBlocks does), over expert weights stacked `[E, ...]` ([`Experts`]).
 //! - [`losses`]: the Switch load-balancing loss and the router z-loss, and per-expert load.
 //! - [`layer`]: [`MoeLayer`], the feed-forward layer models use, configured by [`MoeConfig`].
+//! - [`cdmoe`]: Doge's Cross Domain MoE (shared MLP plus product-key retrieval experts), in
+//!   transformers' token-mixing mode for published weights and a causal mode for training.
 
+pub mod cdmoe;
 pub mod dispatch;
 pub mod layer;
 pub mod losses;
 pub mod router;
 
+pub use cdmoe::{product_keys, CdMoe, CdmoeRouting};
 pub use dispatch::{moe_forward, Experts};
 pub use layer::{load_entropy, MoeConfig, MoeLayer, MoeStats};
 pub use losses::{expert_load, load_balancing_loss, z_loss};
