@@ -1,6 +1,7 @@
 //! Logit parity with Hugging Face transformers, both ways, for Llama (GQA, MQA, untied and tied
 //! heads, a non-default rope_theta, biases, the linear, dynamic, YaRN and Llama 3 RoPE scalings), Mistral
-//! with a sliding window, Mixtral (top-2 of 4 and 8 experts), and GPT-2: a random model saved by transformers loads
+//! with a sliding window, Mixtral (top-2 of 4 and 8 experts), Doge (Dynamic Mask
+//! Attention, residual scales, dense or cross-domain MoE), and GPT-2: a random model saved by transformers loads
 //! in stlm with the same logits and greedy continuation, and a model saved by stlm loads with
 //! `AutoModelForCausalLM.from_pretrained` with the same logits. Max abs difference <= 1e-4.
 
@@ -14,6 +15,7 @@ const IDS: [i64; 12] = [1, 17, 42, 99, 3, 3, 58, 100, 0, 77, 21, 64];
 const TOLERANCE: f64 = 1e-4;
 
 fn cases() -> Vec<(&'static str, &'static str, serde_json::Value)> {
+    // A small config of any Llama-like family: the shared sizes plus `extra`.
     let llama = |extra: serde_json::Value| {
         let mut c = json!({"vocab_size": 101, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
                             "num_attention_heads": 4, "max_position_embeddings": 64});
@@ -40,16 +42,26 @@ fn cases() -> Vec<(&'static str, &'static str, serde_json::Value)> {
         (
             "mistral-sliding-window",
             "mistral",
-            json!({"vocab_size": 101, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "sliding_window": 4}),
+            llama(json!({"num_key_value_heads": 2, "sliding_window": 4})),
         ),
         // Mixtral: 4 experts, top-2, GQA.
         (
             "mixtral-4x2",
             "mixtral",
-            json!({"vocab_size": 101, "hidden_size": 64, "intermediate_size": 48, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
-                   "num_local_experts": 4, "num_experts_per_tok": 2}),
+            llama(json!({"intermediate_size": 48, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2})),
+        ),
+        // Doge: Dynamic Mask Attention with keep_window_size 5 under 12 ids (A randomised by
+        // the reference script), residual scales, dense MLP or the cross-domain MoE (64 experts,
+        // top 4, transformers' token-mixing routing).
+        (
+            "doge-dense",
+            "doge",
+            llama(json!({"num_key_value_heads": 2, "keep_window_size": 5})),
+        ),
+        (
+            "doge-cdmoe",
+            "doge",
+            llama(json!({"num_key_value_heads": 2, "keep_window_size": 5, "is_moe": true, "num_experts": 64, "num_experts_per_tok": 4})),
         ),
         // RoPE scalings (transformers' rope_parameters); the contexts are short so that each
         // scaling changes the frequencies that matter here.
@@ -135,6 +147,10 @@ fn stlm_models_load_in_transformers_with_the_same_logits() {
         (
             "mixtral-8x2",
             "preset = \"llama\"\nmodel_type = \"mixtral\"\nnum_key_value_heads = 2\nmoe = { num_experts = 8, router = { kind = \"top-k\", k = 2 } }\n",
+        ),
+        (
+            "doge-cdmoe-64",
+            "preset = \"llama\"\nmodel_type = \"doge\"\nnum_key_value_heads = 2\nresidual_scales = true\nattention = [{ kind = \"doge-dma\", keep_window_size = 5 }]\ncdmoe = { num_experts = 64, top_k = 4, routing = \"hf_compat\" }\n",
         ),
         (
             "llama-yarn",

@@ -55,6 +55,24 @@ struct MoeBench {
     threads: i32,
 }
 
+impl MoeBench {
+    fn new(a: &MoeBenchArgs, top_k: i64, ms: f64, dense_ms: f64, dropped: f64) -> Self {
+        MoeBench {
+            router: a.router.clone(),
+            experts: a.experts,
+            top_k,
+            hidden: a.hidden,
+            expert_width: a.expert_width,
+            tokens: a.tokens,
+            ms,
+            dense_ms,
+            ratio: ms / dense_ms,
+            dropped,
+            threads: tch::get_num_threads(),
+        }
+    }
+}
+
 /// Runs the benchmark on the CPU.
 pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
     let (e, k, h, w, t) = (a.experts, a.top_k, a.hidden, a.expert_width, a.tokens);
@@ -111,19 +129,7 @@ pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
     };
     let dense_ms = run(&dense, false);
     let ms = run(&|| layer.forward(&x), true);
-    let report = MoeBench {
-        router: a.router.clone(),
-        experts: e,
-        top_k: active,
-        hidden: h,
-        expert_width: w,
-        tokens: t,
-        ms,
-        dense_ms,
-        ratio: ms / dense_ms,
-        dropped,
-        threads: tch::get_num_threads(),
-    };
+    let report = MoeBench::new(a, active, ms, dense_ms, dropped);
     if a.json {
         print_json(&report)
     } else {
@@ -165,19 +171,7 @@ fn bench_cdmoe(a: &MoeBenchArgs) -> Result<()> {
     let shared = || (x.matmul(&layer.gate_proj.tr()).silu() * x.matmul(&layer.up_proj.tr())).matmul(&layer.down_proj.tr());
     let dense_ms = time_ms(a.repeats, &shared);
     let ms = time_ms(a.repeats, &|| layer.forward(&x));
-    let report = MoeBench {
-        router: a.router.clone(),
-        experts: e,
-        top_k: k,
-        hidden: h,
-        expert_width: w,
-        tokens: t,
-        ms,
-        dense_ms,
-        ratio: ms / dense_ms,
-        dropped: 0.0,
-        threads: tch::get_num_threads(),
-    };
+    let report = MoeBench::new(a, k, ms, dense_ms, 0.0);
     if a.json {
         print_json(&report)
     } else {

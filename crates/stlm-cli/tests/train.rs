@@ -187,8 +187,8 @@ fn losses_if_any(run: &Path) -> Vec<(u64, String)> {
     }
 }
 
-/// Every example config of an attention kind, position encoding or MoE router
-/// (`configs/attn-*.toml`, `configs/pos-*.toml`, `configs/moe-*.toml`) trains a few steps with `stlm train`, and the saved model keeps its
+/// Every example config of an attention kind, position encoding, MoE router or Doge shape
+/// (`configs/attn-*.toml`, `configs/pos-*.toml`, `configs/moe-*.toml`, `configs/doge-*.toml`) trains a few steps with `stlm train`, and the saved model keeps its
 /// setting and generates (cached decoding).
 #[test]
 fn every_attention_config_trains_and_generates() {
@@ -196,17 +196,18 @@ fn every_attention_config_trains_and_generates() {
     let mut names: Vec<_> = std::fs::read_dir(&configs)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| ["attn-", "pos-", "moe-"].iter().any(|p| n.starts_with(p)) && n.ends_with(".toml"))
+        .filter(|n| ["attn-", "pos-", "moe-", "doge-"].iter().any(|p| n.starts_with(p)) && n.ends_with(".toml"))
         .collect();
     names.sort();
-    assert!(names.len() >= 12, "{names:?}");
+    assert!(names.len() >= 14, "{names:?}");
     let dir = tempfile::tempdir().unwrap();
     for name in names {
         let text = std::fs::read_to_string(configs.join(&name)).unwrap();
         assert!(text.trim_end().ends_with("val_fraction = 0.02"), "{name}: [data] comes last");
         // A small built-in corpus and batch: this checks that the kind trains, not how well.
         let config = dir.path().join(&name);
-        std::fs::write(&config, format!("{}\nbuiltin_stories = 40\n", text.replace("batch_size = 16", "batch_size = 2"))).unwrap();
+        let small = text.replace("batch_size = 16", "batch_size = 2").replace("seq_len = 512", "seq_len = 128");
+        std::fs::write(&config, format!("{small}\nbuiltin_stories = 40\n")).unwrap();
         let run = dir.path().join(name.trim_end_matches(".toml"));
         let out = stlm(&["train", "--config", p(&config), "--out", p(&run), "--max-steps", "2", "--samples", "0"]);
         assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
@@ -214,6 +215,7 @@ fn every_attention_config_trains_and_generates() {
             assert!(loss.parse::<f64>().is_ok_and(f64::is_finite), "{name}: loss {loss} at step {step}");
         }
         let kind = ["attn-", "pos-", "moe-"].iter().fold(name.as_str(), |n, p| n.trim_start_matches(p)).trim_end_matches(".toml");
+        let kind = if name.starts_with("doge-") { "doge" } else { kind };
         if name.starts_with("moe-") {
             let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
             let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();

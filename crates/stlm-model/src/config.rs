@@ -3,7 +3,7 @@
 use crate::{ModelError, Result};
 use serde::{Deserialize, Serialize};
 use stlm_attention::{AttentionKind, RopeScaling};
-use stlm_moe::{MoeConfig, RouterKind};
+use stlm_moe::{product_keys, CdmoeConfig, MoeConfig, RouterKind};
 
 fn one() -> f64 {
     1.0
@@ -72,6 +72,9 @@ pub enum ModelType {
     Llama,
     /// `GPT2LMHeadModel`.
     Gpt2,
+    /// `DogeForCausalLM`: Dynamic Mask Attention in every layer, residual scales, and a dense MLP
+    /// or the cross-domain MoE.
+    Doge,
     /// `MixtralForCausalLM`: Mistral's layout with a top-k (softmax, renormalised) mixture of
     /// experts in every layer.
     Mixtral,
@@ -140,6 +143,14 @@ pub struct ModelConfig {
     /// Padding token id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_token_id: Option<i64>,
+    /// Learnable per-channel scales on each block's skip paths (Doge's `input_residual`,
+    /// `post_attention_residual`): `x = r ⊙ x + f(norm(x))`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub residual_scales: bool,
+    /// Doge's cross-domain MoE in place of every layer's MLP (a shared MLP of width
+    /// `intermediate_size` plus retrieval experts); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdmoe: Option<CdmoeConfig>,
     /// A mixture of experts in place of every layer's MLP (experts as wide as
     /// `intermediate_size`, SwiGLU); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -182,6 +193,8 @@ impl ModelConfig {
             bos_token_id: None,
             eos_token_id: Vec::new(),
             pad_token_id: None,
+            residual_scales: false,
+            cdmoe: None,
             moe: None,
             attention: Vec::new(),
         }
@@ -248,6 +261,16 @@ impl ModelConfig {
         let cfg: Self = serde_path_to_error::deserialize(toml::Value::Table(merged))
             .map_err(|e| err(format!("field `{}`: {}", e.path(), e.inner().message().trim())))?;
         cfg.validate(path)?;
+        if let Some(c) = &cfg.cdmoe {
+            let (keys, square) = product_keys(c.num_experts);
+            if !square {
+                return Err(err(format!(
+                    "field `cdmoe.num_experts`: {} is not a square, so product keys reach only {keys}^2 = {} experts",
+                    c.num_experts,
+                    keys * keys
+                )));
+            }
+        }
         Ok(cfg)
     }
 
@@ -274,7 +297,7 @@ impl ModelConfig {
     /// window when every layer has the same sliding window without global tokens (Mistral only);
     /// an error saying why for anything else transformers cannot express.
     pub fn mistral_window(&self) -> std::result::Result<Option<i64>, String> {
-        if self.model_type == ModelType::Stlm || self.all_dense() {
+        if matches!(self.model_type, ModelType::Stlm | ModelType::Doge) || self.all_dense() {
             return Ok(None);
         }
         let first = self.layer_attention(0);
@@ -370,6 +393,17 @@ impl ModelConfig {
                 return err(format!("field `attention[{i}]` ({}): not causal: {why}", kind.name()));
             }
         }
+        if let Some(c) = &self.cdmoe {
+            if let Err(e) = c.validate() {
+                return err(format!("field `cdmoe`: {e}"));
+            }
+            if self.moe.is_some() {
+                return err("fields `moe` and `cdmoe`: a layer has one feed-forward block; choose one".into());
+            }
+            if c.routing == stlm_moe::CdmoeRouting::HfCompat && self.model_type != ModelType::Doge {
+                return err("field `cdmoe.routing`: hf_compat mixes tokens (not causal); it exists to run published Doge checkpoints".into());
+            }
+        }
         if let Some(moe) = &self.moe {
             if let Err(e) = moe.validate() {
                 return err(format!("field `moe`: {e}"));
@@ -409,6 +443,19 @@ impl ModelConfig {
         if let Err(e) = self.mistral_window() {
             return Some(e);
         }
+        if self.model_type == ModelType::Doge {
+            let keep = match self.layer_attention(0) {
+                AttentionKind::DogeDma { keep_window_size } => Some(keep_window_size),
+                _ => None,
+            };
+            let uniform = (0..self.num_hidden_layers as usize).all(|i| Some(self.layer_attention(i)) == keep.map(|k| AttentionKind::DogeDma { keep_window_size: k }));
+            let ok = keep.is_some() && uniform && self.residual_scales && self.norm == NormKind::RmsNorm
+                && self.position == PositionKind::Rope && self.mlp == MlpKind::Gated && self.moe.is_none();
+            return (!ok).then(|| "doge needs doge-dma attention (one keep_window_size) on every layer, residual_scales = true, rms_norm, rope and a gated MLP or cdmoe".into());
+        }
+        if (self.cdmoe.is_some() || self.residual_scales) && self.model_type != ModelType::Stlm {
+            return Some("cdmoe and residual_scales exist only in doge".into());
+        }
         let mixtral_router = matches!(
             self.moe.as_ref().map(|m| &m.router),
             Some(RouterKind::TopK { norm_topk_prob: true, gate: stlm_moe::Gate::Softmax, .. })
@@ -426,7 +473,7 @@ impl ModelConfig {
             return Some("it rotates whole heads (partial_rotary_factor = 1)".into());
         }
         match self.model_type {
-            ModelType::Stlm => None,
+            ModelType::Stlm | ModelType::Doge => None,
             ModelType::Llama | ModelType::Mistral | ModelType::Mixtral => {
                 let ok =
                     self.norm == NormKind::RmsNorm && self.position == PositionKind::Rope && self.mlp == MlpKind::Gated;
@@ -500,6 +547,24 @@ mod tests {
         assert!(e.contains("attention[1]") && e.contains("not causal") && e.contains("future"), "{e}");
         let e = ModelConfig::from_toml_str(&text.replace("sliding-window", "sliding"), p()).unwrap_err().to_string();
         assert!(e.contains("attention") && e.contains("sliding"), "{e}");
+    }
+
+    #[test]
+    fn doge_and_cdmoe_settings_are_checked() {
+        let doge = "model_type = \"doge\"\nresidual_scales = true\nattention = [{ kind = \"doge-dma\", keep_window_size = 8 }]\n";
+        let c = ModelConfig::from_toml_str(doge, p()).unwrap();
+        assert!(c.residual_scales && c.cdmoe.is_none());
+        let e = ModelConfig::from_toml_str(&doge.replace("residual_scales = true\n", ""), p()).unwrap_err().to_string();
+        assert!(e.contains("doge needs"), "{e}");
+        let e = ModelConfig::from_toml_str(&format!("{doge}cdmoe = {{ num_experts = 1000, top_k = 4 }}\n"), p()).unwrap_err().to_string();
+        assert!(e.contains("cdmoe.num_experts") && e.contains("31^2"), "a new model with a non-square count: {e}");
+        assert!(ModelConfig::from_toml_str(&format!("{doge}cdmoe = {{ num_experts = 1024, top_k = 4 }}\n"), p()).is_ok());
+        let e = ModelConfig::from_toml_str("model_type = \"stlm\"\ncdmoe = { num_experts = 64, top_k = 2, routing = \"hf_compat\" }\n", p())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not causal"), "{e}");
+        let e = ModelConfig::from_toml_str("residual_scales = true\n", p()).unwrap_err().to_string();
+        assert!(e.contains("only in doge"), "llama cannot carry residual scales: {e}");
     }
 
     #[test]

@@ -146,7 +146,7 @@ impl<'m> FastDecoder<'m> {
         if model.device() != Device::Cpu || model.kind() != Kind::Float || cfg.hidden_act == Activation::Gelu {
             return None;
         }
-        if model.layers.iter().any(|l| l.self_attn.attention != AttentionKind::Dense) {
+        if model.layers.iter().any(|l| l.self_attn.attention != AttentionKind::Dense || l.input_residual.is_some()) {
             return None;
         }
         let blocks = model

@@ -11,11 +11,11 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
 use stlm_attention::{AttentionKind, RopeScaling};
-use stlm_moe::{Gate, MoeConfig, RouterKind};
+use stlm_moe::{CdmoeConfig, CdmoeRouting, Gate, MoeConfig, RouterKind};
 use tch::Tensor;
 
 /// Model types stlm loads from `config.json`.
-pub const KNOWN_MODEL_TYPES: &[&str] = &["llama", "mistral", "mixtral", "gpt2", "stlm"];
+pub const KNOWN_MODEL_TYPES: &[&str] = &["llama", "mistral", "mixtral", "doge", "gpt2", "stlm"];
 
 fn parse<T: serde::de::DeserializeOwned>(value: Value, path: &Path) -> Result<T> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -146,6 +146,7 @@ pub fn config_from_json(value: Value, path: &Path) -> Result<ModelConfig> {
         "llama" => llama_config(parse(value, path)?, path)?,
         "mistral" => mistral_config(value, path)?,
         "mixtral" => mixtral_config(value, path)?,
+        "doge" => doge_config(value, path)?,
         "gpt2" => gpt2_config(parse(value, path)?, path)?,
         "stlm" => parse(value, path)?,
         other => {
@@ -205,6 +206,41 @@ fn rope_from_hf(c: &LlamaHf, path: &Path) -> Result<(f64, Option<RopeScaling>)> 
     Ok((theta, Some(scaling)))
 }
 
+/// Doge: Llama's fields plus Dynamic Mask Attention (`keep_window_size`) in every layer, residual
+/// scales, and the cross-domain MoE when `is_moe` (in transformers' token-mixing routing, so that
+/// published checkpoints give their outputs). A non-square `num_experts` loads with a warning.
+fn doge_config(mut value: Value, path: &Path) -> Result<ModelConfig> {
+    let map = value.as_object_mut().ok_or_else(|| unsupported(path, "expected a JSON object".into()))?;
+    let mut take = |name: &str| map.remove(name).unwrap_or(Value::Null);
+    let keep = take("keep_window_size").as_i64().unwrap_or(2048);
+    let is_moe = take("is_moe").as_bool().unwrap_or(false);
+    let num_experts = take("num_experts").as_i64().unwrap_or(16384);
+    let top_k = take("num_experts_per_tok").as_i64().unwrap_or(64);
+    let norm_topk_prob = take("norm_topk_prob").as_bool().unwrap_or(false);
+    if let Some(w) = Some(take("sliding_window")).filter(|w| !w.is_null()) {
+        return Err(unsupported(path, format!("field `sliding_window`: {w} (Doge with a sliding window is not supported)")));
+    }
+    for ignored in ["hidden_dropout", "output_router_logits", "router_aux_loss_coef"] {
+        take(ignored);
+    }
+    let mut cfg = llama_config(parse(value, path)?, path)?;
+    cfg.model_type = ModelType::Doge;
+    cfg.residual_scales = true;
+    cfg.attention = vec![AttentionKind::DogeDma { keep_window_size: keep }];
+    if is_moe {
+        let (keys, square) = stlm_moe::product_keys(num_experts);
+        if !square {
+            eprintln!(
+                "warning: {}: num_experts {num_experts} is not a square; product keys reach only {keys}^2 = {} experts",
+                path.display(),
+                keys * keys
+            );
+        }
+        cfg.cdmoe = Some(CdmoeConfig { num_experts, top_k, norm_topk_prob, routing: CdmoeRouting::HfCompat });
+    }
+    Ok(cfg)
+}
+
 /// Mixtral is Mistral's layout with a top-k mixture of experts in every layer. The router's
 /// training-time jitter (`router_jitter_noise`) does not change inference and is not kept.
 fn mixtral_config(mut value: Value, path: &Path) -> Result<ModelConfig> {
@@ -260,6 +296,8 @@ fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
         rope_theta,
         rope_scaling,
         partial_rotary_factor: 1.0,
+        residual_scales: false,
+        cdmoe: None,
         moe: None,
         mlp: MlpKind::Gated,
         hidden_act: activation(c.hidden_act.as_deref().unwrap_or("silu"), "hidden_act", path)?,
@@ -300,6 +338,8 @@ fn gpt2_config(c: Gpt2Hf, path: &Path) -> Result<ModelConfig> {
         rope_theta: 10000.0,
         rope_scaling: None,
         partial_rotary_factor: 1.0,
+        residual_scales: false,
+        cdmoe: None,
         moe: None,
         mlp: MlpKind::Plain,
         hidden_act: activation(c.activation_function.as_deref().unwrap_or("gelu_new"), "activation_function", path)?,
@@ -342,6 +382,32 @@ pub fn config_to_json(c: &ModelConfig, dtype: &str) -> Value {
         Activation::Relu => "relu",
     };
     let mut v = match c.model_type {
+        ModelType::Doge => {
+            let plain = ModelConfig {
+                model_type: ModelType::Llama,
+                attention: Vec::new(),
+                residual_scales: false,
+                cdmoe: None,
+                ..c.clone()
+            };
+            let mut v = config_to_json(&plain, dtype);
+            let o = v.as_object_mut().expect("json! object");
+            let keep = match c.layer_attention(0) {
+                AttentionKind::DogeDma { keep_window_size } => keep_window_size,
+                _ => unreachable!("validated: doge-dma attention"),
+            };
+            o.insert("architectures".into(), json!(["DogeForCausalLM"]));
+            o.insert("model_type".into(), json!("doge"));
+            o.insert("keep_window_size".into(), json!(keep));
+            o.insert("is_moe".into(), json!(c.cdmoe.is_some()));
+            if let Some(m) = &c.cdmoe {
+                o.insert("num_experts".into(), json!(m.num_experts));
+                o.insert("num_experts_per_tok".into(), json!(m.top_k));
+                o.insert("norm_topk_prob".into(), json!(m.norm_topk_prob));
+            }
+            o.insert("sliding_window".into(), Value::Null);
+            return v;
+        }
         ModelType::Mixtral => {
             let mut v = config_to_json(&ModelConfig { model_type: ModelType::Mistral, moe: None, ..c.clone() }, dtype);
             let o = v.as_object_mut().expect("json! object");

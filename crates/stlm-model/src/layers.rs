@@ -6,7 +6,7 @@
 use crate::config::{Activation, MlpKind, ModelConfig, NormKind, PositionKind};
 use stlm_attention::{alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, AttentionKind, AttentionMask, KvCache};
 use stlm_core::kernels::{small_batch_linear, small_batch_rms_norm};
-use stlm_moe::MoeLayer;
+use stlm_moe::{CdMoe, MoeLayer};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
@@ -344,6 +344,10 @@ pub struct DecoderLayer {
     pub post_attention_layernorm: Norm,
     /// Feed-forward block.
     pub mlp: FeedForward,
+    /// Scale of the skip path around attention `[hidden]` (`input_residual`), if any.
+    pub input_residual: Option<Tensor>,
+    /// Scale of the skip path around the feed-forward block `[hidden]` (`post_attention_residual`).
+    pub post_attention_residual: Option<Tensor>,
 }
 
 /// The feed-forward block of a layer: dense, or a mixture of experts.
@@ -353,6 +357,8 @@ pub enum FeedForward {
     Dense(Mlp),
     /// A mixture of experts (`[model.moe]`).
     Moe(MoeLayer),
+    /// Doge's cross-domain MoE (`cdmoe`).
+    CdMoe(CdMoe),
 }
 
 impl FeedForward {
@@ -361,6 +367,7 @@ impl FeedForward {
         match self {
             FeedForward::Dense(m) => m.forward(x),
             FeedForward::Moe(m) => m.forward(x),
+            FeedForward::CdMoe(m) => m.forward(x),
         }
     }
 
@@ -368,7 +375,7 @@ impl FeedForward {
     pub fn dense(&self) -> Option<&Mlp> {
         match self {
             FeedForward::Dense(m) => Some(m),
-            FeedForward::Moe(_) => None,
+            FeedForward::Moe(_) | FeedForward::CdMoe(_) => None,
         }
     }
 }
@@ -386,9 +393,24 @@ impl DecoderLayer {
                 cfg.hidden_size,
                 cfg.norm_eps,
             ),
-            mlp: match &cfg.moe {
-                None => FeedForward::Dense(Mlp::new(&path / "mlp", cfg, resid_std)),
-                Some(moe) => FeedForward::Moe(MoeLayer::new(
+            input_residual: cfg.residual_scales.then(|| path.var("input_residual", &[cfg.hidden_size], Init::Const(1.0))),
+            post_attention_residual: cfg
+                .residual_scales
+                .then(|| path.var("post_attention_residual", &[cfg.hidden_size], Init::Const(1.0))),
+            mlp: match (&cfg.moe, &cfg.cdmoe) {
+                (None, Some(c)) => FeedForward::CdMoe(CdMoe::new(
+                    &path / "mlp",
+                    cfg.hidden_size,
+                    cfg.intermediate_size,
+                    c.num_experts,
+                    c.top_k,
+                    c.norm_topk_prob,
+                    c.routing,
+                    cfg.initializer_range,
+                    resid_std,
+                )),
+                (None, None) => FeedForward::Dense(Mlp::new(&path / "mlp", cfg, resid_std)),
+                (Some(moe), _) => FeedForward::Moe(MoeLayer::new(
                     &path / "mlp",
                     cfg.hidden_size,
                     cfg.intermediate_size,
@@ -409,7 +431,12 @@ impl DecoderLayer {
         mask: &AttentionMask,
         cache: Option<(&KvCache, usize)>,
     ) -> Tensor {
-        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rotary, positions, mask, cache);
-        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
+        let skip = |x: &Tensor, scale: &Option<Tensor>| match scale {
+            Some(r) => x * r,
+            None => x.shallow_clone(),
+        };
+        let attended = self.self_attn.forward(&self.input_layernorm.forward(x), rotary, positions, mask, cache);
+        let x = skip(x, &self.input_residual) + attended;
+        skip(&x, &self.post_attention_residual) + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
 }

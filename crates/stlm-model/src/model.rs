@@ -105,7 +105,7 @@ impl DecoderModel {
     pub fn take_moe_stats(&self) -> Vec<(usize, MoeStats)> {
         let moe = self.layers.iter().enumerate().filter_map(|(i, l)| match &l.mlp {
             FeedForward::Moe(m) => Some((i, m)),
-            FeedForward::Dense(_) => None,
+            FeedForward::Dense(_) | FeedForward::CdMoe(_) => None,
         });
         moe.filter_map(|(i, m)| m.take_stats().map(|s| (i, s))).collect()
     }

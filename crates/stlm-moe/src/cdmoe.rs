@@ -26,6 +26,36 @@ pub enum CdmoeRouting {
     HfCompat,
 }
 
+/// The CDMoE part of a model config (`cdmoe = { ... }`; transformers' Doge `is_moe` block).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CdmoeConfig {
+    /// Retrieval experts (a square number: only `floor(sqrt(E))²` are reachable).
+    pub num_experts: i64,
+    /// Experts per token.
+    pub top_k: i64,
+    /// Renormalise the softmaxed weights (transformers' `norm_topk_prob`).
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    /// Router split: `causal` (default) or `hf_compat`.
+    #[serde(default)]
+    pub routing: CdmoeRouting,
+}
+
+impl CdmoeConfig {
+    /// Checks the settings (the expert count's squareness separately: [`product_keys`]).
+    pub fn validate(&self) -> Result<(), String> {
+        let (keys, _) = product_keys(self.num_experts);
+        if keys < 1 {
+            return Err(format!("`num_experts` must be >= 1, got {}", self.num_experts));
+        }
+        if !(1..=keys * keys).contains(&self.top_k) {
+            return Err(format!("`top_k` ({}) must be between 1 and the {} reachable experts", self.top_k, keys * keys));
+        }
+        Ok(())
+    }
+}
+
 /// The number of product keys `K = floor(sqrt(experts))`, and whether every expert is reachable
 /// (only `K²` are: the rest of a non-square count can never be chosen).
 pub fn product_keys(experts: i64) -> (i64, bool) {
@@ -123,6 +153,21 @@ impl CdMoe {
     }
 }
 
+impl CdMoe {
+    /// A copy sharing the same weight tensors (for trying the other routing mode).
+    pub fn clone_shallow(&self) -> CdMoe {
+        CdMoe {
+            gate_proj: self.gate_proj.shallow_clone(),
+            up_proj: self.up_proj.shallow_clone(),
+            down_proj: self.down_proj.shallow_clone(),
+            router_gate: self.router_gate.shallow_clone(),
+            down_embed: self.down_embed.shallow_clone(),
+            up_embed: self.up_embed.shallow_clone(),
+            ..*self
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,7 +212,7 @@ mod tests {
             for &(score, e) in top {
                 let w = (score - m).exp() / z;
                 let a = d(&l.down_embed.get(e)).dot(&xt).silu() * w;
-                want = want + d(&l.up_embed.get(e)) * a;
+                want += d(&l.up_embed.get(e)) * a;
             }
             let diff = (got.get(0).get(t) - want).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "token {t}: {diff}");
@@ -209,20 +254,5 @@ mod tests {
         let y = Tensor::cat(&[x.narrow(1, 0, 3), Tensor::randn([1, 3, 16], (Kind::Float, Device::Cpu))], 1);
         let diff = (l.forward(&x).narrow(1, 0, 1) - l.forward(&y).narrow(1, 0, 1)).abs().max().double_value(&[]);
         assert!(diff > 0.0, "the first token's output depends on later tokens");
-    }
-}
-
-impl CdMoe {
-    /// A copy sharing the same weight tensors (for trying the other routing mode).
-    pub fn clone_shallow(&self) -> CdMoe {
-        CdMoe {
-            gate_proj: self.gate_proj.shallow_clone(),
-            up_proj: self.up_proj.shallow_clone(),
-            down_proj: self.down_proj.shallow_clone(),
-            router_gate: self.router_gate.shallow_clone(),
-            down_embed: self.down_embed.shallow_clone(),
-            up_embed: self.up_embed.shallow_clone(),
-            ..*self
-        }
     }
 }

@@ -18,7 +18,7 @@ pub mod layer;
 pub mod losses;
 pub mod router;
 
-pub use cdmoe::{product_keys, CdMoe, CdmoeRouting};
+pub use cdmoe::{product_keys, CdMoe, CdmoeConfig, CdmoeRouting};
 pub use dispatch::{moe_forward, Experts};
 pub use layer::{load_entropy, MoeConfig, MoeLayer, MoeStats};
 pub use losses::{expert_load, load_balancing_loss, z_loss};
