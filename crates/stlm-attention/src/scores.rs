@@ -99,14 +99,19 @@ mod tests {
             let got = temperature_attention(&f(&q), &f(&k), &f(&v), &f(&s), &AttentionMask::Causal, None);
             prop_assert!(max_diff(&got, &want) <= 1e-5);
 
-            // Power attention by its definition, row by row in float64.
+            // Power attention by its definition in float64, on the float32-rounded inputs the
+            // kernel sees: the normalisation of max(s, 0)^p is ill-conditioned in rows whose
+            // positive scores are all near zero, so rounding the inputs alone can move the exact
+            // result by more than 1e-5; this measures the kernel's own error.
+            let r = |t: &Tensor| t.to_kind(Kind::Float).to_kind(Kind::Double);
+            let (q, k, v) = (r(&q), r(&k), r(&v));
             let kr = k.repeat_interleave_self_int(group, 1, None);
             let vr = v.repeat_interleave_self_int(group, 1, None);
             let z = q.matmul(&kr.transpose(-2, -1)) / (d as f64).sqrt();
             let w = z.relu().pow_tensor_scalar(p) * Tensor::ones([seq, seq], (Kind::Double, Device::Cpu)).tril(0);
             let want = (&w / (w.sum_dim_intlist(-1, true, Kind::Double) + 1e-12)).matmul(&vr);
             let got = power_attention(&f(&q), &f(&k), &f(&v), p, &AttentionMask::Causal, None);
-            prop_assert!(max_diff(&got, &want) <= 1e-4, "power {}", max_diff(&got, &want));
+            prop_assert!(max_diff(&got, &want) <= 1e-5, "power {}", max_diff(&got, &want));
         }
 
         /// Perturbing positions after t never changes outputs at positions <= t.
