@@ -41,9 +41,18 @@ pub fn temperature_attention(
 }
 
 /// Power-normalised attention under `mask`: weights `max(q·k·scale, 0)^p / Σ max(..)^p` over
-/// the visible keys (a row with no positive score gives zeros). `p > 0`.
+/// the visible keys (a row with no positive score gives zeros). `p > 0`. Computed in float64 and
+/// returned in the inputs' dtype: the normalisation is ill-conditioned where a row's positive
+/// scores are all near zero, and in float32 its own rounding reached 2.7e-5 at p = 3.6.
 pub fn power_attention(q: &Tensor, k: &Tensor, v: &Tensor, p: f64, mask: &AttentionMask, scale: Option<f64>) -> Tensor {
     assert!(p > 0.0, "p > 0");
+    let kind = q.kind();
+    let wide = |t: &Tensor| t.to_kind(Kind::Double);
+    let out = power_attention_in(&wide(q), &wide(k), &wide(v), p, mask, scale);
+    out.to_kind(kind)
+}
+
+fn power_attention_in(q: &Tensor, k: &Tensor, v: &Tensor, p: f64, mask: &AttentionMask, scale: Option<f64>) -> Tensor {
     let (h, kvh, q_len, d) = (q.size()[1], k.size()[1], q.size()[2], q.size()[3]);
     let kv_len = k.size()[2];
     let (k, v) = if h == kvh {

@@ -106,29 +106,17 @@ pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
         let both = x.matmul(&gate_up.tr());
         (both.narrow(-1, 0, dense_w).silu() * both.narrow(-1, dense_w, dense_w)).matmul(&down.tr())
     };
-    let mut dropped = 0.0;
-    let mut run = |f: &dyn Fn() -> Tensor, moe: bool| -> f64 {
-        let mut best = f64::INFINITY;
-        for i in 0..=a.repeats {
-            let start = Instant::now();
-            let out = f();
-            let stats = if moe { layer.take_stats() } else { None };
-            let loss = match stats {
-                Some(s) => {
-                    dropped = s.dropped.double_value(&[]);
-                    out.square().mean(Kind::Float) + s.aux_loss
-                }
-                None => out.square().mean(Kind::Float),
-            };
-            loss.backward();
-            if i > 0 {
-                best = best.min(start.elapsed().as_secs_f64()); // the first run warms up
-            }
+    // The MoE's loss includes its balancing loss, as in training; `dropped` is read once after.
+    let dense_ms = time_ms(a.repeats, &|| dense().square().mean(Kind::Float));
+    let ms = time_ms(a.repeats, &|| {
+        let out = layer.forward(&x).square().mean(Kind::Float);
+        match layer.take_stats() {
+            Some(s) => out + s.aux_loss,
+            None => out,
         }
-        best * 1e3
-    };
-    let dense_ms = run(&dense, false);
-    let ms = run(&|| layer.forward(&x), true);
+    });
+    let _ = layer.forward(&x);
+    let dropped = layer.take_stats().map_or(0.0, |s| s.dropped.double_value(&[]));
     let report = MoeBench::new(a, active, ms, dense_ms, dropped);
     if a.json {
         print_json(&report)
@@ -141,12 +129,13 @@ pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
     }
 }
 
-/// Times a forward+backward `f` `repeats` times after a warm-up; the fastest, in ms.
+/// Times `f` (a forward returning a scalar loss) and its backward `repeats` times after a
+/// warm-up; the fastest, in ms.
 fn time_ms(repeats: usize, f: &dyn Fn() -> Tensor) -> f64 {
     let mut best = f64::INFINITY;
     for i in 0..=repeats {
         let start = Instant::now();
-        f().square().mean(Kind::Float).backward();
+        f().backward();
         if i > 0 {
             best = best.min(start.elapsed().as_secs_f64());
         }
@@ -169,8 +158,8 @@ fn bench_cdmoe(a: &MoeBenchArgs) -> Result<()> {
     let layer = CdMoe::new(vs.root(), h, w, e, k, false, CdmoeRouting::Causal, 0.02, 0.02);
     let x = Tensor::randn([1, t, h], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let shared = || (x.matmul(&layer.gate_proj.tr()).silu() * x.matmul(&layer.up_proj.tr())).matmul(&layer.down_proj.tr());
-    let dense_ms = time_ms(a.repeats, &shared);
-    let ms = time_ms(a.repeats, &|| layer.forward(&x));
+    let dense_ms = time_ms(a.repeats, &|| shared().square().mean(Kind::Float));
+    let ms = time_ms(a.repeats, &|| layer.forward(&x).square().mean(Kind::Float));
     let report = MoeBench::new(a, k, ms, dense_ms, 0.0);
     if a.json {
         print_json(&report)

@@ -1,7 +1,7 @@
 //! A mixture-of-experts feed-forward layer: router gate, routing, stacked SwiGLU experts, and the
 //! balancing losses of its last forward for the trainer to add.
 
-use crate::{expert_load, load_balancing_loss, moe_forward, update_balance_bias, z_loss, Experts, RouterKind};
+use crate::{expert_load, load_balancing_loss_with, moe_forward, update_balance_bias, z_loss, Experts, RouterKind};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use stlm_core::kernels::grad_enabled;
@@ -101,12 +101,12 @@ impl MoeLayer {
         };
         let routing = router.route(&logits, self.bias.as_ref());
         let y = moe_forward(&tokens, &routing, &self.experts);
-        let balance = load_balancing_loss(&routing) * self.config.aux_loss_coef;
+        let load = expert_load(&routing, self.config.num_experts); // counted once, for loss and stats
+        let balance = load_balancing_loss_with(&routing, &load) * self.config.aux_loss_coef;
         let aux = match self.config.z_loss_coef {
             z if z > 0.0 => balance + z_loss(&logits) * z,
             _ => balance,
         };
-        let load = expert_load(&routing, self.config.num_experts);
         *self.stats.borrow_mut() = Some(MoeStats { aux_loss: aux, load, dropped: routing.dropped });
         y.view([s, b, h]).transpose(0, 1).to_kind(x.kind())
     }

@@ -21,5 +21,5 @@ pub mod router;
 pub use cdmoe::{product_keys, CdMoe, CdmoeConfig, CdmoeRouting};
 pub use dispatch::{moe_forward, Experts};
 pub use layer::{load_entropy, MoeConfig, MoeLayer, MoeStats};
-pub use losses::{expert_load, load_balancing_loss, z_loss};
+pub use losses::{expert_load, load_balancing_loss, load_balancing_loss_with, z_loss};
 pub use router::{update_balance_bias, Gate, RouterKind, Routing};

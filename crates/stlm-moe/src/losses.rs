@@ -12,8 +12,13 @@ pub fn expert_load(routing: &Routing, experts: i64) -> Tensor {
 /// sent to expert `i` (with `k` experts per token the fractions sum to `k`, as in transformers'
 /// Mixtral), `P_i` the mean gate score of expert `i`. Balanced top-k routing gives `k`.
 pub fn load_balancing_loss(routing: &Routing) -> Tensor {
+    load_balancing_loss_with(routing, &expert_load(routing, routing.probs.size()[1]))
+}
+
+/// [`load_balancing_loss`] with the routing's [`expert_load`] already counted.
+pub fn load_balancing_loss_with(routing: &Routing, load: &Tensor) -> Tensor {
     let (tokens, experts) = (routing.probs.size()[0], routing.probs.size()[1]);
-    let f = expert_load(routing, experts).to_kind(Kind::Float) / tokens.max(1) as f64;
+    let f = load.to_kind(Kind::Float) / tokens.max(1) as f64;
     let p = routing.probs.mean_dim(0, false, Kind::Float);
     (f * p).sum(Kind::Float) * experts as f64
 }
