@@ -10,7 +10,7 @@ fn moe(c: &mut Criterion) {
     let (h, w, tokens) = (256i64, 344i64, 4096i64);
     let vs = nn::VarStore::new(Device::Cpu);
     let router = RouterKind::TopK { k: 2, norm_topk_prob: true, gate: Gate::Softmax };
-    let config = MoeConfig { num_experts: 8, router: router.clone(), aux_loss_coef: 0.01, z_loss_coef: 0.0 };
+    let config = MoeConfig::new(8, router.clone());
     let layer = MoeLayer::new(vs.root() / "moe", h, w, &config, 0.02, 0.02);
     let init = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
     let gate_up = vs.root().var("gate_up", &[4 * w, h], init);

@@ -1,7 +1,7 @@
 """Reference computations with Hugging Face transformers for stlm's parity tests.
 
 Reads a JSON list of tasks from the file given as the only argument:
-  {"action": "make", "model_type": "llama"|"mistral"|"mixtral"|"doge"|"gpt2", "config": {...}, "dir": D, "ids": [...],
+  {"action": "make", "model_type": "llama"|"mistral"|"mixtral"|"qwen2_moe"|"qwen3_moe"|"doge"|"gpt2", "config": {...}, "dir": D, "ids": [...],
    "seed": S, "new_tokens": N}
       build a random model (weights drawn at a large scale so that differences show), save it
       with save_pretrained to D, write D/reference.safetensors with "logits" [seq, vocab] and
@@ -39,12 +39,17 @@ def logits_of(model, ids):
 
 
 def make(task):
-    from transformers import DogeConfig, DogeForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers import (
+        DogeConfig, DogeForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+        Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+    )
 
     classes = {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM),
         "mixtral": (MixtralConfig, MixtralForCausalLM),
+        "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
         "doge": (DogeConfig, DogeForCausalLM),
         "gpt2": (GPT2Config, GPT2LMHeadModel),
     }

@@ -1,6 +1,8 @@
 //! Logit parity with Hugging Face transformers, both ways, for Llama (GQA, MQA, untied and tied
 //! heads, a non-default rope_theta, biases, the linear, dynamic, YaRN and Llama 3 RoPE scalings), Mistral
-//! with a sliding window, Mixtral (top-2 of 4 and 8 experts), Doge (Dynamic Mask
+//! with a sliding window, Mixtral (top-2 of 4 and 8 experts), Qwen2-MoE (shared expert with a
+//! sigmoid gate, q/k/v biases, a dense layer between MoE layers), Qwen3-MoE (q/k norms, MoE every
+//! second layer, renormalised top-k), Doge (Dynamic Mask
 //! Attention, residual scales, dense or cross-domain MoE), and GPT-2: a random model saved by transformers loads
 //! in stlm with the same logits and greedy continuation, and a model saved by stlm loads with
 //! `AutoModelForCausalLM.from_pretrained` with the same logits. Max abs difference <= 1e-4.
@@ -49,6 +51,23 @@ fn cases() -> Vec<(&'static str, &'static str, serde_json::Value)> {
             "mixtral-4x2",
             "mixtral",
             llama(json!({"intermediate_size": 48, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2})),
+        ),
+        // Qwen2-MoE: 8 fine-grained experts (width 24) top-2 without renormalisation, a gated
+        // shared expert (width 40), q/k/v biases without an o bias, and layer 1 dense
+        // (`mlp_only_layers`, width 96).
+        (
+            "qwen2-moe",
+            "qwen2_moe",
+            llama(json!({"num_hidden_layers": 3, "num_key_value_heads": 2, "num_experts": 8, "num_experts_per_tok": 2,
+                          "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40, "mlp_only_layers": [1]})),
+        ),
+        // Qwen3-MoE: per-head q/k norms, head_dim 32 (not hidden / heads), experts every second
+        // layer (`decoder_sparse_step` 2), top-3 renormalised.
+        (
+            "qwen3-moe",
+            "qwen3_moe",
+            llama(json!({"num_key_value_heads": 2, "head_dim": 32, "num_experts": 8, "num_experts_per_tok": 3,
+                          "moe_intermediate_size": 24, "decoder_sparse_step": 2, "norm_topk_prob": true})),
         ),
         // Doge: Dynamic Mask Attention with keep_window_size 5 under 12 ids (A randomised by
         // the reference script), residual scales, dense MLP or the cross-domain MoE (64 experts,
@@ -147,6 +166,14 @@ fn stlm_models_load_in_transformers_with_the_same_logits() {
         (
             "mixtral-8x2",
             "preset = \"llama\"\nmodel_type = \"mixtral\"\nnum_key_value_heads = 2\nmoe = { num_experts = 8, router = { kind = \"top-k\", k = 2 } }\n",
+        ),
+        (
+            "qwen2-moe-shared",
+            "preset = \"llama\"\nmodel_type = \"qwen2_moe\"\nnum_key_value_heads = 2\nattention_bias = true\nattention_out_bias = false\nmoe = { num_experts = 8, expert_intermediate_size = 32, router = { kind = \"top-k\", k = 2, norm_topk_prob = false }, shared_expert = { intermediate_size = 48, gate = true }, dense_layers = [0] }\n",
+        ),
+        (
+            "qwen3-moe-qk-norm",
+            "preset = \"llama\"\nmodel_type = \"qwen3_moe\"\nqk_norm = true\nmoe = { num_experts = 8, expert_intermediate_size = 24, router = { kind = \"top-k\", k = 2 }, sparse_step = 2 }\n",
         ),
         (
             "doge-cdmoe-64",

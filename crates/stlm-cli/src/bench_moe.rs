@@ -89,7 +89,7 @@ pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
         other => bail!("--router {other}: unknown (known: top-k, switch, aux-free, cdmoe)"),
     };
     let active = if matches!(router, RouterKind::Switch { .. }) { 1 } else { k };
-    let config = MoeConfig { num_experts: e, router, aux_loss_coef: 0.01, z_loss_coef: 0.0 };
+    let config = MoeConfig::new(e, router);
     config.validate().map_err(|m| anyhow!("--router {}: {m}", a.router))?;
     stlm_core::memory::keep_freed_memory();
     tch::manual_seed(0);
@@ -157,7 +157,7 @@ fn bench_cdmoe(a: &MoeBenchArgs) -> Result<()> {
     let vs = nn::VarStore::new(Device::Cpu);
     let layer = CdMoe::new(vs.root(), h, w, e, k, false, CdmoeRouting::Causal, 0.02, 0.02);
     let x = Tensor::randn([1, t, h], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-    let shared = || (x.matmul(&layer.gate_proj.tr()).silu() * x.matmul(&layer.up_proj.tr())).matmul(&layer.down_proj.tr());
+    let shared = || layer.shared.forward(&x);
     let dense_ms = time_ms(a.repeats, &|| shared().square().mean(Kind::Float));
     let ms = time_ms(a.repeats, &|| layer.forward(&x).square().mean(Kind::Float));
     let report = MoeBench::new(a, k, ms, dense_ms, 0.0);

@@ -80,6 +80,12 @@ pub enum ModelType {
     Mixtral,
     /// `MistralForCausalLM`: Llama's layout with an optional sliding window on every layer.
     Mistral,
+    /// `Qwen2MoeForCausalLM`: biases on q, k and v (not o), and in its MoE layers a top-k softmax
+    /// router over fine-grained experts plus a shared expert with a sigmoid gate.
+    Qwen2Moe,
+    /// `Qwen3MoeForCausalLM`: per-head RMSNorm of queries and keys, and a top-k softmax router
+    /// over fine-grained experts (no shared expert).
+    Qwen3Moe,
     /// Any other combination: `config.json` holds the stlm config with `model_type: "stlm"`.
     Stlm,
 }
@@ -128,6 +134,13 @@ pub struct ModelConfig {
     pub hidden_act: Activation,
     /// Biases on q, k, v and o projections.
     pub attention_bias: bool,
+    /// Bias on o_proj alone; follows `attention_bias` when absent (Qwen2: q, k, v biased, o not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_out_bias: Option<bool>,
+    /// RMSNorm over each query and key head before the rotary embedding (`self_attn.q_norm`,
+    /// `self_attn.k_norm`; Qwen3, OLMo-style stability; Doge's attention always has them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qk_norm: bool,
     /// Biases on the feed-forward projections.
     pub mlp_bias: bool,
     /// The output head shares the token embedding.
@@ -187,6 +200,8 @@ impl ModelConfig {
             mlp: MlpKind::Gated,
             hidden_act: Activation::Silu,
             attention_bias: false,
+            attention_out_bias: None,
+            qk_norm: false,
             mlp_bias: false,
             tie_word_embeddings: false,
             initializer_range: 0.02,
@@ -325,6 +340,16 @@ impl ModelConfig {
         (self.head_dim() as f64 * self.partial_rotary_factor) as i64
     }
 
+    /// True when o_proj has a bias (see [`ModelConfig::attention_out_bias`]).
+    pub fn o_proj_bias(&self) -> bool {
+        self.attention_out_bias.unwrap_or(self.attention_bias)
+    }
+
+    /// The experts of layer `i`, if it is a mixture-of-experts layer (see [`MoeConfig::sparse_step`]).
+    pub fn layer_moe(&self, i: usize) -> Option<&MoeConfig> {
+        self.moe.as_ref().filter(|m| m.is_moe_layer(i))
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> i64 {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
@@ -438,6 +463,37 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Why the `moe` table cannot be saved as this `model_type`, if it cannot.
+    fn moe_export_mismatch(&self) -> Option<String> {
+        let moe = self.moe.as_ref();
+        let top_k_softmax = |renormalised: Option<bool>| {
+            matches!(moe.map(|m| &m.router), Some(RouterKind::TopK { norm_topk_prob, gate: stlm_moe::Gate::Softmax, .. })
+                if renormalised.is_none_or(|r| r == *norm_topk_prob))
+        };
+        let every_layer = moe.is_some_and(|m| m.sparse_step == 1 && m.dense_layers.is_empty());
+        let fine_grained = moe.is_some_and(|m| m.expert_intermediate_size.is_some_and(|w| w != self.intermediate_size));
+        let shared = moe.and_then(|m| m.shared_expert.as_ref());
+        match self.model_type {
+            ModelType::Mixtral if !top_k_softmax(Some(true)) => {
+                Some("mixtral needs a `[moe]` table with a top-k softmax router (norm_topk_prob = true)".into())
+            }
+            ModelType::Mixtral if !every_layer || fine_grained || shared.is_some() => Some(
+                "mixtral has experts as wide as intermediate_size in every layer and no shared expert".into(),
+            ),
+            ModelType::Qwen2Moe | ModelType::Qwen3Moe if !top_k_softmax(None) => {
+                Some("qwen MoE models need a `[moe]` table with a top-k softmax router".into())
+            }
+            ModelType::Qwen2Moe if !shared.is_some_and(|s| s.gate) => {
+                Some("qwen2_moe has a shared expert with a sigmoid gate (moe.shared_expert = { intermediate_size = N, gate = true })".into())
+            }
+            ModelType::Qwen3Moe if shared.is_some() => Some("qwen3_moe has no shared expert".into()),
+            ModelType::Llama | ModelType::Mistral | ModelType::Gpt2 | ModelType::Doge if moe.is_some() => {
+                Some("it has no mixture of experts (a top-k MoE exports as mixtral, qwen2_moe or qwen3_moe)".into())
+            }
+            _ => None,
+        }
+    }
+
     /// Why this config cannot be saved as its `model_type` in transformers, if it cannot.
     fn export_mismatch(&self) -> Option<String> {
         if let Err(e) = self.mistral_window() {
@@ -456,24 +512,37 @@ impl ModelConfig {
         if (self.cdmoe.is_some() || self.residual_scales) && self.model_type != ModelType::Stlm {
             return Some("cdmoe and residual_scales exist only in doge".into());
         }
-        let mixtral_router = matches!(
-            self.moe.as_ref().map(|m| &m.router),
-            Some(RouterKind::TopK { norm_topk_prob: true, gate: stlm_moe::Gate::Softmax, .. })
-        );
-        match self.model_type {
-            ModelType::Mixtral if !mixtral_router => {
-                return Some("mixtral needs a `[moe]` table with a top-k softmax router (norm_topk_prob = true)".into())
-            }
-            ModelType::Llama | ModelType::Mistral | ModelType::Gpt2 if self.moe.is_some() => {
-                return Some("it has no mixture of experts (a top-k MoE exports as mixtral)".into())
-            }
-            _ => {}
+        if let Some(why) = self.moe_export_mismatch() {
+            return Some(why);
         }
         if self.model_type != ModelType::Stlm && self.partial_rotary_factor != 1.0 {
             return Some("it rotates whole heads (partial_rotary_factor = 1)".into());
         }
+        let qwen = matches!(self.model_type, ModelType::Qwen2Moe | ModelType::Qwen3Moe);
+        if !matches!(self.model_type, ModelType::Stlm | ModelType::Qwen3Moe) && self.qk_norm {
+            return Some("it has no q/k norms (qk_norm = true exports as qwen3_moe)".into());
+        }
+        if self.attention_out_bias.is_some_and(|o| o != self.attention_bias) && !matches!(self.model_type, ModelType::Stlm | ModelType::Qwen2Moe) {
+            return Some("its o_proj bias follows attention_bias (remove attention_out_bias)".into());
+        }
+        if qwen {
+            let ok = self.norm == NormKind::RmsNorm && self.position == PositionKind::Rope && self.mlp == MlpKind::Gated
+                && self.hidden_act == Activation::Silu && !self.mlp_bias && self.all_dense();
+            let attention = match self.model_type {
+                ModelType::Qwen2Moe => !self.qk_norm && !self.o_proj_bias(),
+                _ => self.qk_norm,
+            };
+            return match (ok, attention) {
+                (false, _) => Some("qwen MoE models need rms_norm, rope, a gated silu MLP without biases and dense attention".into()),
+                (true, false) if self.model_type == ModelType::Qwen2Moe => {
+                    Some("qwen2_moe biases q, k and v together (attention_bias) and never o (attention_out_bias = false), without qk_norm".into())
+                }
+                (true, false) => Some("qwen3_moe has per-head q/k norms (qk_norm = true)".into()),
+                (true, true) => None,
+            };
+        }
         match self.model_type {
-            ModelType::Stlm | ModelType::Doge => None,
+            ModelType::Stlm | ModelType::Doge | ModelType::Qwen2Moe | ModelType::Qwen3Moe => None,
             ModelType::Llama | ModelType::Mistral | ModelType::Mixtral => {
                 let ok =
                     self.norm == NormKind::RmsNorm && self.position == PositionKind::Rope && self.mlp == MlpKind::Gated;

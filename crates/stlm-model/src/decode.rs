@@ -9,7 +9,7 @@
 //! [`FastDecoder::new`] accepts the model. Tests compare its logits with the libtorch path.
 
 use crate::config::{Activation, MlpKind, NormKind, PositionKind};
-use crate::layers::{Linear, Norm};
+use crate::layers::{DecoderLayer, Linear, Norm};
 use crate::DecoderModel;
 use stlm_attention::{AttentionKind, KvCache};
 use stlm_core::kernels::{f32_slice, layer_norm_row, rms_norm_row, Rows};
@@ -139,14 +139,17 @@ pub struct FastDecoder<'m> {
 impl<'m> FastDecoder<'m> {
     /// The fused step for `model`, or `None` when it does not apply: weights not float32 on the
     /// CPU or not row-major, an activation without a kernel (exact GELU), or a layer whose attention
-    /// is not dense, a mixture of experts, or sinusoidal or ALiBi positions; then decode with
+    /// is not dense, q/k norms, a mixture of experts, or sinusoidal or ALiBi positions; then decode with
     /// libtorch. The model's weights must not change while the decoder is alive.
     pub fn new(model: &'m DecoderModel) -> Option<Self> {
         let cfg = &model.config;
         if model.device() != Device::Cpu || model.kind() != Kind::Float || cfg.hidden_act == Activation::Gelu {
             return None;
         }
-        if model.layers.iter().any(|l| l.self_attn.attention != AttentionKind::Dense || l.input_residual.is_some()) {
+        let plain = |l: &DecoderLayer| {
+            l.self_attn.attention == AttentionKind::Dense && l.input_residual.is_none() && l.self_attn.qk_norm.is_none()
+        };
+        if !model.layers.iter().all(plain) {
             return None;
         }
         let blocks = model

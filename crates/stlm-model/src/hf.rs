@@ -1,4 +1,5 @@
-//! Hugging Face `config.json` and weight names <-> stlm, for Llama and GPT-2.
+//! Hugging Face `config.json` and weight names <-> stlm, for Llama, Mistral, Mixtral, Qwen2-MoE,
+//! Qwen3-MoE, Doge and GPT-2.
 //!
 //! Llama weights already use stlm's names. GPT-2 stores `Conv1D` weights as `[in, out]` and fuses
 //! q, k and v into `c_attn`; they are transposed and split here on import, and joined back on
@@ -11,11 +12,11 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
 use stlm_attention::{AttentionKind, RopeScaling};
-use stlm_moe::{CdmoeConfig, CdmoeRouting, Gate, MoeConfig, RouterKind};
+use stlm_moe::{CdmoeConfig, CdmoeRouting, Gate, MoeConfig, RouterKind, SharedExpertConfig};
 use tch::Tensor;
 
 /// Model types stlm loads from `config.json`.
-pub const KNOWN_MODEL_TYPES: &[&str] = &["llama", "mistral", "mixtral", "doge", "gpt2", "stlm"];
+pub const KNOWN_MODEL_TYPES: &[&str] = &["llama", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "doge", "gpt2", "stlm"];
 
 fn parse<T: serde::de::DeserializeOwned>(value: Value, path: &Path) -> Result<T> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -146,6 +147,8 @@ pub fn config_from_json(value: Value, path: &Path) -> Result<ModelConfig> {
         "llama" => llama_config(parse(value, path)?, path)?,
         "mistral" => mistral_config(value, path)?,
         "mixtral" => mixtral_config(value, path)?,
+        "qwen2_moe" => qwen_moe_config(value, path, ModelType::Qwen2Moe)?,
+        "qwen3_moe" => qwen_moe_config(value, path, ModelType::Qwen3Moe)?,
         "doge" => doge_config(value, path)?,
         "gpt2" => gpt2_config(parse(value, path)?, path)?,
         "stlm" => parse(value, path)?,
@@ -257,7 +260,74 @@ fn mixtral_config(mut value: Value, path: &Path) -> Result<ModelConfig> {
     let mut cfg = mistral_config(value, path)?;
     cfg.model_type = ModelType::Mixtral;
     let router = RouterKind::TopK { k, norm_topk_prob: true, gate: Gate::Softmax };
-    cfg.moe = Some(MoeConfig { num_experts, router, aux_loss_coef: aux, z_loss_coef: 0.0 });
+    cfg.moe = Some(MoeConfig { aux_loss_coef: aux, ..MoeConfig::new(num_experts, router) });
+    Ok(cfg)
+}
+
+/// Qwen2-MoE and Qwen3-MoE: Llama's layout with fine-grained experts (`moe_intermediate_size`)
+/// in the layers `decoder_sparse_step` and `mlp_only_layers` choose, a top-k softmax router
+/// (`norm_topk_prob`), and dense MLPs of `intermediate_size` elsewhere. Qwen2-MoE adds a shared
+/// expert with a sigmoid gate and biases q, k and v (`qkv_bias`) but not o; Qwen3-MoE normalises
+/// each query and key head. Sliding windows (`use_sliding_window`) are refused.
+fn qwen_moe_config(mut value: Value, path: &Path, model_type: ModelType) -> Result<ModelConfig> {
+    let map = value.as_object_mut().ok_or_else(|| unsupported(path, "expected a JSON object".into()))?;
+    let mut take = |name: &str| map.remove(name).filter(|v| !v.is_null());
+    let int = |v: Option<Value>, name: &str, default: Option<i64>| match v {
+        Some(v) => v.as_i64().ok_or_else(|| unsupported(path, format!("field `{name}`: expected an integer, got {v}"))),
+        None => default.ok_or_else(|| unsupported(path, format!("missing field `{name}`"))),
+    };
+    if let Some(v) = take("use_sliding_window").filter(|v| v != &json!(false)) {
+        return Err(unsupported(path, format!("field `use_sliding_window`: {v} (qwen MoE sliding windows are not supported)")));
+    }
+    if let Some(kinds) = take("layer_types") {
+        let full = kinds.as_array().is_some_and(|a| a.iter().all(|k| k == "full_attention"));
+        if !full {
+            return Err(unsupported(path, format!("field `layer_types`: {kinds} (only full_attention is supported)")));
+        }
+    }
+    let experts = match take("num_experts") {
+        Some(v) => Some(v),
+        None => take("num_local_experts"),
+    };
+    let num_experts = int(experts, "num_experts", None)?;
+    let k = int(take("num_experts_per_tok"), "num_experts_per_tok", None)?;
+    let width = int(take("moe_intermediate_size"), "moe_intermediate_size", None)?;
+    let sparse_step = int(take("decoder_sparse_step"), "decoder_sparse_step", Some(1))?;
+    let shared = take("shared_expert_intermediate_size");
+    let norm_topk_prob = take("norm_topk_prob").and_then(|v| v.as_bool()).unwrap_or(false);
+    let aux = take("router_aux_loss_coef").and_then(|v| v.as_f64()).unwrap_or(0.001);
+    let dense_layers = match take("mlp_only_layers") {
+        None => Vec::new(),
+        Some(v) => serde_json::from_value::<Vec<i64>>(v.clone())
+            .map_err(|_| unsupported(path, format!("field `mlp_only_layers`: expected a list of layer indices, got {v}")))?,
+    };
+    let qkv_bias = take("qkv_bias").and_then(|v| v.as_bool());
+    for ignored in ["sliding_window", "max_window_layers", "output_router_logits"] {
+        take(ignored);
+    }
+    let mut cfg = llama_config(parse(value, path)?, path)?;
+    cfg.model_type = model_type;
+    let shared_expert = match model_type {
+        ModelType::Qwen2Moe => {
+            let width = int(shared, "shared_expert_intermediate_size", None)?;
+            cfg.attention_bias = qkv_bias.unwrap_or(true);
+            cfg.attention_out_bias = cfg.attention_bias.then_some(false);
+            Some(SharedExpertConfig { intermediate_size: width, gate: true })
+        }
+        _ => {
+            cfg.qk_norm = true;
+            None
+        }
+    };
+    let router = RouterKind::TopK { k, norm_topk_prob, gate: Gate::Softmax };
+    cfg.moe = Some(MoeConfig {
+        aux_loss_coef: aux,
+        expert_intermediate_size: Some(width),
+        shared_expert,
+        sparse_step,
+        dense_layers,
+        ..MoeConfig::new(num_experts, router)
+    });
     Ok(cfg)
 }
 
@@ -302,6 +372,8 @@ fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
         mlp: MlpKind::Gated,
         hidden_act: activation(c.hidden_act.as_deref().unwrap_or("silu"), "hidden_act", path)?,
         attention_bias: c.attention_bias.unwrap_or(false),
+        attention_out_bias: None,
+        qk_norm: false,
         mlp_bias: c.mlp_bias.unwrap_or(false),
         tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
         initializer_range: c.initializer_range.unwrap_or(0.02),
@@ -344,6 +416,8 @@ fn gpt2_config(c: Gpt2Hf, path: &Path) -> Result<ModelConfig> {
         mlp: MlpKind::Plain,
         hidden_act: activation(c.activation_function.as_deref().unwrap_or("gelu_new"), "activation_function", path)?,
         attention_bias: true,
+        attention_out_bias: None,
+        qk_norm: false,
         mlp_bias: true,
         tie_word_embeddings: c.tie_word_embeddings.unwrap_or(true),
         initializer_range: c.initializer_range.unwrap_or(0.02),
@@ -419,6 +493,40 @@ pub fn config_to_json(c: &ModelConfig, dtype: &str) -> Value {
             o.insert("num_experts_per_tok".into(), json!(k));
             o.insert("router_aux_loss_coef".into(), json!(moe.aux_loss_coef));
             o.insert("router_jitter_noise".into(), json!(0.0));
+            return v;
+        }
+        ModelType::Qwen2Moe | ModelType::Qwen3Moe => {
+            let plain = ModelConfig { model_type: ModelType::Llama, moe: None, qk_norm: false, attention_out_bias: None, ..c.clone() };
+            let mut v = config_to_json(&plain, dtype);
+            let o = v.as_object_mut().expect("json! object");
+            let moe = c.moe.as_ref().expect("validated: qwen MoE models have a [moe] table");
+            let RouterKind::TopK { k, norm_topk_prob, .. } = moe.router else { unreachable!("validated: a top-k router") };
+            for gone in ["attention_bias", "mlp_bias"] {
+                o.remove(gone);
+            }
+            let (name, arch) = match c.model_type {
+                ModelType::Qwen2Moe => ("qwen2_moe", "Qwen2MoeForCausalLM"),
+                _ => ("qwen3_moe", "Qwen3MoeForCausalLM"),
+            };
+            o.insert("architectures".into(), json!([arch]));
+            o.insert("model_type".into(), json!(name));
+            match &moe.shared_expert {
+                Some(shared) => {
+                    o.insert("qkv_bias".into(), json!(c.attention_bias));
+                    o.insert("shared_expert_intermediate_size".into(), json!(shared.intermediate_size));
+                }
+                None => {
+                    o.insert("attention_bias".into(), json!(c.attention_bias));
+                }
+            }
+            o.insert("use_sliding_window".into(), json!(false));
+            o.insert("num_experts".into(), json!(moe.num_experts));
+            o.insert("num_experts_per_tok".into(), json!(k));
+            o.insert("norm_topk_prob".into(), json!(norm_topk_prob));
+            o.insert("moe_intermediate_size".into(), json!(moe.expert_intermediate_size.unwrap_or(c.intermediate_size)));
+            o.insert("decoder_sparse_step".into(), json!(moe.sparse_step));
+            o.insert("mlp_only_layers".into(), json!(moe.dense_layers));
+            o.insert("router_aux_loss_coef".into(), json!(moe.aux_loss_coef));
             return v;
         }
         ModelType::Mistral => {
@@ -536,19 +644,46 @@ pub fn import_weights(
     Ok(out)
 }
 
-/// Mixtral checkpoints as transformers saves them (`block_sparse_moe.gate.weight`,
-/// `block_sparse_moe.experts.{j}.w1|w2|w3.weight`: gate, down, up) to stlm's stacked experts
-/// (`mlp.gate.weight`, `mlp.experts.gate_up_proj` `[E, 2I, H]`, `mlp.experts.down_proj`
-/// `[E, H, I]`, the layout transformers uses in memory); stacked names pass through.
+/// How a transformers checkpoint names each expert's weights (transformers keeps them stacked in
+/// memory, as stlm does, but saves one tensor per expert and projection).
+struct ExpertLayout {
+    /// The layer's MoE module (`block_sparse_moe` or `mlp`).
+    module: &'static str,
+    /// Names of the gate, up and down projections of one expert.
+    gate: &'static str,
+    up: &'static str,
+    down: &'static str,
+}
+
+/// The per-expert layout of `model_type`, if its checkpoints use one.
+fn expert_layout(model_type: ModelType) -> Option<ExpertLayout> {
+    match model_type {
+        ModelType::Mixtral => Some(ExpertLayout { module: "block_sparse_moe", gate: "w1", up: "w3", down: "w2" }),
+        ModelType::Qwen2Moe | ModelType::Qwen3Moe => {
+            Some(ExpertLayout { module: "mlp", gate: "gate_proj", up: "up_proj", down: "down_proj" })
+        }
+        _ => None,
+    }
+}
+
+/// Per-expert checkpoint tensors (Mixtral: `block_sparse_moe.gate.weight`,
+/// `block_sparse_moe.experts.{j}.w1|w2|w3.weight`; Qwen-MoE: `mlp.experts.{j}.gate_proj|up_proj|
+/// down_proj.weight`) to stlm's stacked experts (`mlp.gate.weight`, `mlp.experts.gate_up_proj`
+/// `[E, 2I, H]`, `mlp.experts.down_proj` `[E, H, I]`, the layout transformers uses in memory);
+/// stacked names pass through. A layer with a different number of experts than the config is an
+/// error naming the tensor.
 fn stack_experts(cfg: &ModelConfig, mut tensors: HashMap<String, Tensor>, path: &Path) -> Result<HashMap<String, Tensor>> {
-    let e = cfg.moe.as_ref().map_or(0, |m| m.num_experts);
+    let (Some(layout), Some(moe)) = (expert_layout(cfg.model_type), &cfg.moe) else {
+        return Ok(tensors);
+    };
+    let e = moe.num_experts;
     for i in 0..cfg.num_hidden_layers {
-        let old = format!("model.layers.{i}.block_sparse_moe");
+        let old = format!("model.layers.{i}.{}", layout.module);
         let new = format!("model.layers.{i}.mlp");
         if let Some(g) = tensors.remove(&format!("{old}.gate.weight")) {
             tensors.insert(format!("{new}.gate.weight"), g);
         }
-        if !tensors.contains_key(&format!("{old}.experts.0.w1.weight")) {
+        if !tensors.contains_key(&format!("{old}.experts.0.{}.weight", layout.gate)) {
             continue;
         }
         let mut take = |j: i64, w: &str| {
@@ -560,8 +695,8 @@ fn stack_experts(cfg: &ModelConfig, mut tensors: HashMap<String, Tensor>, path: 
         };
         let (mut gate_up, mut down) = (Vec::new(), Vec::new());
         for j in 0..e {
-            gate_up.push(Tensor::cat(&[take(j, "w1")?, take(j, "w3")?], 0));
-            down.push(take(j, "w2")?);
+            gate_up.push(Tensor::cat(&[take(j, layout.gate)?, take(j, layout.up)?], 0));
+            down.push(take(j, layout.down)?);
         }
         if let Some(extra) = tensors.keys().find(|k| k.starts_with(&format!("{old}.experts."))) {
             return Err(ModelError::Weights {
@@ -575,28 +710,28 @@ fn stack_experts(cfg: &ModelConfig, mut tensors: HashMap<String, Tensor>, path: 
     Ok(tensors)
 }
 
-/// stlm's stacked experts to the per-expert names transformers saves Mixtral with.
-fn unstack_experts(vars: &HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
+/// stlm's stacked experts to the per-expert names of `layout`.
+fn unstack_experts(vars: &HashMap<String, Tensor>, layout: &ExpertLayout) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();
     for (name, t) in vars {
         let Some((layer, rest)) = name.split_once(".mlp.") else {
             out.push((name.clone(), t.shallow_clone()));
             continue;
         };
-        let old = format!("{layer}.block_sparse_moe");
+        let old = format!("{layer}.{}", layout.module);
         match rest {
             "gate.weight" => out.push((format!("{old}.gate.weight"), t.shallow_clone())),
             "experts.gate_up_proj" => {
                 let width = t.size()[1] / 2;
                 for j in 0..t.size()[0] {
                     let both = t.get(j);
-                    out.push((format!("{old}.experts.{j}.w1.weight"), both.narrow(0, 0, width).contiguous()));
-                    out.push((format!("{old}.experts.{j}.w3.weight"), both.narrow(0, width, width).contiguous()));
+                    out.push((format!("{old}.experts.{j}.{}.weight", layout.gate), both.narrow(0, 0, width).contiguous()));
+                    out.push((format!("{old}.experts.{j}.{}.weight", layout.up), both.narrow(0, width, width).contiguous()));
                 }
             }
             "experts.down_proj" => {
                 for j in 0..t.size()[0] {
-                    out.push((format!("{old}.experts.{j}.w2.weight"), t.get(j).contiguous()));
+                    out.push((format!("{old}.experts.{j}.{}.weight", layout.down), t.get(j).contiguous()));
                 }
             }
             _ => out.push((name.clone(), t.shallow_clone())),
@@ -616,8 +751,8 @@ fn conv1d(t: Tensor, param: &str) -> Tensor {
 
 /// Names (and for GPT-2 layouts) under which transformers expects each stlm weight.
 pub fn export_weights(cfg: &ModelConfig, vars: &HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
-    let mut out: Vec<(String, Tensor)> = if cfg.model_type == ModelType::Mixtral {
-        unstack_experts(vars)
+    let mut out: Vec<(String, Tensor)> = if let Some(layout) = expert_layout(cfg.model_type) {
+        unstack_experts(vars, &layout)
     } else if cfg.model_type != ModelType::Gpt2 {
         vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     } else {

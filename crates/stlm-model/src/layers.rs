@@ -208,22 +208,29 @@ pub struct SelfAttention {
     pub head_param: Option<Tensor>,
     /// The layers of Dynamic Mask Attention (`doge-dma`), if this layer uses it.
     pub dynamic_mask: Option<DynamicMask>,
+    /// Per-head q/k norms (`qk_norm`, and always with `doge-dma`), if any.
+    pub qk_norm: Option<QkNorm>,
     /// ALiBi slopes `[heads]` (fixed, not trained) when positions are ALiBi biases.
     pub alibi_slopes: Option<Tensor>,
 }
 
 /// What Doge's Dynamic Mask Attention adds to a layer (names as transformers' `DogeAttention`):
-/// per-head RMSNorm of queries and keys before the rotary embedding, and the per-key bias
-/// `dt = exp(A · softplus(dt_proj(v)))` from the values.
+/// the per-key bias `dt = exp(A · softplus(dt_proj(v)))` from the values (and, in
+/// [`SelfAttention::qk_norm`], per-head RMSNorm of queries and keys).
 #[derive(Debug)]
 pub struct DynamicMask {
     /// `[kv_heads]`, initialised to zero (`self_attn.A`).
     pub a: Tensor,
     /// `[kv_heads, kv_heads * head_dim]` (`self_attn.dt_proj`).
     pub dt_proj: Linear,
-    /// RMSNorm over each query head (`self_attn.q_norm`).
+}
+
+/// RMSNorm over each query head and each key head, before the rotary embedding.
+#[derive(Debug)]
+pub struct QkNorm {
+    /// `[head_dim]` (`self_attn.q_norm`).
     pub q_norm: Norm,
-    /// RMSNorm over each key head (`self_attn.k_norm`).
+    /// `[head_dim]` (`self_attn.k_norm`).
     pub k_norm: Norm,
 }
 
@@ -245,9 +252,12 @@ impl SelfAttention {
         let head_param = attention
             .head_parameter(cfg.max_position_embeddings)
             .map(|(name, init)| path.var(name, &[nh], Init::Const(init)));
-        let dynamic_mask = matches!(attention, AttentionKind::DogeDma { .. }).then(|| DynamicMask {
+        let dma = matches!(attention, AttentionKind::DogeDma { .. });
+        let dynamic_mask = dma.then(|| DynamicMask {
             a: path.var("A", &[nkv], Init::Const(0.0)),
             dt_proj: Linear::new(&path / "dt_proj", nkv * d, nkv, b, std),
+        });
+        let qk_norm = (dma || cfg.qk_norm).then(|| QkNorm {
             q_norm: Norm::new(&path / "q_norm", NormKind::RmsNorm, d, cfg.norm_eps),
             k_norm: Norm::new(&path / "k_norm", NormKind::RmsNorm, d, cfg.norm_eps),
         });
@@ -256,11 +266,12 @@ impl SelfAttention {
             attention,
             head_param,
             dynamic_mask,
+            qk_norm,
             alibi_slopes,
             q_proj: Linear::new(&path / "q_proj", h, nh * d, b, std),
             k_proj: Linear::new(&path / "k_proj", h, nkv * d, b, std),
             v_proj: Linear::new(&path / "v_proj", h, nkv * d, b, std),
-            o_proj: Linear::new(&path / "o_proj", nh * d, h, b, resid_std),
+            o_proj: Linear::new(&path / "o_proj", nh * d, h, cfg.o_proj_bias(), resid_std),
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
@@ -295,9 +306,9 @@ impl SelfAttention {
             None => Linear::forward_concat(&[&self.q_proj, &self.k_proj, &self.v_proj], x),
         };
         let all = heads(projected, nh + 2 * nkv); // [b, h + 2 kvh, s, d]
-        let qk = match &self.dynamic_mask {
-            Some(dm) => Tensor::cat(
-                &[dm.q_norm.forward(&all.narrow(1, 0, nh)), dm.k_norm.forward(&all.narrow(1, nh, nkv))],
+        let qk = match &self.qk_norm {
+            Some(n) => Tensor::cat(
+                &[n.q_norm.forward(&all.narrow(1, 0, nh)), n.k_norm.forward(&all.narrow(1, nh, nkv))],
                 1,
             ),
             None => all.narrow(1, 0, nh + nkv),
@@ -397,7 +408,7 @@ impl DecoderLayer {
             post_attention_residual: cfg
                 .residual_scales
                 .then(|| path.var("post_attention_residual", &[cfg.hidden_size], Init::Const(1.0))),
-            mlp: match (&cfg.moe, &cfg.cdmoe) {
+            mlp: match (cfg.layer_moe(layer), &cfg.cdmoe) {
                 (None, Some(c)) => FeedForward::CdMoe(CdMoe::new(
                     &path / "mlp",
                     cfg.hidden_size,

@@ -12,6 +12,7 @@
 //! agree for one token at a time (cached generation).
 
 use serde::{Deserialize, Serialize};
+use crate::SwiGlu;
 use tch::nn::{self, Init};
 use tch::Tensor;
 
@@ -69,12 +70,8 @@ pub fn product_keys(experts: i64) -> (i64, bool) {
 /// `router_gate` (`[2K, hidden]`), `down_embed`, `up_embed` (`[experts, hidden]`).
 #[derive(Debug)]
 pub struct CdMoe {
-    /// `[intermediate, hidden]`.
-    pub gate_proj: Tensor,
-    /// `[intermediate, hidden]`.
-    pub up_proj: Tensor,
-    /// `[hidden, intermediate]`.
-    pub down_proj: Tensor,
+    /// The shared MLP (its weights directly under the layer's path).
+    pub shared: SwiGlu,
     /// `[2K, hidden]`.
     pub router_gate: Tensor,
     /// `[experts, hidden]`.
@@ -107,9 +104,7 @@ impl CdMoe {
         let (keys, _) = product_keys(experts);
         let n = |s: f64| Init::Randn { mean: 0.0, stdev: s };
         CdMoe {
-            gate_proj: (&path / "gate_proj").var("weight", &[intermediate, hidden], n(std)),
-            up_proj: (&path / "up_proj").var("weight", &[intermediate, hidden], n(std)),
-            down_proj: (&path / "down_proj").var("weight", &[hidden, intermediate], n(resid_std)),
+            shared: SwiGlu::new(&path, hidden, intermediate, std, resid_std),
             router_gate: (&path / "router_gate").var("weight", &[2 * keys, hidden], n(std)),
             down_embed: (&path / "down_embed").var("weight", &[experts, hidden], n(std)),
             up_embed: (&path / "up_embed").var("weight", &[experts, hidden], n(resid_std)),
@@ -148,8 +143,7 @@ impl CdMoe {
         let up = Tensor::embedding(&self.up_embed, &indices, -1, false, false);
         let expert_weights = down.matmul(&flat).view([n, self.top_k]).silu() * weights;
         let experts = expert_weights.view([n, 1, self.top_k]).matmul(&up).view([b, s, h]);
-        let shared = (x.matmul(&self.gate_proj.tr()).silu() * x.matmul(&self.up_proj.tr())).matmul(&self.down_proj.tr());
-        shared + experts
+        self.shared.forward(x) + experts
     }
 }
 
@@ -157,9 +151,7 @@ impl CdMoe {
     /// A copy sharing the same weight tensors (for trying the other routing mode).
     pub fn clone_shallow(&self) -> CdMoe {
         CdMoe {
-            gate_proj: self.gate_proj.shallow_clone(),
-            up_proj: self.up_proj.shallow_clone(),
-            down_proj: self.down_proj.shallow_clone(),
+            shared: self.shared.shallow_clone(),
             router_gate: self.router_gate.shallow_clone(),
             down_embed: self.down_embed.shallow_clone(),
             up_embed: self.up_embed.shallow_clone(),
@@ -206,8 +198,8 @@ mod tests {
             let m = top[0].0;
             let z: f64 = top.iter().map(|c| (c.0 - m).exp()).sum();
             let mut want = {
-                let g = d(&l.gate_proj).matmul(&xt).silu() * d(&l.up_proj).matmul(&xt);
-                d(&l.down_proj).matmul(&g)
+                let g = d(&l.shared.gate_proj).matmul(&xt).silu() * d(&l.shared.up_proj).matmul(&xt);
+                d(&l.shared.down_proj).matmul(&g)
             };
             for &(score, e) in top {
                 let w = (score - m).exp() / z;

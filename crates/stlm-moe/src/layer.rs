@@ -1,7 +1,8 @@
-//! A mixture-of-experts feed-forward layer: router gate, routing, stacked SwiGLU experts, and the
-//! balancing losses of its last forward for the trainer to add.
+//! A mixture-of-experts feed-forward layer: router gate, routing, stacked SwiGLU experts, an
+//! optional shared expert every token passes through, and the balancing losses of its last
+//! forward for the trainer to add.
 
-use crate::{expert_load, load_balancing_loss_with, moe_forward, update_balance_bias, z_loss, Experts, RouterKind};
+use crate::{expert_load, load_balancing_loss_with, moe_forward, update_balance_bias, z_loss, Experts, RouterKind, SwiGlu};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use stlm_core::kernels::grad_enabled;
@@ -10,6 +11,27 @@ use tch::{Kind, Tensor};
 
 fn default_aux() -> f64 {
     0.01
+}
+
+fn one() -> i64 {
+    1
+}
+
+fn is_one(v: &i64) -> bool {
+    *v == 1
+}
+
+/// A dense SwiGLU expert beside the routed ones that sees every token (DeepSeek's shared
+/// experts, Qwen-MoE's `shared_expert`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedExpertConfig {
+    /// Width of the shared expert (DeepSeek: `n_shared_experts · moe_intermediate_size`).
+    pub intermediate_size: i64,
+    /// Scale its output by `sigmoid(w · x)`, a learned per-token gate (Qwen-MoE's
+    /// `shared_expert_gate`); DeepSeek adds it ungated.
+    #[serde(default)]
+    pub gate: bool,
 }
 
 /// The MoE part of a model config (`[model.moe]`).
@@ -26,13 +48,57 @@ pub struct MoeConfig {
     /// Weight of the router z-loss (ST-MoE: 0.001; 0 turns it off).
     #[serde(default)]
     pub z_loss_coef: f64,
+    /// Width of each routed expert; the model's `intermediate_size` when absent (transformers'
+    /// `moe_intermediate_size`: fine-grained experts are narrower than a dense MLP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_intermediate_size: Option<i64>,
+    /// A shared expert beside the routed ones; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_expert: Option<SharedExpertConfig>,
+    /// Layer `i` has experts when `(i + 1) % sparse_step == 0` (transformers'
+    /// `decoder_sparse_step`; 1: every layer, 2: every second layer); the others a dense MLP.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub sparse_step: i64,
+    /// Layers that keep a dense MLP whatever `sparse_step` says (transformers' `mlp_only_layers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dense_layers: Vec<i64>,
 }
 
 impl MoeConfig {
+    /// `num_experts` experts routed by `router`, every other setting at its default.
+    pub fn new(num_experts: i64, router: RouterKind) -> Self {
+        MoeConfig {
+            num_experts,
+            router,
+            aux_loss_coef: default_aux(),
+            z_loss_coef: 0.0,
+            expert_intermediate_size: None,
+            shared_expert: None,
+            sparse_step: 1,
+            dense_layers: Vec::new(),
+        }
+    }
+
+    /// True when layer `layer` has experts (see [`MoeConfig::sparse_step`]).
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        (layer as i64 + 1) % self.sparse_step == 0 && !self.dense_layers.contains(&(layer as i64))
+    }
+
     /// Checks the settings; the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         if self.num_experts < 1 {
             return Err(format!("`num_experts` must be >= 1, got {}", self.num_experts));
+        }
+        if self.sparse_step < 1 {
+            return Err(format!("`sparse_step` must be >= 1, got {}", self.sparse_step));
+        }
+        for (name, width) in [
+            ("expert_intermediate_size", self.expert_intermediate_size),
+            ("shared_expert.intermediate_size", self.shared_expert.as_ref().map(|s| s.intermediate_size)),
+        ] {
+            if let Some(w) = width.filter(|&w| w < 1) {
+                return Err(format!("`{name}` must be >= 1, got {w}"));
+            }
         }
         self.router.validate(self.num_experts).map_err(|e| format!("`router` ({}): {e}", self.router.name()))?;
         for (name, v) in [("aux_loss_coef", self.aux_loss_coef), ("z_loss_coef", self.z_loss_coef)] {
@@ -65,23 +131,34 @@ pub struct MoeLayer {
     pub experts: Experts,
     /// Balancing bias `[experts]` of the aux-free router (not trained by gradients).
     pub bias: Option<Tensor>,
+    /// The shared expert (`mlp.shared_expert.*`), if any.
+    pub shared_expert: Option<SwiGlu>,
+    /// Its gate `[1, hidden]` (`mlp.shared_expert_gate.weight`), if gated.
+    pub shared_expert_gate: Option<Tensor>,
     /// The settings.
     pub config: MoeConfig,
     stats: RefCell<Option<MoeStats>>,
 }
 
 impl MoeLayer {
-    /// A layer for `hidden`-wide tokens with experts of width `intermediate`.
+    /// A layer for `hidden`-wide tokens; experts are `config.expert_intermediate_size` wide, or
+    /// `intermediate` (the model's MLP width) when that is unset.
     pub fn new(path: nn::Path, hidden: i64, intermediate: i64, config: &MoeConfig, std: f64, resid_std: f64) -> Self {
         let e = config.num_experts;
         let gate_path = &path / "gate";
         let gate = gate_path.var("weight", &[e, hidden], Init::Randn { mean: 0.0, stdev: std });
         let bias = matches!(config.router, RouterKind::AuxFree { .. })
             .then(|| gate_path.zeros_no_train("e_score_correction_bias", &[e]));
+        let width = config.expert_intermediate_size.unwrap_or(intermediate);
+        let shared = config.shared_expert.as_ref();
         MoeLayer {
             gate,
-            experts: Experts::new(&path / "experts", e, hidden, intermediate, std, resid_std),
+            experts: Experts::new(&path / "experts", e, hidden, width, std, resid_std),
             bias,
+            shared_expert: shared.map(|s| SwiGlu::new(&(&path / "shared_expert"), hidden, s.intermediate_size, std, resid_std)),
+            shared_expert_gate: shared
+                .filter(|s| s.gate)
+                .map(|_| (&path / "shared_expert_gate").var("weight", &[1, hidden], Init::Randn { mean: 0.0, stdev: std })),
             config: config.clone(),
             stats: RefCell::new(None),
         }
@@ -100,7 +177,14 @@ impl MoeLayer {
             ref r => r.clone(),
         };
         let routing = router.route(&logits, self.bias.as_ref());
-        let y = moe_forward(&tokens, &routing, &self.experts);
+        let mut y = moe_forward(&tokens, &routing, &self.experts);
+        if let Some(shared) = &self.shared_expert {
+            let out = shared.forward(&tokens);
+            y += match &self.shared_expert_gate {
+                Some(g) => tokens.matmul(&g.tr()).sigmoid() * out,
+                None => out,
+            };
+        }
         let load = expert_load(&routing, self.config.num_experts); // counted once, for loss and stats
         let balance = load_balancing_loss_with(&routing, &load) * self.config.aux_loss_coef;
         let aux = match self.config.z_loss_coef {
@@ -141,7 +225,11 @@ mod tests {
     fn forward_keeps_stats_and_aux_free_rebalances() {
         tch::manual_seed(8);
         let vs = nn::VarStore::new(Device::Cpu);
-        let cfg = MoeConfig { num_experts: 4, router: RouterKind::AuxFree { k: 1, gate: Gate::Sigmoid, gamma: 0.1 }, aux_loss_coef: 0.0, z_loss_coef: 0.01 };
+        let cfg = MoeConfig {
+            aux_loss_coef: 0.0,
+            z_loss_coef: 0.01,
+            ..MoeConfig::new(4, RouterKind::AuxFree { k: 1, gate: Gate::Sigmoid, gamma: 0.1 })
+        };
         let layer = MoeLayer::new(vs.root(), 8, 6, &cfg, 0.5, 0.5);
         let x = Tensor::randn([2, 5, 8], (Kind::Float, Device::Cpu));
         let y = layer.forward(&x);

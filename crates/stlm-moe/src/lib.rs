@@ -8,7 +8,9 @@
 //! - [`dispatch`]: tokens grouped by expert with one sort, one gather and one scatter-add per
 //!   layer (as MegaBlocks does), over expert weights stacked `[E, ...]` ([`Experts`]).
 //! - [`losses`]: the Switch load-balancing loss and the router z-loss, and per-expert load.
-//! - [`layer`]: [`MoeLayer`], the feed-forward layer models use, configured by [`MoeConfig`].
+//! - [`layer`]: [`MoeLayer`], the feed-forward layer models use, configured by [`MoeConfig`]
+//!   (expert width, a shared expert with an optional sigmoid gate, which layers have experts).
+//! - [`swiglu`]: the bias-free SwiGLU MLP used as a shared expert.
 //! - [`cdmoe`]: Doge's Cross Domain MoE (shared MLP plus product-key retrieval experts), in
 //!   transformers' token-mixing mode for published weights and a causal mode for training.
 
@@ -17,9 +19,11 @@ pub mod dispatch;
 pub mod layer;
 pub mod losses;
 pub mod router;
+pub mod swiglu;
 
 pub use cdmoe::{product_keys, CdMoe, CdmoeConfig, CdmoeRouting};
 pub use dispatch::{moe_forward, Experts};
-pub use layer::{load_entropy, MoeConfig, MoeLayer, MoeStats};
+pub use layer::{load_entropy, MoeConfig, MoeLayer, MoeStats, SharedExpertConfig};
 pub use losses::{expert_load, load_balancing_loss, load_balancing_loss_with, z_loss};
 pub use router::{update_balance_bias, Gate, RouterKind, Routing};
+pub use swiglu::SwiGlu;
