@@ -1,5 +1,7 @@
 //! An MoE layer (8 experts, top-2, hidden 256, experts 344 wide) forward+backward against a dense
-//! SwiGLU MLP with the same active parameters (width 688), 4096 tokens, and the dispatch alone.
+//! SwiGLU MLP with the same active parameters (width 688), 4096 tokens, and the dispatch alone;
+//! fine-grained experts (64 of width 86, top-4) with grouped products and with one product pair
+//! per expert.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use stlm_moe::{moe_forward, Gate, MoeConfig, MoeLayer, RouterKind};
@@ -32,6 +34,23 @@ fn moe(c: &mut Criterion) {
             (y.square().mean(Kind::Float) + aux.unwrap_or_else(|| Tensor::zeros([], (Kind::Float, Device::Cpu)))).backward()
         })
     });
+    group.finish();
+
+    let mut group = c.benchmark_group("moe_fine_grained_64x86_top4");
+    group.sample_size(10);
+    let fine = MoeConfig::new(64, RouterKind::TopK { k: 4, norm_topk_prob: true, gate: Gate::Softmax });
+    let mut fine_layer = MoeLayer::new(vs.root() / "fine", h, 86, &fine, 0.02, 0.02);
+    for grouped in [true, false] {
+        fine_layer.experts.grouped = grouped;
+        let name = if grouped { "grouped" } else { "per-expert" };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let y = fine_layer.forward(&x);
+                let _ = fine_layer.take_stats();
+                y.square().mean(Kind::Float).backward()
+            })
+        });
+    }
     group.finish();
 
     // Routing and dispatch without gradients: where the time goes besides the expert products.

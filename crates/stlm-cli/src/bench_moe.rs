@@ -35,6 +35,9 @@ pub struct MoeBenchArgs {
     /// Timed runs of each; the fastest is reported.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// One product pair per expert instead of the grouped products (to compare the two).
+    #[arg(long)]
+    per_expert: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -53,10 +56,12 @@ struct MoeBench {
     ratio: f64,
     dropped: f64,
     threads: i32,
+    /// `grouped` or `per-expert` products (cdmoe: `retrieval`).
+    dispatch: &'static str,
 }
 
 impl MoeBench {
-    fn new(a: &MoeBenchArgs, top_k: i64, ms: f64, dense_ms: f64, dropped: f64) -> Self {
+    fn new(a: &MoeBenchArgs, top_k: i64, ms: f64, dense_ms: f64, dropped: f64, dispatch: &'static str) -> Self {
         MoeBench {
             router: a.router.clone(),
             experts: a.experts,
@@ -69,6 +74,7 @@ impl MoeBench {
             ratio: ms / dense_ms,
             dropped,
             threads: tch::get_num_threads(),
+            dispatch,
         }
     }
 }
@@ -94,7 +100,8 @@ pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
     stlm_core::memory::keep_freed_memory();
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
-    let layer = MoeLayer::new(vs.root() / "moe", h, w, &config, 0.02, 0.02);
+    let mut layer = MoeLayer::new(vs.root() / "moe", h, w, &config, 0.02, 0.02);
+    layer.experts.grouped = !a.per_expert;
     // The dense reference: one SwiGLU MLP as wide as the experts a token uses.
     let dense_w = active * w;
     let root = vs.root() / "dense";
@@ -117,12 +124,16 @@ pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
     });
     let _ = layer.forward(&x);
     let dropped = layer.take_stats().map_or(0.0, |s| s.dropped.double_value(&[]));
-    let report = MoeBench::new(a, active, ms, dense_ms, dropped);
+    let dispatch = match layer.experts.grouped_alignment(&x) {
+        Some(_) => "grouped",
+        None => "per-expert",
+    };
+    let report = MoeBench::new(a, active, ms, dense_ms, dropped, dispatch);
     if a.json {
         print_json(&report)
     } else {
         println!(
-            "{} MoE ({e} experts, {active} per token): {ms:.2} ms forward+backward; dense SwiGLU of width {dense_w}: {dense_ms:.2} ms ({:.2}x)",
+            "{} MoE ({e} experts, {active} per token, {dispatch} products): {ms:.2} ms forward+backward; dense SwiGLU of width {dense_w}: {dense_ms:.2} ms ({:.2}x)",
             a.router, report.ratio
         );
         Ok(())
@@ -160,7 +171,7 @@ fn bench_cdmoe(a: &MoeBenchArgs) -> Result<()> {
     let shared = || layer.shared.forward(&x);
     let dense_ms = time_ms(a.repeats, &|| shared().square().mean(Kind::Float));
     let ms = time_ms(a.repeats, &|| layer.forward(&x).square().mean(Kind::Float));
-    let report = MoeBench::new(a, k, ms, dense_ms, 0.0);
+    let report = MoeBench::new(a, k, ms, dense_ms, 0.0, "retrieval");
     if a.json {
         print_json(&report)
     } else {

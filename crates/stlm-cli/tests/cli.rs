@@ -215,14 +215,18 @@ fn bad_input_gives_one_line_errors_and_writes_nothing() {
 
 #[test]
 fn bench_attention_and_train_report_json() {
-    for (kind, extra) in [("linformer", "--linformer-k=16"), ("doge-dma", "--window=8"), ("ssmax", "--p=2")] {
-        let out = ok(&["bench", "moe", "--router", "switch", "--experts", "4", "--hidden", "16", "--expert-width", "8", "--tokens", "64", "--repeats", "1", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((v["router"].as_str(), v["top_k"].as_i64()), (Some("switch"), Some(1)), "{v}");
-    assert!(v["ms"].as_f64().unwrap() > 0.0 && v["dense_ms"].as_f64().unwrap() > 0.0, "{v}");
+    for per_expert in [false, true] {
+        let mut args = vec!["bench", "moe", "--router", "switch", "--experts", "4", "--hidden", "16", "--expert-width", "8", "--tokens", "64", "--repeats", "1", "--json"];
+        args.extend(per_expert.then_some("--per-expert"));
+        let v: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+        assert_eq!((v["router"].as_str(), v["top_k"].as_i64()), (Some("switch"), Some(1)), "{v}");
+        assert!(v["ms"].as_f64().unwrap() > 0.0 && v["dense_ms"].as_f64().unwrap() > 0.0, "{v}");
+        assert_eq!(v["dispatch"], if per_expert { "per-expert" } else { "grouped" }, "{v}");
+    }
     let err = fails(&["bench", "moe", "--top-k", "9"]);
     assert!(err.contains("`k`"), "{err}");
-    let out = ok(&["bench", "attention", "--kind", kind, "--seq", "48", extra, "--repeats", "1", "--json"]);
+    for (kind, extra) in [("linformer", "--linformer-k=16"), ("doge-dma", "--window=8"), ("ssmax", "--p=2")] {
+        let out = ok(&["bench", "attention", "--kind", kind, "--seq", "48", extra, "--repeats", "1", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["kind"], kind);
         assert!(v["ms"].as_f64().unwrap() > 0.0, "{v}");

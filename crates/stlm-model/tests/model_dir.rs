@@ -81,3 +81,56 @@ fn decoding_layout_keeps_logits_and_saved_weights() {
         assert!(t.equal(&back.var_store().variables()[&name]), "{name}");
     }
 }
+
+/// MoE directories in transformers' layouts round-trip through config.json alone, and a config
+/// whose expert or key count does not match the weights is an error naming the tensor.
+#[test]
+fn moe_directories_round_trip_and_mismatches_are_named() {
+    let moe = |router: &str, rest: &str| format!("moe = {{ num_experts = 4, router = {{ kind = \"top-k\", k = 2{router} }}{rest} }}\n");
+    let cases = [
+        ("mixtral", format!("model_type = \"mixtral\"\n{}", moe("", "")), "num_local_experts"),
+        (
+            "qwen2_moe",
+            format!("model_type = \"qwen2_moe\"\nattention_bias = true\nattention_out_bias = false\n{}", moe(", norm_topk_prob = false", ", expert_intermediate_size = 12, shared_expert = { intermediate_size = 20, gate = true }, dense_layers = [0]")),
+            "num_experts",
+        ),
+        ("qwen3_moe", format!("model_type = \"qwen3_moe\"\nqk_norm = true\n{}", moe("", ", expert_intermediate_size = 12, sparse_step = 2")), "num_experts"),
+    ];
+    for (name, extra, field) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let m = tiny("llama", &extra);
+        m.save(dir.path(), None).unwrap();
+        std::fs::remove_file(dir.path().join("stlm.toml")).unwrap();
+        let back = load_model(dir.path(), Device::Cpu, DType::Float32).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(back.config, m.config, "{name}");
+        assert!(logits(&m).equal(&logits(&back)), "{name}");
+
+        let config = dir.path().join("config.json");
+        let good = std::fs::read_to_string(&config).unwrap();
+        for (count, want) in [(3, "unexpected tensor"), (5, "missing tensor")] {
+            std::fs::write(&config, good.replace(&format!("\"{field}\": 4"), &format!("\"{field}\": {count}"))).unwrap();
+            let e = load_model(dir.path(), Device::Cpu, DType::Float32).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("experts") && e.contains("model.safetensors"), "{name}, {count} experts: {e}");
+        }
+        std::fs::write(&config, good.replace("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9")).unwrap();
+        let e = load_model(dir.path(), Device::Cpu, DType::Float32).unwrap_err().to_string();
+        assert!(e.contains("`k` (9)"), "{name}: top-k above the expert count: {e}");
+        if name != "mixtral" {
+            std::fs::write(&config, good.replace("\"use_sliding_window\": false", "\"use_sliding_window\": true")).unwrap();
+            let e = load_model(dir.path(), Device::Cpu, DType::Float32).unwrap_err().to_string();
+            assert!(e.contains("use_sliding_window"), "{name}: {e}");
+        }
+    }
+
+    // Doge's product keys: 49 experts (7 keys) against weights saved with 64 (8 keys).
+    let dir = tempfile::tempdir().unwrap();
+    let doge = "model_type = \"doge\"\nresidual_scales = true\nattention = [{ kind = \"doge-dma\", keep_window_size = 4 }]\ncdmoe = { num_experts = 64, top_k = 4, routing = \"hf_compat\" }\n";
+    tiny("llama", doge).save(dir.path(), None).unwrap();
+    std::fs::remove_file(dir.path().join("stlm.toml")).unwrap();
+    let config = dir.path().join("config.json");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, good.replace("\"num_experts\": 64", "\"num_experts\": 49")).unwrap();
+    let e = load_model(dir.path(), Device::Cpu, DType::Float32).unwrap_err().to_string();
+    assert!(e.contains("router_gate") || e.contains("embed"), "{e}");
+    assert!(e.contains("shape"), "{e}");
+}
