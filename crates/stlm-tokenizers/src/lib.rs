@@ -1,9 +1,16 @@
 //! stlm-tokenizers: byte-level BPE (train, load, save as Hugging Face `tokenizer.json`) on the
-//! `tokenizers` crate. No tch dependency.
+//! `tokenizers` crate, the byte tokenizer ([`bytes`]), and chunkers that group bytes into
+//! patches for byte-pooled models ([`chunk`]). No tch dependency.
 //!
 //! Any `tokenizer.json` that transformers can read loads here (BPE, WordPiece, Unigram, byte
 //! fallback); [`Tokenizer::train_bpe`] trains GPT-2-style byte-level BPE, which encodes every
 //! string losslessly: `decode(encode(s)) == s`.
+
+pub mod bytes;
+pub mod chunk;
+
+pub use bytes::{byte_char, char_byte, BYTE_EOT, BYTE_IDS, BYTE_PAD};
+pub use chunk::{Chunker, ChunkerKind};
 
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
@@ -63,6 +70,10 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
+    fn from_inner(inner: tokenizers::Tokenizer) -> Self {
+        Tokenizer { inner }
+    }
+
     /// Loads a `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
