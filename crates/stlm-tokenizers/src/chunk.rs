@@ -193,7 +193,7 @@ fn bpe(ids: &[u32], tok: &Tokenizer, max_len: usize) -> Result<Vec<usize>> {
     let mut lengths = Vec::new();
     let cap = |n: usize, out: &mut Vec<usize>| {
         out.extend(std::iter::repeat_n(max_len, n / max_len));
-        if n % max_len > 0 {
+        if !n.is_multiple_of(max_len) {
             out.push(n % max_len);
         }
     };
