@@ -23,7 +23,17 @@ impl DeviceArgs {
     pub fn load(&self, dir: &Path) -> Result<DecoderModel> {
         let device = parse_device(&self.device)?;
         let dtype = DType::parse(&self.dtype)?.for_device(device)?;
+        if stlm_model::load_config(dir)?.bytes.is_some() {
+            anyhow::bail!("{}: a byte-pooled model; this command takes token models", dir.display());
+        }
         Ok(load_model(dir, device, dtype)?)
+    }
+
+    /// Loads a model directory of either kind (token or byte-pooled).
+    pub fn load_any(&self, dir: &Path) -> Result<stlm_model::AnyModel> {
+        let device = parse_device(&self.device)?;
+        let dtype = DType::parse(&self.dtype)?.for_device(device)?;
+        Ok(stlm_model::load_any_model(dir, device, dtype)?)
     }
 }
 

@@ -200,7 +200,10 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         bail!("--prompt #{}: the prompt is empty; generation needs text to start from", i + 1);
     }
     let tok = load_tokenizer(a.tokenizer.as_deref(), &a.model)?;
-    let mut model = a.device.load(&a.model)?;
+    let mut model = match a.device.load_any(&a.model)? {
+        stlm_model::AnyModel::Tokens(m) => *m,
+        stlm_model::AnyModel::Bytes(m) => return generate_bytes(&a, &m, &tok),
+    };
     model.optimize_for_decoding();
     let prompts: Vec<Vec<i64>> = a
         .prompt
@@ -229,19 +232,10 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if prompts.len() == 1 {
         // Stream: print the prompt, then each new piece of text once it is valid UTF-8.
         let mut all = prompts[0].clone();
-        let mut printed = decode(&all).len();
-        write!(stdout, "{}", decode(&all))?;
-        stdout.flush()?;
+        let mut stream = TextStream::start(&mut stdout, &decode(&all));
         stlm_model::generate(&model, &prompts, &cfg, |_, id| {
             all.push(id);
-            let text = decode(&all);
-            if !text.ends_with('\u{FFFD}') {
-                if let Some(new) = text.get(printed..) {
-                    let _ = write!(stdout, "{new}");
-                    let _ = stdout.flush();
-                    printed = text.len();
-                }
-            }
+            stream.update(&mut stdout, &decode(&all));
         })?;
         writeln!(stdout)?;
     } else {
@@ -252,6 +246,66 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `stlm generate` for a byte-pooled model: each prompt's bytes, then sampled bytes, printed
+/// as they come once they form valid UTF-8 (invalid sequences are replaced, never an error).
+fn generate_bytes(a: &GenerateArgs, model: &stlm_model::BytePooledModel, tok: &stlm_tokenizers::Tokenizer) -> Result<()> {
+    let eos = if a.ignore_eos { Vec::new() } else { vec![stlm_tokenizers::BYTE_EOT as i64] };
+    let mut stdout = std::io::stdout().lock();
+    for (i, prompt) in a.prompt.iter().enumerate() {
+        let cfg = GenerationConfig {
+            max_new_tokens: a.max_new_tokens,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed + i as u64,
+            eos_token_ids: eos.clone(),
+            pad_token_id: stlm_tokenizers::BYTE_PAD as i64,
+        };
+        if a.prompt.len() > 1 {
+            writeln!(stdout, "--- [{i}]")?;
+        }
+        let mut all = tok.encode(prompt, false)?;
+        let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
+        let mut stream = TextStream::start(&mut stdout, &decode(&all));
+        let prompt_ids = all.clone();
+        stlm_model::bytes::generate_bytes(model, &prompt_ids, &cfg, |b| {
+            all.push(b);
+            stream.update(&mut stdout, &decode(&all));
+        })?;
+        // Whatever is left (an incomplete UTF-8 sequence at the end) as replacement characters.
+        writeln!(stdout, "{}", decode(&all).get(stream.printed..).unwrap_or_default())?;
+    }
+    Ok(())
+}
+
+/// Prints generated text as it grows, holding back while it ends in an incomplete UTF-8
+/// sequence (decoded as U+FFFD).
+struct TextStream {
+    /// Bytes of the text already printed.
+    printed: usize,
+}
+
+impl TextStream {
+    /// Prints `text` (the prompt) and starts after it.
+    fn start(out: &mut impl Write, text: &str) -> Self {
+        let _ = write!(out, "{text}");
+        let _ = out.flush();
+        TextStream { printed: text.len() }
+    }
+
+    /// Prints what `text` (everything so far) adds, once it does not end mid-character.
+    fn update(&mut self, out: &mut impl Write, text: &str) {
+        if !text.ends_with('\u{FFFD}') {
+            if let Some(new) = text.get(self.printed..) {
+                let _ = write!(out, "{new}");
+                let _ = out.flush();
+                self.printed = text.len();
+            }
+        }
+    }
 }
 
 #[derive(Args)]

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use stlm_data::{sample_documents, tokenize_corpus, DataConfig, ShardOptions, Source, TokenBatches};
-use stlm_model::{DecoderModel, GenerationConfig, ModelConfig};
+use stlm_model::bytes::generate_bytes;
+use stlm_model::{AnyModel, BytePooledModel, DecoderModel, GenerationConfig, ModelConfig};
 use stlm_tokenizers::{BpeOptions, Tokenizer};
 use stlm_train::config::TrainTable;
 use stlm_train::trainer::{train as run_training, BatchSource};
@@ -86,9 +87,18 @@ impl RunConfig {
     }
 }
 
-/// The config's tokenizer, the run's own when resuming, or BPE trained on the data now.
+/// The config's tokenizer, the run's own when resuming, or BPE trained on the data now; the
+/// byte tokenizer for byte models.
 fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, progress: bool) -> Result<Tokenizer> {
     let saved = out.join("tokenizer.json");
+    if run.model.bytes.is_some() {
+        if let Some(t) = &run.data.tokenizer {
+            bail!("field `data.tokenizer` ({}): byte models read the byte tokenizer; remove it", t.display());
+        }
+        let tok = Tokenizer::bytes();
+        tok.save(&saved)?;
+        return Ok(tok);
+    }
     let tok = match (&run.data.tokenizer, resume && saved.is_file()) {
         (Some(path), _) => Tokenizer::from_file(path)?,
         (None, true) => Tokenizer::from_file(&saved)?,
@@ -157,8 +167,15 @@ pub fn train(a: TrainArgs) -> Result<()> {
     );
     let batches = Batches(TokenBatches::new(corpus, run.train.batch_size, run.train.seq_len, run.train.seed, device)?);
     stlm_core::seed_all(run.train.seed);
-    let model = DecoderModel::new(model_cfg, device)?;
-    eprintln!("model: {} parameters; run directory {}", model.num_parameters(), out.display());
+    let model = match model_cfg.bytes {
+        Some(_) => AnyModel::Bytes(Box::new(BytePooledModel::new(model_cfg, device)?)),
+        None => AnyModel::Tokens(Box::new(DecoderModel::new(model_cfg, device)?)),
+    };
+    if let AnyModel::Bytes(m) = &model {
+        let (byte_path, global) = m.parameter_split();
+        eprintln!("byte-pooled model: {byte_path} parameters in the byte path, {global} in the global decoder");
+    }
+    eprintln!("model: {} parameters; run directory {}", model.as_lm().num_parameters(), out.display());
     stlm_core::atomic_write_bytes(&out.join("config.toml"), run.text.as_bytes())?;
 
     let settings = run.train.settings(a.max_steps, progress);
@@ -171,7 +188,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         eprintln!("\nCtrl-C: finishing this step and writing a checkpoint (press again to quit at once)");
     })
     .context("cannot install the Ctrl-C handler")?;
-    let report = run_training(&model, &batches, &settings, &out, a.resume)?;
+    let report = run_training(model.as_lm(), &batches, &settings, &out, a.resume)?;
     if !report.completed {
         eprintln!("stopped at step {}; checkpoint written. Continue with the same command plus --resume.", report.step);
         std::process::exit(130);
@@ -185,25 +202,36 @@ pub fn train(a: TrainArgs) -> Result<()> {
         );
     }
     let model_dir = out.join("model");
-    model.save(&model_dir, Some(&out.join("tokenizer.json")))?;
+    model.as_lm().save(&model_dir, Some(&out.join("tokenizer.json")))?;
     eprintln!("saved {}", model_dir.display());
     print_samples(&model, &tok, a.samples, run.train.seed)
 }
 
 /// Prints `count` texts sampled from the model, each started from the end-of-text token.
-fn print_samples(model: &DecoderModel, tok: &Tokenizer, count: usize, seed: u64) -> Result<()> {
+fn print_samples(model: &AnyModel, tok: &Tokenizer, count: usize, seed: u64) -> Result<()> {
     let Some(start) = tok.eos_id().map(i64::from) else { return Ok(()) };
     if count == 0 {
         return Ok(());
     }
+    let config = model.as_lm().model_config();
     let cfg = GenerationConfig {
         max_new_tokens: 160,
         temperature: 0.8,
         top_p: 0.95,
         seed,
-        eos_token_ids: model.config.eos_token_id.clone(),
-        pad_token_id: model.config.pad_token_id.unwrap_or(0),
+        eos_token_ids: config.eos_token_id.clone(),
+        pad_token_id: config.pad_token_id.unwrap_or(0),
         ..Default::default()
+    };
+    let model = match model {
+        AnyModel::Tokens(m) => m.as_ref(),
+        AnyModel::Bytes(m) => {
+            for i in 0..count {
+                let out = generate_bytes(m, &[start as u32], &GenerationConfig { seed: seed + i as u64, max_new_tokens: 400, ..cfg.clone() }, |_| {})?;
+                println!("--- sample {}\n{}", i + 1, tok.decode(&out, true)?.trim());
+            }
+            return Ok(());
+        }
     };
     let prompts = vec![vec![start]; count];
     let outs = stlm_model::generate(model, &prompts, &cfg, |_, _| {})?;

@@ -196,10 +196,10 @@ fn every_attention_config_trains_and_generates() {
     let mut names: Vec<_> = std::fs::read_dir(&configs)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| ["attn-", "pos-", "moe-", "doge-"].iter().any(|p| n.starts_with(p)) && n.ends_with(".toml"))
+        .filter(|n| ["attn-", "pos-", "moe-", "doge-", "bytes-"].iter().any(|p| n.starts_with(p)) && n.ends_with(".toml"))
         .collect();
     names.sort();
-    assert!(names.len() >= 17, "{names:?}");
+    assert!(names.len() >= 18, "{names:?}");
     let dir = tempfile::tempdir().unwrap();
     for name in names {
         let text = std::fs::read_to_string(configs.join(&name)).unwrap();
@@ -228,10 +228,56 @@ fn every_attention_config_trains_and_generates() {
                 assert_eq!(layer["load"].as_array().map(|l| l.len() as u64), Some(experts), "{name}: {layer}");
             }
         } else {
-            let kind = if name.starts_with("doge-") { "doge" } else { kind };
+            let kind = if name.starts_with("doge-") { "doge" } else if name.starts_with("bytes-") { "bytes" } else { kind };
             assert!(saved.contains(&format!("\"{kind}\"")), "{name}: attention kept in config.json");
         }
         let gen = stlm(&["generate", "--model", p(&run.join("model")), "--prompt", "Once upon", "--max-new-tokens", "8"]);
         assert!(gen.status.success(), "{name}: {}", String::from_utf8_lossy(&gen.stderr));
+    }
+}
+
+/// A byte-pooled model trains (nats per byte), resumes to the same losses, reports bits per
+/// byte in `stlm eval ppl`, and generates valid UTF-8 (invalid sequences replaced).
+#[test]
+fn byte_model_trains_evaluates_and_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("stories.txt");
+    std::fs::write(&data, "Once upon a time, a fox saw a héron. ¡Olé!\n\n".repeat(80)).unwrap();
+    let config = dir.path().join("bytes.toml");
+    let model = "[model]\nmodel_type = \"stlm\"\nvocab_size = 258\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\nnum_attention_heads = 4\nmax_position_embeddings = 64\nbytes = { chunker = { kind = \"whitespace\", max_len = 8 }, local_hidden_size = 16, local_heads = 2, local_intermediate_size = 32, encoder_layers = 1, decoder_layers = 1, pooling = \"attention\", reconstruction_loss = 0.1 }\n";
+    let train = "\n[train]\nmax_steps = 6\nbatch_size = 2\nseq_len = 48\nlog_every = 1\neval_every = 3\neval_batches = 2\nsave_every = 2\nkeep_last = 0\nwarmup_steps = 1\n\n[data]\nval_fraction = 0.1\n";
+    std::fs::write(&config, format!("{model}{train}")).unwrap();
+    let run = dir.path().join("run");
+    let args = ["train", "--config", p(&config), "--data", p(&data), "--out", p(&run), "--samples", "1"];
+    let out = stlm(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("parameters in the byte path"), "{stderr}");
+    let full = losses(&run);
+    assert_eq!(full.len(), 6);
+    assert!(full.iter().all(|(_, l)| l.parse::<f64>().is_ok_and(|v| v > 0.0 && v < 8.0)), "nats per byte (with chunk ends): {full:?}");
+
+    std::fs::remove_dir_all(run.join("checkpoints").join("step-0000006")).unwrap();
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let out = stlm(&resume);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(losses(&run), full, "resumed byte-model run gives the same losses");
+
+    let text = dir.path().join("val.txt");
+    std::fs::write(&text, "A fox saw a héron.").unwrap();
+    let out = stlm(&["eval", "ppl", "--model", p(&run.join("model")), "--data", p(&text), "--json", "--max-length", "4", "--stride", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["bytes"], 19);
+    assert_eq!(v["tokens"], 19);
+    let (bpb, loss) = (v["bits_per_byte"].as_f64().unwrap(), v["loss"].as_f64().unwrap());
+    assert!(bpb > 0.0 && (bpb - loss / std::f64::consts::LN_2).abs() < 1e-9, "{v}");
+
+    for temperature in ["0", "1.5"] {
+        let gen = stlm(&["generate", "--model", p(&run.join("model")), "--prompt", "Once", "--max-new-tokens", "40", "--temperature", temperature, "--ignore-eos"]);
+        assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+        let printed = String::from_utf8(gen.stdout).expect("generation prints valid UTF-8");
+        assert!(printed.starts_with("Once"), "{printed}");
     }
 }

@@ -1,5 +1,6 @@
 //! One `ModelConfig` describes a whole decoder; Llama and GPT-2 are presets of it.
 
+use crate::bytes::BytesConfig;
 use crate::{ModelError, Result};
 use serde::{Deserialize, Serialize};
 use stlm_attention::{AttentionKind, RopeScaling};
@@ -168,6 +169,10 @@ pub struct ModelConfig {
     /// `intermediate_size`, SwiGLU); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
+    /// A byte-pooled model: bytes grouped into chunks by a chunker, a byte encoder, this config's
+    /// blocks as the global decoder over chunks, and a byte decoder; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<BytesConfig>,
     /// Attention of each layer: one entry for every layer, or a pattern repeated over the layers
     /// (its length must divide `num_hidden_layers`); empty means dense everywhere. Last, because
     /// TOML writes arrays of tables after plain values.
@@ -211,6 +216,7 @@ impl ModelConfig {
             residual_scales: false,
             cdmoe: None,
             moe: None,
+            bytes: None,
             attention: Vec::new(),
         }
     }
@@ -427,6 +433,11 @@ impl ModelConfig {
             }
             if c.routing == stlm_moe::CdmoeRouting::HfCompat && self.model_type != ModelType::Doge {
                 return err("field `cdmoe.routing`: hf_compat mixes tokens (not causal); it exists to run published Doge checkpoints".into());
+            }
+        }
+        if let Some(b) = &self.bytes {
+            if let Err(e) = b.validate(self) {
+                return err(format!("field `bytes`: {e}"));
             }
         }
         if let Some(moe) = &self.moe {

@@ -39,18 +39,20 @@ pub fn load_model(dir: &Path, device: Device, dtype: DType) -> Result<DecoderMod
         return Err(ModelError::Weights { path, message: "weight file is missing".into() });
     }
     let tensors = import_weights(&model.config, read_safetensors(&path)?, &path)?;
-    copy_weights(&model, tensors, &path)?;
+    copy_weights(model.var_store(), model.config.tie_word_embeddings, tensors, &path)?;
     model.set_kind(dtype.kind());
     Ok(model)
 }
 
-fn copy_weights(model: &DecoderModel, mut tensors: HashMap<String, Tensor>, path: &Path) -> Result<()> {
+/// Copies `tensors` into the variables of `vs` by name, checking that none is missing,
+/// unexpected or of the wrong shape (`tied`: a stored `lm_head.weight` is the embedding).
+pub(crate) fn copy_weights(vs: &tch::nn::VarStore, tied: bool, mut tensors: HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let err = |message: String| ModelError::Weights { path: path.to_path_buf(), message };
-    if model.config.tie_word_embeddings {
+    if tied {
         // Some checkpoints store the tied head as well; it is the embedding.
         tensors.remove("lm_head.weight");
     }
-    let mut vars: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let missing: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).filter(|n| !tensors.contains_key(*n)).collect();
     if !missing.is_empty() {
@@ -79,45 +81,52 @@ impl DecoderModel {
     /// holding them keeps working.
     pub fn load_weights(&self, path: &Path) -> Result<()> {
         let tensors = import_weights(&self.config, read_safetensors(path)?, path)?;
-        copy_weights(self, tensors, path)
+        copy_weights(self.var_store(), self.config.tie_word_embeddings, tensors, path)
     }
 
     /// Saves a model directory that transformers loads when `model_type` is llama or gpt2:
     /// `model.safetensors`, `config.json`, `generation_config.json`, `stlm.toml`, and
     /// `tokenizer.json` copied from `tokenizer` when given. Each file is written atomically.
     pub fn save(&self, dir: &Path, tokenizer: Option<&Path>) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
         let dtype = match self.kind() {
             tch::Kind::BFloat16 => "bfloat16",
             tch::Kind::Half => "float16",
             _ => "float32",
         };
         let weights = export_weights(&self.config, &self.var_store().variables());
-        write_safetensors(&dir.join(WEIGHTS_FILE), &weights)?;
-        let write_json = |name: &str, v: serde_json::Value| -> Result<()> {
-            let text = serde_json::to_string_pretty(&v).expect("json values serialize");
-            Ok(atomic_write_bytes(&dir.join(name), text.as_bytes())?)
-        };
-        write_json("config.json", config_to_json(&self.config, dtype))?;
-        let c = &self.config;
-        let mut gen = json!({});
-        if let Some(b) = c.bos_token_id {
-            gen["bos_token_id"] = json!(b);
-        }
-        if !c.eos_token_id.is_empty() {
-            gen["eos_token_id"] = json!(c.eos_token_id);
-        }
-        if let Some(p) = c.pad_token_id {
-            gen["pad_token_id"] = json!(p);
-        }
-        write_json("generation_config.json", gen)?;
-        atomic_write_bytes(&dir.join("stlm.toml"), self.config.to_toml().as_bytes())?;
-        if let Some(src) = tokenizer {
-            let bytes = std::fs::read(src).map_err(|e| CoreError::io(src, e))?;
-            atomic_write_bytes(&dir.join("tokenizer.json"), &bytes)?;
-        }
-        Ok(())
+        save_dir(dir, &self.config, &weights, dtype, tokenizer)
     }
+}
+
+/// Writes a model directory: `model.safetensors` (`weights`), `config.json`,
+/// `generation_config.json`, `stlm.toml`, and `tokenizer.json` copied from `tokenizer` when
+/// given; each file atomically.
+pub(crate) fn save_dir(dir: &Path, config: &ModelConfig, weights: &[(String, Tensor)], dtype: &str, tokenizer: Option<&Path>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
+    write_safetensors(&dir.join(WEIGHTS_FILE), weights)?;
+    let write_json = |name: &str, v: serde_json::Value| -> Result<()> {
+        let text = serde_json::to_string_pretty(&v).expect("json values serialize");
+        Ok(atomic_write_bytes(&dir.join(name), text.as_bytes())?)
+    };
+    write_json("config.json", config_to_json(config, dtype))?;
+    let c = config;
+    let mut gen = json!({});
+    if let Some(b) = c.bos_token_id {
+        gen["bos_token_id"] = json!(b);
+    }
+    if !c.eos_token_id.is_empty() {
+        gen["eos_token_id"] = json!(c.eos_token_id);
+    }
+    if let Some(p) = c.pad_token_id {
+        gen["pad_token_id"] = json!(p);
+    }
+    write_json("generation_config.json", gen)?;
+    atomic_write_bytes(&dir.join("stlm.toml"), config.to_toml().as_bytes())?;
+    if let Some(src) = tokenizer {
+        let bytes = std::fs::read(src).map_err(|e| CoreError::io(src, e))?;
+        atomic_write_bytes(&dir.join("tokenizer.json"), &bytes)?;
+    }
+    Ok(())
 }
 
 /// The `tokenizer.json` of a model directory, if it has one.

@@ -6,6 +6,7 @@
 //! - [`hf`] and [`io`]: Hugging Face `config.json` and weight names; model directories.
 //! - [`generate`]: sampling and batched generation; [`decode`]: the fused batch-1 CPU step it uses.
 
+pub mod bytes;
 pub mod config;
 pub mod decode;
 pub mod error;
@@ -13,9 +14,12 @@ pub mod generate;
 pub mod hf;
 pub mod io;
 pub mod layers;
+pub mod lm;
 pub mod model;
 
+pub use bytes::{BytePooledModel, BytesConfig, ByteDecoder, ChunkGrid, Pooling};
 pub use decode::FastDecoder;
+pub use lm::{load_any_model, AnyModel, LanguageModel};
 pub use config::{Activation, MlpKind, ModelConfig, ModelType, NormKind, PositionKind};
 pub use error::{ModelError, Result};
 pub use generate::{generate, GenerationConfig};

@@ -38,6 +38,9 @@ impl DecoderModel {
     /// scaled by `1/sqrt(2 * layers)`) in float32 on `device`.
     pub fn new(config: ModelConfig, device: Device) -> Result<Self> {
         config.validate(std::path::Path::new("model config"))?;
+        if config.bytes.is_some() {
+            return Err(ModelError::Input("a config with a `bytes` table is a byte-pooled model (BytePooledModel)".into()));
+        }
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let model = &root / "model";

@@ -7,7 +7,7 @@ use crate::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use stlm_core::{atomic_write_bytes, read_json, read_safetensors, write_safetensors, CoreError};
-use stlm_model::DecoderModel;
+use stlm_model::LanguageModel;
 
 /// What the loop needs besides weights and moments to continue exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,7 +34,7 @@ pub fn step_dir_name(step: u64) -> String {
 /// removes all but the newest `keep_last` checkpoints (0 keeps all). Returns its folder.
 pub fn save(
     run_dir: &Path,
-    model: &DecoderModel,
+    model: &dyn LanguageModel,
     opt: &AdamW,
     state: &TrainerState,
     keep_last: usize,
@@ -89,7 +89,7 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Restores the newest usable checkpoint of `run_dir` into `model` and `opt`: the one `latest`
 /// names, else the newest folder; a folder that is incomplete or corrupt is skipped with a
 /// warning on stderr. Errors when none is usable.
-pub fn restore_latest(run_dir: &Path, model: &DecoderModel, opt: &mut AdamW) -> Result<(PathBuf, TrainerState)> {
+pub fn restore_latest(run_dir: &Path, model: &dyn LanguageModel, opt: &mut AdamW) -> Result<(PathBuf, TrainerState)> {
     let dir = run_dir.join("checkpoints");
     if !dir.is_dir() {
         return Err(TrainError::NothingToResume(run_dir.to_path_buf()));
@@ -110,7 +110,7 @@ pub fn restore_latest(run_dir: &Path, model: &DecoderModel, opt: &mut AdamW) -> 
 }
 
 /// Restores one checkpoint folder; the model is left untouched when the folder is unusable.
-pub fn restore(ckpt: &Path, model: &DecoderModel, opt: &mut AdamW) -> Result<TrainerState> {
+pub fn restore(ckpt: &Path, model: &dyn LanguageModel, opt: &mut AdamW) -> Result<TrainerState> {
     let state: TrainerState = read_json(&ckpt.join("trainer_state.json"))?;
     let moments = read_safetensors(&ckpt.join("optimizer.safetensors"))?;
     // Check the weights fully before copying anything.

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use stlm_core::CoreError;
-use stlm_model::DecoderModel;
+use stlm_model::LanguageModel;
 use tch::{Kind, Tensor};
 
 /// Batches as a pure function of the step: a resumed run draws exactly the batches of an
@@ -134,7 +134,7 @@ pub struct StepOutput {
 /// backward, clipping to `grad_clip` (0: off), the NaN/Inf check, AdamW, and cleared gradients.
 /// A non-finite loss is an error and leaves the parameters untouched.
 pub fn train_step(
-    model: &DecoderModel,
+    model: &dyn LanguageModel,
     opt: &mut AdamW,
     data: &dyn BatchSource,
     step: u64,
@@ -143,15 +143,19 @@ pub fn train_step(
     grad_clip: f64,
 ) -> Result<StepOutput> {
     let mut step_loss = Tensor::zeros([], (Kind::Float, model.device()));
+    let _ = model.take_moe_stats(); // stale stats of an earlier forward
     let mut tokens = 0;
     let mut moe = Vec::new();
     for micro in 0..grad_accum {
         let (x, y) = data.train_batch(step, micro)?;
         tokens += x.numel() as u64;
-        let loss = loss_of(model, &x, &y) / grad_accum as f64;
-        // MoE layers' balancing losses join the gradient; the logged loss stays cross-entropy.
+        let (loss, extra) = model.train_loss(&x, &y)?;
+        let loss = loss / grad_accum as f64;
+        // MoE layers' balancing losses and the model's extra terms join the gradient; the
+        // logged loss stays cross-entropy.
         moe = model.take_moe_stats();
-        match moe.iter().map(|(_, s)| s.aux_loss.shallow_clone()).reduce(|a, b| a + b) {
+        let aux = moe.iter().map(|(_, s)| s.aux_loss.shallow_clone()).chain(extra).reduce(|a, b| a + b);
+        match aux {
             Some(aux) => (&loss + aux / grad_accum as f64).backward(),
             None => loss.backward(),
         }
@@ -170,20 +174,14 @@ pub fn train_step(
     Ok(StepOutput { loss, grad_norm, tokens, moe })
 }
 
-/// Mean next-token cross-entropy of a batch.
-fn loss_of(model: &DecoderModel, inputs: &Tensor, targets: &Tensor) -> Tensor {
-    let logits = model.forward(inputs); // [b, s, vocab]
-    let vocab = logits.size()[2];
-    logits.reshape([-1, vocab]).cross_entropy_for_logits(&targets.reshape([-1]))
-}
-
 /// Mean validation loss over `settings.eval_batches` batches.
-pub fn validation_loss(model: &DecoderModel, data: &dyn BatchSource, batches: u64) -> Result<f64> {
+pub fn validation_loss(model: &dyn LanguageModel, data: &dyn BatchSource, batches: u64) -> Result<f64> {
     let _guard = tch::no_grad_guard();
     let mut total = 0.0;
     for i in 0..batches.max(1) {
         let (x, y) = data.val_batch(i)?;
-        total += loss_of(model, &x, &y).double_value(&[]);
+        total += model.train_loss(&x, &y)?.0.double_value(&[]);
+        let _ = model.take_moe_stats();
     }
     Ok(total / batches.max(1) as f64)
 }
@@ -192,7 +190,7 @@ pub fn validation_loss(model: &DecoderModel, data: &dyn BatchSource, batches: u6
 /// `resume`, continues from the newest usable checkpoint and drops metrics lines written after
 /// it. When `settings.stop` is set, finishes the current step, writes a checkpoint and returns.
 pub fn train(
-    model: &DecoderModel,
+    model: &dyn LanguageModel,
     data: &dyn BatchSource,
     settings: &TrainSettings,
     run_dir: &Path,
