@@ -7,6 +7,7 @@ mod common;
 mod data;
 mod eval;
 mod model;
+mod plot;
 mod tokenizer;
 mod train;
 
@@ -48,6 +49,8 @@ enum Job {
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchJob),
+    /// Draw lines from a CSV table into an SVG plot.
+    Plot(plot::PlotArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Job::Tokenizer(j) => tokenizer::run(j),
         Job::Eval(j) => eval::run(j),
         Job::Bench(j) => bench::run(j),
+        Job::Plot(a) => plot::plot(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

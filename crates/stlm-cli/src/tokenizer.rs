@@ -1,10 +1,10 @@
-//! `stlm tokenizer train|encode|decode`.
+//! `stlm tokenizer train|encode|decode|bytes|chunk`.
 
 use crate::common::{output_path, parse_ids, print_json};
 use anyhow::Result;
 use clap::Subcommand;
 use std::path::PathBuf;
-use stlm_tokenizers::{BpeOptions, Tokenizer};
+use stlm_tokenizers::{BpeOptions, Chunker, ChunkerKind, Tokenizer};
 
 #[derive(Subcommand)]
 pub enum TokenizerJob {
@@ -47,6 +47,25 @@ pub enum TokenizerJob {
         #[arg(long)]
         ids: String,
     },
+    /// Write the byte tokenizer (ids 0-255 are bytes, <|endoftext|> 256, <|pad|> 257), e.g. to
+    /// train a byte model for entropy chunking with `[data] tokenizer = FILE`.
+    Bytes {
+        /// Output tokenizer.json.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show how a chunker groups the bytes of a text.
+    Chunk {
+        /// The chunker as in a model config, e.g. '{ kind = "whitespace", max_len = 12 }'.
+        #[arg(long)]
+        chunker: String,
+        /// Text to chunk.
+        #[arg(long)]
+        text: String,
+        /// Print {"lengths": [...], "chunks": [...]} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(job: TokenizerJob) -> Result<()> {
@@ -76,6 +95,47 @@ pub fn run(job: TokenizerJob) -> Result<()> {
                 .collect::<Result<_>>()?;
             println!("{}", Tokenizer::from_file(&tokenizer)?.decode(&ids, false)?);
         }
+        TokenizerJob::Bytes { out } => {
+            let out = output_path(&out)?;
+            Tokenizer::bytes().save(&out)?;
+            eprintln!("wrote {} (258 ids)", out.display());
+        }
+        TokenizerJob::Chunk { chunker, text, json } => chunk(&chunker, &text, json)?,
     }
     Ok(())
 }
+
+/// `stlm tokenizer chunk`: chunk lengths and the chunks' text (lossy where a chunk splits a
+/// UTF-8 character).
+fn chunk(spec: &str, text: &str, json: bool) -> Result<()> {
+    let kind: ChunkerKind = toml::from_str::<toml::Table>(&format!("chunker = {spec}"))
+        .map_err(|e| anyhow::anyhow!("--chunker: not a TOML inline table ({})", e.message()))?
+        .remove("chunker")
+        .expect("parsed above")
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("--chunker: {}", e.message()))?;
+    let ids = Tokenizer::bytes().encode(text, false)?;
+    let chunker = Chunker::new(&kind)?;
+    let lengths = match &kind {
+        ChunkerKind::Entropy { model, .. } => {
+            let m = stlm_model::load_model(model, tch::Device::Cpu, stlm_core::DType::Float32)?;
+            chunker.chunk_with_entropies(&ids, &stlm_model::bytes::next_byte_entropies(&m, &ids))?
+        }
+        _ => chunker.chunk(&ids)?,
+    };
+    let tok = Tokenizer::bytes();
+    let mut at = 0;
+    let mut chunks = Vec::with_capacity(lengths.len());
+    for &n in &lengths {
+        chunks.push(tok.decode(&ids[at..at + n], false)?);
+        at += n;
+    }
+    if json {
+        print_json(&serde_json::json!({"lengths": lengths, "chunks": chunks}))?;
+    } else {
+        println!("{}", chunks.iter().map(|c| format!("[{c}]")).collect::<Vec<_>>().join(""));
+        eprintln!("{} bytes in {} chunks ({:.2} bytes a chunk)", ids.len(), lengths.len(), ids.len() as f64 / lengths.len().max(1) as f64);
+    }
+    Ok(())
+}
+

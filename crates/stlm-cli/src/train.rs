@@ -36,6 +36,11 @@ pub struct TrainArgs {
     /// Continue the run in --out from its newest usable checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Stop after this many seconds of training (checkpoint and model directory written, as at
+    /// the last step): runs compared at the same wall-clock budget. Pair it with a schedule that
+    /// does not depend on the run's length (`schedule = { kind = "constant" }`).
+    #[arg(long)]
+    time_limit: Option<f64>,
     /// Stories to sample from the trained model at the end.
     #[arg(long, default_value_t = 3)]
     samples: usize,
@@ -188,8 +193,22 @@ pub fn train(a: TrainArgs) -> Result<()> {
         eprintln!("\nCtrl-C: finishing this step and writing a checkpoint (press again to quit at once)");
     })
     .context("cannot install the Ctrl-C handler")?;
+    let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(limit) = a.time_limit {
+        if !(limit > 0.0 && limit.is_finite()) {
+            bail!("--time-limit {limit}: must be a positive number of seconds");
+        }
+        let (stop, timed_out) = (Arc::clone(&settings.stop), Arc::clone(&timed_out));
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs_f64(limit));
+            timed_out.store(true, Ordering::SeqCst);
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
     let report = run_training(model.as_lm(), &batches, &settings, &out, a.resume)?;
-    if !report.completed {
+    if !report.completed && timed_out.load(Ordering::SeqCst) {
+        eprintln!("time limit reached after step {}", report.step);
+    } else if !report.completed {
         eprintln!("stopped at step {}; checkpoint written. Continue with the same command plus --resume.", report.step);
         std::process::exit(130);
     }

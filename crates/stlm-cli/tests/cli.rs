@@ -297,3 +297,28 @@ fn bench_attention_and_train_report_json() {
         assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
     }
 }
+
+/// `tokenizer bytes`, `tokenizer chunk` and `plot`: outputs, and errors naming the bad value.
+#[test]
+fn byte_tokenizer_chunks_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("bytes.json");
+    ok(&["tokenizer", "bytes", "--out", p(&tok)]);
+    let ids = ok(&["tokenizer", "encode", "--tokenizer", p(&tok), "--text", "hé"]);
+    assert_eq!(ids.trim(), "104,195,169");
+    let out = ok(&["tokenizer", "chunk", "--chunker", "{ kind = \"whitespace\", max_len = 4 }", "--text", "Once upon a time", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["chunks"], serde_json::json!(["Once", " upo", "n", " a", " tim", "e"]), "{v}");
+    let e = fails(&["tokenizer", "chunk", "--chunker", "{ kind = \"fixed\", size = 0 }", "--text", "x"]);
+    assert!(e.contains("size"), "{e}");
+    let e = fails(&["tokenizer", "chunk", "--chunker", "{ kind = \"words\" }", "--text", "x"]);
+    assert!(e.contains("--chunker") && e.contains("words"), "{e}");
+
+    let csv = dir.path().join("curve.csv");
+    std::fs::write(&csv, "model,seconds,bpb\nbytes,60,3.1\nbpe,60,2.9\nbytes,120,2.5\nbpe,120,2.6\n").unwrap();
+    let svg = dir.path().join("curve.svg");
+    ok(&["plot", "--csv", p(&csv), "--x", "seconds", "--y", "bpb", "--group", "model", "--out", p(&svg)]);
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    let e = fails(&["plot", "--csv", p(&csv), "--x", "minutes", "--y", "bpb", "--out", p(&svg)]);
+    assert!(e.contains("minutes") && e.contains("curve.csv"), "{e}");
+}

@@ -8,6 +8,8 @@
 //! first is scored exactly once. Bits per byte (`total nats / ln 2 / bytes of text`) compares models whose tokenizers
 //! differ.
 
+pub mod plot;
+
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use stlm_model::{BytePooledModel, DecoderModel};
