@@ -25,8 +25,14 @@ fn model(kind: &str) -> DecoderModel {
     model_with(kind, "")
 }
 
+/// Held while seeding and drawing from libtorch's global generator: tests run on parallel
+/// threads, and another test's draws between `manual_seed` and ours would change our tensors
+/// (and with them Dynamic Mask Attention's ties, see [`distinct_ids`]) from run to run.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// [`model`] with more config lines (`extra`).
 fn model_with(kind: &str, extra: &str) -> DecoderModel {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let text = format!(
         "model_type = \"stlm\"\nvocab_size = 53\nhidden_size = 32\nintermediate_size = 48\nnum_hidden_layers = 2\nnum_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 64\ninitializer_range = 0.3\n{extra}attention = [{kind}, {{ kind = \"dense\" }}]\n"
     );
@@ -45,6 +51,7 @@ fn model_with(kind: &str, extra: &str) -> DecoderModel {
 }
 
 fn ids(seed: i64, b: i64, s: i64) -> Tensor {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed);
     Tensor::randint(53, [b, s], (Kind::Int64, Device::Cpu))
 }
@@ -53,6 +60,7 @@ fn ids(seed: i64, b: i64, s: i64) -> Tensor {
 /// token ties with itself in the top-k, where two computations of the same value may then pick
 /// different keys (in transformers too).
 fn distinct_ids(seed: i64, b: i64, s: i64) -> Tensor {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed);
     Tensor::stack(&(0..b).map(|_| Tensor::randperm(53, (Kind::Int64, Device::Cpu)).narrow(0, 0, s)).collect::<Vec<_>>(), 0)
 }
