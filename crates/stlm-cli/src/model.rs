@@ -195,6 +195,23 @@ pub struct GenerateArgs {
     device: DeviceArgs,
 }
 
+impl GenerateArgs {
+    /// The sampling settings of these options, stopping at `eos` (unless `--ignore-eos`) and
+    /// padding with `pad`.
+    fn generation_config(&self, eos: Vec<i64>, pad: i64) -> GenerationConfig {
+        GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            eos_token_ids: if self.ignore_eos { Vec::new() } else { eos },
+            pad_token_id: pad,
+        }
+    }
+}
+
 pub fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(i) = a.prompt.iter().position(|p| p.is_empty()) {
         bail!("--prompt #{}: the prompt is empty; generation needs text to start from", i + 1);
@@ -214,16 +231,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let in_vocab = |id: &i64| (0..vocab).contains(id);
     let mut eos = model.config.eos_token_id.clone();
     eos.extend(tok.eos_id().map(i64::from).filter(in_vocab));
-    let cfg = GenerationConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        repetition_penalty: a.repetition_penalty,
-        seed: a.seed,
-        eos_token_ids: if a.ignore_eos { Vec::new() } else { eos },
-        pad_token_id: model.config.pad_token_id.or(tok.pad_id().map(i64::from).filter(in_vocab)).unwrap_or(0),
-    };
+    let pad = model.config.pad_token_id.or(tok.pad_id().map(i64::from).filter(in_vocab)).unwrap_or(0);
+    let cfg = a.generation_config(eos, pad);
     let decode = |ids: &[i64]| -> String {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         tok.decode(&ids, true).unwrap_or_default()
@@ -251,19 +260,10 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 /// `stlm generate` for a byte-pooled model: each prompt's bytes, then sampled bytes, printed
 /// as they come once they form valid UTF-8 (invalid sequences are replaced, never an error).
 fn generate_bytes(a: &GenerateArgs, model: &stlm_model::BytePooledModel, tok: &stlm_tokenizers::Tokenizer) -> Result<()> {
-    let eos = if a.ignore_eos { Vec::new() } else { vec![stlm_tokenizers::BYTE_EOT as i64] };
+    let base = a.generation_config(vec![stlm_tokenizers::BYTE_EOT as i64], stlm_tokenizers::BYTE_PAD as i64);
     let mut stdout = std::io::stdout().lock();
     for (i, prompt) in a.prompt.iter().enumerate() {
-        let cfg = GenerationConfig {
-            max_new_tokens: a.max_new_tokens,
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            repetition_penalty: a.repetition_penalty,
-            seed: a.seed + i as u64,
-            eos_token_ids: eos.clone(),
-            pad_token_id: stlm_tokenizers::BYTE_PAD as i64,
-        };
+        let cfg = GenerationConfig { seed: a.seed + i as u64, ..base.clone() };
         if a.prompt.len() > 1 {
             writeln!(stdout, "--- [{i}]")?;
         }
