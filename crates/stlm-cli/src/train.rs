@@ -48,8 +48,8 @@ pub struct TrainArgs {
     device: DeviceArgs,
 }
 
-/// Batches for the trainer from stlm-data's token windows.
-struct Batches(TokenBatches);
+/// Batches for the trainer from stlm-data's token windows, and the bytes each id stands for.
+struct Batches(TokenBatches, Option<tch::Tensor>);
 
 impl BatchSource for Batches {
     fn train_batch(&self, step: u64, micro: u64) -> stlm_train::Result<(tch::Tensor, tch::Tensor)> {
@@ -57,6 +57,10 @@ impl BatchSource for Batches {
     }
     fn val_batch(&self, index: u64) -> stlm_train::Result<(tch::Tensor, tch::Tensor)> {
         Ok(self.0.val_batch(index))
+    }
+    fn target_bytes(&self, targets: &tch::Tensor) -> Option<f64> {
+        let table = self.1.as_ref()?;
+        Some(table.index_select(0, &targets.reshape([-1]).to_device(table.device())).sum(tch::Kind::Double).double_value(&[]))
     }
 }
 
@@ -170,7 +174,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         corpus.val_tokens(),
         corpus.unigram_entropy(10_000_000)
     );
-    let batches = Batches(TokenBatches::new(corpus, run.train.batch_size, run.train.seq_len, run.train.seed, device)?);
+    let id_bytes = tok.id_byte_lengths().map(|l| tch::Tensor::from_slice(&l.iter().map(|&n| n as f64).collect::<Vec<_>>()));
+    let batches = Batches(TokenBatches::new(corpus, run.train.batch_size, run.train.seq_len, run.train.seed, device)?, id_bytes);
     stlm_core::seed_all(run.train.seed);
     let model = match model_cfg.bytes {
         Some(_) => AnyModel::Bytes(Box::new(BytePooledModel::new(model_cfg, device)?)),

@@ -31,6 +31,16 @@ fn losses(run: &Path) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// The last metrics line has bits per byte, at most the loss in bits per id (every id stands
+/// for at least one byte of text).
+fn assert_val_bpb(run: &Path) {
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let (bpb, loss) = (last["val_bpb"].as_f64(), last["val_loss"].as_f64());
+    let (bpb, loss) = (bpb.unwrap_or_else(|| panic!("no val_bpb: {last}")), loss.unwrap());
+    assert!(bpb > 0.0 && bpb <= loss / std::f64::consts::LN_2 * 1.000001, "{last}");
+}
+
 #[test]
 fn trains_saves_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -52,6 +62,7 @@ fn trains_saves_and_resumes() {
 
     let gen = stlm(&["generate", "--model", p(&run.join("model")), "--prompt", "Once upon", "--max-new-tokens", "5"]);
     assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    assert_val_bpb(&run);
 
     // Lose the checkpoints after step 3 and resume with the same command.
     for gone in ["step-0000006", "step-0000008"] {
@@ -257,6 +268,7 @@ fn byte_model_trains_evaluates_and_generates() {
     assert_eq!(full.len(), 6);
     assert!(full.iter().all(|(_, l)| l.parse::<f64>().is_ok_and(|v| v > 0.0 && v < 8.0)), "nats per byte (with chunk ends): {full:?}");
 
+    assert_val_bpb(&run);
     std::fs::remove_dir_all(run.join("checkpoints").join("step-0000006")).unwrap();
     let mut resume = args.to_vec();
     resume.push("--resume");

@@ -424,8 +424,9 @@ impl BytePooledModel {
         (per_byte, aux)
     }
 
-    /// Loss of byte windows `inputs` `[b, s]` with next-byte `targets` `[b, s]` (the whole
-    /// window `inputs ++ last target` is chunked and scored, the first byte included).
+    /// Loss of byte windows `inputs` `[b, s]` with next-byte `targets` `[b, s]`: the window
+    /// `inputs ++ last target` is chunked and every byte after the first is scored (the targets,
+    /// as for token models; nats per target byte, chunk ends included).
     pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let window = Tensor::cat(&[inputs, &targets.narrow(1, targets.size()[1] - 1, 1)], 1);
         let rows: Vec<Vec<u32>> = Vec::<Vec<i64>>::try_from(window.to_device(Device::Cpu))
@@ -434,7 +435,10 @@ impl BytePooledModel {
             .map(|r| r.into_iter().map(|v| v as u32).collect())
             .collect();
         let chunks = self.chunk_rows(&rows)?;
-        let grid = ChunkGrid::new(&rows, &chunks, self.bytes.max_len(), false, self.device());
+        let mut grid = ChunkGrid::new(&rows, &chunks, self.bytes.max_len(), false, self.device());
+        // The first byte of a window is not a target (it has no context, as for token models).
+        let _ = grid.targets.narrow(1, 0, 1).narrow(2, 0, 1).fill_(IGNORE);
+        grid.real_bytes -= rows.iter().filter(|r| !r.is_empty()).count() as i64;
         Ok(self.grid_loss(&grid))
     }
 

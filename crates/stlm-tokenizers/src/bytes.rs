@@ -130,6 +130,9 @@ mod tests {
         assert_eq!(tok.decode(&[0xE2, 0x82], true).unwrap(), "\u{FFFD}", "invalid UTF-8 is replaced, not an error");
         let back = Tokenizer::from_inner(tok.to_json().unwrap().parse().unwrap());
         assert!(back.is_bytes(), "survives tokenizer.json");
+        let lengths = tok.id_byte_lengths().unwrap();
+        assert!(lengths[..256].iter().all(|&n| n == 1));
+        assert_eq!(&lengths[256..], &[ENDOFTEXT.len(), PAD.len()]);
         let opts = crate::BpeOptions { vocab_size: 300, show_progress: false, ..Default::default() };
         assert!(!Tokenizer::train_bpe_on_texts(&["abc abc".into()], &opts).unwrap().is_bytes());
     }

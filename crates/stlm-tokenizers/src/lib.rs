@@ -172,6 +172,19 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Bytes of text each id stands for when decoded (a byte-level token's bytes, a special
+    /// token's written form), `None` where unknown (vocabularies other than byte-level BPE).
+    pub fn id_byte_lengths(&self) -> Option<Vec<usize>> {
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                self.token_bytes(id).map(|b| b.len()).or_else(|| {
+                    let token = self.inner.id_to_token(id)?;
+                    self.inner.get_added_vocabulary().is_special_token(&token).then_some(token.len())
+                })
+            })
+            .collect()
+    }
+
     /// Id of a token string.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -24,6 +24,10 @@ pub trait BatchSource {
     fn train_batch(&self, step: u64, micro: u64) -> Result<(Tensor, Tensor)>;
     /// Validation batch `index`, the same every time it is asked for.
     fn val_batch(&self, index: u64) -> Result<(Tensor, Tensor)>;
+    /// Bytes of text that `targets` stand for (for bits per byte), when the source knows.
+    fn target_bytes(&self, _targets: &Tensor) -> Option<f64> {
+        None
+    }
 }
 
 /// Settings of one run.
@@ -76,6 +80,10 @@ pub struct StepLog {
     /// Validation loss, on the steps where it was measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// Validation bits per byte of text (total nats / ln 2 / bytes the targets stand for), where
+    /// measured and the data source knows the bytes: comparable across tokenizers and byte models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_bpb: Option<f64>,
     /// Learning rate used by the step.
     pub lr: f64,
     /// Gradient norm before clipping.
@@ -174,16 +182,22 @@ pub fn train_step(
     Ok(StepOutput { loss, grad_norm, tokens, moe })
 }
 
-/// Mean validation loss over `settings.eval_batches` batches.
-pub fn validation_loss(model: &dyn LanguageModel, data: &dyn BatchSource, batches: u64) -> Result<f64> {
+/// Mean validation loss over `batches` batches, and bits per byte when `data` knows the bytes
+/// of the targets (each batch's mean loss is per target id).
+pub fn validation_loss(model: &dyn LanguageModel, data: &dyn BatchSource, batches: u64) -> Result<(f64, Option<f64>)> {
     let _guard = tch::no_grad_guard();
-    let mut total = 0.0;
+    let (mut total, mut nats) = (0.0, 0.0);
+    let mut bytes = Some(0.0);
     for i in 0..batches.max(1) {
         let (x, y) = data.val_batch(i)?;
-        total += model.train_loss(&x, &y)?.0.double_value(&[]);
+        let loss = model.train_loss(&x, &y)?.0.double_value(&[]);
         let _ = model.take_moe_stats();
+        total += loss;
+        nats += loss * y.numel() as f64;
+        bytes = bytes.zip(data.target_bytes(&y)).map(|(a, b)| a + b);
     }
-    Ok(total / batches.max(1) as f64)
+    let bpb = bytes.filter(|&b| b > 0.0).map(|b| nats / std::f64::consts::LN_2 / b);
+    Ok((total / batches.max(1) as f64, bpb))
 }
 
 /// Trains `model` in `run_dir` (metrics.jsonl, checkpoints/) until `schedule.max_steps`. With
@@ -241,12 +255,16 @@ pub fn train(
         let last = state.step == max_steps;
         let evaluate = last || (settings.eval_every > 0 && state.step.is_multiple_of(settings.eval_every));
         if last || state.step.is_multiple_of(settings.log_every) || evaluate {
-            let val_loss = if evaluate { Some(validation_loss(model, data, settings.eval_batches)?) } else { None };
+            let (val_loss, val_bpb) = match evaluate {
+                true => validation_loss(model, data, settings.eval_batches).map(|(l, b)| (Some(l), b))?,
+                false => (None, None),
+            };
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let log = StepLog {
                 step: state.step,
                 loss: loss_value,
                 val_loss,
+                val_bpb,
                 lr,
                 grad_norm,
                 tokens_per_s: window_tokens as f64 / secs,
@@ -257,7 +275,8 @@ pub fn train(
             let line = format!(
                 "loss {:.4}{} lr {:.2e} {:.0} tok/s",
                 log.loss,
-                val_loss.map(|v| format!(" val {v:.4}")).unwrap_or_default(),
+                val_loss.map(|v| format!(" val {v:.4}")).unwrap_or_default()
+                    + &val_bpb.map(|b| format!(" ({b:.3} bpb)")).unwrap_or_default(),
                 lr,
                 log.tokens_per_s
             );
