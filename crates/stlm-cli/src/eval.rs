@@ -1,12 +1,19 @@
-//! `stlm eval ppl`.
+//! `stlm eval ppl | mc | suite | position-loss`.
 
 use crate::common::{load_tokenizer, print_json, DeviceArgs};
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use stlm_eval::plot::{figure, Panel, Series};
+use stlm_eval::position::{position_loss, PositionLoss};
+use stlm_eval::score::scorer;
+use stlm_eval::suite::{find_data, Suite, SuiteReport};
+use stlm_eval::tasks::{evaluate, load_docs, ItemResult, Task, TaskOptions, TaskReport};
 use stlm_eval::{byte_perplexity, perplexity, PplReport, WindowOptions};
 use stlm_model::AnyModel;
+use stlm_tokenizers::Tokenizer;
 
 #[derive(Subcommand)]
 pub enum EvalJob {
@@ -34,17 +41,317 @@ pub enum EvalJob {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// One benchmark task with lm-evaluation-harness semantics (acc, acc_norm, standard errors).
+    Mc {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// hellaswag, arc_easy, arc_challenge, piqa, openbookqa, winogrande, lambada_openai, blimp,
+        /// mmlu or triviaqa.
+        #[arg(long)]
+        task: String,
+        /// The task's items: MosaicML jsonl, Hugging Face jsonl/parquet, HellaSwag's six-line
+        /// .txt(.bz2), BLiMP's .zip.
+        #[arg(long)]
+        data: PathBuf,
+        #[command(flatten)]
+        opts: BenchOptions,
+        /// Write every item's requests, log-likelihoods, greedy flags, gold and scores as JSON
+        /// lines (like lm-evaluation-harness's --log_samples).
+        #[arg(long)]
+        log_samples: Option<PathBuf>,
+        /// Print one JSON object: task, n, acc, acc_norm, acc_stderr, acc_norm_stderr, ...
+        #[arg(long)]
+        json: bool,
+    },
+    /// A suite of tasks (small-lm: MMLU, TriviaQA, ARC, PIQA, HellaSwag, OBQA, WinoGrande) on the
+    /// files of a data directory: a markdown table on stdout (JSON with --json).
+    Suite {
+        /// Model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// small-lm or all.
+        #[arg(long, default_value = "small-lm")]
+        suite: String,
+        /// Directory with the tasks' files (arc_easy.jsonl, piqa.jsonl, ...); tasks without a file
+        /// are skipped and listed.
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        opts: BenchOptions,
+        /// Print one JSON object (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mean loss at each context position (with 95% bands) of one or more models or checkpoints,
+    /// plotted in one figure, and the in-context learning score (loss late minus loss early).
+    PositionLoss {
+        /// Model directories (checkpoints included); repeatable.
+        #[arg(long, num_args = 1..)]
+        model: Vec<PathBuf>,
+        /// A training run: every checkpoint in RUN/checkpoints, in step order, and RUN/model.
+        #[arg(long)]
+        run: Option<PathBuf>,
+        /// UTF-8 text file.
+        #[arg(long)]
+        data: PathBuf,
+        /// Plot (.svg).
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write the table model,position,loss,stderr.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        /// Positions per window (default: the model's max_position_embeddings, at most 1024;
+        /// byte models: bytes, default 1024).
+        #[arg(long)]
+        window: Option<usize>,
+        /// Windows at most.
+        #[arg(long, default_value_t = 200)]
+        windows: usize,
+        /// Early position of the in-context learning score (0-based).
+        #[arg(long, default_value_t = 50)]
+        early: usize,
+        /// Late position of the in-context learning score (clamped to the window).
+        #[arg(long, default_value_t = 500)]
+        late: usize,
+        /// Windows per forward.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// tokenizer.json (default: the model directory's, or for a checkpoint the run's).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Print one JSON object per model (one line each).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+}
+
+/// Options shared by `stlm eval mc` and `stlm eval suite`.
+#[derive(Args)]
+pub struct BenchOptions {
+    /// Items per task at most (BLiMP: per paradigm).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Few-shot examples per item (drawn from the other items of the file).
+    #[arg(long, default_value_t = 0)]
+    shots: usize,
+    /// Seed of the few-shot draw.
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// Window in tokens (byte models: chunks); longer contexts lose their start. Default: the
+    /// model's max_position_embeddings.
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Padded tokens per forward.
+    #[arg(long, default_value_t = 8192)]
+    batch_tokens: usize,
+    /// Tokens generated at most (TriviaQA).
+    #[arg(long, default_value_t = 64)]
+    max_gen_tokens: usize,
+    /// tokenizer.json (default: the model directory's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 pub fn run(job: EvalJob) -> Result<()> {
-    let EvalJob::Ppl { model: dir, data, max_length, stride, tokenizer, json, device } = job;
-    let text =
-        std::fs::read_to_string(&data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
+    match job {
+        EvalJob::Ppl { model, data, max_length, stride, tokenizer, json, device } => ppl(&model, &data, max_length, stride, tokenizer, json, &device),
+        EvalJob::Mc { model, task, data, opts, log_samples, json } => {
+            let task = Task::parse(&task)?;
+            let (lm, tok) = load(&model, opts.tokenizer.as_deref(), &opts.device)?;
+            let (report, items) = run_task(&lm, &tok, task, &data, &opts)?;
+            if let Some(path) = log_samples {
+                let mut text = String::new();
+                for item in &items {
+                    text.push_str(&serde_json::to_string(item)?);
+                    text.push('\n');
+                }
+                stlm_core::atomic_write_bytes(&path, text.as_bytes())?;
+            }
+            if json {
+                print_json(&report)
+            } else {
+                print_task(&report);
+                Ok(())
+            }
+        }
+        EvalJob::Suite { model, suite, data_dir, opts, json } => {
+            let suite = Suite::parse(&suite)?;
+            if !data_dir.is_dir() {
+                bail!("--data-dir {}: not a directory", data_dir.display());
+            }
+            let (lm, tok) = load(&model, opts.tokenizer.as_deref(), &opts.device)?;
+            let mut report = SuiteReport { suite: suite.name.into(), model: model.display().to_string(), tasks: Vec::new(), skipped: Vec::new() };
+            for &(_, task, _) in suite.columns {
+                let Some(path) = find_data(&data_dir, task) else {
+                    let reason = format!("no data file in {} (looked for {})", data_dir.display(), task.file_names().join(", "));
+                    eprintln!("{}: skipped, {reason}", task.name());
+                    report.skipped.push((task.name().into(), reason));
+                    continue;
+                };
+                let (r, _) = run_task(&lm, &tok, task, &path, &opts)?;
+                print_task(&r);
+                report.tasks.push(r);
+            }
+            let table = report.markdown(suite);
+            if json {
+                eprint!("{table}");
+                print_json(&report)
+            } else {
+                print!("{table}");
+                Ok(())
+            }
+        }
+        EvalJob::PositionLoss { model, run, data, out, csv, window, windows, early, late, batch, tokenizer, json, device } => {
+            let mut dirs = model;
+            if let Some(run) = run {
+                dirs.extend(run_models(&run)?);
+            }
+            if dirs.is_empty() {
+                bail!("give --model DIR (repeatable) or --run DIR");
+            }
+            position_losses(&dirs, &data, &out, csv.as_deref(), window, windows, (early, late), batch, tokenizer.as_deref(), json, &device)
+        }
+    }
+}
+
+/// A model and its tokenizer.
+fn load(dir: &Path, tokenizer: Option<&Path>, device: &DeviceArgs) -> Result<(AnyModel, Tokenizer)> {
+    let tok = load_tokenizer(tokenizer, dir)?;
+    let model = device.load_any(dir)?;
+    Ok((model, tok))
+}
+
+fn bar(len: u64, prefix: String) -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() { ProgressBar::new(len) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {eta}").expect("valid template"));
+    bar.set_prefix(prefix);
+    bar
+}
+
+fn run_task(model: &AnyModel, tok: &Tokenizer, task: Task, data: &Path, opts: &BenchOptions) -> Result<(TaskReport, Vec<ItemResult>)> {
+    let docs = load_docs(task, data, opts.limit.unwrap_or(usize::MAX))?;
+    let scorer = scorer(model, tok, opts.max_length, opts.batch_tokens)?;
+    let task_opts = TaskOptions { shots: opts.shots, seed: opts.seed, max_gen_tokens: opts.max_gen_tokens };
+    let bar = bar(0, format!("{} ({} items)", task.name(), docs.len()));
+    let result = evaluate(task, &docs, scorer.as_ref(), &task_opts, &bar).with_context(|| data.display().to_string())?;
+    bar.finish_and_clear();
+    Ok(result)
+}
+
+fn print_task(r: &TaskReport) {
+    let pct = |v: f64, e: f64| format!("{:.2} ± {:.2}", 100.0 * v, 100.0 * e);
+    let mut line = format!("{}: n {}, {} {}", r.task, r.n, r.metric, pct(r.acc, r.acc_stderr));
+    if let (Some(v), Some(e)) = (r.acc_norm, r.acc_norm_stderr) {
+        line.push_str(&format!(", acc_norm {}", pct(v, e)));
+    }
+    if let Some(p) = r.perplexity {
+        line.push_str(&format!(", perplexity {p:.2}"));
+    }
+    eprintln!("{line} ({:.0} s)", r.seconds);
+}
+
+/// The checkpoints of a run in step order, then its final model directory if present.
+fn run_models(run: &Path) -> Result<Vec<PathBuf>> {
+    let ckpts = run.join("checkpoints");
+    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(&ckpts) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.join("model.safetensors").is_file())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    dirs.sort();
+    let last = run.join("model");
+    if last.join("model.safetensors").is_file() {
+        dirs.push(last);
+    }
+    if dirs.is_empty() {
+        bail!("--run {}: no checkpoints/step-* or model directory with weights", run.display());
+    }
+    Ok(dirs)
+}
+
+/// A short label for a model directory: `step-N` for checkpoints, `RUN/model`, else the path.
+fn label(dir: &Path) -> String {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    match name.strip_prefix("step-") {
+        Some(step) => format!("step {}", step.trim_start_matches('0')),
+        None if name == "model" => dir.parent().and_then(|p| p.file_name()).map_or(name.clone(), |r| format!("{} (final)", r.to_string_lossy())),
+        None => dir.display().to_string(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn position_losses(
+    dirs: &[PathBuf],
+    data: &Path,
+    out: &Path,
+    csv: Option<&Path>,
+    window: Option<usize>,
+    windows: usize,
+    (early, late): (usize, usize),
+    batch: usize,
+    tokenizer: Option<&Path>,
+    json: bool,
+    device: &DeviceArgs,
+) -> Result<()> {
+    if out.extension().and_then(|e| e.to_str()) != Some("svg") {
+        bail!("--out {}: plots are written as .svg", out.display());
+    }
+    let text = std::fs::read_to_string(data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
+    let mut series = Vec::new();
+    let mut table = String::from("model,position,loss,stderr\n");
+    for dir in dirs {
+        let (model, tok) = load(dir, tokenizer, device)?;
+        let ids = tok.encode(&text, false)?;
+        let context = model.as_lm().model_config().max_position_embeddings as usize;
+        let window = window.unwrap_or(if matches!(model, AnyModel::Bytes(_)) { 1024 } else { context.min(1024) });
+        let name = label(dir);
+        let bar = bar(0, format!("position loss {name}"));
+        let p: PositionLoss = position_loss(&model, &ids, window, windows, batch, &bar).with_context(|| dir.display().to_string())?;
+        bar.finish_and_clear();
+        let (score, e, l) = p.icl_score(early, late);
+        if json {
+            print_json(&serde_json::json!({"model": dir.display().to_string(), "windows": p.windows, "window": window, "icl_score": score, "early": e, "late": l, "loss_early": p.mean[e], "loss_late": p.mean[l], "mean_loss": p.mean.iter().sum::<f64>() / p.mean.len() as f64}))?;
+        } else {
+            println!("{name}: {} windows of {window}; loss at position {e} {:.4}, at {l} {:.4}; in-context learning score {score:+.4}", p.windows, p.mean[e], p.mean[l]);
+        }
+        for (i, (m, s)) in p.mean.iter().zip(&p.stderr).enumerate() {
+            table.push_str(&format!("{name},{},{m:.6},{s:.6}\n", i + 1));
+        }
+        let points: Vec<(f64, f64)> = p.mean.iter().enumerate().map(|(i, &m)| ((i + 1) as f64, m)).collect();
+        let band = p.mean.iter().zip(&p.stderr).map(|(&m, &s)| (m - 1.96 * s, m + 1.96 * s)).collect();
+        series.push(Series { name, points, band });
+    }
+    let panel = Panel {
+        title: format!("loss by context position ({})", data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
+        x_label: "position (tokens of context)".into(),
+        y_label: "loss (nats), 95% band".into(),
+        series,
+        markers: false,
+    };
+    figure(out, &[panel], 1)?;
+    eprintln!("wrote {}", out.display());
+    if let Some(csv) = csv {
+        stlm_core::atomic_write_bytes(csv, table.as_bytes())?;
+        eprintln!("wrote {}", csv.display());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ppl(dir: &Path, data: &Path, max_length: Option<i64>, stride: Option<i64>, tokenizer: Option<PathBuf>, json: bool, device: &DeviceArgs) -> Result<()> {
+    let text = std::fs::read_to_string(data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
     if text.is_empty() {
         bail!("{}: the file is empty", data.display());
     }
-    let tok = load_tokenizer(tokenizer.as_deref(), &dir)?;
-    let model = match device.load_any(&dir)? {
+    let tok = load_tokenizer(tokenizer.as_deref(), dir)?;
+    let model = match device.load_any(dir)? {
         AnyModel::Tokens(m) => *m,
         AnyModel::Bytes(m) => {
             if !tok.is_bytes() {
@@ -54,7 +361,7 @@ pub fn run(job: EvalJob) -> Result<()> {
             let max_length = max_length.unwrap_or(m.config.max_position_embeddings);
             let window = WindowOptions { max_length, stride: stride.unwrap_or((max_length / 2).max(1)) };
             let report = byte_perplexity(&m, &ids, text.len() as u64, window, std::io::stderr().is_terminal())?;
-            return print_report(&data, &report, json, "byte");
+            return print_report(data, &report, json, "byte");
         }
     };
     // Start from an end-of-text/BOS token so the first token of the text is scored too.
@@ -69,7 +376,7 @@ pub fn run(job: EvalJob) -> Result<()> {
     }
     let window = WindowOptions { max_length, stride: stride.unwrap_or((max_length / 2).max(1)) };
     let report = perplexity(&model, &ids, text.len() as u64, window, std::io::stderr().is_terminal())?;
-    print_report(&data, &report, json, "token")
+    print_report(data, &report, json, "token")
 }
 
 fn print_report(data: &std::path::Path, report: &PplReport, json: bool, unit: &str) -> Result<()> {

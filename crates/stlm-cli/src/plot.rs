@@ -1,21 +1,26 @@
-//! `stlm plot`: line plots (SVG) from a CSV table.
+//! `stlm plot`: line plots (SVG) from a CSV table, or a training run's curves.
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use stlm_eval::plot::{line_plot, series_from_csv};
+use stlm_eval::plot::{figure, line_plot, position_panel, run_panels, series_from_csv};
 
 #[derive(Args)]
 pub struct PlotArgs {
     /// CSV table with a header row.
+    #[arg(long, conflicts_with = "run", required_unless_present = "run")]
+    csv: Option<PathBuf>,
+    /// A training run directory: loss and validation loss, bits per byte, learning rate and
+    /// tokens/s against step, from its metrics.jsonl (and validation loss by context position
+    /// from position_loss.jsonl when the run logged it).
     #[arg(long)]
-    csv: PathBuf,
-    /// Column for the x axis.
-    #[arg(long)]
-    x: String,
-    /// Column for the y axis.
-    #[arg(long)]
-    y: String,
+    run: Option<PathBuf>,
+    /// Column for the x axis (with --csv).
+    #[arg(long, required_unless_present = "run")]
+    x: Option<String>,
+    /// Column for the y axis (with --csv).
+    #[arg(long, required_unless_present = "run")]
+    y: Option<String>,
     /// Column whose values name the lines (one line per value).
     #[arg(long)]
     group: Option<String>,
@@ -31,10 +36,24 @@ pub fn plot(a: PlotArgs) -> Result<()> {
     if a.out.extension().and_then(|e| e.to_str()) != Some("svg") {
         bail!("--out {}: plots are written as .svg", a.out.display());
     }
-    let text = std::fs::read_to_string(&a.csv).with_context(|| format!("{}: cannot read", a.csv.display()))?;
-    let series = series_from_csv(&text, &a.x, &a.y, a.group.as_deref()).with_context(|| a.csv.display().to_string())?;
-    let title = a.title.clone().unwrap_or_else(|| format!("{} against {}", a.y, a.x));
-    line_plot(&a.out, &title, &a.x, &a.y, &series)?;
+    if let Some(run) = &a.run {
+        let path = run.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let mut panels = run_panels(&text).with_context(|| path.display().to_string())?;
+        let positions = run.join("position_loss.jsonl");
+        if positions.is_file() {
+            let text = std::fs::read_to_string(&positions).with_context(|| format!("{}: cannot read", positions.display()))?;
+            panels.push(position_panel(&text, 6).with_context(|| positions.display().to_string())?);
+        }
+        figure(&a.out, &panels, 2)?;
+        eprintln!("wrote {} ({} panels)", a.out.display(), panels.len());
+        return Ok(());
+    }
+    let (Some(csv), Some(x), Some(y)) = (&a.csv, &a.x, &a.y) else { bail!("give --run DIR, or --csv FILE --x COLUMN --y COLUMN") };
+    let text = std::fs::read_to_string(csv).with_context(|| format!("{}: cannot read", csv.display()))?;
+    let series = series_from_csv(&text, x, y, a.group.as_deref()).with_context(|| csv.display().to_string())?;
+    let title = a.title.clone().unwrap_or_else(|| format!("{y} against {x}"));
+    line_plot(&a.out, &title, x, y, &series)?;
     eprintln!("wrote {} ({} lines)", a.out.display(), series.len());
     Ok(())
 }

@@ -41,6 +41,11 @@ pub struct TrainArgs {
     /// does not depend on the run's length (`schedule = { kind = "constant" }`).
     #[arg(long)]
     time_limit: Option<f64>,
+    /// Override one config field, `TABLE.FIELD=VALUE` with VALUE in TOML syntax (strings may go
+    /// unquoted), e.g. `--set train.batch_size=16`; repeatable. The run directory's config.toml
+    /// records the result.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Stories to sample from the trained model at the end.
     #[arg(long, default_value_t = 3)]
     samples: usize,
@@ -79,7 +84,15 @@ pub struct RunConfig {
 impl RunConfig {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::load_with(path, &[])
+    }
+
+    /// Reads `path`, applies `--set` overrides (`TABLE.FIELD=VALUE`) and checks the result.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self> {
+        let mut text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        if !overrides.is_empty() {
+            text = apply_overrides(&text, path, overrides)?;
+        }
         stlm_core::toml_known_tables(&text, path, &["model", "train", "data"])?;
         let model = ModelConfig::from_toml_str(&text, path)?;
         let train = TrainTable::from_toml_str(&text, path)?;
@@ -94,6 +107,33 @@ impl RunConfig {
         }
         Ok(RunConfig { text, model, train, data })
     }
+}
+
+/// `text` with each `TABLE.FIELD=VALUE` override set (VALUE parsed as TOML, else taken as a
+/// string), re-serialised, with a comment listing the overrides.
+fn apply_overrides(text: &str, path: &Path, overrides: &[String]) -> Result<String> {
+    let mut doc: toml::Table = text.parse().with_context(|| format!("{}: not valid TOML", path.display()))?;
+    for item in overrides {
+        let Some((key, raw)) = item.split_once('=') else {
+            bail!("--set {item}: expected TABLE.FIELD=VALUE, e.g. train.batch_size=16");
+        };
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+            bail!("--set {item}: the key `{key}` must name a table and a field, e.g. train.batch_size");
+        }
+        let value = match format!("v = {raw}").parse::<toml::Table>() {
+            Ok(mut t) => t.remove("v").expect("parsed key"),
+            Err(_) => toml::Value::String(raw.to_string()),
+        };
+        let mut table = &mut doc;
+        for part in &parts[..parts.len() - 1] {
+            let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+            table = entry.as_table_mut().with_context(|| format!("--set {item}: `{part}` is not a table in {}", path.display()))?;
+        }
+        table.insert(parts[parts.len() - 1].to_string(), value);
+    }
+    let body = toml::to_string(&doc).context("cannot write the overridden config as TOML")?;
+    Ok(format!("# {} with --set {}\n{body}", path.display(), overrides.join(" --set ")))
 }
 
 /// The config's tokenizer, the run's own when resuming, or BPE trained on the data now; the
@@ -132,7 +172,7 @@ fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, 
 
 pub fn train(a: TrainArgs) -> Result<()> {
     stlm_core::memory::keep_freed_memory();
-    let run = RunConfig::load(&a.config)?;
+    let run = RunConfig::load_with(&a.config, &a.set)?;
     let stem = a.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
     let out = a.out.clone().unwrap_or_else(|| Path::new("runs").join(stem));
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the run directory", out.display()))?;

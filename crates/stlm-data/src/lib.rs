@@ -17,6 +17,7 @@ pub mod shards;
 pub mod stories;
 
 pub use batches::TokenBatches;
+pub use parquet::parquet_records;
 pub use config::DataConfig;
 pub use read::{read_documents, sample_documents, OnBadLine, OnInvalidUtf8, ReadOptions, Source, ENDOFTEXT};
 pub use shards::{tokenize_corpus, ShardOptions, TokenizedCorpus};

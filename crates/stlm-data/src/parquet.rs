@@ -35,3 +35,17 @@ pub(crate) fn read_parquet(path: &Path, field: &str, mut on_doc: impl FnMut(Stri
     }
     Ok(())
 }
+
+/// Every row (up to `limit`) of the parquet file at `path` as a JSON object, nested columns
+/// (lists, structs) included: the records of a Hugging Face dataset split.
+pub fn parquet_records(path: &Path, limit: usize) -> Result<Vec<serde_json::Value>> {
+    let format = |message: String| DataError::Format { path: path.to_path_buf(), message };
+    let file = std::fs::File::open(path).map_err(|e| DataError::Io { path: path.to_path_buf(), source: e })?;
+    let reader = SerializedFileReader::new(file).map_err(|e| format(format!("not a readable parquet file ({e})")))?;
+    let rows = reader.get_row_iter(None).map_err(|e| format(e.to_string()))?;
+    let mut out = Vec::new();
+    for (i, row) in rows.take(limit).enumerate() {
+        out.push(row.map_err(|e| format(format!("row {i}: {e}")))?.to_json_value());
+    }
+    Ok(out)
+}

@@ -7,8 +7,18 @@
 //! count, each seen with at least `max_length - stride` tokens of context. Every token after the
 //! first is scored exactly once. Bits per byte (`total nats / ln 2 / bytes of text`) compares models whose tokenizers
 //! differ.
+//!
+//! [`position`]: mean loss at each context position with standard errors, and the in-context
+//! learning score. [`score`]: batched log-likelihoods of continuations (token and byte models,
+//! lm-evaluation-harness request semantics). [`tasks`]: HellaSwag, ARC, PIQA, OpenBookQA,
+//! WinoGrande, LAMBADA, BLiMP, MMLU and TriviaQA from local files, scored as the harness does.
+//! [`suite`]: named task suites and their markdown table. [`plot`]: SVG line plots.
 
 pub mod plot;
+pub mod position;
+pub mod score;
+pub mod suite;
+pub mod tasks;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;

@@ -462,6 +462,55 @@ impl BytePooledModel {
         Ok(out)
     }
 
+    /// Per-byte scores of each row for likelihood evaluation: `(nats, greedy)` of every byte
+    /// after the first, where a byte that starts a chunk also carries the previous chunk's end
+    /// (EOC) term, so the nats of bytes `a..b` are the likelihood of that text given the bytes
+    /// before `a`, chunk boundaries included; `greedy` is true when the byte (and the chunk end
+    /// before it) is the model's argmax. Rows longer than `max_chunks` chunks lose whole chunks
+    /// from the front; the number of bytes dropped is returned with the scores, which start at
+    /// the first kept byte (whose entry is `(0.0, true)`: it has no context).
+    pub fn byte_scores(&self, rows: &[Vec<u32>], max_chunks: usize) -> Result<Vec<(usize, Vec<(f64, bool)>)>> {
+        let mut chunks = self.chunk_rows(rows)?;
+        let mut kept = Vec::with_capacity(rows.len());
+        let mut dropped = Vec::with_capacity(rows.len());
+        for (row, c) in rows.iter().zip(chunks.iter_mut()) {
+            let cut = c.len().saturating_sub(max_chunks.max(1));
+            let bytes: usize = c.drain(..cut).sum();
+            kept.push(row[bytes..].to_vec());
+            dropped.push(bytes);
+        }
+        let grid = ChunkGrid::new(&kept, &chunks, self.bytes.max_len(), false, self.device());
+        let (logits, _) = self.grid_logits(&grid);
+        let logp = logits.log_softmax(-1, Kind::Float).to_device(Device::Cpu);
+        let (m, l) = (grid.bytes.size()[1], grid.bytes.size()[2]);
+        let best = logp.argmax(-1, false).view([-1]);
+        let nats = Vec::<f32>::try_from(logp.neg().view([-1])).expect("float32 log-probabilities");
+        let nll_at = |s: i64, class: i64| f64::from(nats[(s * BYTE_CLASSES + class) as usize]);
+        let best = Vec::<i64>::try_from(best).expect("int64 argmax");
+        let mut out = Vec::with_capacity(rows.len());
+        for (r, (row, row_chunks)) in kept.iter().zip(&chunks).enumerate() {
+            let slot = |c: usize, i: usize| (r as i64 * m + c as i64) * l + i as i64;
+            let mut scores = Vec::with_capacity(row.len());
+            let mut at = 0;
+            for (c, &n) in row_chunks.iter().enumerate() {
+                for i in 0..n {
+                    let s = slot(c, i);
+                    let mut nll = nll_at(s, row[at + i] as i64);
+                    let mut greedy = best[s as usize] == row[at + i] as i64;
+                    if i == 0 && c > 0 && (row_chunks[c - 1] as i64) < l {
+                        let end = slot(c - 1, row_chunks[c - 1]);
+                        nll += nll_at(end, EOC);
+                        greedy &= best[end as usize] == EOC;
+                    }
+                    scores.push(if at + i == 0 { (0.0, true) } else { (nll, greedy) });
+                }
+                at += n;
+            }
+            out.push((dropped[r], scores));
+        }
+        Ok(out)
+    }
+
     /// Nats of each chunk of `row` (chunk lengths `chunks`): its bytes' negative
     /// log-likelihoods plus its end (EOC, for every chunk shorter than `L` but the last unless
     /// `last_ends`). One forward over all the chunks.

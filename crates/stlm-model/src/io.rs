@@ -129,7 +129,13 @@ pub(crate) fn save_dir(dir: &Path, config: &ModelConfig, weights: &[(String, Ten
     Ok(())
 }
 
-/// The `tokenizer.json` of a model directory, if it has one.
+/// The `tokenizer.json` of a model directory, or for a checkpoint the run's, if there is one.
 pub fn tokenizer_path(dir: &Path) -> Option<PathBuf> {
-    Some(dir.join("tokenizer.json")).filter(|p| p.is_file())
+    let own = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
+    // A checkpoint of a training run (`RUN/checkpoints/step-N`) uses the run's tokenizer.
+    let run = || {
+        let parent = dir.parent().filter(|p| p.file_name().is_some_and(|n| n == "checkpoints"))?;
+        parent.parent().map(|run| run.join("tokenizer.json")).filter(|p| p.is_file())
+    };
+    own.or_else(run)
 }

@@ -19,6 +19,9 @@ pub trait LanguageModel {
     /// is logged (mean nats per token, or per byte for byte models) and extra terms that only
     /// train (e.g. a reconstruction loss). MoE balancing losses come from `take_moe_stats`.
     fn train_loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Option<Tensor>)>;
+    /// Nats of each target `[b, s]` of windows `inputs` with next-id `targets` (byte models: of
+    /// each target byte, a chunk's end counted with the byte after it), for per-position loss.
+    fn position_nats(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor>;
     /// MoE stats of the last forward, per MoE layer, taken.
     fn take_moe_stats(&self) -> Vec<(usize, MoeStats)>;
     /// After an optimizer step: moves aux-free router biases by `stats`.
@@ -49,6 +52,10 @@ impl LanguageModel for DecoderModel {
         let vocab = logits.size()[2];
         Ok((logits.reshape([-1, vocab]).cross_entropy_for_logits(&targets.reshape([-1])), None))
     }
+    fn position_nats(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let logp = self.forward(inputs).log_softmax(-1, tch::Kind::Float);
+        Ok(-logp.gather(2, &targets.unsqueeze(-1), false).squeeze_dim(-1))
+    }
     fn take_moe_stats(&self) -> Vec<(usize, MoeStats)> {
         DecoderModel::take_moe_stats(self)
     }
@@ -72,6 +79,19 @@ impl LanguageModel for BytePooledModel {
     }
     fn train_loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         self.loss(inputs, targets)
+    }
+    fn position_nats(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let (b, s) = (inputs.size()[0], inputs.size()[1]);
+        // Each row is the window plus its last target; the scores after its first byte are the targets'.
+        let rows: Vec<Vec<u32>> = (0..b)
+            .map(|r| {
+                let mut row: Vec<i64> = Vec::try_from(inputs.get(r).to_device(Device::Cpu)).unwrap_or_default();
+                row.push(targets.int64_value(&[r, s - 1]));
+                row.into_iter().map(|t| t as u32).collect()
+            })
+            .collect();
+        let nats: Vec<f32> = self.byte_scores(&rows, usize::MAX)?.iter().flat_map(|(_, sc)| sc[1..].iter().map(|x| x.0 as f32).collect::<Vec<_>>()).collect();
+        Ok(Tensor::from_slice(&nats).view([b, s]).to_device(inputs.device()))
     }
     fn take_moe_stats(&self) -> Vec<(usize, MoeStats)> {
         BytePooledModel::take_moe_stats(self)

@@ -44,6 +44,8 @@ pub struct TrainTable {
     pub eval_every: u64,
     /// Validation batches per evaluation.
     pub eval_batches: u64,
+    /// Per-position validation loss (position_loss.jsonl) every this many steps (0: off).
+    pub position_loss_every: u64,
     /// Checkpoint every this many steps (0: at the end only).
     pub save_every: u64,
     /// Checkpoints kept (0: all).
@@ -71,6 +73,7 @@ impl Default for TrainTable {
             log_every: 10,
             eval_every: 100,
             eval_batches: 8,
+            position_loss_every: 0,
             save_every: 200,
             keep_last: 3,
             seed: 0,
@@ -116,6 +119,7 @@ impl TrainTable {
             log_every: self.log_every,
             eval_every: self.eval_every,
             eval_batches: self.eval_batches,
+            position_loss_every: self.position_loss_every,
             save_every: self.save_every,
             keep_last: self.keep_last,
             seed: self.seed,

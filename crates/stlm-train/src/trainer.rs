@@ -47,6 +47,8 @@ pub struct TrainSettings {
     pub eval_every: u64,
     /// Validation batches per evaluation.
     pub eval_batches: u64,
+    /// Per-position validation loss into position_loss.jsonl every this many steps (0: off).
+    pub position_loss_every: u64,
     /// Checkpoint every this many steps (0: only at the end).
     pub save_every: u64,
     /// Checkpoints kept (0: all).
@@ -200,6 +202,37 @@ pub fn validation_loss(model: &dyn LanguageModel, data: &dyn BatchSource, batche
     Ok((total / batches.max(1) as f64, bpb))
 }
 
+/// One position_loss.jsonl line: mean validation loss at each window position and its standard
+/// error over the windows of `eval_batches` validation batches.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PositionLog {
+    /// Step after which it was measured.
+    pub step: u64,
+    /// Windows averaged over.
+    pub windows: i64,
+    /// Mean loss (nats) at each position.
+    pub loss: Vec<f64>,
+    /// Standard error of each mean (sample standard deviation / sqrt(windows)).
+    pub stderr: Vec<f64>,
+}
+
+/// Per-position validation loss over `batches` validation batches.
+pub fn validation_position_loss(model: &dyn LanguageModel, data: &dyn BatchSource, batches: u64, step: u64) -> Result<PositionLog> {
+    let _guard = tch::no_grad_guard();
+    let mut rows = Vec::new();
+    for i in 0..batches.max(1) {
+        let (x, y) = data.val_batch(i)?;
+        rows.push(model.position_nats(&x, &y)?.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu));
+        let _ = model.take_moe_stats();
+    }
+    let all = Tensor::cat(&rows, 0); // [windows, seq]
+    let n = all.size()[0];
+    let mean = all.mean_dim(0, false, tch::Kind::Double);
+    let stderr = if n > 1 { all.std_dim(0, true, false) / (n as f64).sqrt() } else { mean.full_like(f64::NAN) };
+    let to_vec = |t: Tensor| Vec::<f64>::try_from(t).expect("float64 vector");
+    Ok(PositionLog { step, windows: n, loss: to_vec(mean), stderr: to_vec(stderr) })
+}
+
 /// Trains `model` in `run_dir` (metrics.jsonl, checkpoints/) until `schedule.max_steps`. With
 /// `resume`, continues from the newest usable checkpoint and drops metrics lines written after
 /// it. When `settings.stop` is set, finishes the current step, writes a checkpoint and returns.
@@ -217,14 +250,18 @@ pub fn train(
     let params: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
     let mut opt = AdamW::new(params, settings.adamw);
     let metrics_path = run_dir.join("metrics.jsonl");
+    let positions_path = run_dir.join("position_loss.jsonl");
     let mut state = TrainerState { step: 0, seed: settings.seed, tokens_seen: 0 };
     if resume {
         let (ckpt, restored) = checkpoint::restore_latest(run_dir, model, &mut opt)?;
         eprintln!("resuming from {} (step {})", ckpt.display(), restored.step);
         state = restored;
         truncate_metrics(&metrics_path, state.step)?;
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).map_err(|e| CoreError::io(&metrics_path, e))?;
+        truncate_metrics(&positions_path, state.step)?;
+    } else {
+        for path in [&metrics_path, &positions_path].into_iter().filter(|p| p.exists()) {
+            std::fs::remove_file(path).map_err(|e| CoreError::io(path, e))?;
+        }
     }
     let max_steps = settings.schedule.max_steps;
     let bar = if settings.progress { ProgressBar::new(max_steps) } else { ProgressBar::hidden() };
@@ -271,7 +308,7 @@ pub fn train(
                 elapsed: started.elapsed().as_secs_f64(),
                 moe: out.moe.iter().map(|(i, s)| MoeLog::from_stats(*i, s)).collect(),
             };
-            append_metrics(&metrics_path, &log)?;
+            append_line(&metrics_path, &log)?;
             let line = format!(
                 "loss {:.4}{} lr {:.2e} {:.0} tok/s",
                 log.loss,
@@ -289,6 +326,10 @@ pub fn train(
             logs.push(log);
             (window_start, window_tokens) = (Instant::now(), 0);
         }
+        if settings.position_loss_every > 0 && (last || state.step.is_multiple_of(settings.position_loss_every)) {
+            let log = validation_position_loss(model, data, settings.eval_batches, state.step)?;
+            append_line(&positions_path, &log)?;
+        }
         let stop = settings.stop.load(Ordering::SeqCst);
         if last || stop || (settings.save_every > 0 && state.step.is_multiple_of(settings.save_every)) {
             checkpoint::save(run_dir, model, &opt, &state, settings.keep_last)?;
@@ -302,9 +343,10 @@ pub fn train(
     Ok(TrainReport { logs, step: state.step, completed: true })
 }
 
-fn append_metrics(path: &Path, log: &StepLog) -> Result<()> {
+/// Appends `value` as one JSON line to `path`.
+fn append_line(path: &Path, value: &impl Serialize) -> Result<()> {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| CoreError::io(path, e))?;
-    let line = serde_json::to_string(log).expect("log serializes");
+    let line = serde_json::to_string(value).expect("log serializes");
     writeln!(f, "{line}").map_err(|e| CoreError::io(path, e))?;
     Ok(())
 }

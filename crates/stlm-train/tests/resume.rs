@@ -85,6 +85,7 @@ fn settings(max_steps: u64) -> TrainSettings {
         log_every: 1,
         eval_every: 4,
         eval_batches: 2,
+        position_loss_every: 0,
         save_every: 3,
         keep_last: 2,
         seed: 0,
@@ -108,7 +109,7 @@ fn resumed_run_logs_the_same_losses() {
     // A run that "crashed" after step 8: its newest checkpoints (9, 10) never came to be, and
     // `latest` still names one of them. Resuming with the same settings continues from step 6.
     let dir = tempfile::tempdir().unwrap();
-    let keep_all = TrainSettings { keep_last: 0, ..settings(10) };
+    let keep_all = TrainSettings { keep_last: 0, position_loss_every: 5, ..settings(10) };
     train(&model(), &data, &keep_all, dir.path(), false).unwrap();
     let ckpts = dir.path().join("checkpoints");
     for gone in ["step-0000009", "step-0000010"] {
@@ -128,6 +129,20 @@ fn resumed_run_logs_the_same_losses() {
     for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed", "val_loss"] {
         assert!(line.get(key).is_some(), "metrics line lacks {key}: {line}");
     }
+
+    // position_loss.jsonl: steps 5 and 10 once each (the resumed run rewrote what followed
+    // step 6); the mean over positions is the validation loss of the same step.
+    let text = std::fs::read_to_string(dir.path().join("position_loss.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), [5, 10]);
+    let last = &lines[1];
+    let loss: Vec<f64> = last["loss"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let stderr: Vec<f64> = last["stderr"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!((loss.len(), stderr.len(), last["windows"].as_i64()), (16, 16, Some(8)));
+    assert!(stderr.iter().all(|s| s.is_finite() && *s >= 0.0));
+    let mean = loss.iter().sum::<f64>() / 16.0;
+    let val = resumed.last().unwrap().val_loss.unwrap();
+    assert!((mean - val).abs() < 1e-5, "mean position loss {mean} vs validation loss {val}");
 }
 
 #[test]

@@ -1,0 +1,121 @@
+//! Per-position loss: the mean loss at each position of the context over a corpus, with its
+//! standard error, and the in-context learning score of Olsson et al. (2022), the mean loss at
+//! a late position minus the mean loss at an early one (negative when later tokens, which see
+//! more context, are predicted better).
+//!
+//! The corpus is cut into disjoint windows of `window + 1` ids; position `p` (0-based) is the
+//! loss of id `p + 1` given ids `0..=p` of its window. Byte models score bytes (chunk ends
+//! included in the byte that starts a chunk).
+
+use crate::{EvalError, Result};
+use indicatif::ProgressBar;
+use serde::Serialize;
+use stlm_model::AnyModel;
+use tch::{Kind, Tensor};
+
+/// Mean loss per context position.
+#[derive(Debug, Clone, Serialize)]
+pub struct PositionLoss {
+    /// Windows averaged over.
+    pub windows: usize,
+    /// Mean loss (nats) at each position `0..window`.
+    pub mean: Vec<f64>,
+    /// Standard error of each mean (sample standard deviation over windows / sqrt(windows)).
+    pub stderr: Vec<f64>,
+}
+
+impl PositionLoss {
+    /// Mean and standard error from per-window losses `rows[window][position]`.
+    pub fn from_rows(rows: &[Vec<f64>]) -> Result<Self> {
+        let n = rows.len();
+        let Some(width) = rows.first().map(Vec::len) else {
+            return Err(EvalError::Input("no windows to average".into()));
+        };
+        let mut mean = vec![0.0; width];
+        for r in rows {
+            for (m, x) in mean.iter_mut().zip(r) {
+                *m += x / n as f64;
+            }
+        }
+        let stderr = (0..width)
+            .map(|p| {
+                if n < 2 {
+                    return f64::NAN;
+                }
+                let ss: f64 = rows.iter().map(|r| (r[p] - mean[p]).powi(2)).sum();
+                (ss / (n - 1) as f64).sqrt() / (n as f64).sqrt()
+            })
+            .collect();
+        Ok(PositionLoss { windows: n, mean, stderr })
+    }
+
+    /// The in-context learning score: mean loss at position `late` minus at `early`, each
+    /// clamped to the window (`late` to its last position, `early` below `late`). Returns the
+    /// score and the positions used.
+    pub fn icl_score(&self, early: usize, late: usize) -> (f64, usize, usize) {
+        let last = self.mean.len().saturating_sub(1);
+        let late = late.min(last);
+        let early = early.min(late.saturating_sub(1));
+        (self.mean[late] - self.mean[early], early, late)
+    }
+}
+
+/// Per-position losses of `model` over `ids` (token ids, or byte-tokenizer ids for a byte
+/// model): up to `max_windows` disjoint windows of `window + 1` ids, `batch` windows per forward.
+pub fn position_loss(model: &AnyModel, ids: &[u32], window: usize, max_windows: usize, batch: usize, bar: &ProgressBar) -> Result<PositionLoss> {
+    let context = model.as_lm().model_config().max_position_embeddings as usize;
+    if window < 2 || (matches!(model, AnyModel::Tokens(_)) && window > context) {
+        return Err(EvalError::Input(format!("--window {window}: must be in 2..={context} (the model's max_position_embeddings)")));
+    }
+    let available = ids.len().saturating_sub(1) / window;
+    let count = available.min(max_windows.max(1));
+    if count == 0 {
+        return Err(EvalError::Input(format!("the text has {} ids, fewer than one window of {}", ids.len(), window + 1)));
+    }
+    let rows: Vec<Vec<u32>> = (0..count).map(|w| ids[w * window..w * window + window + 1].to_vec()).collect();
+    bar.set_length(count as u64);
+    let _guard = tch::no_grad_guard();
+    let mut losses = Vec::with_capacity(count);
+    for group in rows.chunks(batch.max(1)) {
+        match model {
+            AnyModel::Tokens(m) => {
+                let flat: Vec<i64> = group.iter().flatten().map(|&t| i64::from(t)).collect();
+                m.check_ids(&flat)?;
+                let all = Tensor::from_slice(&flat).view([group.len() as i64, window as i64 + 1]).to_device(m.device());
+                let logits = m.forward(&all.narrow(1, 0, window as i64));
+                let logp = logits.log_softmax(-1, Kind::Float);
+                let nll = -logp.gather(2, &all.narrow(1, 1, window as i64).unsqueeze(-1), false).squeeze_dim(-1);
+                let nll = nll.to_kind(Kind::Double).to_device(tch::Device::Cpu);
+                for r in 0..group.len() {
+                    losses.push(Vec::<f64>::try_from(nll.get(r as i64)).expect("float64 losses"));
+                }
+            }
+            AnyModel::Bytes(m) => {
+                for (dropped, scores) in m.byte_scores(group, usize::MAX)? {
+                    debug_assert_eq!(dropped, 0);
+                    losses.push(scores[1..].iter().map(|s| s.0).collect());
+                }
+            }
+        }
+        bar.inc(group.len() as u64);
+    }
+    PositionLoss::from_rows(&losses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_stderr_and_icl_score() {
+        let rows = vec![vec![3.0, 2.0, 1.0], vec![5.0, 2.0, 3.0]];
+        let p = PositionLoss::from_rows(&rows).unwrap();
+        assert_eq!(p.mean, vec![4.0, 2.0, 2.0]);
+        // Sample standard deviation sqrt(2) at positions 0 and 2, over sqrt(2) windows.
+        assert!((p.stderr[0] - 1.0).abs() < 1e-12 && p.stderr[1] == 0.0);
+        assert_eq!(p.icl_score(0, 2), (-2.0, 0, 2));
+        // Positions beyond the window are clamped to it.
+        assert_eq!(p.icl_score(50, 500), (0.0, 1, 2));
+        assert!(PositionLoss::from_rows(&[]).is_err());
+    }
+}
