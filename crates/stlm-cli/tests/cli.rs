@@ -322,3 +322,62 @@ fn byte_tokenizer_chunks_and_plots() {
     let e = fails(&["plot", "--csv", p(&csv), "--x", "minutes", "--y", "bpb", "--out", p(&svg)]);
     assert!(e.contains("minutes") && e.contains("curve.csv"), "{e}");
 }
+
+/// `eval mc` and `eval suite` on hand-made MosaicML and HellaSwag files: the JSON keys, per-item
+/// samples, limits, few-shot, skipped tasks, and errors naming the file and item.
+#[test]
+fn benchmarks_and_suites() {
+    let f = fixture();
+    let model = f.root.join("model");
+    let data = f.root.join("eval");
+    std::fs::create_dir(&data).unwrap();
+    let arc = "{\"query\": \"Question: What did Tom like?\", \"choices\": [\"a red ball\", \"a bird\", \"the sky\", \"a song\"], \"gold\": 0}\n\
+{\"query\": \"Question: Who saw a bird?\", \"choices\": [\"Tom\", \"Lily\"], \"gold\": 1}\n\
+{\"query\": \"Question: Where did Tom live?\", \"choices\": [\"in a big house\", \"in the sky\", \"in a ball\"], \"gold\": 0}\n";
+    std::fs::write(data.join("arc_easy.jsonl"), arc).unwrap();
+    std::fs::write(
+        data.join("winogrande.jsonl"),
+        "{\"context_options\": [\"Tom gave Lily the ball so Tom\", \"Tom gave Lily the ball so Lily\"], \"continuation\": \"had it.\", \"gold\": 1}\n",
+    )
+    .unwrap();
+    std::fs::write(data.join("hellaswag_val_full.txt"), "Playing: A cat plays with a ball. it\n0\nruns after it.\nsings.\nflies away.\nis a house.\n").unwrap();
+    let samples = f.root.join("samples.jsonl");
+    let out = ok(&["eval", "mc", "--model", p(&model), "--task", "arc_easy", "--data", p(&data.join("arc_easy.jsonl")), "--json", "--log-samples", p(&samples)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for key in ["task", "n", "acc", "acc_norm", "acc_stderr", "acc_norm_stderr"] {
+        assert!(v.get(key).is_some(), "no {key}: {v}");
+    }
+    assert_eq!((v["task"].as_str(), v["n"].as_u64()), (Some("arc_easy"), Some(3)));
+    let items: Vec<serde_json::Value> = std::fs::read_to_string(&samples).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(items.len(), 3);
+    assert_eq!(items[0]["requests"][0], serde_json::json!(["Question: What did Tom like?\nAnswer:", " a red ball"]));
+    assert_eq!(items[1]["logprobs"].as_array().unwrap().len(), 2);
+    let acc = items.iter().map(|i| i["acc"].as_f64().unwrap()).sum::<f64>() / 3.0;
+    assert!((acc - v["acc"].as_f64().unwrap()).abs() < 1e-12);
+    let out = ok(&["eval", "mc", "--model", p(&model), "--task", "arc_easy", "--data", p(&data.join("arc_easy.jsonl")), "--json", "--limit", "2", "--shots", "1"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["n"].as_u64(), v["shots"].as_u64()), (Some(2), Some(1)));
+
+    let out = stlm(&["eval", "suite", "--model", p(&model), "--data-dir", p(&data), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run: Vec<&str> = v["tasks"].as_array().unwrap().iter().map(|t| t["task"].as_str().unwrap()).collect();
+    assert_eq!(run, ["arc_easy", "hellaswag", "winogrande"]);
+    let skipped: Vec<&str> = v["skipped"].as_array().unwrap().iter().map(|s| s[0].as_str().unwrap()).collect();
+    assert_eq!(skipped, ["mmlu", "triviaqa", "arc_challenge", "piqa", "openbookqa"]);
+    let table = String::from_utf8_lossy(&out.stderr);
+    assert!(table.contains("| model |") && table.contains("HellaSwag (acc_norm)"), "{table}");
+    let md = ok(&["eval", "suite", "--model", p(&model), "--data-dir", p(&data), "--limit", "1"]);
+    assert_eq!(md.lines().count(), 3, "{md}");
+
+    let e = fails(&["eval", "mc", "--model", p(&model), "--task", "arc", "--data", p(&data.join("arc_easy.jsonl"))]);
+    assert!(e.contains("unknown task `arc`") && e.contains("arc_easy"), "{e}");
+    let bad = f.root.join("bad.jsonl");
+    std::fs::write(&bad, format!("{}{{\"query\": \"Question: x\", \"choices\": [\"a\"], \"gold\": 3}}\n", arc.lines().next().unwrap().to_owned() + "\n")).unwrap();
+    let e = fails(&["eval", "mc", "--model", p(&model), "--task", "piqa", "--data", p(&bad)]);
+    assert!(e.contains("bad.jsonl") && e.contains("item 2") && e.contains("gold 3"), "{e}");
+    let e = fails(&["eval", "mc", "--model", p(&model), "--task", "piqa", "--data", p(&data.join("hellaswag_val_full.txt"))]);
+    assert!(e.contains("six-line"), "{e}");
+    let e = fails(&["eval", "suite", "--model", p(&model), "--data-dir", p(&f.root.join("nowhere"))]);
+    assert!(e.contains("nowhere"), "{e}");
+}

@@ -52,8 +52,10 @@ fn trains_saves_and_resumes() {
     let config = dir.path().join("tiny.toml");
     std::fs::write(&config, CONFIG).unwrap();
     let run = dir.path().join("run");
-    let args =
-        ["train", "--config", p(&config), "--data", p(&data), "--data", p(&jsonl), "--out", p(&run), "--samples", "1"];
+    let args = [
+        "train", "--config", p(&config), "--data", p(&data), "--data", p(&jsonl), "--out", p(&run), "--samples", "1",
+        "--set", "train.position_loss_every=4",
+    ];
     let out = stlm(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("--- sample 1"));
@@ -63,6 +65,30 @@ fn trains_saves_and_resumes() {
     let gen = stlm(&["generate", "--model", p(&run.join("model")), "--prompt", "Once upon", "--max-new-tokens", "5"]);
     assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
     assert_val_bpb(&run);
+    let position_steps = |run: &Path| -> Vec<u64> {
+        let text = std::fs::read_to_string(run.join("position_loss.jsonl")).unwrap();
+        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(position_steps(&run), [4, 8], "--set train.position_loss_every=4");
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("position_loss_every = 4") && saved.starts_with("# "), "{saved}");
+
+    // Training curves and per-position loss of every checkpoint, plotted.
+    let svg = dir.path().join("run.svg");
+    let out = stlm(&["plot", "--run", p(&run), "--out", p(&svg)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("learning rate") && text.contains("validation loss by context position"));
+    let (pl, csv) = (dir.path().join("positions.svg"), dir.path().join("positions.csv"));
+    let out = stlm(&[
+        "eval", "position-loss", "--run", p(&run), "--data", p(&data), "--window", "8", "--windows", "4", "--out", p(&pl), "--csv", p(&csv), "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // Checkpoints kept (keep_last) and the final model, in step order.
+    assert!(lines.len() >= 2 && lines.last().unwrap()["model"].as_str().unwrap().ends_with("model"), "{lines:?}");
+    assert!(lines.iter().all(|l| l["windows"] == 4 && l["icl_score"].as_f64().is_some_and(f64::is_finite)), "{lines:?}");
+    assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 1 + 8 * lines.len());
 
     // Lose the checkpoints after step 3 and resume with the same command.
     for gone in ["step-0000006", "step-0000008"] {
@@ -73,6 +99,7 @@ fn trains_saves_and_resumes() {
     let out = stlm(&resume);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(losses(&run), full, "a resumed run logs the same losses");
+    assert_eq!(position_steps(&run), [4, 8], "a resumed run rewrites the position losses after its checkpoint");
 }
 
 #[test]
@@ -98,6 +125,9 @@ fn bad_input_is_one_line() {
     let typo = dir.path().join("typo.toml");
     std::fs::write(&typo, CONFIG.replace("[train]", "[trian]")).unwrap();
     check(&["train", "--config", p(&typo), "--data", p(&bad_json), "--out", p(&out)], "[trian]");
+    check(&["train", "--config", p(&config), "--set", "train.batch_size", "--out", p(&out)], "TABLE.FIELD=VALUE");
+    check(&["train", "--config", p(&config), "--set", "trian.batch_size=2", "--out", p(&out)], "[trian]");
+    check(&["train", "--config", p(&config), "--set", "train.batch_sise=2", "--out", p(&out)], "batch_sise");
     // An output folder that cannot be created (its parent is a file).
     let blocked = dir.path().join("file");
     std::fs::write(&blocked, "not a folder").unwrap();

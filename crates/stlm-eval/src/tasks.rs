@@ -280,7 +280,8 @@ pub fn doc_from_json(task: Task, v: &Value, line: usize) -> Result<Doc> {
         }
         Task::Lambada if has("context") => {
             let continuation = string(v, "continuation", line)?;
-            Doc::Cloze { text: string(v, "context", line)?, target: format!(" {}", continuation.trim_start()) }
+            // MosaicML's continuation is the text after its last space (`text.split(' ')[-1]`), newlines included.
+            Doc::Cloze { text: string(v, "context", line)?, target: format!(" {continuation}") }
         }
         Task::Lambada => {
             let text = string(v, "text", line)?;
@@ -363,7 +364,7 @@ pub fn doc_from_json(task: Task, v: &Value, line: usize) -> Result<Doc> {
 /// fragment after the last sentence end that starts in lower case is taken as `ctx_b`.
 pub fn hellaswag_from_text(text: &str, limit: usize) -> Result<Vec<Doc>> {
     let lines: Vec<&str> = text.lines().collect();
-    if lines.len() % 6 != 0 {
+    if !lines.len().is_multiple_of(6) {
         return Err(EvalError::Input(format!("{} lines: the six-line HellaSwag form needs a multiple of 6", lines.len())));
     }
     lines
@@ -696,6 +697,12 @@ mod tests {
         let l = doc_from_json(Task::Lambada, &hf, 1).unwrap();
         assert_eq!(l, doc_from_json(Task::Lambada, &mosaic, 1).unwrap());
         assert_eq!(l.requests(""), vec![Request::new("she looked at the old", " dog")]);
+        // A last "word" holding newlines keeps them (LAMBADA item 4462: "...saw the \n\nrecorder").
+        let hf = json!({"text": "and saw the \n\nrecorder"});
+        let mosaic = json!({"context": "and saw the", "continuation": "\n\nrecorder"});
+        let l = doc_from_json(Task::Lambada, &mosaic, 1).unwrap();
+        assert_eq!(l, doc_from_json(Task::Lambada, &hf, 1).unwrap());
+        assert_eq!(l.requests("")[0].continuation, " \n\nrecorder");
     }
 
     #[test]

@@ -134,6 +134,10 @@ impl BytesConfig {
     }
 }
 
+/// A row's [`BytePooledModel::byte_scores`]: bytes dropped from its front, and `(nats, greedy)`
+/// of each kept byte.
+pub type RowScores = (usize, Vec<(f64, bool)>);
+
 /// Chunked rows as tensors: bytes `[b, chunks, L]` (padding `<|pad|>`), lengths `[b, chunks]`,
 /// targets `[b, chunks, L]` (bytes, EOC after a chunk shorter than `L`, -100 elsewhere).
 #[derive(Debug)]
@@ -469,7 +473,7 @@ impl BytePooledModel {
     /// before it) is the model's argmax. Rows longer than `max_chunks` chunks lose whole chunks
     /// from the front; the number of bytes dropped is returned with the scores, which start at
     /// the first kept byte (whose entry is `(0.0, true)`: it has no context).
-    pub fn byte_scores(&self, rows: &[Vec<u32>], max_chunks: usize) -> Result<Vec<(usize, Vec<(f64, bool)>)>> {
+    pub fn byte_scores(&self, rows: &[Vec<u32>], max_chunks: usize) -> Result<Vec<RowScores>> {
         let mut chunks = self.chunk_rows(rows)?;
         let mut kept = Vec::with_capacity(rows.len());
         let mut dropped = Vec::with_capacity(rows.len());
