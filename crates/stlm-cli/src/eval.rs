@@ -117,6 +117,10 @@ pub enum EvalJob {
         /// Windows per forward.
         #[arg(long, default_value_t = 8)]
         batch: usize,
+        /// Plot positions pooled into about this many bins of growing width (each bin's band from
+        /// the spread of its window means); 0 plots every position.
+        #[arg(long, default_value_t = 40)]
+        bins: usize,
         /// tokenizer.json (default: the model directory's, or for a checkpoint the run's).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
@@ -206,7 +210,7 @@ pub fn run(job: EvalJob) -> Result<()> {
                 Ok(())
             }
         }
-        EvalJob::PositionLoss { model, run, data, out, csv, window, windows, early, late, batch, tokenizer, json, device } => {
+        EvalJob::PositionLoss { model, run, data, out, csv, window, windows, early, late, batch, bins, tokenizer, json, device } => {
             let mut dirs = model;
             if let Some(run) = run {
                 dirs.extend(run_models(&run)?);
@@ -214,7 +218,8 @@ pub fn run(job: EvalJob) -> Result<()> {
             if dirs.is_empty() {
                 bail!("give --model DIR (repeatable) or --run DIR");
             }
-            position_losses(&dirs, &data, &out, csv.as_deref(), window, windows, (early, late), batch, tokenizer.as_deref(), json, &device)
+            let shape = PositionShape { window, windows, early, late, batch, bins };
+            position_losses(&dirs, &data, &out, csv.as_deref(), &shape, tokenizer.as_deref(), json, &device)
         }
     }
 }
@@ -286,20 +291,28 @@ fn label(dir: &Path) -> String {
     }
 }
 
+/// Windows, score positions and plot bins of `stlm eval position-loss`.
+struct PositionShape {
+    window: Option<usize>,
+    windows: usize,
+    early: usize,
+    late: usize,
+    batch: usize,
+    bins: usize,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn position_losses(
     dirs: &[PathBuf],
     data: &Path,
     out: &Path,
     csv: Option<&Path>,
-    window: Option<usize>,
-    windows: usize,
-    (early, late): (usize, usize),
-    batch: usize,
+    shape: &PositionShape,
     tokenizer: Option<&Path>,
     json: bool,
     device: &DeviceArgs,
 ) -> Result<()> {
+    let PositionShape { window, windows, early, late, batch, bins } = *shape;
     if out.extension().and_then(|e| e.to_str()) != Some("svg") {
         bail!("--out {}: plots are written as .svg", out.display());
     }
@@ -324,8 +337,15 @@ fn position_losses(
         for (i, (m, s)) in p.mean.iter().zip(&p.stderr).enumerate() {
             table.push_str(&format!("{name},{},{m:.6},{s:.6}\n", i + 1));
         }
-        let points: Vec<(f64, f64)> = p.mean.iter().enumerate().map(|(i, &m)| ((i + 1) as f64, m)).collect();
-        let band = p.mean.iter().zip(&p.stderr).map(|(&m, &s)| (m - 1.96 * s, m + 1.96 * s)).collect();
+        // Position i (0-based) predicts with i + 1 tokens of context; a bin is drawn at its middle.
+        let (points, band) = if bins == 0 {
+            let points = p.mean.iter().enumerate().map(|(i, &m)| ((i + 1) as f64, m)).collect();
+            (points, p.mean.iter().zip(&p.stderr).map(|(&m, &s)| (m - 1.96 * s, m + 1.96 * s)).collect())
+        } else {
+            let binned = p.binned(bins);
+            let points = binned.iter().map(|b| ((b.start + 1 + b.end) as f64 / 2.0, b.mean)).collect();
+            (points, binned.iter().map(|b| (b.mean - 1.96 * b.stderr, b.mean + 1.96 * b.stderr)).collect())
+        };
         series.push(Series { name, points, band });
     }
     let panel = Panel {

@@ -22,6 +22,22 @@ pub struct PositionLoss {
     pub mean: Vec<f64>,
     /// Standard error of each mean (sample standard deviation over windows / sqrt(windows)).
     pub stderr: Vec<f64>,
+    /// The losses of each window, `[window][position]`.
+    #[serde(skip)]
+    pub rows: Vec<Vec<f64>>,
+}
+
+/// Mean loss over a range of positions.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PositionBin {
+    /// First position (0-based).
+    pub start: usize,
+    /// One past the last position.
+    pub end: usize,
+    /// Mean over windows of each window's mean loss over the bin's positions.
+    pub mean: f64,
+    /// Its standard error over windows.
+    pub stderr: f64,
 }
 
 impl PositionLoss {
@@ -46,7 +62,35 @@ impl PositionLoss {
                 (ss / (n - 1) as f64).sqrt() / (n as f64).sqrt()
             })
             .collect();
-        Ok(PositionLoss { windows: n, mean, stderr })
+        Ok(PositionLoss { windows: n, mean, stderr, rows: rows.to_vec() })
+    }
+
+    /// The positions in about `bins` bins of geometrically growing width (every early position
+    /// its own bin, later ones pooled), each with the mean over windows of the window's mean
+    /// over the bin, and its standard error over windows: a readable curve whose band accounts
+    /// for the correlation of neighbouring positions.
+    pub fn binned(&self, bins: usize) -> Vec<PositionBin> {
+        let width = self.mean.len();
+        let ratio = (width.max(2) as f64).powf(1.0 / bins.max(1) as f64);
+        let mut edges = vec![0usize];
+        let mut upper = 1.0f64;
+        while *edges.last().expect("edges start with 0") < width {
+            upper *= ratio;
+            let last = *edges.last().expect("edges start with 0");
+            edges.push((upper.round() as usize).clamp(last + 1, width));
+        }
+        edges
+            .windows(2)
+            .map(|e| {
+                let (start, end) = (e[0], e[1]);
+                let per_window: Vec<Vec<f64>> = self.rows.iter().map(|r| vec![r[start..end].iter().sum::<f64>() / (end - start) as f64]).collect();
+                let (mean, stderr) = match PositionLoss::from_rows(&per_window) {
+                    Ok(p) => (p.mean[0], p.stderr[0]),
+                    Err(_) => (f64::NAN, f64::NAN),
+                };
+                PositionBin { start, end, mean, stderr }
+            })
+            .collect()
     }
 
     /// The in-context learning score: mean loss at position `late` minus at `early`, each
@@ -117,5 +161,23 @@ mod tests {
         // Positions beyond the window are clamped to it.
         assert_eq!(p.icl_score(50, 500), (0.0, 1, 2));
         assert!(PositionLoss::from_rows(&[]).is_err());
+    }
+
+    #[test]
+    fn bins_cover_every_position_once_and_average_windows() {
+        let rows: Vec<Vec<f64>> = (0..3).map(|w| (0..100).map(|p| (p * (w + 1)) as f64).collect()).collect();
+        let p = PositionLoss::from_rows(&rows).unwrap();
+        let bins = p.binned(10);
+        assert_eq!(bins.first().map(|b| (b.start, b.end)), Some((0, 1)));
+        assert_eq!(bins.last().map(|b| b.end), Some(100));
+        assert!(bins.windows(2).all(|b| b[0].end == b[1].start && b[0].end - b[0].start <= b[1].end - b[1].start));
+        assert!(bins.len() <= 11, "{}", bins.len());
+        // Bin [s, e): window w's mean is (w + 1) (s + e - 1) / 2; over windows 2 (s + e - 1) / 2.
+        for b in &bins {
+            assert!((b.mean - (b.start + b.end - 1) as f64).abs() < 1e-9, "{b:?}");
+        }
+        // Window means (s+e-1)/2 x {1, 2, 3}: sample sd (s+e-1)/2, over sqrt(3).
+        let b = &bins[bins.len() - 1];
+        assert!((b.stderr - (b.start + b.end - 1) as f64 / 2.0 / 3f64.sqrt()).abs() < 1e-9, "{b:?}");
     }
 }

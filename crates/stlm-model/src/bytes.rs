@@ -18,7 +18,7 @@
 //! added once.
 
 use crate::config::{ModelConfig, ModelType, PositionKind};
-use crate::layers::{DecoderLayer, FeedForward, Linear, Norm, RotaryAngles};
+use crate::layers::{DecoderLayer, Linear, Norm, RotaryAngles};
 use crate::generate::{GenerationConfig, Sampler};
 use crate::{DecoderModel, ModelError, Result};
 use serde::{Deserialize, Serialize};
@@ -528,23 +528,12 @@ impl BytePooledModel {
 
     /// MoE stats of the global decoder's last forward (MoE global layers only).
     pub fn take_moe_stats(&self) -> Vec<(usize, MoeStats)> {
-        self.layers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| match &l.mlp {
-                FeedForward::Moe(m) => m.take_stats().map(|s| (i, s)),
-                _ => None,
-            })
-            .collect()
+        crate::layers::take_moe_stats(&self.layers)
     }
 
     /// Moves aux-free router biases after a step (see [`DecoderModel::update_moe_balance`]).
     pub fn update_moe_balance(&self, stats: &[(usize, MoeStats)]) {
-        for (i, s) in stats {
-            if let FeedForward::Moe(m) = &self.layers[*i].mlp {
-                m.update_balance(s);
-            }
-        }
+        crate::layers::update_moe_balance(&self.layers, stats)
     }
 }
 

@@ -6,7 +6,7 @@
 use crate::config::{Activation, MlpKind, ModelConfig, NormKind, PositionKind};
 use stlm_attention::{alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, AttentionKind, AttentionMask, KvCache};
 use stlm_core::kernels::{small_batch_linear, small_batch_rms_norm};
-use stlm_moe::{CdMoe, MoeLayer};
+use stlm_moe::{CdMoe, MoeLayer, MoeStats};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
@@ -341,6 +341,25 @@ impl SelfAttention {
             self.attention.forward(&q, &k, &v, extra, &mask)
         }; // [b, h, s, d]
         self.o_proj.forward(&out.transpose(1, 2).reshape([b, s, self.num_heads * self.head_dim]))
+    }
+}
+
+/// The MoE stats of the last forward of `layers`, per MoE layer (`(layer index, stats)`), taken.
+pub(crate) fn take_moe_stats(layers: &[DecoderLayer]) -> Vec<(usize, MoeStats)> {
+    let moe = layers.iter().enumerate().filter_map(|(i, l)| match &l.mlp {
+        FeedForward::Moe(m) => Some((i, m)),
+        FeedForward::Dense(_) | FeedForward::CdMoe(_) => None,
+    });
+    moe.filter_map(|(i, m)| m.take_stats().map(|s| (i, s))).collect()
+}
+
+/// After an optimizer step: moves each aux-free router's bias in `layers` towards balance by
+/// `stats` (from [`take_moe_stats`] of the step's forward).
+pub(crate) fn update_moe_balance(layers: &[DecoderLayer], stats: &[(usize, MoeStats)]) {
+    for (i, s) in stats {
+        if let FeedForward::Moe(m) = &layers[*i].mlp {
+            m.update_balance(s);
+        }
     }
 }
 

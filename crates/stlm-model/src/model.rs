@@ -106,21 +106,13 @@ impl DecoderModel {
 
     /// The MoE stats of the last forward, per MoE layer (`(layer index, stats)`), taken.
     pub fn take_moe_stats(&self) -> Vec<(usize, MoeStats)> {
-        let moe = self.layers.iter().enumerate().filter_map(|(i, l)| match &l.mlp {
-            FeedForward::Moe(m) => Some((i, m)),
-            FeedForward::Dense(_) | FeedForward::CdMoe(_) => None,
-        });
-        moe.filter_map(|(i, m)| m.take_stats().map(|s| (i, s))).collect()
+        crate::layers::take_moe_stats(&self.layers)
     }
 
     /// After an optimizer step: moves each aux-free router's bias towards balance by `stats`
     /// (from [`DecoderModel::take_moe_stats`] of the step's forward).
     pub fn update_moe_balance(&self, stats: &[(usize, MoeStats)]) {
-        for (i, s) in stats {
-            if let FeedForward::Moe(m) = &self.layers[*i].mlp {
-                m.update_balance(s);
-            }
-        }
+        crate::layers::update_moe_balance(&self.layers, stats)
     }
 
     /// Total number of parameters (tied weights counted once).
