@@ -197,9 +197,19 @@ pub fn run(job: EvalJob) -> Result<()> {
                     report.skipped.push((task.name().into(), reason));
                     continue;
                 };
-                let (r, _) = run_task(&lm, &tok, task, &path, &opts)?;
-                print_task(&r);
-                report.tasks.push(r);
+                // One task that cannot be scored (e.g. an item longer than the model's window)
+                // is listed with its reason; the rest of the suite still runs.
+                match run_task(&lm, &tok, task, &path, &opts) {
+                    Ok((r, _)) => {
+                        print_task(&r);
+                        report.tasks.push(r);
+                    }
+                    Err(e) => {
+                        let reason = format!("{e:#}");
+                        eprintln!("{}: failed, {reason}", task.name());
+                        report.skipped.push((task.name().into(), reason));
+                    }
+                }
             }
             let table = report.markdown(suite);
             if json {

@@ -369,6 +369,16 @@ fn benchmarks_and_suites() {
     assert!(table.contains("| model |") && table.contains("HellaSwag (acc_norm)"), "{table}");
     let md = ok(&["eval", "suite", "--model", p(&model), "--data-dir", p(&data), "--limit", "1"]);
     assert_eq!(md.lines().count(), 3, "{md}");
+    // A task that cannot be scored (a continuation longer than the window) is listed as
+    // skipped with its error; the others still run.
+    let long = format!("{{\"query\": \"Question: x\\n\", \"choices\": [\"{}\", \"b\"], \"gold\": 0}}\n", "a red ball ".repeat(60));
+    std::fs::write(data.join("piqa.jsonl"), long).unwrap();
+    let out = stlm(&["eval", "suite", "--model", p(&model), "--data-dir", p(&data), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tasks"].as_array().unwrap().len(), 3);
+    let piqa = v["skipped"].as_array().unwrap().iter().find(|s| s[0] == "piqa").unwrap();
+    assert!(piqa[1].as_str().unwrap().contains("more than the window"), "{piqa}");
 
     let e = fails(&["eval", "mc", "--model", p(&model), "--task", "arc", "--data", p(&data.join("arc_easy.jsonl"))]);
     assert!(e.contains("unknown task `arc`") && e.contains("arc_easy"), "{e}");

@@ -244,3 +244,49 @@ fn position_loss_is_cross_entropy_per_position() {
     }
     assert!(position_loss(&any, &ids[..10], window, 3, 2, &ProgressBar::hidden()).is_err());
 }
+
+/// Hugging Face parquet: HellaSwag rows (strings, a list column) read into the same items as
+/// the same fields in jsonl.
+#[test]
+fn parquet_items_equal_jsonl_items() {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    use stlm_eval::tasks::load_docs;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hellaswag.parquet");
+    let schema = "message schema { REQUIRED BYTE_ARRAY activity_label (UTF8); REQUIRED BYTE_ARRAY ctx_a (UTF8); \
+        REQUIRED BYTE_ARRAY ctx_b (UTF8); REPEATED BYTE_ARRAY endings (UTF8); REQUIRED BYTE_ARRAY label (UTF8); }";
+    let schema = Arc::new(parquet::schema::parser::parse_message_type(schema).unwrap());
+    let mut writer = SerializedFileWriter::new(std::fs::File::create(&path).unwrap(), schema, Arc::new(WriterProperties::builder().build())).unwrap();
+    let mut rg = writer.next_row_group().unwrap();
+    let columns: [&[&str]; 5] = [&["Baking", "Dogs"], &["A man mixes flour.", "A dog runs."], &["he", "it"], &["adds eggs.", "sings.", "barks.", "flies."], &["0", "1"]];
+    for (i, values) in columns.iter().enumerate() {
+        let mut col = rg.next_column().unwrap().unwrap();
+        let data: Vec<ByteArray> = values.iter().map(|s| ByteArray::from(*s)).collect();
+        let writer = col.typed::<ByteArrayType>();
+        if i == 3 {
+            // Two endings per row: repetition level 0 starts a row.
+            writer.write_batch(&data, Some(&[1, 1, 1, 1]), Some(&[0, 1, 0, 1])).unwrap();
+        } else {
+            writer.write_batch(&data, None, None).unwrap();
+        }
+        col.close().unwrap();
+    }
+    rg.close().unwrap();
+    writer.close().unwrap();
+    let docs = load_docs(Task::Hellaswag, &path, 10).unwrap();
+    let jsonl = dir.path().join("hellaswag.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"activity_label\": \"Baking\", \"ctx_a\": \"A man mixes flour.\", \"ctx_b\": \"he\", \"endings\": [\"adds eggs.\", \"sings.\"], \"label\": \"0\"}\n\
+         {\"activity_label\": \"Dogs\", \"ctx_a\": \"A dog runs.\", \"ctx_b\": \"it\", \"endings\": [\"barks.\", \"flies.\"], \"label\": \"1\"}\n",
+    )
+    .unwrap();
+    assert_eq!(docs, load_docs(Task::Hellaswag, &jsonl, 10).unwrap());
+    assert_eq!(docs[0].requests("")[0], Request::new("Baking: A man mixes flour. He", " adds eggs."));
+    assert_eq!(load_docs(Task::Hellaswag, &path, 1).unwrap().len(), 1, "--limit");
+    let e = load_docs(Task::Piqa, &path, 10).unwrap_err().to_string();
+    assert!(e.contains("hellaswag.parquet") && e.contains("goal"), "{e}");
+}
