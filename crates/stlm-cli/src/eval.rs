@@ -95,7 +95,7 @@ pub enum EvalJob {
         /// UTF-8 text file.
         #[arg(long)]
         data: PathBuf,
-        /// Plot (.svg).
+        /// Plot (.svg or .png).
         #[arg(long)]
         out: PathBuf,
         /// Also write the table model,position,loss,stderr.
@@ -323,8 +323,8 @@ fn position_losses(
     device: &DeviceArgs,
 ) -> Result<()> {
     let PositionShape { window, windows, early, late, batch, bins } = *shape;
-    if out.extension().and_then(|e| e.to_str()) != Some("svg") {
-        bail!("--out {}: plots are written as .svg", out.display());
+    if !matches!(out.extension().and_then(|e| e.to_str()), Some("svg" | "png")) {
+        bail!("--out {}: plots are written as .svg or .png", out.display());
     }
     let text = std::fs::read_to_string(data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
     let mut series = Vec::new();

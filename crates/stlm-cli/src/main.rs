@@ -49,7 +49,7 @@ enum Job {
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchJob),
-    /// Draw lines from a CSV table, or a training run's curves, into an SVG plot.
+    /// Draw lines from a CSV table, or a training run's curves, into an SVG or PNG plot.
     Plot(plot::PlotArgs),
 }
 

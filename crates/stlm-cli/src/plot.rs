@@ -27,14 +27,14 @@ pub struct PlotArgs {
     /// Plot title (default: "Y against X").
     #[arg(long)]
     title: Option<String>,
-    /// Output file (.svg).
+    /// Output file (.svg or .png).
     #[arg(long)]
     out: PathBuf,
 }
 
 pub fn plot(a: PlotArgs) -> Result<()> {
-    if a.out.extension().and_then(|e| e.to_str()) != Some("svg") {
-        bail!("--out {}: plots are written as .svg", a.out.display());
+    if !matches!(a.out.extension().and_then(|e| e.to_str()), Some("svg" | "png")) {
+        bail!("--out {}: plots are written as .svg or .png", a.out.display());
     }
     if let Some(run) = &a.run {
         let path = run.join("metrics.jsonl");

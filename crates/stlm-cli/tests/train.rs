@@ -79,7 +79,7 @@ fn trains_saves_and_resumes() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.contains("learning rate") && text.contains("validation loss by context position"));
-    let (pl, csv) = (dir.path().join("positions.svg"), dir.path().join("positions.csv"));
+    let (pl, csv) = (dir.path().join("positions.png"), dir.path().join("positions.csv"));
     let out = stlm(&[
         "eval", "position-loss", "--run", p(&run), "--data", p(&data), "--window", "8", "--windows", "4", "--out", p(&pl), "--csv", p(&csv), "--json",
     ]);
@@ -89,6 +89,7 @@ fn trains_saves_and_resumes() {
     assert!(lines.len() >= 2 && lines.last().unwrap()["model"].as_str().unwrap().ends_with("model"), "{lines:?}");
     assert!(lines.iter().all(|l| l["windows"] == 4 && l["icl_score"].as_f64().is_some_and(f64::is_finite)), "{lines:?}");
     assert_eq!(std::fs::read_to_string(&csv).unwrap().lines().count(), 1 + 8 * lines.len());
+    assert!(std::fs::read(&pl).unwrap().starts_with(b"\x89PNG"), "a PNG plot");
 
     // Lose the checkpoints after step 3 and resume with the same command.
     for gone in ["step-0000006", "step-0000008"] {

@@ -1,5 +1,5 @@
-//! Line plots as SVG files (plotters' SVG backend, no system fonts needed), and the CSV tables
-//! they are drawn from.
+//! Line plots as SVG or PNG files (plotters; text drawn with a font compiled into the binary,
+//! so no system fonts are needed), and the CSV tables they are drawn from.
 
 use crate::{EvalError, Result};
 use plotters::prelude::*;
@@ -65,31 +65,54 @@ pub fn series_from_csv(text: &str, x: &str, y: &str, group: Option<&str>) -> Res
     Ok(out)
 }
 
-/// Draws `series` as lines with markers into an SVG file at `path` (written to a temporary
-/// name, then renamed).
+/// Registers the compiled-in font as plotters' "sans-serif" (once).
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The bytes are a valid TrueType font shipped with epaint_default_fonts.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT);
+    });
+}
+
+/// Draws `series` as lines with markers into an SVG or PNG file at `path` (by its extension;
+/// written to a temporary name, then renamed).
 pub fn line_plot(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
     let panel = Panel { title: title.into(), x_label: x_label.into(), y_label: y_label.into(), series: series.to_vec(), markers: true };
     figure(path, &[panel], 1)
 }
 
-/// Draws `panels` into one SVG file at `path`, `columns` charts per row (written to a temporary
-/// name, then renamed). A panel without finite points is drawn empty with "no data".
+/// Draws `panels` into one SVG or PNG file at `path` (by its extension), `columns` charts per
+/// row (written to a temporary name, then renamed). A panel without finite points is drawn empty
+/// with "no data".
 pub fn figure(path: &Path, panels: &[Panel], columns: usize) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).unwrap_or_default();
+    if ext != "svg" && ext != "png" {
+        return Err(EvalError::Input(format!("{}: plots are written as .svg or .png", path.display())));
+    }
     if panels.iter().all(|p| bounds(&p.series).is_none()) {
         return Err(EvalError::Input("nothing to plot: no finite points".into()));
     }
+    register_font();
     let columns = columns.clamp(1, panels.len().max(1));
     let rows = panels.len().div_ceil(columns);
     let size = if panels.len() == 1 { (900, 560) } else { (640 * columns as u32, 420 * rows as u32) };
-    let tmp = path.with_file_name(format!(".{}.tmp-{}", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), std::process::id()));
-    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let root = SVGBackend::new(&tmp, size).into_drawing_area();
+    // The temporary name keeps the extension: the bitmap backend picks its encoder by it.
+    let stem = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{stem}.tmp-{}.{ext}", std::process::id()));
+    fn draw<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, panels: &[Panel], grid: (usize, usize)) -> std::result::Result<(), Box<dyn std::error::Error>>
+    where
+        DB::ErrorType: 'static,
+    {
         root.fill(&WHITE)?;
-        for (area, panel) in root.split_evenly((rows, columns)).iter().zip(panels) {
+        for (area, panel) in root.split_evenly(grid).iter().zip(panels) {
             draw_panel(area, panel)?;
         }
         root.present()?;
         Ok(())
+    }
+    let draw = || match ext.as_str() {
+        "png" => draw(BitMapBackend::new(&tmp, size).into_drawing_area(), panels, (rows, columns)),
+        _ => draw(SVGBackend::new(&tmp, size).into_drawing_area(), panels, (rows, columns)),
     };
     draw().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -232,6 +255,14 @@ mod tests {
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("bits per byte") && svg.contains("\na\n</text>"), "{}", &svg[..200]);
         assert!(line_plot(&path, "t", "x", "y", &[]).is_err());
+        // PNG from the same call, text drawn with the compiled-in font; other extensions refused.
+        let png = dir.path().join("p.png");
+        line_plot(&png, "bits per byte", "step", "bpb", &s).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 5000, "{}", bytes.len());
+        let e = line_plot(&dir.path().join("p.jpg"), "t", "x", "y", &s).unwrap_err().to_string();
+        assert!(e.contains(".svg or .png"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary files left");
     }
 
     #[test]
