@@ -121,25 +121,15 @@ pub fn position_loss(model: &AnyModel, ids: &[u32], window: usize, max_windows: 
     let _guard = tch::no_grad_guard();
     let mut losses = Vec::with_capacity(count);
     for group in rows.chunks(batch.max(1)) {
-        match model {
-            AnyModel::Tokens(m) => {
-                let flat: Vec<i64> = group.iter().flatten().map(|&t| i64::from(t)).collect();
-                m.check_ids(&flat)?;
-                let all = Tensor::from_slice(&flat).view([group.len() as i64, window as i64 + 1]).to_device(m.device());
-                let logits = m.forward(&all.narrow(1, 0, window as i64));
-                let logp = logits.log_softmax(-1, Kind::Float);
-                let nll = -logp.gather(2, &all.narrow(1, 1, window as i64).unsqueeze(-1), false).squeeze_dim(-1);
-                let nll = nll.to_kind(Kind::Double).to_device(tch::Device::Cpu);
-                for r in 0..group.len() {
-                    losses.push(Vec::<f64>::try_from(nll.get(r as i64)).expect("float64 losses"));
-                }
-            }
-            AnyModel::Bytes(m) => {
-                for (dropped, scores) in m.byte_scores(group, usize::MAX)? {
-                    debug_assert_eq!(dropped, 0);
-                    losses.push(scores[1..].iter().map(|s| s.0).collect());
-                }
-            }
+        let flat: Vec<i64> = group.iter().flatten().map(|&t| i64::from(t)).collect();
+        if let AnyModel::Tokens(m) = model {
+            m.check_ids(&flat)?;
+        }
+        let all = Tensor::from_slice(&flat).view([group.len() as i64, window as i64 + 1]).to_device(model.as_lm().device());
+        let (inputs, targets) = (all.narrow(1, 0, window as i64), all.narrow(1, 1, window as i64));
+        let nll = model.as_lm().position_nats(&inputs, &targets)?.to_kind(Kind::Double).to_device(tch::Device::Cpu);
+        for r in 0..group.len() {
+            losses.push(Vec::<f64>::try_from(nll.get(r as i64)).expect("float64 losses"));
         }
         bar.inc(group.len() as u64);
     }
