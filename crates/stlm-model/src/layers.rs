@@ -7,8 +7,23 @@ use crate::config::{Activation, MlpKind, ModelConfig, NormKind, PositionKind};
 use stlm_attention::{alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, AttentionKind, AttentionMask, KvCache};
 use stlm_core::kernels::{small_batch_linear, small_batch_rms_norm};
 use stlm_moe::{CdMoe, MoeLayer, MoeStats};
+use std::sync::{Arc, Mutex};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
+
+/// The inputs a tapped [`Linear`] has seen: `X^T X` (float64, `[in, in]`) and the number of rows
+/// of `X`, accumulated over forwards. Calibration statistics for pruning: the diagonal holds each
+/// input channel's squared norm (Wanda), the whole matrix is SparseGPT's Hessian up to a factor.
+#[derive(Debug, Default)]
+pub struct InputGram {
+    /// `sum X^T X` over every input seen, or `None` before the first.
+    pub gram: Option<Tensor>,
+    /// Input rows (tokens) seen.
+    pub rows: i64,
+}
+
+/// A shared [`InputGram`] a [`Linear`] adds its inputs to while it is set.
+pub type InputTap = Arc<Mutex<InputGram>>;
 
 /// `y = x W^T + b`, weight `[out, in]`.
 #[derive(Debug)]
@@ -17,6 +32,8 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[out_features]`, when the layer has a bias.
     pub bias: Option<Tensor>,
+    /// While set, every input is added to this Gram matrix (calibration for pruning).
+    pub tap: Option<InputTap>,
 }
 
 impl Linear {
@@ -24,12 +41,39 @@ impl Linear {
     pub fn new(path: nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Self {
         let weight = path.var("weight", &[out_dim, in_dim], Init::Randn { mean: 0.0, stdev: std });
         let bias = bias.then(|| path.var("bias", &[out_dim], Init::Const(0.0)));
-        Linear { weight, bias }
+        Linear { weight, bias, tap: None }
+    }
+
+    /// Adds `x` `[.., in]` to each distinct tap of `parts` (layers reading the same input).
+    fn record(parts: &[&Linear], x: &Tensor) {
+        let mut taps: Vec<&InputTap> = Vec::new();
+        for tap in parts.iter().filter_map(|p| p.tap.as_ref()) {
+            if !taps.iter().any(|t| Arc::ptr_eq(t, tap)) {
+                taps.push(tap);
+            }
+        }
+        if taps.is_empty() {
+            return;
+        }
+        let _guard = tch::no_grad_guard();
+        let cols = x.size().last().copied().unwrap_or(0);
+        let rows = x.detach().reshape([-1, cols]).to_kind(Kind::Double); // [n, in]
+        let gram = rows.tr().matmul(&rows);
+        for tap in taps {
+            // A poisoned lock only means another thread panicked mid-update; the sum is still usable.
+            let mut g = tap.lock().unwrap_or_else(|e| e.into_inner());
+            g.gram = Some(match g.gram.take() {
+                Some(sum) => sum + &gram,
+                None => gram.shallow_clone(),
+            });
+            g.rows += rows.size()[0];
+        }
     }
 
     /// `[.., in] -> [.., out]`; a few rows of float32 on the CPU without gradients (decoding) go
     /// through stlm-core's small-batch kernel, everything else through libtorch.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        Linear::record(&[self], x);
         small_batch_linear(x, &self.weight, self.bias.as_ref())
             .unwrap_or_else(|| x.linear(&self.weight, self.bias.as_ref()))
     }
@@ -38,6 +82,7 @@ impl Linear {
     /// weights, `[.., in] -> [.., sum of out]`: one larger GEMM forward and backward instead of
     /// several small ones (the training path; decoding fuses once, see [`Linear::fuse`]).
     pub fn forward_concat(parts: &[&Linear], x: &Tensor) -> Tensor {
+        Linear::record(parts, x);
         let weight = Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0);
         let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0));
@@ -60,7 +105,7 @@ impl Linear {
             }
             offset += n;
         }
-        Linear { weight, bias }
+        Linear { weight, bias, tap: None }
     }
 }
 

@@ -1,0 +1,40 @@
+//! stlm-prune: pruning of stlm models.
+//!
+//! - [`mask`]: which weights go: a fraction or N:M pattern within a row, a matrix or all matrices.
+//! - [`sparsegpt`]: SparseGPT's OBS reconstruction of one layer from its calibration Hessian.
+//! - [`unstructured`]: magnitude, Wanda and SparseGPT over a model's linear layers, calibrated
+//!   block by block.
+//! - [`report`]: sparsity per matrix and overall, parameters, perplexity before/after, time.
+
+pub mod mask;
+pub mod report;
+pub mod sparsegpt;
+pub mod unstructured;
+
+pub use mask::{Pattern, Scope};
+pub use report::{Perplexity, PruneReport, TargetReport};
+pub use sparsegpt::SparseGptOptions;
+pub use unstructured::{prune, Method, PruneOptions};
+
+/// Errors of pruning.
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    /// Bad options or input.
+    #[error("{0}")]
+    Input(String),
+    /// A numerical failure (a Hessian that is not positive definite).
+    #[error("{0}")]
+    Numerical(String),
+    /// An error raised by the model.
+    #[error(transparent)]
+    Model(#[from] stlm_model::ModelError),
+}
+
+/// Result alias for stlm-prune.
+pub type Result<T, E = PruneError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// Tests that seed and draw from libtorch's global generator hold this.
+    pub static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+}
