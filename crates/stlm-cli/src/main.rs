@@ -8,6 +8,7 @@ mod data;
 mod eval;
 mod model;
 mod plot;
+mod prune;
 mod tokenizer;
 mod train;
 
@@ -49,6 +50,8 @@ enum Job {
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchJob),
+    /// Prune a model: magnitude, Wanda or SparseGPT, unstructured or N:M; writes a pruned model directory.
+    Prune(prune::PruneArgs),
     /// Draw lines from a CSV table, or a training run's curves, into an SVG or PNG plot.
     Plot(plot::PlotArgs),
 }
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Job::Eval(j) => eval::run(j),
         Job::Bench(j) => bench::run(j),
         Job::Plot(a) => plot::plot(a),
+        Job::Prune(a) => prune::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

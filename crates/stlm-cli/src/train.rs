@@ -15,6 +15,9 @@ use stlm_tokenizers::{BpeOptions, Tokenizer};
 use stlm_train::config::TrainTable;
 use stlm_train::trainer::{train as run_training, BatchSource};
 
+/// The record `stlm prune` leaves in a pruned model directory.
+pub const PRUNING_FILE: &str = "pruning.json";
+
 /// Bytes of text a tokenizer is trained on at most (the start of the corpus).
 const TOKENIZER_SAMPLE_BYTES: usize = 50 << 20;
 
@@ -46,6 +49,11 @@ pub struct TrainArgs {
     /// records the result.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Start from this model directory instead of a random initialisation: its config replaces
+    /// the [model] table, its tokenizer.json is the run's, and when it holds `pruning.json` (a
+    /// `stlm prune` output) its pruned weights stay zero. Pass it again with --resume.
+    #[arg(long, value_name = "DIR")]
+    init: Option<PathBuf>,
     /// Stories to sample from the trained model at the end.
     #[arg(long, default_value_t = 3)]
     samples: usize,
@@ -138,8 +146,16 @@ fn apply_overrides(text: &str, path: &Path, overrides: &[String]) -> Result<Stri
 
 /// The config's tokenizer, the run's own when resuming, or BPE trained on the data now; the
 /// byte tokenizer for byte models.
-fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, progress: bool) -> Result<Tokenizer> {
+fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, progress: bool, init: Option<&Path>) -> Result<Tokenizer> {
     let saved = out.join("tokenizer.json");
+    if let Some(dir) = init.filter(|_| run.model.bytes.is_none()) {
+        if let Some(t) = &run.data.tokenizer {
+            bail!("field `data.tokenizer` ({}) and --init {}: the model directory's tokenizer is used; remove the field", t.display(), dir.display());
+        }
+        let tok = crate::common::load_tokenizer(None, dir)?;
+        tok.save(&saved)?;
+        return Ok(tok);
+    }
     if run.model.bytes.is_some() {
         if let Some(t) = &run.data.tokenizer {
             bail!("field `data.tokenizer` ({}): byte models read the byte tokenizer; remove it", t.display());
@@ -172,13 +188,21 @@ fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, 
 
 pub fn train(a: TrainArgs) -> Result<()> {
     stlm_core::memory::keep_freed_memory();
-    let run = RunConfig::load_with(&a.config, &a.set)?;
+    let mut run = RunConfig::load_with(&a.config, &a.set)?;
     let stem = a.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
     let out = a.out.clone().unwrap_or_else(|| Path::new("runs").join(stem));
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the run directory", out.display()))?;
     let device = stlm_core::parse_device(&a.device.device)?;
     if a.device.dtype != "float32" {
         bail!("--dtype {}: training runs in float32 for now", a.device.dtype);
+    }
+    let init = a.init.as_deref().map(|dir| load_init(dir, device)).transpose()?;
+    if let Some(init) = &init {
+        eprintln!("starting from {} (its config replaces [model])", init.dir.display());
+        run.model = init.model.as_lm().model_config().clone();
+        if run.train.seq_len > run.model.max_position_embeddings {
+            bail!("train.seq_len {} exceeds max_position_embeddings {} of {}", run.train.seq_len, run.model.max_position_embeddings, init.dir.display());
+        }
     }
     let progress = std::io::stderr().is_terminal();
     let sources: Vec<Source> = if a.data.is_empty() {
@@ -189,7 +213,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         a.data.iter().cloned().map(Source::File).collect()
     };
 
-    let tok = run_tokenizer(&run, &sources, &out, a.resume, progress)?;
+    let tok = run_tokenizer(&run, &sources, &out, a.resume, progress, a.init.as_deref())?;
     let mut model_cfg = run.model.clone();
     let eot = tok.eos_id().map(i64::from);
     if model_cfg.eos_token_id.is_empty() {
@@ -217,10 +241,16 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let id_bytes = tok.id_byte_lengths().map(|l| tch::Tensor::from_slice(&l.iter().map(|&n| n as f64).collect::<Vec<_>>()));
     let batches = Batches(TokenBatches::new(corpus, run.train.batch_size, run.train.seq_len, run.train.seed, device)?, id_bytes);
     stlm_core::seed_all(run.train.seed);
-    let model = match model_cfg.bytes {
-        Some(_) => AnyModel::Bytes(Box::new(BytePooledModel::new(model_cfg, device)?)),
-        None => AnyModel::Tokens(Box::new(DecoderModel::new(model_cfg, device)?)),
+    let (model, keep_zeros) = match init {
+        Some(init) => (init.model, init.keep_zeros),
+        None => match model_cfg.bytes {
+            Some(_) => (AnyModel::Bytes(Box::new(BytePooledModel::new(model_cfg, device)?)), Vec::new()),
+            None => (AnyModel::Tokens(Box::new(DecoderModel::new(model_cfg, device)?)), Vec::new()),
+        },
     };
+    if !keep_zeros.is_empty() {
+        eprintln!("pruned model: the zeros of {} weight matrices stay zero", keep_zeros.len());
+    }
     if let AnyModel::Bytes(m) = &model {
         let (byte_path, global) = m.parameter_split();
         eprintln!("byte-pooled model: {byte_path} parameters in the byte path, {global} in the global decoder");
@@ -228,7 +258,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
     eprintln!("model: {} parameters; run directory {}", model.as_lm().num_parameters(), out.display());
     stlm_core::atomic_write_bytes(&out.join("config.toml"), run.text.as_bytes())?;
 
-    let settings = run.train.settings(a.max_steps, progress);
+    let mut settings = run.train.settings(a.max_steps, progress);
+    settings.keep_zeros = keep_zeros;
     let stop = Arc::clone(&settings.stop);
     ctrlc::set_handler(move || {
         if stop.swap(true, Ordering::SeqCst) {
@@ -267,8 +298,43 @@ pub fn train(a: TrainArgs) -> Result<()> {
     }
     let model_dir = out.join("model");
     model.as_lm().save(&model_dir, Some(&out.join("tokenizer.json")))?;
+    if let Some(dir) = &a.init {
+        // The fine-tuned model keeps its pruning record, so a further run keeps the zeros too.
+        let record = dir.join(PRUNING_FILE);
+        if record.is_file() {
+            let bytes = std::fs::read(&record).with_context(|| format!("{}: cannot read", record.display()))?;
+            stlm_core::atomic_write_bytes(&model_dir.join(PRUNING_FILE), &bytes)?;
+        }
+    }
     eprintln!("saved {}", model_dir.display());
     print_samples(&model, &tok, a.samples, run.train.seed)
+}
+
+/// A model directory a run starts from (`--init`).
+struct Init {
+    dir: PathBuf,
+    model: AnyModel,
+    /// Weights whose zeros stay zero (from the directory's `pruning.json`).
+    keep_zeros: Vec<String>,
+}
+
+/// Loads `--init DIR` in float32 on `device`, with the weights its `pruning.json` lists.
+fn load_init(dir: &Path, device: tch::Device) -> Result<Init> {
+    let model = stlm_model::load_any_model(dir, device, stlm_core::DType::Float32)?;
+    let record = dir.join(PRUNING_FILE);
+    // Unstructured and N:M reports list the pruned matrices; structured ones have nothing to keep.
+    let keep_zeros = match record.is_file() {
+        true => match stlm_core::read_json::<serde_json::Value>(&record)?.get("pruned") {
+            Some(pruned) => serde_json::from_value::<Vec<stlm_prune::TargetReport>>(pruned.clone())
+                .with_context(|| format!("{}: field `pruned` is not a list of pruned matrices", record.display()))?
+                .into_iter()
+                .map(|t| t.name)
+                .collect(),
+            None => Vec::new(),
+        },
+        false => Vec::new(),
+    };
+    Ok(Init { dir: dir.to_path_buf(), model, keep_zeros })
 }
 
 /// Prints `count` texts sampled from the model, each started from the end-of-text token.

@@ -168,7 +168,19 @@ impl DecoderModel {
         mask: &AttentionMask,
         mut cache: Option<&mut KvCache>,
     ) -> Tensor {
-        // input_ids, positions: [b, s]
+        let (mut x, rotary) = self.embed(input_ids, positions);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, rotary.as_ref(), positions, mask, cache.as_deref().map(|c| (c, i)));
+        }
+        if let Some(c) = cache.as_mut() {
+            c.advance(input_ids.size()[1]);
+        }
+        self.norm.forward(&x)
+    }
+
+    /// The input of the first block `[b, s, hidden]` (token and absolute position embeddings)
+    /// and the rotary angles of `positions` `[b, s]`.
+    fn embed(&self, input_ids: &Tensor, positions: &Tensor) -> (Tensor, Option<RotaryAngles>) {
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, s, hidden]
         if let Some(pos) = &self.embed_positions {
             x = &x + Tensor::embedding(pos, positions, -1, false, false);
@@ -180,13 +192,22 @@ impl DecoderModel {
             let (cos, sin) = rope.cos_sin(positions, x.kind());
             RotaryAngles { cos, sin }
         });
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, rotary.as_ref(), positions, mask, cache.as_deref().map(|c| (c, i)));
+        (x, rotary)
+    }
+
+    /// The residual stream of a full causal pass over `input_ids` `[b, s]`: the input of every
+    /// block and the output of the last (before the final norm), `num_hidden_layers + 1`
+    /// tensors `[b, s, hidden]` (block influence for layer pruning, hidden-state distillation).
+    pub fn residual_stream(&self, input_ids: &Tensor) -> Vec<Tensor> {
+        let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
+        let positions = Tensor::arange(s, (Kind::Int64, self.device())).unsqueeze(0).expand([b, s], false);
+        let (mut x, rotary) = self.embed(input_ids, &positions);
+        let mut states = vec![x.shallow_clone()];
+        for layer in &self.layers {
+            x = layer.forward(&x, rotary.as_ref(), &positions, &AttentionMask::Causal, None);
+            states.push(x.shallow_clone());
         }
-        if let Some(c) = cache.as_mut() {
-            c.advance(input_ids.size()[1]);
-        }
-        self.norm.forward(&x)
+        states
     }
 
     /// A KV cache for `batch` sequences of up to `capacity` positions, in the model's dtype

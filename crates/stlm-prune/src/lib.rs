@@ -4,16 +4,19 @@
 //! - [`sparsegpt`]: SparseGPT's OBS reconstruction of one layer from its calibration Hessian.
 //! - [`unstructured`]: magnitude, Wanda and SparseGPT over a model's linear layers, calibrated
 //!   block by block.
+//! - [`structured`]: whole heads, neurons, experts or blocks removed; the model rebuilt smaller.
 //! - [`report`]: sparsity per matrix and overall, parameters, perplexity before/after, time.
 
 pub mod mask;
 pub mod report;
 pub mod sparsegpt;
+pub mod structured;
 pub mod unstructured;
 
 pub use mask::{Pattern, Scope};
 pub use report::{Perplexity, PruneReport, TargetReport};
 pub use sparsegpt::SparseGptOptions;
+pub use structured::{prune_structured, Importance, StructuredOptions, StructuredReport, Unit};
 pub use unstructured::{prune, Method, PruneOptions};
 
 /// Errors of pruning.

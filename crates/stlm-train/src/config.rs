@@ -125,6 +125,7 @@ impl TrainTable {
             seed: self.seed,
             progress,
             stop: Default::default(),
+            keep_zeros: Vec::new(),
         }
     }
 }

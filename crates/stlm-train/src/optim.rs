@@ -30,6 +30,8 @@ struct Slot {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     decay: bool,
+    /// 1 where the parameter may change, 0 where it stays zero (a pruned model's mask).
+    mask: Option<Tensor>,
 }
 
 /// AdamW over named parameters.
@@ -52,7 +54,7 @@ impl AdamW {
             .into_iter()
             .map(|(name, param)| {
                 let decay = decays(&name, &param);
-                let slot = Slot { exp_avg: param.zeros_like(), exp_avg_sq: param.zeros_like(), param, decay };
+                let slot = Slot { exp_avg: param.zeros_like(), exp_avg_sq: param.zeros_like(), param, decay, mask: None };
                 (name, slot)
             })
             .collect();
@@ -64,9 +66,33 @@ impl AdamW {
         self.step
     }
 
+    /// Keeps the zero entries of the parameters `names` at zero from now on: their gradients are
+    /// masked before clipping and the update, and the weights after it (fine-tuning a pruned model).
+    pub fn keep_zeros(&mut self, names: &[String]) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for name in names {
+            let slot = self.slots.get_mut(name).ok_or_else(|| {
+                crate::TrainError::Config(format!("keep zeros of `{name}`: the model has no parameter of that name"))
+            })?;
+            slot.mask = Some(slot.param.ne(0.0).to_kind(slot.param.kind()));
+        }
+        Ok(())
+    }
+
+    /// Zeroes the gradients where a mask is zero.
+    fn mask_grads(&mut self) {
+        for slot in self.slots.values() {
+            let mut grad = slot.param.grad();
+            if let (Some(mask), true) = (&slot.mask, grad.defined()) {
+                grad *= mask;
+            }
+        }
+    }
+
     /// Applies one update with learning rate `lr` from the gradients in the parameters.
     pub fn step(&mut self, lr: f64) {
         let _guard = tch::no_grad_guard();
+        self.mask_grads();
         self.step += 1;
         let c = self.config;
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
@@ -86,6 +112,10 @@ impl AdamW {
             let mut denom = slot.exp_avg_sq.sqrt();
             let _ = denom.g_div_scalar_(bias2.sqrt()).g_add_scalar_(c.eps).g_mul_scalar_(-bias1 / lr);
             let _ = slot.param.addcdiv_(&slot.exp_avg, &denom);
+            if let Some(mask) = &slot.mask {
+                // The masked gradient leaves pruned entries at zero already; this keeps them exact.
+                let _ = slot.param.g_mul_(mask);
+            }
         }
     }
 
@@ -100,6 +130,7 @@ impl AdamW {
     /// returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         let _guard = tch::no_grad_guard();
+        self.mask_grads();
         let grads: Vec<Tensor> = self.slots.values().map(|s| s.param.grad()).filter(Tensor::defined).collect();
         if grads.is_empty() {
             return 0.0;

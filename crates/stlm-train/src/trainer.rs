@@ -59,6 +59,8 @@ pub struct TrainSettings {
     pub progress: bool,
     /// Set from elsewhere (a Ctrl-C handler) to stop after the current step with a checkpoint.
     pub stop: Arc<AtomicBool>,
+    /// Parameters whose zero entries stay zero (a pruned model's weights, see `AdamW::keep_zeros`).
+    pub keep_zeros: Vec<String>,
 }
 
 /// How a call to [`train`] ended.
@@ -263,6 +265,8 @@ pub fn train(
             std::fs::remove_file(path).map_err(|e| CoreError::io(path, e))?;
         }
     }
+    // After a restore, so that the masks are those of the checkpoint's (masked) weights.
+    opt.keep_zeros(&settings.keep_zeros)?;
     let max_steps = settings.schedule.max_steps;
     let bar = if settings.progress { ProgressBar::new(max_steps) } else { ProgressBar::hidden() };
     bar.set_style(

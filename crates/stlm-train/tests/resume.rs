@@ -91,6 +91,7 @@ fn settings(max_steps: u64) -> TrainSettings {
         seed: 0,
         progress: false,
         stop: Arc::new(AtomicBool::new(false)),
+        keep_zeros: Vec::new(),
     }
 }
 
@@ -195,4 +196,44 @@ proptest::proptest! {
         proptest::prop_assert!(rest.completed);
         proptest::prop_assert_eq!(losses(&rest.logs), losses(&full[at as usize + 1..]));
     }
+}
+
+/// A pruned model fine-tunes with its zeros kept (and resumes exactly); without `keep_zeros`
+/// the same run fills them in.
+#[test]
+fn keep_zeros_holds_pruned_weights_at_zero_through_training_and_resume() {
+    let data = Synthetic::new();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let pruned = || {
+        let m = model();
+        let vars = m.var_store().variables();
+        let _g = tch::no_grad_guard();
+        let mut w = vars[name].shallow_clone();
+        let keep = Tensor::arange(w.numel() as i64, (Kind::Int64, Device::Cpu)).remainder(2).eq(0).view(w.size().as_slice());
+        let _ = w.masked_fill_(&keep.logical_not(), 0.0);
+        (m, keep)
+    };
+    let masked = TrainSettings { keep_zeros: vec![name.into()], keep_last: 0, ..settings(6) };
+    let (m, keep) = pruned();
+    let before = m.var_store().variables()[name].copy();
+    let dir = tempfile::tempdir().unwrap();
+    let full = train(&m, &data, &masked, dir.path(), false).unwrap().logs;
+    let after = m.var_store().variables()[name].copy();
+    assert_eq!(after.masked_select(&keep.logical_not()).abs().max().double_value(&[]), 0.0, "pruned entries stay zero");
+    assert!(!after.masked_select(&keep).equal(&before.masked_select(&keep)), "kept entries train");
+
+    std::fs::remove_dir_all(dir.path().join("checkpoints").join("step-0000006")).unwrap();
+    std::fs::write(dir.path().join("checkpoints").join("latest"), "step-0000003").unwrap();
+    let (m2, _) = pruned();
+    let resumed = train(&m2, &data, &masked, dir.path(), true).unwrap().logs;
+    assert_eq!(losses(&resumed), losses(&full[3..]));
+    assert!(m2.var_store().variables()[name].equal(&after));
+
+    let (m3, keep) = pruned();
+    train(&m3, &data, &TrainSettings { keep_last: 0, ..settings(6) }, tempfile::tempdir().unwrap().path(), false).unwrap();
+    let free = m3.var_store().variables()[name].copy();
+    assert!(free.masked_select(&keep.logical_not()).abs().max().double_value(&[]) > 0.0, "without keep_zeros they train");
+    let bad = TrainSettings { keep_zeros: vec!["model.nope.weight".into()], ..settings(2) };
+    let e = train(&model(), &data, &bad, tempfile::tempdir().unwrap().path(), false).unwrap_err().to_string();
+    assert!(e.contains("model.nope.weight"), "{e}");
 }
