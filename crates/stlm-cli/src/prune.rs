@@ -72,6 +72,23 @@ pub struct PruneArgs {
     /// tokenizer.json (default: the model directory's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Iterative pruning: `cubic` raises the sparsity over `--stages` stages as
+    /// `s * (1 - (1 - t/stages)^3)` (Zhu & Gupta 2017), fine-tuning `--stage-steps` steps after each
+    /// (zeros kept); `one-shot` (default) prunes once.
+    #[arg(long, default_value = "one-shot")]
+    schedule: String,
+    /// Iterative pruning: number of prune-and-fine-tune stages.
+    #[arg(long, default_value_t = 4)]
+    stages: u32,
+    /// Iterative pruning: fine-tuning steps after each stage.
+    #[arg(long, default_value_t = 50)]
+    stage_steps: u64,
+    /// Iterative pruning: the run config whose [train] and [data] tables fine-tune each stage.
+    #[arg(long, value_name = "FILE")]
+    train_config: Option<PathBuf>,
+    /// Iterative pruning: training text (repeatable), as `stlm train --data`.
+    #[arg(long = "data")]
+    data: Vec<PathBuf>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -98,7 +115,12 @@ pub fn run(a: PruneArgs) -> Result<()> {
     };
     let skip = if a.skip.iter().any(|s| s == "none") { Vec::new() } else { a.skip.clone() };
     let opts = PruneOptions { method, pattern, scope, skip, sparsegpt: SparseGptOptions { block_size: a.block_size, damp: a.damp } };
-    let job = Job::load(&a, method.calibrated())?;
+    match a.schedule.as_str() {
+        "one-shot" => {}
+        "cubic" => return run_schedule(&a, &opts),
+        other => bail!("--schedule {other}: expected one-shot or cubic"),
+    }
+    let job = Job::load(&a, &a.model, method.calibrated())?;
     let before = job.val_perplexity(&job.model)?;
     let mut model = job.model;
     let mut report: PruneReport = stlm_prune::prune(&mut model, &job.calib, &opts, job.progress)?;
@@ -115,7 +137,7 @@ fn run_structured(a: &PruneArgs, unit: Unit) -> Result<()> {
         (None, Unit::Layers) => Importance::Activation,
         (None, _) => Importance::Magnitude,
     };
-    let job = Job::load(a, importance != Importance::Magnitude)?;
+    let job = Job::load(a, &a.model, importance != Importance::Magnitude)?;
     let before = job.val_perplexity(&job.model)?;
     let mut model = job.model;
     let opts = StructuredOptions { unit, amount, importance };
@@ -134,10 +156,10 @@ struct Job {
 }
 
 impl Job {
-    /// Loads `--model`, `--calib` (when `calibrated`; an error when given but not needed) and `--val`.
-    fn load(a: &PruneArgs, calibrated: bool) -> Result<Self> {
-        let tok = load_tokenizer(a.tokenizer.as_deref(), &a.model)?;
-        let model = a.device.load(&a.model)?;
+    /// Loads `dir`, `--calib` (when `calibrated`; an error when given but not needed) and `--val`.
+    fn load(a: &PruneArgs, dir: &Path, calibrated: bool) -> Result<Self> {
+        let tok = load_tokenizer(a.tokenizer.as_deref(), dir)?;
+        let model = a.device.load(dir)?;
         let calib = match (&a.calib, calibrated) {
             (Some(path), true) => calibration_batches(&model, &tok, path, a.calib_samples, a.calib_len)?,
             (Some(path), false) => bail!("--calib {}: magnitude scoring needs no calibration; drop it", path.display()),
@@ -150,6 +172,71 @@ impl Job {
     fn val_perplexity(&self, model: &DecoderModel) -> Result<Option<Perplexity>> {
         self.val.as_ref().map(|v| v.perplexity(model, self.progress)).transpose()
     }
+}
+
+/// One stage of an iterative schedule.
+#[derive(serde::Serialize)]
+struct Stage {
+    /// 1-based.
+    stage: u32,
+    /// Sparsity of the pruned matrices after this stage's prune.
+    sparsity: f64,
+    /// Validation perplexity after the prune, before fine-tuning.
+    pruned: Option<Perplexity>,
+    /// Validation perplexity after fine-tuning.
+    tuned: Option<Perplexity>,
+}
+
+/// The report of an iterative prune: the last stage's report (its `after` is the fine-tuned
+/// model's), the schedule and every stage.
+#[derive(serde::Serialize)]
+struct ScheduleReport {
+    #[serde(flatten)]
+    last: PruneReport,
+    schedule: &'static str,
+    stages: Vec<Stage>,
+}
+
+/// `--schedule cubic`: prune to a rising sparsity and fine-tune, `--stages` times; stage files
+/// go to `OUT/stages/stage-N/{pruned,run}`, the final model to `OUT`.
+fn run_schedule(a: &PruneArgs, opts: &PruneOptions) -> Result<()> {
+    let Pattern::Fraction { sparsity } = opts.pattern else { bail!("--schedule cubic raises a --sparsity fraction; N:M is reached in one step") };
+    let Some(train_config) = &a.train_config else { bail!("--schedule cubic: give --train-config FILE (the [train] table that fine-tunes each stage)") };
+    if a.data.is_empty() || a.stages == 0 {
+        bail!("--schedule cubic: give --data FILE (training text) and --stages of at least 1");
+    }
+    let mut current = a.model.clone();
+    let (mut stages, mut before, mut last) = (Vec::new(), None, None);
+    for t in 1..=a.stages {
+        let s_t = sparsity * (1.0 - (1.0 - t as f64 / a.stages as f64).powi(3));
+        eprintln!("stage {t}/{}: pruning {} to {:.1}%", a.stages, current.display(), s_t * 100.0);
+        let job = Job::load(a, &current, opts.method.calibrated())?;
+        if t == 1 {
+            before = job.val_perplexity(&job.model)?;
+        }
+        let mut model = job.model;
+        let stage_opts = PruneOptions { pattern: Pattern::Fraction { sparsity: s_t }, ..opts.clone() };
+        let mut report = stlm_prune::prune(&mut model, &job.calib, &stage_opts, job.progress)?;
+        let pruned_ppl = job.val.as_ref().map(|v| v.perplexity(&model, job.progress)).transpose()?;
+        report.before = before;
+        let dir = a.out.join("stages").join(format!("stage-{t}"));
+        let tokenizer_file = a.tokenizer.clone().or_else(|| stlm_model::tokenizer_path(&current));
+        model.save(&dir.join("pruned"), tokenizer_file.as_deref())?;
+        stlm_core::atomic_write_bytes(&dir.join("pruned").join(PRUNING_FILE), serde_json::to_string_pretty(&report)?.as_bytes())?;
+        drop(model);
+        current = crate::train::fine_tune(train_config, &dir.join("pruned"), &a.data, &dir.join("run"), a.stage_steps, &a.device)?;
+        let tuned = Job::load(a, &current, false)?;
+        let tuned_ppl = tuned.val_perplexity(&tuned.model)?;
+        if let (Some(p), Some(f)) = (pruned_ppl, tuned_ppl) {
+            eprintln!("stage {t}: {:.1}% sparse, validation perplexity {:.3} after pruning, {:.3} after fine-tuning", report.target_sparsity * 100.0, p.ppl, f.ppl);
+        }
+        stages.push(Stage { stage: t, sparsity: report.target_sparsity, pruned: pruned_ppl, tuned: tuned_ppl });
+        report.after = tuned_ppl;
+        last = Some((report, tuned.model));
+    }
+    let (last, model) = last.expect("at least one stage");
+    let table = last.table();
+    finish(a, &model, &ScheduleReport { last, schedule: "cubic", stages }, &table)
 }
 
 /// Saves the pruned model and its report (`pruning.json`), and prints the report.

@@ -260,15 +260,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
 
     let mut settings = run.train.settings(a.max_steps, progress);
     settings.keep_zeros = keep_zeros;
-    let stop = Arc::clone(&settings.stop);
-    ctrlc::set_handler(move || {
-        if stop.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: stopping now, without a checkpoint of this step");
-            std::process::exit(130);
-        }
-        eprintln!("\nCtrl-C: finishing this step and writing a checkpoint (press again to quit at once)");
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    settings.stop = ctrl_c()?;
     let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(limit) = a.time_limit {
         if !(limit > 0.0 && limit.is_finite()) {
@@ -308,6 +300,44 @@ pub fn train(a: TrainArgs) -> Result<()> {
     }
     eprintln!("saved {}", model_dir.display());
     print_samples(&model, &tok, a.samples, run.train.seed)
+}
+
+/// The flag a Ctrl-C sets (first press: finish the step and checkpoint; second: quit at once),
+/// installed once per process so that several runs (`stlm prune --schedule`) share it.
+fn ctrl_c() -> Result<Arc<std::sync::atomic::AtomicBool>> {
+    static FLAG: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
+    if let Some(flag) = FLAG.get() {
+        return Ok(Arc::clone(flag));
+    }
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::clone(&flag);
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: stopping now, without a checkpoint of this step");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: finishing this step and writing a checkpoint (press again to quit at once)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(Arc::clone(FLAG.get_or_init(|| flag)))
+}
+
+/// Trains `out` for `max_steps` from the model directory `init` with the `[train]`/`[data]`
+/// tables of `config` on `data` (no samples at the end); returns the run's model directory.
+pub fn fine_tune(config: &Path, init: &Path, data: &[PathBuf], out: &Path, max_steps: u64, device: &DeviceArgs) -> Result<PathBuf> {
+    train(TrainArgs {
+        config: config.to_path_buf(),
+        data: data.to_vec(),
+        out: Some(out.to_path_buf()),
+        max_steps: Some(max_steps),
+        resume: false,
+        time_limit: None,
+        set: Vec::new(),
+        init: Some(init.to_path_buf()),
+        samples: 0,
+        device: device.clone(),
+    })?;
+    Ok(out.join("model"))
 }
 
 /// A model directory a run starts from (`--init`).

@@ -29,7 +29,8 @@ impl Default for SparseGptOptions {
 
 /// The pruned and updated weight `[out, in]` (float64; pruned entries exactly zero) of `weight`
 /// `[out, in]` with calibration Gram matrix `gram` `[in, in]` (`X^T X`, its scale does not matter).
-/// Inputs that were always zero (zero diagonal) get zero weights. `name` is used in errors.
+/// Inputs that were always zero (zero diagonal) get zero weights; weights that are zero already
+/// stay zero (they are pruned first). `name` is used in errors.
 pub fn sparsegpt(name: &str, weight: &Tensor, gram: &Tensor, pattern: Pattern, opts: SparseGptOptions) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
     let (rows, cols) = (weight.size()[0], weight.size()[1]);
@@ -43,6 +44,9 @@ pub fn sparsegpt(name: &str, weight: &Tensor, gram: &Tensor, pattern: Pattern, o
         Pattern::Fraction { .. } => opts.block_size.max(1),
     };
     let mut w = weight.to_kind(Kind::Double).copy();
+    // Weights that are zero already were pruned before (an iterative schedule): they are pruned
+    // first again, whatever the updates from earlier columns made of them.
+    let was_zero = w.eq(0.0);
     let h = gram.to_kind(Kind::Double).copy();
     let dead = h.diagonal(0, 0, 1).eq(0.0);
     let _ = h.diagonal(0, 0, 1).masked_fill_(&dead, 1.0);
@@ -64,7 +68,7 @@ pub fn sparsegpt(name: &str, weight: &Tensor, gram: &Tensor, pattern: Pattern, o
         let d1 = u1.diagonal(0, 0, 1); // [count]
         let mut prune = Tensor::zeros([rows, count], (Kind::Bool, w.device()));
         if let Pattern::Fraction { sparsity } = pattern {
-            let saliency = (w1.square() / d1.square().unsqueeze(0)).view([-1]);
+            let saliency = (w1.square() / d1.square().unsqueeze(0)).masked_fill(&was_zero.narrow(1, start, count), -1.0).view([-1]);
             let k = (saliency.size()[0] as f64 * sparsity).floor() as i64;
             prune = prune.view([-1]).scatter_value(0, &saliency.topk(k, 0, false, false).1, 1).view([rows, count]);
         }
@@ -72,7 +76,8 @@ pub fn sparsegpt(name: &str, weight: &Tensor, gram: &Tensor, pattern: Pattern, o
         for i in 0..count {
             if let Pattern::NOfM { n, m } = pattern {
                 if i % m == 0 {
-                    let group = w1.narrow(1, i, m).square() / d1.narrow(0, i, m).square().unsqueeze(0);
+                    let group = (w1.narrow(1, i, m).square() / d1.narrow(0, i, m).square().unsqueeze(0))
+                        .masked_fill(&was_zero.narrow(1, start + i, m), -1.0);
                     let idx = group.topk(n, 1, false, false).1 + i;
                     prune = prune.scatter_value(1, &idx, 1);
                 }
@@ -201,6 +206,25 @@ mod tests {
             let masked = w.masked_fill(&ours.eq(0.0), 0.0);
             let err = |v: &Tensor| (x.matmul(&(v - &w).tr())).square().sum(Kind::Double).double_value(&[]);
             assert!(err(&ours) < err(&masked), "{pattern:?}: {} vs {}", err(&ours), err(&masked));
+        }
+    }
+
+    /// Pruning further keeps every earlier zero, although the updates of earlier columns reach
+    /// them: weights zeroed before (as a fine-tuned iterative schedule leaves them) are pruned
+    /// first again. Here the first block has no zeros, so its pruning updates the later blocks,
+    /// each of which holds exactly its quota of earlier zeros.
+    #[test]
+    fn earlier_zeros_stay_zero() {
+        let _lock = crate::tests::RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let x = random(50, 16, 6) * Tensor::linspace(0.2, 3.0, 16, (Kind::Double, Device::Cpu));
+        let gram = x.tr().matmul(&x);
+        let opts = SparseGptOptions { block_size: 4, damp: 0.01 };
+        let (r, c) = (Tensor::arange(6, (Kind::Int64, Device::Cpu)).unsqueeze(1), Tensor::arange(16, (Kind::Int64, Device::Cpu)).unsqueeze(0));
+        let zero = (&r + &c).remainder(2).eq(0).logical_and(&c.ge(4)); // half of columns 4..16
+        for seed in 0..3 {
+            let first = random(6, 16, 10 + seed).masked_fill(&zero, 0.0);
+            let second = sparsegpt("w", &first, &gram, Pattern::Fraction { sparsity: 0.5 }, opts).unwrap();
+            assert_eq!(second.masked_select(&zero).abs().max().double_value(&[]), 0.0, "seed {seed}");
         }
     }
 
