@@ -73,11 +73,6 @@ impl PruneReport {
     /// A report of `pruned` matrices; perplexities left empty.
     pub fn new(opts: &PruneOptions, pruned: Vec<TargetReport>, params: i64, nonzero_before: i64, nonzero_after: i64, seconds: f64) -> Self {
         let (zeros, total) = pruned.iter().fold((0, 0), |(z, n), t| (z + t.zeros, n + t.params));
-        let method = match opts.method {
-            Method::Magnitude => "magnitude",
-            Method::Wanda => "wanda",
-            Method::SparseGpt => "sparsegpt",
-        };
         let scope = match (opts.pattern, opts.method, opts.scope) {
             (Pattern::NOfM { .. }, _, _) => "n:m groups",
             (_, Method::SparseGpt, _) => "column blocks",
@@ -86,7 +81,7 @@ impl PruneReport {
             (_, _, Scope::Global) => "global",
         };
         PruneReport {
-            method: method.into(),
+            method: opts.method.name().into(),
             pattern: opts.pattern.to_string(),
             scope: scope.into(),
             target_sparsity: zeros as f64 / total.max(1) as f64,

@@ -47,13 +47,10 @@ pub enum Unit {
 impl std::str::FromStr for Unit {
     type Err = PruneError;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "heads" => Ok(Unit::Heads),
-            "neurons" => Ok(Unit::Neurons),
-            "experts" => Ok(Unit::Experts),
-            "layers" => Ok(Unit::Layers),
-            _ => Err(PruneError::Input(format!("--structured {s}: expected heads, neurons, experts or layers"))),
-        }
+        [Unit::Heads, Unit::Neurons, Unit::Experts, Unit::Layers]
+            .into_iter()
+            .find(|u| unit_name(*u) == s)
+            .ok_or_else(|| PruneError::Input(format!("--structured {s}: expected heads, neurons, experts or layers")))
     }
 }
 
@@ -72,12 +69,10 @@ pub enum Importance {
 impl std::str::FromStr for Importance {
     type Err = PruneError;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "magnitude" => Ok(Importance::Magnitude),
-            "activation" => Ok(Importance::Activation),
-            "taylor" => Ok(Importance::Taylor),
-            _ => Err(PruneError::Input(format!("--importance {s}: expected magnitude, activation or taylor"))),
-        }
+        [Importance::Magnitude, Importance::Activation, Importance::Taylor]
+            .into_iter()
+            .find(|i| importance_name(*i) == s)
+            .ok_or_else(|| PruneError::Input(format!("--importance {s}: expected magnitude, activation or taylor")))
     }
 }
 

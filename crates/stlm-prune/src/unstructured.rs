@@ -36,16 +36,23 @@ pub enum Method {
 impl std::str::FromStr for Method {
     type Err = PruneError;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "magnitude" => Ok(Method::Magnitude),
-            "wanda" => Ok(Method::Wanda),
-            "sparsegpt" => Ok(Method::SparseGpt),
-            _ => Err(PruneError::Input(format!("--method {s}: expected magnitude, wanda or sparsegpt"))),
-        }
+        [Method::Magnitude, Method::Wanda, Method::SparseGpt]
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| PruneError::Input(format!("--method {s}: expected magnitude, wanda or sparsegpt")))
     }
 }
 
 impl Method {
+    /// The name `--method` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Magnitude => "magnitude",
+            Method::Wanda => "wanda",
+            Method::SparseGpt => "sparsegpt",
+        }
+    }
+
     /// Whether the method needs calibration inputs.
     pub fn calibrated(self) -> bool {
         self != Method::Magnitude
@@ -191,7 +198,7 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
 /// Rejects option combinations that do not make sense, naming the option.
 fn check_options(opts: &PruneOptions, calib: &[Tensor]) -> Result<()> {
     if opts.method.calibrated() && calib.is_empty() {
-        return Err(PruneError::Input(format!("--method {}: needs calibration text (--calib FILE)", method_name(opts.method))));
+        return Err(PruneError::Input(format!("--method {}: needs calibration text (--calib FILE)", opts.method.name())));
     }
     match (opts.method, opts.scope, opts.pattern) {
         (_, Scope::Global, Pattern::NOfM { .. }) => {
@@ -199,7 +206,7 @@ fn check_options(opts: &PruneOptions, calib: &[Tensor]) -> Result<()> {
         }
         (Method::Wanda | Method::SparseGpt, Scope::Global, _) => Err(PruneError::Input(format!(
             "--scope global: {} calibrates block by block, so it cannot compare all matrices at once; use row or layer",
-            method_name(opts.method)
+            opts.method.name()
         ))),
         (Method::SparseGpt, Scope::Row, _) => Err(PruneError::Input(
             "--scope row: SparseGPT chooses its mask per block of columns (scope layer)".into(),
@@ -208,13 +215,6 @@ fn check_options(opts: &PruneOptions, calib: &[Tensor]) -> Result<()> {
     }
 }
 
-fn method_name(m: Method) -> &'static str {
-    match m {
-        Method::Magnitude => "magnitude",
-        Method::Wanda => "wanda",
-        Method::SparseGpt => "sparsegpt",
-    }
-}
 
 /// Wanda's score `|W_ij| * ||X_j||` of `weight` `[out, in]` from the calibration Gram matrix
 /// (the norms are the square roots of its diagonal).
