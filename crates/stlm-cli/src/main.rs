@@ -51,7 +51,7 @@ enum Job {
     #[command(subcommand)]
     Bench(bench::BenchJob),
     /// Prune a model: magnitude, Wanda or SparseGPT, unstructured or N:M; writes a pruned model directory.
-    Prune(prune::PruneArgs),
+    Prune(Box<prune::PruneArgs>),
     /// Draw lines from a CSV table, or a training run's curves, into an SVG or PNG plot.
     Plot(plot::PlotArgs),
 }
@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         Job::Eval(j) => eval::run(j),
         Job::Bench(j) => bench::run(j),
         Job::Plot(a) => plot::plot(a),
-        Job::Prune(a) => prune::run(a),
+        Job::Prune(a) => prune::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -88,10 +88,10 @@ pub fn sparsegpt(name: &str, weight: &Tensor, gram: &Tensor, pattern: Pattern, o
             // Column i becomes `kept`; the columns right of it absorb the error.
             let mut right = w1.narrow(1, i, count - i);
             right -= err.unsqueeze(1).matmul(&u1.get(i).narrow(0, i, count - i).unsqueeze(0));
-            let _ = w1.select(1, i).copy_(&kept);
-            let _ = errors.select(1, i).copy_(&err);
+            w1.select(1, i).copy_(&kept);
+            errors.select(1, i).copy_(&err);
         }
-        let _ = w.narrow(1, start, count).copy_(&w1);
+        w.narrow(1, start, count).copy_(&w1);
         let rest = cols - start - count;
         if rest > 0 {
             let mut later = w.narrow(1, start + count, rest);
