@@ -14,6 +14,14 @@ use stlm_core::kernels::small_batch_linear;
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
+/// A full causal pass taken one block at a time (see [`DecoderModel::block_pass`]).
+pub struct BlockPass {
+    /// The input of block 0 `[b, s, hidden]`.
+    pub input: Tensor,
+    positions: Tensor,
+    rotary: Option<RotaryAngles>,
+}
+
 /// A decoder-only language model and the variable store that owns its weights.
 #[derive(Debug)]
 pub struct DecoderModel {
@@ -199,15 +207,27 @@ impl DecoderModel {
     /// block and the output of the last (before the final norm), `num_hidden_layers + 1`
     /// tensors `[b, s, hidden]` (block influence for layer pruning, hidden-state distillation).
     pub fn residual_stream(&self, input_ids: &Tensor) -> Vec<Tensor> {
-        let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
-        let positions = Tensor::arange(s, (Kind::Int64, self.device())).unsqueeze(0).expand([b, s], false);
-        let (mut x, rotary) = self.embed(input_ids, &positions);
-        let mut states = vec![x.shallow_clone()];
-        for layer in &self.layers {
-            x = layer.forward(&x, rotary.as_ref(), &positions, &AttentionMask::Causal, None);
-            states.push(x.shallow_clone());
+        let pass = self.block_pass(input_ids);
+        let mut states = vec![pass.input.shallow_clone()];
+        for i in 0..self.layers.len() {
+            let x = self.run_block(i, &pass, states.last().expect("the input is there"));
+            states.push(x);
         }
         states
+    }
+
+    /// The input of block 0 for a full causal pass over `input_ids` `[b, s]`, with the positions
+    /// and rotary angles every block needs: for running blocks one at a time ([`DecoderModel::run_block`]).
+    pub fn block_pass(&self, input_ids: &Tensor) -> BlockPass {
+        let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
+        let positions = Tensor::arange(s, (Kind::Int64, self.device())).unsqueeze(0).expand([b, s], false);
+        let (input, rotary) = self.embed(input_ids, &positions);
+        BlockPass { input, positions, rotary }
+    }
+
+    /// Block `i` applied to `x` `[b, s, hidden]` (its input in `pass`), causally from position 0.
+    pub fn run_block(&self, i: usize, pass: &BlockPass, x: &Tensor) -> Tensor {
+        self.layers[i].forward(x, pass.rotary.as_ref(), &pass.positions, &AttentionMask::Causal, None)
     }
 
     /// A KV cache for `batch` sequences of up to `capacity` positions, in the model's dtype

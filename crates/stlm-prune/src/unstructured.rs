@@ -18,6 +18,7 @@ use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use stlm_model::layers::{FeedForward, InputGram, Linear};
+use stlm_model::model::BlockPass;
 use stlm_model::DecoderModel;
 use tch::{Kind, Tensor};
 
@@ -161,38 +162,70 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
             }
         }
         (Method::Wanda | Method::SparseGpt, _, _) => {
-            // Blocks in forward order, the head last; each calibrated through the pruned ones before it.
-            let mut groups: Vec<Option<usize>> = names.iter().map(|(_, l)| *l).collect();
-            groups.dedup();
-            for group in groups {
-                let in_group = |t: &Target<'_>| t.layer == group;
-                let taps: Vec<Arc<Mutex<InputGram>>> = targets(model, &opts.skip)
-                    .into_iter()
-                    .filter(in_group)
-                    .map(|t| {
-                        let tap = Arc::new(Mutex::new(InputGram::default()));
-                        t.linear.tap = Some(Arc::clone(&tap));
-                        tap
-                    })
-                    .collect();
-                for batch in calib {
-                    let _ = model.forward(batch);
-                    let _ = model.take_moe_stats();
+            // Block by block, as the papers do: each block's inputs come through the blocks
+            // before it, already pruned; its outputs, after pruning, are the next block's inputs.
+            let mut passes: Vec<(BlockPass, Tensor)> = calib
+                .iter()
+                .map(|b| {
+                    let pass = model.block_pass(b);
+                    let x = pass.input.shallow_clone();
+                    (pass, x)
+                })
+                .collect();
+            for i in 0..model.layers.len() {
+                let group = Some(i);
+                if names.iter().any(|(_, l)| *l == group) {
+                    prune_group(model, group, opts, &bar, |m| {
+                        for (pass, x) in &passes {
+                            let _ = m.run_block(i, pass, x);
+                            let _ = m.take_moe_stats();
+                        }
+                    })?;
                 }
-                for (t, tap) in targets(model, &opts.skip).into_iter().filter(in_group).zip(taps) {
-                    t.linear.tap = None;
-                    let gram = tap.lock().unwrap_or_else(|e| e.into_inner()).gram.take();
-                    let gram = gram.ok_or_else(|| PruneError::Input(format!("{}: saw no calibration input", t.name)))?;
-                    bar.set_message(t.name.clone());
-                    prune_calibrated(t, &gram, opts)?;
-                    bar.inc(1);
+                if i + 1 < model.layers.len() || names.iter().any(|(_, l)| l.is_none()) {
+                    for (pass, x) in passes.iter_mut() {
+                        *x = model.run_block(i, pass, x);
+                        let _ = model.take_moe_stats();
+                    }
                 }
+            }
+            if names.iter().any(|(_, l)| l.is_none()) {
+                prune_group(model, None, opts, &bar, |m| {
+                    for (_, x) in &passes {
+                        let _ = m.head(&m.norm.forward(x));
+                    }
+                })?;
             }
         }
     }
     bar.finish_and_clear();
     let reports = targets(model, &opts.skip).iter().map(|t| TargetReport::of(&t.name, &t.linear.weight)).collect();
     Ok(PruneReport::new(opts, reports, model.num_parameters(), nonzero_before, nonzero(model), started.elapsed().as_secs_f64()))
+}
+
+/// Prunes the targets of block `group` (`None`: the head) with Wanda or SparseGPT from the inputs
+/// they see while `run` feeds the calibration data through them.
+fn prune_group(model: &mut DecoderModel, group: Option<usize>, opts: &PruneOptions, bar: &ProgressBar, run: impl Fn(&DecoderModel)) -> Result<()> {
+    let in_group = |t: &Target<'_>| t.layer == group;
+    let taps: Vec<Arc<Mutex<InputGram>>> = targets(model, &opts.skip)
+        .into_iter()
+        .filter(in_group)
+        .map(|t| {
+            let tap = Arc::new(Mutex::new(InputGram::default()));
+            t.linear.tap = Some(Arc::clone(&tap));
+            tap
+        })
+        .collect();
+    run(model);
+    for (t, tap) in targets(model, &opts.skip).into_iter().filter(in_group).zip(taps) {
+        t.linear.tap = None;
+        let gram = tap.lock().unwrap_or_else(|e| e.into_inner()).gram.take();
+        let gram = gram.ok_or_else(|| PruneError::Input(format!("{}: saw no calibration input", t.name)))?;
+        bar.set_message(t.name.clone());
+        prune_calibrated(t, &gram, opts)?;
+        bar.inc(1);
+    }
+    Ok(())
 }
 
 /// Rejects option combinations that do not make sense, naming the option.
