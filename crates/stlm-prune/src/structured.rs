@@ -395,24 +395,28 @@ fn contribution_norms(model: &mut DecoderModel, calib: &[Tensor], unit: Unit) ->
         linear.tap = Some(Arc::clone(tap));
     }
     run_calibration(model, calib);
-    let cfg = model.config.clone();
+    for layer in model.layers.iter_mut() {
+        layer.self_attn.o_proj.tap = None;
+        if let FeedForward::Dense(mlp) = &mut layer.mlp {
+            mlp.down_proj.tap = None;
+        }
+    }
+    let cfg = &model.config;
     let mut out = Vec::new();
-    for (layer, tap) in model.layers.iter_mut().zip(taps) {
+    for (layer, tap) in model.layers.iter().zip(taps) {
         let gram = tap.lock().unwrap_or_else(|e| e.into_inner()).gram.take();
         let gram = gram.ok_or_else(|| PruneError::Input("the calibration batches reached no block".into()))?;
-        let energy = match (&mut layer.mlp, unit) {
+        let energy = match (&layer.mlp, unit) {
             (_, Unit::Heads) => {
-                layer.self_attn.o_proj.tap = None;
                 let (nh, d, h) = (cfg.num_attention_heads, cfg.head_dim(), cfg.hidden_size);
                 // Per query head: tr(W_h G_hh W_h^T) with W_h = o_proj[:, head h] and G_hh its block.
                 let blocks = gram.view([nh, d, nh, d]).diagonal(0, 0, 2).permute([2, 0, 1]); // [nh, d, d]
                 let w = layer.self_attn.o_proj.weight.detach().to_kind(Kind::Double).view([h, nh, d]).permute([1, 0, 2]); // [nh, h, d]
                 let per_head = (w.matmul(&blocks) * &w).sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double);
-                let hu = HeadUnits::of(&cfg);
+                let hu = HeadUnits::of(cfg);
                 per_head.view([hu.units, hu.queries]).sum_dim_intlist(1, false, Kind::Double)
             }
             (FeedForward::Dense(mlp), _) => {
-                mlp.down_proj.tap = None;
                 let w = mlp.down_proj.weight.detach().to_kind(Kind::Double);
                 gram.diagonal(0, 0, 1) * w.square().sum_dim_intlist(0, false, Kind::Double)
             }

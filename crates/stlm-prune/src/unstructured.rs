@@ -217,9 +217,18 @@ fn prune_group(model: &mut DecoderModel, group: Option<usize>, opts: &PruneOptio
         })
         .collect();
     run(model);
-    for (t, tap) in targets(model, &opts.skip).into_iter().filter(in_group).zip(taps) {
-        t.linear.tap = None;
-        let gram = tap.lock().unwrap_or_else(|e| e.into_inner()).gram.take();
+    // Every tap comes off before anything can fail.
+    let grams: Vec<Option<Tensor>> = targets(model, &opts.skip)
+        .into_iter()
+        .filter(in_group)
+        .zip(taps)
+        .map(|(t, tap)| {
+            t.linear.tap = None;
+            let mut g = tap.lock().unwrap_or_else(|e| e.into_inner());
+            g.gram.take()
+        })
+        .collect();
+    for (t, gram) in targets(model, &opts.skip).into_iter().filter(in_group).zip(grams) {
         let gram = gram.ok_or_else(|| PruneError::Input(format!("{}: saw no calibration input", t.name)))?;
         bar.set_message(t.name.clone());
         prune_calibrated(t, &gram, opts)?;
