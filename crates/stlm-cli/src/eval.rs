@@ -394,9 +394,7 @@ fn ppl(dir: &Path, data: &Path, max_length: Option<i64>, stride: Option<i64>, to
             return print_report(data, &report, json, "byte");
         }
     };
-    // Start from an end-of-text/BOS token so the first token of the text is scored too.
-    let start = model.config.bos_token_id.or(tok.eos_id().map(i64::from)).filter(|&id| id < model.config.vocab_size);
-    let ids: Vec<i64> = start.into_iter().chain(tok.encode(&text, false)?.into_iter().map(i64::from)).collect();
+    let ids = crate::common::scored_ids(&model, &tok, &text)?;
     let max_length = max_length.unwrap_or(model.config.max_position_embeddings.min(1024));
     if max_length > model.config.max_position_embeddings {
         bail!(

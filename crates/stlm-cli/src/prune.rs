@@ -103,6 +103,9 @@ pub fn run(a: PruneArgs) -> Result<()> {
     if let Some(unit) = &a.structured {
         return run_structured(&a, unit.parse()?);
     }
+    if a.amount.is_some() || a.importance.is_some() {
+        bail!("--amount and --importance are for structured pruning: add --structured heads|neurons|experts|layers");
+    }
     let method: Method = a.method.parse()?;
     let pattern = match (&a.nm, a.sparsity) {
         (Some(nm), _) => Pattern::parse_nm(nm)?,
@@ -301,9 +304,7 @@ struct ValText {
 impl ValText {
     fn load(path: &Path, model: &DecoderModel, tok: &Tokenizer, len: i64) -> Result<Self> {
         let text = read_text(path)?;
-        // Start from an end-of-text/BOS token so the first token is scored too (as `stlm eval ppl`).
-        let start = model.config.bos_token_id.or(tok.eos_id().map(i64::from)).filter(|&id| id < model.config.vocab_size);
-        let ids = start.into_iter().chain(tok.encode(&text, false)?.into_iter().map(i64::from)).collect();
+        let ids = crate::common::scored_ids(model, tok, &text)?;
         let max_length = len.min(model.config.max_position_embeddings);
         Ok(ValText { ids, bytes: text.len() as u64, window: WindowOptions { max_length, stride: max_length } })
     }

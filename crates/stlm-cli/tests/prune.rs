@@ -145,5 +145,6 @@ fn bad_prune_input_is_one_line() {
     assert!(fails(&["prune", "--model", m, "--out", o, "--sparsity", "0.5", "--schedule", "cubic"]).contains("--train-config"));
     assert!(fails(&["prune", "--model", m, "--out", o, "--nm", "2:4", "--schedule", "cubic"]).contains("N:M"));
     assert!(fails(&["prune", "--model", p(&f.root.join("nope")), "--out", o, "--sparsity", "0.5"]).contains("nope"));
+    assert!(fails(&["prune", "--model", m, "--out", o, "--sparsity", "0.5", "--amount", "0.25"]).contains("--structured"));
     assert!(!out.exists(), "nothing written on bad input");
 }
