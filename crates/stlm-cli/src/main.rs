@@ -5,6 +5,7 @@ mod bench;
 mod bench_moe;
 mod common;
 mod data;
+mod distill;
 mod eval;
 mod model;
 mod plot;
@@ -52,6 +53,8 @@ enum Job {
     Bench(bench::BenchJob),
     /// Prune a model: magnitude, Wanda or SparseGPT, unstructured or N:M; writes a pruned model directory.
     Prune(Box<prune::PruneArgs>),
+    /// Distil a teacher into a student (logit and hidden-state losses), or cache a teacher's targets.
+    Distill(Box<distill::DistillArgs>),
     /// Draw lines from a CSV table, or a training run's curves, into an SVG or PNG plot.
     Plot(plot::PlotArgs),
 }
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Job::Bench(j) => bench::run(j),
         Job::Plot(a) => plot::plot(a),
         Job::Prune(a) => prune::run(*a),
+        Job::Distill(a) => distill::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

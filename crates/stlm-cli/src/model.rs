@@ -5,8 +5,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::PathBuf;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use stlm_model::{DecoderModel, GenerationConfig, ModelConfig};
 use stlm_tokenizers::Tokenizer;
 use tch::{Device, Tensor};
@@ -164,9 +165,20 @@ pub struct GenerateArgs {
     /// Model directory.
     #[arg(long)]
     model: PathBuf,
-    /// Prompt text; repeat for a batch (left-padded).
-    #[arg(long, required = true)]
+    /// Prompt text; repeat for a batch (left-padded). With --corpus, optional: documents start
+    /// from the prompts in turn, or from the end-of-text token.
+    #[arg(long, required_unless_present = "corpus")]
     prompt: Vec<String>,
+    /// Write a corpus of `--documents` generated texts to this file (`<|endoftext|>` after each,
+    /// readable by `stlm train --data`): sequence-level distillation from a teacher.
+    #[arg(long, value_name = "FILE")]
+    corpus: Option<PathBuf>,
+    /// With --corpus: number of documents.
+    #[arg(long, default_value_t = 100, requires = "corpus")]
+    documents: usize,
+    /// With --corpus: documents generated together.
+    #[arg(long, default_value_t = 16, requires = "corpus")]
+    batch_size: usize,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 128)]
     max_new_tokens: i64,
@@ -219,20 +231,19 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let tok = load_tokenizer(a.tokenizer.as_deref(), &a.model)?;
     let mut model = match a.device.load_any(&a.model)? {
         stlm_model::AnyModel::Tokens(m) => *m,
+        stlm_model::AnyModel::Bytes(_) if a.corpus.is_some() => bail!("--corpus: byte-pooled models are not supported; use a token model"),
         stlm_model::AnyModel::Bytes(m) => return generate_bytes(&a, &m, &tok),
     };
     model.optimize_for_decoding();
+    if let Some(path) = &a.corpus {
+        return generate_corpus(&a, &model, &tok, path);
+    }
     let prompts: Vec<Vec<i64>> = a
         .prompt
         .iter()
         .map(|p| Ok(tok.encode(p, true)?.into_iter().map(i64::from).collect()))
         .collect::<Result<_>>()?;
-    let vocab = model.config.vocab_size;
-    let in_vocab = |id: &i64| (0..vocab).contains(id);
-    let mut eos = model.config.eos_token_id.clone();
-    eos.extend(tok.eos_id().map(i64::from).filter(in_vocab));
-    let pad = model.config.pad_token_id.or(tok.pad_id().map(i64::from).filter(in_vocab)).unwrap_or(0);
-    let cfg = a.generation_config(eos, pad);
+    let cfg = token_generation_config(&a, &model, &tok);
     let decode = |ids: &[i64]| -> String {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         tok.decode(&ids, true).unwrap_or_default()
@@ -254,6 +265,55 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             writeln!(stdout, "--- [{i}]\n{}", decode(&full))?;
         }
     }
+    Ok(())
+}
+
+/// The sampling settings of `a` for a token model, stopping at the config's and the tokenizer's
+/// end-of-text ids.
+fn token_generation_config(a: &GenerateArgs, model: &DecoderModel, tok: &Tokenizer) -> GenerationConfig {
+    let vocab = model.config.vocab_size;
+    let in_vocab = |id: &i64| (0..vocab).contains(id);
+    let mut eos = model.config.eos_token_id.clone();
+    eos.extend(tok.eos_id().map(i64::from).filter(in_vocab));
+    let pad = model.config.pad_token_id.or(tok.pad_id().map(i64::from).filter(in_vocab)).unwrap_or(0);
+    a.generation_config(eos, pad)
+}
+
+/// `stlm generate --corpus`: `--documents` texts sampled in batches (seed + batch index), each
+/// followed by `<|endoftext|>`, written to a temporary file renamed at the end.
+fn generate_corpus(a: &GenerateArgs, model: &DecoderModel, tok: &Tokenizer, path: &Path) -> Result<()> {
+    let path = output_path(path)?;
+    if a.batch_size == 0 || a.documents == 0 {
+        bail!("--documents and --batch-size must be at least 1");
+    }
+    let start = model.config.bos_token_id.or(tok.eos_id().map(i64::from)).context("the model has no BOS and the tokenizer no end-of-text token to start documents from; pass --prompt")?;
+    let prompts: Vec<Vec<i64>> = match a.prompt.is_empty() {
+        true => vec![vec![start]],
+        false => a.prompt.iter().map(|p| Ok(tok.encode(p, true)?.into_iter().map(i64::from).collect())).collect::<Result<_>>()?,
+    };
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        bail!("--prompt #{}: the prompt encodes to no tokens", i + 1);
+    }
+    let base = token_generation_config(a, model, tok);
+    let bar = if std::io::stderr().is_terminal() { ProgressBar::new(a.documents as u64) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} documents [{elapsed_precise}<{eta_precise}]").expect("valid template"));
+    let (mut text, mut tokens) = (String::new(), 0usize);
+    for (batch, first) in (0..a.documents).step_by(a.batch_size).enumerate() {
+        let n = a.batch_size.min(a.documents - first);
+        let batch_prompts: Vec<Vec<i64>> = (first..first + n).map(|i| prompts[i % prompts.len()].clone()).collect();
+        let cfg = GenerationConfig { seed: a.seed.wrapping_add(batch as u64), ..base.clone() };
+        let outs = stlm_model::generate(model, &batch_prompts, &cfg, |_, _| {})?;
+        for (p, o) in batch_prompts.iter().zip(outs) {
+            tokens += o.len();
+            let ids: Vec<u32> = p.iter().copied().chain(o).map(|i| i as u32).collect();
+            text.push_str(tok.decode(&ids, true)?.trim());
+            text.push_str("\n<|endoftext|>\n");
+        }
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    stlm_core::atomic_write_bytes(&path, text.as_bytes())?;
+    eprintln!("wrote {} documents ({tokens} generated tokens, {} bytes) to {}", a.documents, text.len(), path.display());
     Ok(())
 }
 

@@ -62,7 +62,7 @@ pub struct TrainArgs {
 }
 
 /// Batches for the trainer from stlm-data's token windows, and the bytes each id stands for.
-struct Batches(TokenBatches, Option<tch::Tensor>);
+pub(crate) struct Batches(pub TokenBatches, pub Option<tch::Tensor>);
 
 impl BatchSource for Batches {
     fn train_batch(&self, step: u64, micro: u64) -> stlm_train::Result<(tch::Tensor, tch::Tensor)> {
@@ -304,7 +304,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
 
 /// The flag a Ctrl-C sets (first press: finish the step and checkpoint; second: quit at once),
 /// installed once per process so that several runs (`stlm prune --schedule`) share it.
-fn ctrl_c() -> Result<Arc<std::sync::atomic::AtomicBool>> {
+pub(crate) fn ctrl_c() -> Result<Arc<std::sync::atomic::AtomicBool>> {
     static FLAG: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
     if let Some(flag) = FLAG.get() {
         return Ok(Arc::clone(flag));
@@ -368,7 +368,7 @@ fn load_init(dir: &Path, device: tch::Device) -> Result<Init> {
 }
 
 /// Prints `count` texts sampled from the model, each started from the end-of-text token.
-fn print_samples(model: &AnyModel, tok: &Tokenizer, count: usize, seed: u64) -> Result<()> {
+pub(crate) fn print_samples(model: &AnyModel, tok: &Tokenizer, count: usize, seed: u64) -> Result<()> {
     let Some(start) = tok.eos_id().map(i64::from) else { return Ok(()) };
     if count == 0 {
         return Ok(());

@@ -2,41 +2,10 @@
 //! inspection and a benchmark run; and every kind of bad input gives a one-line error, a non-zero
 //! exit, no panic, and nothing half-written on disk.
 
+mod common;
+
+use common::{fails, ok, p, stlm};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-/// Runs the binary as a user would: without the library path cargo adds for tests, so that the
-/// rpath to libtorch is what makes it start.
-fn stlm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stlm"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .env_remove("LD_LIBRARY_PATH")
-        .env_remove("DYLD_LIBRARY_PATH")
-        .output()
-        .expect("stlm runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = stlm(args);
-    assert!(out.status.success(), "stlm {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("stdout is UTF-8")
-}
-
-/// Runs a command that must fail; returns its one-line error after checking the failure shape.
-fn fails(args: &[&str]) -> String {
-    let out = stlm(args);
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "stlm {args:?} should fail");
-    assert!(!err.contains("panicked"), "stlm {args:?} panicked: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(lines.len(), 1, "stlm {args:?}: expected one error line, got: {err}");
-    lines[0].to_string()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 struct Fixture {
     _dir: tempfile::TempDir,

@@ -2,40 +2,11 @@
 //! model directories that `stlm generate` loads, with reports; `stlm train --init` fine-tunes a
 //! pruned model with its zeros kept; `--schedule cubic` prunes in stages; bad input is one line.
 
+mod common;
+
+use common::{fails, json, ok, p};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use stlm_core::read_safetensors;
-
-fn stlm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stlm"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .expect("stlm runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = stlm(args);
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&ok(args)).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = stlm(args);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
-    err
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 const CONFIG: &str = "[model]\npreset = \"llama\"\nvocab_size = 320\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\nnum_attention_heads = 4\nmax_position_embeddings = 64\n\n[train]\nmax_steps = 6\nbatch_size = 4\nseq_len = 32\nlog_every = 2\neval_every = 6\neval_batches = 1\nsave_every = 6\nkeep_last = 1\nwarmup_steps = 1\n\n[data]\nval_fraction = 0.1\n";
 

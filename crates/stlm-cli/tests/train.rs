@@ -2,21 +2,11 @@
 //! `stlm generate` loads, resumes to the same losses (after lost checkpoints or Ctrl-C), trains on
 //! the built-in stories without --data, and refuses bad input with one line.
 
+mod common;
+
+use common::{p, stlm};
+use std::process::Command;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn stlm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stlm"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .expect("stlm runs")
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 const CONFIG: &str = "[model]\npreset = \"llama\"\nvocab_size = 320\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\nnum_attention_heads = 4\nmax_position_embeddings = 64\n\n[train]\nmax_steps = 8\nbatch_size = 4\nseq_len = 32\nlog_every = 1\neval_every = 4\neval_batches = 2\nsave_every = 3\nkeep_last = 0\nwarmup_steps = 2\n\n[data]\nval_fraction = 0.1\n";
 

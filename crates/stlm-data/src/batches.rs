@@ -40,6 +40,14 @@ impl Windows {
     }
 }
 
+/// `batch` window indices in `0..total` for micro-batch `micro` of step `step`: a pure function
+/// of its arguments (what every training batch of a run is drawn by).
+pub fn window_picks(seed: u64, step: u64, micro: u64, batch: usize, total: u64) -> Vec<u64> {
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    (0..batch).map(|_| rng.random_range(0..total)).collect()
+}
+
 /// Batches of random windows, a pure function of (seed, step, micro).
 pub struct TokenBatches {
     corpus: TokenizedCorpus,
@@ -91,11 +99,7 @@ impl TokenBatches {
 
     /// Inputs and targets `[batch, seq]` of micro-batch `micro` of step `step`.
     pub fn train_batch(&self, step: u64, micro: u64) -> (Tensor, Tensor) {
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            self.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03),
-        );
-        let total = self.train.total();
-        let picks: Vec<u64> = (0..self.batch).map(|_| rng.random_range(0..total)).collect();
+        let picks = window_picks(self.seed, step, micro, self.batch as usize, self.train.total());
         self.gather(&self.train, false, picks.into_iter())
     }
 

@@ -16,7 +16,7 @@ pub mod read;
 pub mod shards;
 pub mod stories;
 
-pub use batches::TokenBatches;
+pub use batches::{window_picks, TokenBatches};
 pub use parquet::parquet_records;
 pub use config::DataConfig;
 pub use read::{read_documents, sample_documents, OnBadLine, OnInvalidUtf8, ReadOptions, Source, ENDOFTEXT};

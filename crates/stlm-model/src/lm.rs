@@ -15,6 +15,11 @@ pub trait LanguageModel {
     fn var_store(&self) -> &nn::VarStore;
     /// The model config.
     fn model_config(&self) -> &ModelConfig;
+    /// Every tensor the optimizer updates, by name: the variable store's, plus whatever else a
+    /// wrapper trains alongside (distillation's projections).
+    fn trainable_variables(&self) -> Vec<(String, Tensor)> {
+        self.var_store().variables().into_iter().collect()
+    }
     /// Training loss of windows `inputs` `[b, s]` with next-id `targets` `[b, s]`: the loss that
     /// is logged (mean nats per token, or per byte for byte models) and extra terms that only
     /// train (e.g. a reconstruction loss). MoE balancing losses come from `take_moe_stats`.

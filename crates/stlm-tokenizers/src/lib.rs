@@ -185,6 +185,18 @@ impl Tokenizer {
             .collect()
     }
 
+    /// Token string of an id.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The first id whose token differs between this vocabulary and `other`'s (`None`: they
+    /// have the same tokens at the same ids), with both tokens.
+    pub fn first_vocab_difference(&self, other: &Tokenizer) -> Option<(u32, Option<String>, Option<String>)> {
+        let n = self.vocab_size().max(other.vocab_size()) as u32;
+        (0..n).map(|id| (id, self.id_to_token(id), other.id_to_token(id))).find(|(_, a, b)| a != b)
+    }
+
     /// Id of a token string.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -237,6 +249,10 @@ mod tests {
         tok.save(&path).unwrap();
         let back = Tokenizer::from_file(&path).unwrap();
         assert_eq!(back.encode("the fox said", false).unwrap(), tok.encode("the fox said", false).unwrap());
+        assert_eq!(back.first_vocab_difference(tok), None);
+        let bytes = Tokenizer::bytes();
+        let (id, a, b) = tok.first_vocab_difference(&bytes).unwrap();
+        assert_eq!((a, b), (tok.id_to_token(id), bytes.id_to_token(id)));
     }
 
     #[test]

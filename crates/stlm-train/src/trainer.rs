@@ -249,7 +249,7 @@ pub fn train(
         return Err(TrainError::Config("grad_accum and log_every must be at least 1".into()));
     }
     std::fs::create_dir_all(run_dir).map_err(|e| CoreError::io(run_dir, e))?;
-    let params: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+    let params = model.trainable_variables();
     let mut opt = AdamW::new(params, settings.adamw);
     let metrics_path = run_dir.join("metrics.jsonl");
     let positions_path = run_dir.join("position_loss.jsonl");

@@ -1,0 +1,41 @@
+//! stlm-distill: teacher-student distillation of stlm models.
+//!
+//! - [`loss`]: logit losses (forward/reverse KL, Jensen-Shannon, total variation, skew KLs) at a
+//!   temperature, over the whole vocabulary or the teacher's top k plus a rest bucket.
+//! - [`init`]: a student's first weights from its teacher (every k-th block, leading dimensions).
+//! - [`distiller`]: the objective as a model the stlm-train loop trains (teacher live or cached,
+//!   hidden-state MSE with learned projections).
+//! - [`cache`]: the teacher's top-k distributions over a corpus, stored for many students.
+
+pub mod cache;
+pub mod distiller;
+pub mod init;
+pub mod loss;
+
+pub use cache::{CacheHeader, CacheWriter, TeacherCache};
+pub use distiller::{Distiller, HiddenLoss, Teacher, TeacherSlot};
+pub use init::{copy_from_teacher, LayerChoice};
+pub use loss::{Divergence, LogitLoss, TeacherTargets};
+
+/// Errors of distillation.
+#[derive(Debug, thiserror::Error)]
+pub enum DistillError {
+    /// Bad options or input; names the option or file.
+    #[error("{0}")]
+    Input(String),
+    /// File IO or format errors.
+    #[error(transparent)]
+    Core(#[from] stlm_core::CoreError),
+    /// An error raised by the model.
+    #[error(transparent)]
+    Model(#[from] stlm_model::ModelError),
+}
+
+/// Result alias for stlm-distill.
+pub type Result<T, E = DistillError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// Tests that seed and draw from libtorch's global generator hold this.
+    pub static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+}
