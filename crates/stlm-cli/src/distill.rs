@@ -13,7 +13,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use stlm_data::{tokenize_corpus, window_picks, DataConfig, ShardOptions, Source, TokenBatches, TokenizedCorpus};
 use stlm_distill::{
-    copy_from_teacher, CacheHeader, CacheWriter, Distiller, Divergence, HiddenLoss, LayerChoice, LogitLoss, Teacher, TeacherCache,
+    copy_from_teacher, CacheHeader, CacheWriter, Distiller, Divergence, FeatureLoss, LayerChoice, LogitLoss, Teacher, TeacherCache,
     TeacherSlot,
 };
 use stlm_model::{AnyModel, DecoderModel, LanguageModel};
@@ -77,8 +77,12 @@ struct RunArgs {
     /// Weight of the hidden-state MSE (0: off); needs the live teacher.
     #[arg(long, default_value_t = 0.0)]
     hidden_weight: f64,
-    /// Hidden-state pairs STUDENT:TEACHER of residual-stream states (0 = embeddings, i = after
-    /// block i), e.g. `1:2,2:4`; default: student state i against teacher state round(i Lt / Ls).
+    /// Weight of the attention-map KL between the blocks producing the paired states (0: off);
+    /// dense attention, teacher heads a multiple of the student's; needs the live teacher.
+    #[arg(long, default_value_t = 0.0)]
+    attention_weight: f64,
+    /// Feature pairs STUDENT:TEACHER of residual-stream states (0 = embeddings, i = after block
+    /// i), e.g. `1:2,2:4`; default: student state i against teacher state round(i Lt / Ls).
     #[arg(long)]
     layer_map: Option<String>,
     /// Student initialisation from a config: random, every:K (teacher blocks 0, K, 2K, ...) or
@@ -164,6 +168,7 @@ struct Record {
     skew: f64,
     top_k: Option<i64>,
     hidden_weight: f64,
+    attention_weight: f64,
     layer_map: Vec<(usize, usize)>,
     init: String,
     init_layers: Vec<usize>,
@@ -321,22 +326,20 @@ fn distill(a: RunArgs) -> Result<()> {
             layers
         }
     };
-    let hidden = match a.hidden_weight {
-        0.0 => None,
-        w if !(w > 0.0 && w.is_finite()) => bail!("--hidden-weight {w}: must be a positive number (0: off)"),
-        w => {
-            let Some(t) = &teacher else { bail!("--hidden-weight needs the live teacher (--teacher without --cache)") };
-            let (ls, lt) = (student.model.layers.len(), t.layers.len());
-            let map = match &a.layer_map {
-                Some(spec) => HiddenLoss::parse_map(spec, ls, lt)?,
-                None => HiddenLoss::uniform_map(ls, lt),
+    let features = match (a.hidden_weight, a.attention_weight) {
+        (0.0, 0.0) if a.layer_map.is_some() => bail!("--layer-map needs --hidden-weight or --attention-weight"),
+        (0.0, 0.0) => None,
+        (h, w) => {
+            let Some(t) = &teacher else {
+                bail!("--hidden-weight/--attention-weight need the live teacher (--teacher without --cache)")
             };
-            Some(HiddenLoss::new(w, map, student.model.config.hidden_size, t.config.hidden_size, device))
+            let map = match &a.layer_map {
+                Some(spec) => FeatureLoss::parse_map(spec)?,
+                None => FeatureLoss::uniform_map(student.model.layers.len(), t.layers.len()),
+            };
+            Some(FeatureLoss::new(h, w, map, &student.model, t)?)
         }
     };
-    if a.layer_map.is_some() && hidden.is_none() {
-        bail!("--layer-map needs --hidden-weight");
-    }
     let record = Record {
         teacher: a.teacher.clone(),
         cache: a.cache.clone(),
@@ -346,7 +349,8 @@ fn distill(a: RunArgs) -> Result<()> {
         skew: a.skew,
         top_k,
         hidden_weight: a.hidden_weight,
-        layer_map: hidden.as_ref().map(|h| h.map.clone()).unwrap_or_default(),
+        attention_weight: a.attention_weight,
+        layer_map: features.as_ref().map(|f| f.map.clone()).unwrap_or_default(),
         init: a.init.clone(),
         init_layers,
     };
@@ -390,7 +394,7 @@ fn distill(a: RunArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires --teacher or --cache"),
     };
     let (student_train, student_text) = (student.train.clone(), student.text.clone());
-    let distiller = Distiller::new(student.model, teacher, logit, a.alpha, hidden)?;
+    let distiller = Distiller::new(student.model, teacher, logit, a.alpha, features)?;
     eprintln!(
         "distilling into {} parameters with {} (T = {temperature}, alpha = {}{}); run directory {}",
         distiller.num_parameters(),
@@ -423,6 +427,7 @@ fn distill(a: RunArgs) -> Result<()> {
             "alpha": a.alpha,
             "top_k": top_k,
             "hidden_weight": a.hidden_weight,
+            "attention_weight": a.attention_weight,
             "train_loss": last.map(|l| l.loss),
             "val_loss": last.and_then(|l| l.val_loss),
             "val_bpb": last.and_then(|l| l.val_bpb),

@@ -86,7 +86,7 @@ fn students_from_teacher_blocks_hidden_losses_caches_and_corpora() {
     let out = f.root.join("init");
     let r = json(&[
         "distill", "--teacher", p(&f.teacher), "--student", p(&f.student), "--data", p(&f.data), "--out", p(&out), "--json",
-        "--init", "layers:1", "--hidden-weight", "0.5", "--layer-map", "0:0,1:2",
+        "--init", "layers:1", "--hidden-weight", "0.5", "--attention-weight", "0.5", "--layer-map", "0:0,1:2",
     ]);
     assert!(r["val_loss"].as_f64().unwrap().is_finite(), "{r}");
     let ckpt = out.join("checkpoints").join("step-0000004");

@@ -2,13 +2,13 @@
 //! student, runs the teacher without gradients (or takes its cached targets) and returns the
 //! student's cross-entropy as the logged loss, with the distillation terms as extra terms.
 
-use crate::loss::{cross_entropy, LogitLoss, TeacherTargets};
+use crate::loss::{cross_entropy, divergence, Divergence, LogitLoss, TeacherTargets, LOG_FLOOR};
 use crate::{DistillError, Result};
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
 use stlm_core::kernels::grad_enabled;
-use stlm_model::{DecoderModel, LanguageModel, ModelConfig, ModelError};
+use stlm_model::{BlockPass, DecoderModel, LanguageModel, ModelConfig, ModelError};
 use stlm_moe::MoeStats;
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -19,36 +19,82 @@ pub const PROJECTIONS_FILE: &str = "distill.safetensors";
 /// Teacher targets of the next training batch, put there by a batch source that reads a cache.
 pub type TeacherSlot = Rc<RefCell<Option<(Tensor, TeacherTargets)>>>;
 
-/// Hidden-state MSE (TinyBERT): student residual-stream state `i` against teacher state `j` for
-/// each pair of the map, through a learned projection where the widths differ.
-pub struct HiddenLoss {
-    /// Weight of the term in the objective.
-    pub weight: f64,
+/// Feature losses between paired residual-stream states of student and teacher: hidden-state
+/// MSE (TinyBERT), through a learned projection where the widths differ, and attention-map KL
+/// (MiniLM-style KL(teacher || student) of each query's attention distribution) for the blocks
+/// producing the paired states.
+pub struct FeatureLoss {
+    /// Weight of the hidden-state MSE (0: off).
+    pub hidden_weight: f64,
+    /// Weight of the attention-map KL (0: off).
+    pub attention_weight: f64,
     /// (student state, teacher state) pairs; state 0 is the embedding output, state `i` the
-    /// output of block `i`.
+    /// output of block `i` (whose attention the attention term compares).
     pub map: Vec<(usize, usize)>,
-    /// One projection `[teacher hidden, student hidden]` per pair (None: same width).
+    /// One projection `[teacher hidden, student hidden]` per pair (None: same width or no MSE).
     projections: Vec<Option<Tensor>>,
     vs: nn::VarStore,
 }
 
-impl HiddenLoss {
-    /// The term for `map` between a student of width `student_hidden` and a teacher of width
-    /// `teacher_hidden`; projections start as the identity on the leading dimensions.
-    pub fn new(weight: f64, map: Vec<(usize, usize)>, student_hidden: i64, teacher_hidden: i64, device: tch::Device) -> Self {
+/// What the teacher contributes to the feature losses of one batch.
+struct TeacherFeatures {
+    states: Vec<Tensor>,
+    /// Log attention probabilities of each attention pair, averaged into the student's heads.
+    attention: Vec<Option<Tensor>>,
+}
+
+impl FeatureLoss {
+    /// The terms for `map` between `student` and `teacher`; projections start as the identity on
+    /// the leading dimensions. The attention term needs dense softmax attention in the paired
+    /// blocks and a teacher head count that is a multiple of the student's (teacher heads are
+    /// averaged in groups); errors name what does not fit.
+    pub fn new(hidden_weight: f64, attention_weight: f64, map: Vec<(usize, usize)>, student: &DecoderModel, teacher: &DecoderModel) -> Result<Self> {
+        for (name, w) in [("--hidden-weight", hidden_weight), ("--attention-weight", attention_weight)] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return Err(DistillError::Input(format!("{name} {w}: must be a non-negative number")));
+            }
+        }
+        let (ls, lt) = (student.layers.len(), teacher.layers.len());
+        if let Some(&(s, t)) = map.iter().find(|&&(s, t)| s > ls || t > lt) {
+            return Err(DistillError::Input(format!("--layer-map {s}:{t}: states go up to {ls} in the student and {lt} in the teacher")));
+        }
+        if attention_weight > 0.0 {
+            let (hs, ht) = (student.config.num_attention_heads, teacher.config.num_attention_heads);
+            if ht % hs != 0 {
+                return Err(DistillError::Input(format!(
+                    "--attention-weight: the teacher's {ht} heads are not a multiple of the student's {hs}"
+                )));
+            }
+            let pairs: Vec<_> = map.iter().filter(|(s, t)| *s > 0 && *t > 0).collect();
+            if pairs.is_empty() {
+                return Err(DistillError::Input("--attention-weight: no pair of blocks in the layer map (state 0 has no attention)".into()));
+            }
+            for &&(s, t) in &pairs {
+                for (who, model, state) in [("student", student, s), ("teacher", teacher, t)] {
+                    if !model.layers[state - 1].self_attn.has_attention_probs() {
+                        return Err(DistillError::Input(format!(
+                            "--attention-weight: {who} block {} does not use dense softmax attention; attention maps are compared for dense attention only",
+                            state - 1
+                        )));
+                    }
+                }
+            }
+        }
+        let (sh, th) = (student.config.hidden_size, teacher.config.hidden_size);
+        let device = student.device();
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let projections = (0..map.len())
             .map(|k| {
-                (student_hidden != teacher_hidden).then(|| {
-                    let w = (&root / "distill" / "hidden_proj" / k).var("weight", &[teacher_hidden, student_hidden], Init::Const(0.0));
-                    let n = student_hidden.min(teacher_hidden);
+                (hidden_weight > 0.0 && sh != th).then(|| {
+                    let w = (&root / "distill" / "hidden_proj" / k).var("weight", &[th, sh], Init::Const(0.0));
+                    let n = sh.min(th);
                     tch::no_grad(|| w.narrow(0, 0, n).narrow(1, 0, n).copy_(&Tensor::eye(n, (Kind::Float, device))));
                     w
                 })
             })
             .collect();
-        HiddenLoss { weight, map, projections, vs }
+        Ok(FeatureLoss { hidden_weight, attention_weight, map, projections, vs })
     }
 
     /// The default map: student state `i` (1..=Ls) against teacher state `round(i Lt / Ls)`.
@@ -56,41 +102,69 @@ impl HiddenLoss {
         (1..=student_layers).map(|i| (i, ((i * teacher_layers) as f64 / student_layers as f64).round() as usize)).collect()
     }
 
-    /// Parses `s:t,s:t,...`, checking the states exist.
-    pub fn parse_map(spec: &str, student_layers: usize, teacher_layers: usize) -> Result<Vec<(usize, usize)>> {
+    /// Parses `s:t,s:t,...` (the states are checked by [`FeatureLoss::new`]).
+    pub fn parse_map(spec: &str) -> Result<Vec<(usize, usize)>> {
         let bad = |why: String| DistillError::Input(format!("--layer-map {spec}: {why}"));
         spec.split(',')
             .map(|pair| {
                 let (s, t) = pair.trim().split_once(':').ok_or_else(|| bad(format!("`{pair}` is not STUDENT:TEACHER")))?;
-                let (s, t): (usize, usize) = (
-                    s.trim().parse().map_err(|_| bad(format!("`{s}` is not a number")))?,
-                    t.trim().parse().map_err(|_| bad(format!("`{t}` is not a number")))?,
-                );
-                if s > student_layers || t > teacher_layers {
-                    return Err(bad(format!(
-                        "`{pair}`: states go up to {student_layers} in the student and {teacher_layers} in the teacher (0 = embeddings)"
-                    )));
-                }
-                Ok((s, t))
+                let number = |x: &str| x.trim().parse::<usize>().map_err(|_| bad(format!("`{x}` is not a number")));
+                Ok((number(s)?, number(t)?))
             })
             .collect()
     }
 
-    /// Mean over the pairs of the MSE between the projected student state and the teacher's.
-    fn loss(&self, student: &[Tensor], teacher: &[Tensor]) -> Tensor {
-        let terms: Vec<Tensor> = self
-            .map
-            .iter()
-            .zip(&self.projections)
-            .map(|(&(s, t), proj)| {
-                let x = match proj {
-                    Some(w) => student[s].matmul(&w.tr()),
-                    None => student[s].shallow_clone(),
-                };
-                x.mse_loss(&teacher[t], tch::Reduction::Mean)
+    /// The attention pairs: blocks `s - 1`, `t - 1` of each map pair without an embedding state.
+    fn attention_pairs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.map.iter().filter(|(s, t)| self.attention_weight > 0.0 && *s > 0 && *t > 0).map(|&(s, t)| (s - 1, t - 1))
+    }
+
+    /// The teacher's side (run under no_grad by the caller): its states and attention maps
+    /// averaged into `student_heads` groups.
+    fn teacher_features(&self, teacher: &DecoderModel, pass: &BlockPass, states: Vec<Tensor>, student_heads: i64) -> TeacherFeatures {
+        let attention = self
+            .attention_pairs()
+            .map(|(_, t)| {
+                let logp = teacher.attention_log_probs(t, pass, &states[t])?; // [b, ht, s, s]
+                let (b, ht, s, _) = logp.size4().expect("4-d attention");
+                let group = ht / student_heads;
+                Some(logp.view([b, student_heads, group, s, s]).logsumexp([2], false) - (group as f64).ln())
             })
             .collect();
-        Tensor::stack(&terms, 0).mean(Kind::Float)
+        TeacherFeatures { states, attention }
+    }
+
+    /// `hidden_weight * mean MSE + attention_weight * mean attention KL` over the pairs.
+    fn loss(&self, student: &DecoderModel, pass: &BlockPass, states: &[Tensor], teacher: &TeacherFeatures) -> Tensor {
+        let mut total = Tensor::zeros([], (Kind::Float, student.device()));
+        if self.hidden_weight > 0.0 {
+            let terms: Vec<Tensor> = self
+                .map
+                .iter()
+                .zip(&self.projections)
+                .map(|(&(s, t), proj)| {
+                    let x = match proj {
+                        Some(w) => states[s].matmul(&w.tr()),
+                        None => states[s].shallow_clone(),
+                    };
+                    x.mse_loss(&teacher.states[t], tch::Reduction::Mean)
+                })
+                .collect();
+            total += Tensor::stack(&terms, 0).mean(Kind::Float) * self.hidden_weight;
+        }
+        let terms: Vec<Tensor> = self
+            .attention_pairs()
+            .zip(&teacher.attention)
+            .filter_map(|((s, _), lt)| {
+                let ls = student.attention_log_probs(s, pass, &states[s])?;
+                let kl = divergence(Divergence::ForwardKl, &lt.as_ref()?.clamp_min(LOG_FLOOR), &ls.clamp_min(LOG_FLOOR), 0.0);
+                Some(kl.mean(Kind::Float))
+            })
+            .collect();
+        if !terms.is_empty() {
+            total += Tensor::stack(&terms, 0).mean(Kind::Float) * self.attention_weight;
+        }
+        total
     }
 }
 
@@ -102,7 +176,7 @@ pub enum Teacher {
     Cached(TeacherSlot),
 }
 
-/// The student trained against a teacher: `(1 - alpha) CE + alpha * logit loss + hidden terms`.
+/// The student trained against a teacher: `(1 - alpha) CE + alpha * logit loss + feature terms`.
 pub struct Distiller {
     /// The model being trained.
     pub student: DecoderModel,
@@ -112,14 +186,14 @@ pub struct Distiller {
     pub logit: LogitLoss,
     /// Weight of the logit loss against the next-token cross-entropy.
     pub alpha: f64,
-    /// Hidden-state term, if any.
-    pub hidden: Option<HiddenLoss>,
+    /// Hidden-state and attention terms, if any.
+    pub features: Option<FeatureLoss>,
 }
 
 impl Distiller {
-    /// Checks that the pieces fit: same vocabulary width, alpha in [0, 1], hidden states only
+    /// Checks that the pieces fit: same vocabulary width, alpha in [0, 1], feature terms only
     /// with a live teacher.
-    pub fn new(student: DecoderModel, teacher: Teacher, logit: LogitLoss, alpha: f64, hidden: Option<HiddenLoss>) -> Result<Self> {
+    pub fn new(student: DecoderModel, teacher: Teacher, logit: LogitLoss, alpha: f64, features: Option<FeatureLoss>) -> Result<Self> {
         logit.validate()?;
         if !(0.0..=1.0).contains(&alpha) {
             return Err(DistillError::Input(format!("--alpha {alpha}: must be in [0, 1]")));
@@ -132,14 +206,14 @@ impl Distiller {
                 )));
             }
         }
-        if hidden.is_some() && matches!(teacher, Teacher::Cached(_)) {
-            return Err(DistillError::Input("hidden-state losses need the live teacher (a cache holds only logits)".into()));
+        if features.is_some() && matches!(teacher, Teacher::Cached(_)) {
+            return Err(DistillError::Input("hidden-state and attention losses need the live teacher (a cache holds only logits)".into()));
         }
-        Ok(Distiller { student, teacher, logit, alpha, hidden })
+        Ok(Distiller { student, teacher, logit, alpha, features })
     }
 
-    /// The teacher's targets (and residual stream when the hidden term needs it) for `inputs`.
-    fn teacher_side(&self, inputs: &Tensor) -> Result<(TeacherTargets, Vec<Tensor>)> {
+    /// The teacher's targets (and features when a feature term needs them) for `inputs`.
+    fn teacher_side(&self, inputs: &Tensor) -> Result<(TeacherTargets, Option<TeacherFeatures>)> {
         match &self.teacher {
             Teacher::Cached(slot) => {
                 let (ids, targets) = slot.borrow_mut().take().ok_or_else(|| {
@@ -148,20 +222,21 @@ impl Distiller {
                 if ids.size() != inputs.size() || !ids.to_device(inputs.device()).equal(inputs) {
                     return Err(DistillError::Input("the cached teacher targets belong to another batch".into()));
                 }
-                Ok((targets, Vec::new()))
+                Ok((targets, None))
             }
             Teacher::Live(t) => {
                 let _guard = tch::no_grad_guard();
-                let (logits, states) = match &self.hidden {
-                    Some(_) => {
-                        let states = t.residual_stream(inputs);
+                let (logits, features) = match &self.features {
+                    Some(f) => {
+                        let (pass, states) = t.residual_stream_pass(inputs);
                         let last = states.last().expect("the stream has the embeddings");
-                        (t.head(&t.norm.forward(last)), states)
+                        let logits = t.head(&t.norm.forward(last));
+                        (logits, Some(f.teacher_features(t, &pass, states, self.student.config.num_attention_heads)))
                     }
-                    None => (t.forward(inputs), Vec::new()),
+                    None => (t.forward(inputs), None),
                 };
                 let _ = t.take_moe_stats(); // the teacher's routers do not train
-                Ok((self.logit.teacher_targets(&logits), states))
+                Ok((self.logit.teacher_targets(&logits), features))
             }
         }
     }
@@ -176,8 +251,8 @@ impl LanguageModel for Distiller {
     }
     fn trainable_variables(&self) -> Vec<(String, Tensor)> {
         let mut vars: Vec<(String, Tensor)> = self.student.var_store().variables().into_iter().collect();
-        if let Some(h) = &self.hidden {
-            vars.extend(h.vs.variables());
+        if let Some(f) = &self.features {
+            vars.extend(f.vs.variables());
         }
         vars
     }
@@ -186,20 +261,21 @@ impl LanguageModel for Distiller {
             // Validation: the student's own loss, no teacher.
             return self.student.train_loss(inputs, targets);
         }
-        let (teacher, teacher_states) = self.teacher_side(inputs).map_err(|e| ModelError::Input(e.to_string()))?;
-        let (logits, states) = match &self.hidden {
-            Some(_) => {
-                let states = self.student.residual_stream(inputs);
+        let (teacher, teacher_features) = self.teacher_side(inputs).map_err(|e| ModelError::Input(e.to_string()))?;
+        let s = &self.student;
+        let (logits, feature_loss) = match (&self.features, &teacher_features) {
+            (Some(f), Some(tf)) => {
+                let (pass, states) = s.residual_stream_pass(inputs);
                 let last = states.last().expect("the stream has the embeddings");
-                (self.student.head(&self.student.norm.forward(last)), states)
+                (s.head(&s.norm.forward(last)), Some(f.loss(s, &pass, &states, tf)))
             }
-            None => (self.student.forward(inputs), Vec::new()),
+            _ => (s.forward(inputs), None),
         };
         let ce = cross_entropy(&logits, targets, None);
-        // Logged: the cross-entropy; trained: (1 - alpha) CE + alpha KD (+ hidden).
+        // Logged: the cross-entropy; trained: (1 - alpha) CE + alpha KD (+ feature terms).
         let mut extra = (self.logit.loss(&logits, &teacher, None) - &ce) * self.alpha;
-        if let Some(h) = &self.hidden {
-            extra += h.loss(&states, &teacher_states) * h.weight;
+        if let Some(f) = feature_loss {
+            extra += f;
         }
         Ok((ce, Some(extra)))
     }
@@ -214,15 +290,15 @@ impl LanguageModel for Distiller {
     }
     fn save(&self, dir: &Path, tokenizer: Option<&Path>) -> stlm_model::Result<()> {
         self.student.save(dir, tokenizer)?;
-        if let Some(h) = &self.hidden {
-            let vars: Vec<(String, Tensor)> = h.vs.variables().into_iter().collect();
+        let vars: Vec<(String, Tensor)> = self.features.iter().flat_map(|f| f.vs.variables()).collect();
+        if !vars.is_empty() {
             stlm_core::write_safetensors(&dir.join(PROJECTIONS_FILE), &vars)?;
         }
         Ok(())
     }
     fn load_weights(&self, path: &Path) -> stlm_model::Result<()> {
         // Check the projections before touching any weight.
-        let projections = match &self.hidden {
+        let projections = match &self.features {
             Some(h) if !h.vs.variables().is_empty() => {
                 let file = path.with_file_name(PROJECTIONS_FILE);
                 let saved = stlm_core::read_safetensors(&file)?;
@@ -256,14 +332,15 @@ mod tests {
     use crate::loss::Divergence;
     use tch::Device;
 
+    /// Head width 8: the 32-wide teacher has 4 heads, the 16-wide student 2.
     fn tiny(layers: i64, hidden: i64) -> ModelConfig {
         ModelConfig {
             vocab_size: 30,
             hidden_size: hidden,
             intermediate_size: 2 * hidden,
             num_hidden_layers: layers,
-            num_attention_heads: 2,
-            num_key_value_heads: 2,
+            num_attention_heads: hidden / 8,
+            num_key_value_heads: hidden / 8,
             max_position_embeddings: 16,
             ..ModelConfig::llama()
         }
@@ -283,10 +360,10 @@ mod tests {
         let y = Tensor::randint(30, [2, 6], (Kind::Int64, Device::Cpu));
         let t_logits = teacher.forward(&x).detach();
         let s_logits = student.forward(&x).detach();
-        let map = HiddenLoss::uniform_map(1, 2);
+        let map = FeatureLoss::uniform_map(1, 2);
         assert_eq!(map, vec![(1, 2)]);
-        let hidden = HiddenLoss::new(0.3, map, 16, 32, Device::Cpu);
-        let d = Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 0.25, Some(hidden)).unwrap();
+        let features = FeatureLoss::new(0.3, 0.2, map, &student, &teacher).unwrap();
+        let d = Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 0.25, Some(features)).unwrap();
         let (ce, extra) = d.train_loss(&x, &y).unwrap();
         let want_ce = cross_entropy(&s_logits, &y, None).double_value(&[]);
         let kd = fkl().loss(&s_logits, &fkl().teacher_targets(&t_logits), None).double_value(&[]);
@@ -297,9 +374,17 @@ mod tests {
         // The projection starts as the identity into the teacher's leading 16 dimensions.
         let padded = Tensor::cat(&[proj, Tensor::zeros([2, 6, 16], (Kind::Float, Device::Cpu))], 2);
         let mse = padded.mse_loss(&ts[2], tch::Reduction::Mean).double_value(&[]);
+        // Attention: teacher block 1's 4 heads averaged in pairs against the student's block 0.
+        let (tp, _) = t.residual_stream_pass(&x);
+        let (sp, _) = d.student.residual_stream_pass(&x);
+        let pt = t.attention_log_probs(1, &tp, &ts[1]).unwrap().exp().to_kind(Kind::Double).view([2, 2, 2, 6, 6]).mean_dim(2, false, Kind::Double);
+        let ls = d.student.attention_log_probs(0, &sp, &ss[0]).unwrap().to_kind(Kind::Double);
+        let terms = (&pt * (pt.clamp_min(1e-300).log() - ls.clamp_min(-1e4))).where_self(&pt.gt(0.0), &pt.zeros_like());
+        let att = terms.sum_dim_intlist(-1, false, Kind::Double).mean(Kind::Double).double_value(&[]);
+        assert!(att > 0.0);
         let total = ce.double_value(&[]) + extra.unwrap().double_value(&[]);
         assert!((ce.double_value(&[]) - want_ce).abs() < 1e-6);
-        let want = 0.75 * want_ce + 0.25 * kd + 0.3 * mse;
+        let want = 0.75 * want_ce + 0.25 * kd + 0.3 * mse + 0.2 * att;
         assert!((total - want).abs() < 1e-5, "{total} vs {want}");
         // Gradients reach the projection; the teacher gets none.
         let (ce, extra) = d.train_loss(&x, &y).unwrap();
@@ -321,19 +406,19 @@ mod tests {
         let make = || {
             let teacher = DecoderModel::new(tiny(2, 32), Device::Cpu).unwrap();
             let student = DecoderModel::new(tiny(1, 16), Device::Cpu).unwrap();
-            let hidden = HiddenLoss::new(1.0, vec![(1, 2)], 16, 32, Device::Cpu);
-            Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 0.5, Some(hidden)).unwrap()
+            let features = FeatureLoss::new(1.0, 0.0, vec![(1, 2)], &student, &teacher).unwrap();
+            Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 0.5, Some(features)).unwrap()
         };
         let a = make();
         tch::no_grad(|| {
-            for (_, mut v) in a.hidden.as_ref().unwrap().vs.variables() {
+            for (_, mut v) in a.features.as_ref().unwrap().vs.variables() {
                 let _ = v.fill_(0.5);
             }
         });
         a.save(dir.path(), None).unwrap();
         let b = make();
         b.load_weights(&dir.path().join("model.safetensors")).unwrap();
-        let w = &b.hidden.as_ref().unwrap().vs.variables()["distill.hidden_proj.0.weight"];
+        let w = &b.features.as_ref().unwrap().vs.variables()["distill.hidden_proj.0.weight"];
         assert_eq!(w.mean(Kind::Float).double_value(&[]), 0.5);
         std::fs::remove_file(dir.path().join(PROJECTIONS_FILE)).unwrap();
         let e = b.load_weights(&dir.path().join("model.safetensors")).unwrap_err().to_string();
@@ -359,5 +444,28 @@ mod tests {
         assert!(d.train_loss(&x, &x).unwrap_err().to_string().contains("another batch"));
         let e = Distiller::new(DecoderModel::new(tiny(1, 16), Device::Cpu).unwrap(), Teacher::Cached(slot), fkl(), 1.5, None);
         assert!(e.err().unwrap().to_string().contains("--alpha"));
+    }
+
+    #[test]
+    fn feature_terms_name_what_does_not_fit() {
+        let _g = crate::tests::RNG.lock();
+        let teacher = DecoderModel::new(tiny(2, 32), Device::Cpu).unwrap();
+        let three = DecoderModel::new(ModelConfig { num_attention_heads: 3, num_key_value_heads: 3, hidden_size: 24, ..tiny(1, 16) }, Device::Cpu).unwrap();
+        let e = FeatureLoss::new(0.0, 1.0, vec![(1, 2)], &three, &teacher).err().unwrap().to_string();
+        assert!(e.contains("not a multiple"), "{e}");
+        let student = DecoderModel::new(tiny(1, 16), Device::Cpu).unwrap();
+        let e = FeatureLoss::new(0.0, 1.0, vec![(0, 0)], &student, &teacher).err().unwrap().to_string();
+        assert!(e.contains("no pair of blocks"), "{e}");
+        let e = FeatureLoss::new(1.0, 0.0, vec![(2, 1)], &student, &teacher).err().unwrap().to_string();
+        assert!(e.contains("--layer-map 2:1"), "{e}");
+        let window = ModelConfig::from_toml_str(
+            "model_type = \"stlm\"\nvocab_size = 30\nhidden_size = 16\nintermediate_size = 32\nnum_hidden_layers = 1\nnum_attention_heads = 2\nmax_position_embeddings = 16\nattention = [{ kind = \"sliding-window\", window = 4 }]\n",
+            Path::new("w.toml"),
+        )
+        .unwrap();
+        let windowed = DecoderModel::new(window, Device::Cpu).unwrap();
+        let e = FeatureLoss::new(0.0, 1.0, vec![(1, 1)], &windowed, &teacher).err().unwrap().to_string();
+        assert!(e.contains("student block 0"), "{e}");
+        assert!(FeatureLoss::parse_map("1:x").unwrap_err().to_string().contains("`x`"));
     }
 }

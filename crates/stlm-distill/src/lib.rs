@@ -4,7 +4,7 @@
 //!   temperature, over the whole vocabulary or the teacher's top k plus a rest bucket.
 //! - [`init`]: a student's first weights from its teacher (every k-th block, leading dimensions).
 //! - [`distiller`]: the objective as a model the stlm-train loop trains (teacher live or cached,
-//!   hidden-state MSE with learned projections).
+//!   hidden-state MSE with learned projections, attention-map KL).
 //! - [`cache`]: the teacher's top-k distributions over a corpus, stored for many students.
 
 pub mod cache;
@@ -13,7 +13,7 @@ pub mod init;
 pub mod loss;
 
 pub use cache::{CacheHeader, CacheWriter, TeacherCache};
-pub use distiller::{Distiller, HiddenLoss, Teacher, TeacherSlot};
+pub use distiller::{Distiller, FeatureLoss, Teacher, TeacherSlot};
 pub use init::{copy_from_teacher, LayerChoice};
 pub use loss::{Divergence, LogitLoss, TeacherTargets};
 

@@ -22,7 +22,7 @@ use crate::{DistillError, Result};
 use tch::{Kind, Tensor};
 
 /// Log-probabilities below this are treated as this (a zero-mass bucket stays finite).
-const LOG_FLOOR: f64 = -1e4;
+pub(crate) const LOG_FLOOR: f64 = -1e4;
 
 /// Which divergence a logit loss uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

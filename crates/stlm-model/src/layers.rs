@@ -329,6 +329,51 @@ impl SelfAttention {
         self.qkv = Some(Linear::fuse(&mut [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj]));
     }
 
+    /// Queries `[b, heads, s, d]`, keys and values `[b, kv_heads, s, d]` of `x` `[b, s, hidden]`
+    /// (q/k norms and rotary angles applied).
+    fn project(&self, x: &Tensor, rotary: Option<&RotaryAngles>) -> (Tensor, Tensor, Tensor) {
+        let (b, s) = (x.size()[0], x.size()[1]);
+        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let projected = match &self.qkv {
+            Some(qkv) => qkv.forward(x),
+            None => Linear::forward_concat(&[&self.q_proj, &self.k_proj, &self.v_proj], x),
+        };
+        let all = projected.view([b, s, nh + 2 * nkv, d]).transpose(1, 2); // [b, h + 2 kvh, s, d]
+        let qk = match &self.qk_norm {
+            Some(n) => Tensor::cat(
+                &[n.q_norm.forward(&all.narrow(1, 0, nh)), n.k_norm.forward(&all.narrow(1, nh, nkv))],
+                1,
+            ),
+            None => all.narrow(1, 0, nh + nkv),
+        };
+        let qk = match rotary {
+            Some(r) => apply_rotary(&qk, &r.cos, &r.sin), // q and k rotated in one pass
+            None => qk,
+        };
+        (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv), all.narrow(1, nh + nkv, nkv))
+    }
+
+    /// True when [`SelfAttention::attention_log_probs`] can give this layer's attention: dense
+    /// softmax attention without ALiBi biases.
+    pub fn has_attention_probs(&self) -> bool {
+        self.attention == AttentionKind::Dense && self.alibi_slopes.is_none() && self.dynamic_mask.is_none()
+    }
+
+    /// Log attention probabilities `[b, heads, s, s]` (queries x keys; future keys -inf) of a
+    /// causal pass from position 0 over `x` `[b, s, hidden]` (the block's normed input), for
+    /// layers where [`SelfAttention::has_attention_probs`]; `None` for other kinds.
+    pub fn attention_log_probs(&self, x: &Tensor, rotary: Option<&RotaryAngles>) -> Option<Tensor> {
+        if !self.has_attention_probs() {
+            return None;
+        }
+        let (q, k, _) = self.project(x, rotary);
+        let (s, group) = (q.size()[2], self.num_heads / self.num_kv_heads);
+        let k = if group > 1 { k.repeat_interleave_self_int(group, 1, None) } else { k };
+        let scores = q.matmul(&k.transpose(-2, -1)) / (self.head_dim as f64).sqrt(); // [b, h, s, s]
+        let future = Tensor::ones([s, s], (Kind::Bool, x.device())).triu(1);
+        Some(scores.masked_fill(&future, f64::NEG_INFINITY).log_softmax(-1, Kind::Float))
+    }
+
     /// `[b, s, hidden] -> [b, s, hidden]` for tokens at `positions` `[b, s]`. With a cache, keys
     /// and values of this layer are appended to it and attention sees the cached positions.
     pub fn forward(
@@ -340,26 +385,7 @@ impl SelfAttention {
         cache: Option<(&KvCache, usize)>,
     ) -> Tensor {
         let (b, s) = (x.size()[0], x.size()[1]);
-        let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor, n: i64| t.view([b, s, n, d]).transpose(1, 2);
-        let rotate = |t: Tensor| match rotary {
-            Some(r) => apply_rotary(&t, &r.cos, &r.sin),
-            None => t,
-        };
-        let projected = match &self.qkv {
-            Some(qkv) => qkv.forward(x),
-            None => Linear::forward_concat(&[&self.q_proj, &self.k_proj, &self.v_proj], x),
-        };
-        let all = heads(projected, nh + 2 * nkv); // [b, h + 2 kvh, s, d]
-        let qk = match &self.qk_norm {
-            Some(n) => Tensor::cat(
-                &[n.q_norm.forward(&all.narrow(1, 0, nh)), n.k_norm.forward(&all.narrow(1, nh, nkv))],
-                1,
-            ),
-            None => all.narrow(1, 0, nh + nkv),
-        };
-        let qk = rotate(qk); // q and k rotated in one pass
-        let (q, k, v) = (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv), all.narrow(1, nh + nkv, nkv));
+        let (q, k, v) = self.project(x, rotary);
         let past = cache.map_or(0, |(c, _)| c.len());
         let (k, v, key_positions) = match cache {
             Some((cache, layer)) => {

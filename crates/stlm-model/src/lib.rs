@@ -24,4 +24,4 @@ pub use config::{Activation, MlpKind, ModelConfig, ModelType, NormKind, Position
 pub use error::{ModelError, Result};
 pub use generate::{generate, GenerationConfig};
 pub use io::{load_config, load_model, tokenizer_path};
-pub use model::DecoderModel;
+pub use model::{BlockPass, DecoderModel};

@@ -207,13 +207,18 @@ impl DecoderModel {
     /// block and the output of the last (before the final norm), `num_hidden_layers + 1`
     /// tensors `[b, s, hidden]` (block influence for layer pruning, hidden-state distillation).
     pub fn residual_stream(&self, input_ids: &Tensor) -> Vec<Tensor> {
+        self.residual_stream_pass(input_ids).1
+    }
+
+    /// [`DecoderModel::residual_stream`] with the pass it ran (for [`DecoderModel::attention_log_probs`]).
+    pub fn residual_stream_pass(&self, input_ids: &Tensor) -> (BlockPass, Vec<Tensor>) {
         let pass = self.block_pass(input_ids);
         let mut states = vec![pass.input.shallow_clone()];
         for i in 0..self.layers.len() {
             let x = self.run_block(i, &pass, states.last().expect("the input is there"));
             states.push(x);
         }
-        states
+        (pass, states)
     }
 
     /// The input of block 0 for a full causal pass over `input_ids` `[b, s]`, with the positions
@@ -228,6 +233,13 @@ impl DecoderModel {
     /// Block `i` applied to `x` `[b, s, hidden]` (its input in `pass`), causally from position 0.
     pub fn run_block(&self, i: usize, pass: &BlockPass, x: &Tensor) -> Tensor {
         self.layers[i].forward(x, pass.rotary.as_ref(), &pass.positions, &AttentionMask::Causal, None)
+    }
+
+    /// Log attention probabilities `[b, heads, s, s]` of block `i` given its input `x` (a state of
+    /// [`DecoderModel::residual_stream`]); `None` unless the block has dense softmax attention.
+    pub fn attention_log_probs(&self, i: usize, pass: &BlockPass, x: &Tensor) -> Option<Tensor> {
+        let layer = &self.layers[i];
+        layer.self_attn.attention_log_probs(&layer.input_layernorm.forward(x), pass.rotary.as_ref())
     }
 
     /// A KV cache for `batch` sequences of up to `capacity` positions, in the model's dtype

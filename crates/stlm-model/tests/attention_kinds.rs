@@ -174,3 +174,35 @@ fn sinusoidal_and_alibi_positions_cache_and_batch() {
     let e = ModelConfig::from_toml_str(text, std::path::Path::new("a.toml")).unwrap_err().to_string();
     assert!(e.contains("alibi"), "{e}");
 }
+
+/// The attention probabilities a block reports are the ones its output is computed with: they
+/// rebuild the attention output (grouped-query heads included) and put no mass on future keys;
+/// kinds other than dense report none.
+#[test]
+fn attention_probabilities_rebuild_the_block_output() {
+    let m = model("{ kind = \"dense\" }");
+    let x = ids(5, 2, 9);
+    let (pass, states) = m.residual_stream_pass(&x);
+    for i in 0..2 {
+        let logp = m.attention_log_probs(i, &pass, &states[i]).expect("dense layers report probabilities");
+        assert_eq!(logp.size(), vec![2, 4, 9, 9]);
+        let p = logp.exp();
+        let sums = p.sum_dim_intlist(-1, false, Kind::Float);
+        assert!(sums.allclose(&sums.ones_like(), 1e-5, 1e-5, false));
+        assert_eq!(p.triu(1).abs().max().double_value(&[]), 0.0);
+        let layer = &m.layers[i];
+        let h = layer.input_layernorm.forward(&states[i]);
+        let attn = &layer.self_attn;
+        // Values [b, kv, s, d] repeated for the query heads of each group.
+        let v = attn.v_proj.forward(&h).view([2, 9, 2, 8]).transpose(1, 2).repeat_interleave_self_int(2, 1, None);
+        let out = p.matmul(&v).transpose(1, 2).reshape([2, 9, 32]);
+        // The block's output from these probabilities: x + attention, then + MLP.
+        let x1 = &states[i] + attn.o_proj.forward(&out);
+        let rebuilt = &x1 + layer.mlp.forward(&layer.post_attention_layernorm.forward(&x1));
+        assert!(rebuilt.allclose(&states[i + 1], 1e-4, 1e-5, false), "block {i}: {}", (&rebuilt - &states[i + 1]).abs().max());
+    }
+    let sparse = model("{ kind = \"sliding-window\", window = 4 }");
+    let (pass, states) = sparse.residual_stream_pass(&x);
+    assert!(sparse.attention_log_probs(0, &pass, &states[0]).is_none());
+    assert!(sparse.attention_log_probs(1, &pass, &states[1]).is_some());
+}
