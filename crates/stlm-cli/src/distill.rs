@@ -85,6 +85,11 @@ struct RunArgs {
     /// i), e.g. `1:2,2:4`; default: student state i against teacher state round(i Lt / Ls).
     #[arg(long)]
     layer_map: Option<String>,
+    /// `bytes`: a teacher with another (byte-level BPE) tokenizer; logit losses compare next-byte
+    /// distributions where both tokenizations end at the same byte. `none` (default): the
+    /// tokenizers must share a vocabulary.
+    #[arg(long, default_value = "none", value_parser = ["none", "bytes"])]
+    align: String,
     /// Student initialisation from a config: random, every:K (teacher blocks 0, K, 2K, ...) or
     /// layers:0,2,4; tensors are cut to the student's leading dimensions when it is narrower.
     #[arg(long, default_value = "random")]
@@ -172,6 +177,7 @@ struct Record {
     layer_map: Vec<(usize, usize)>,
     init: String,
     init_layers: Vec<usize>,
+    align: String,
 }
 
 /// The student's model, run tables and tokenizer.
@@ -236,7 +242,7 @@ fn check_vocabulary(teacher: &Tokenizer, student: &Tokenizer) -> Result<()> {
         let show = |x: Option<String>| x.map(|t| format!("`{t}`")).unwrap_or_else(|| "nothing".into());
         bail!(
             "the teacher's tokenizer ({} tokens) and the student's ({} tokens) differ: id {id} is {} in the teacher and {} in the student; \
-             logit distillation needs a shared vocabulary (train the student with the teacher's tokenizer.json)",
+             logit distillation needs a shared vocabulary (train the student with the teacher's tokenizer.json) or --align bytes",
             teacher.vocab_size(),
             student.vocab_size(),
             show(t),
@@ -293,7 +299,18 @@ fn distill(a: RunArgs) -> Result<()> {
     let teacher_tok = Tokenizer::from_file(&teacher_tok_path(&a)?)?;
     let teacher = a.teacher.as_deref().map(|d| DeviceArgs { device: a.device.device.clone(), dtype: "float32".into() }.load(d)).transpose()?;
     let student = load_student(&a, device)?;
-    check_vocabulary(&teacher_tok, &student.tokenizer)?;
+    let align = match (a.align.as_str(), &teacher) {
+        ("none", _) => {
+            check_vocabulary(&teacher_tok, &student.tokenizer)?;
+            None
+        }
+        (_, None) => bail!("--align bytes needs the live teacher (--teacher, not --cache)"),
+        (_, Some(t)) => {
+            let (sv, tv) = (student.model.config.vocab_size, t.config.vocab_size);
+            let teacher_tok = Tokenizer::from_file(&teacher_tok_path(&a)?)?;
+            Some(stlm_distill::ByteAlignment::new(&student.tokenizer, sv, teacher_tok, tv, t.config.max_position_embeddings, device)?)
+        }
+    };
 
     // The logit loss; a cache fixes the temperature and k.
     let (temperature, top_k) = match &cache {
@@ -353,6 +370,7 @@ fn distill(a: RunArgs) -> Result<()> {
         layer_map: features.as_ref().map(|f| f.map.clone()).unwrap_or_default(),
         init: a.init.clone(),
         init_layers,
+        align: a.align.clone(),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the run directory", out.display()))?;
     let record_path = out.join(RECORD_FILE);
@@ -394,7 +412,7 @@ fn distill(a: RunArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires --teacher or --cache"),
     };
     let (student_train, student_text) = (student.train.clone(), student.text.clone());
-    let distiller = Distiller::new(student.model, teacher, logit, a.alpha, features)?;
+    let distiller = Distiller::new(student.model, teacher, logit, a.alpha, features, align)?;
     eprintln!(
         "distilling into {} parameters with {} (T = {temperature}, alpha = {}{}); run directory {}",
         distiller.num_parameters(),

@@ -137,4 +137,10 @@ fn bad_distill_input_is_one_line() {
     let e = fails(&["distill", "--teacher", p(&f.teacher), "--student", p(&other), "--data", p(&f.data), "--out", p(&out)]);
     assert!(e.contains("shared vocabulary") && e.contains("id "), "{e}");
     assert!(!out.join("model").exists());
+    // With byte alignment the other vocabulary trains.
+    let aligned = f.root.join("aligned");
+    let r = json(&["distill", "--teacher", p(&f.teacher), "--student", p(&other), "--data", p(&f.data), "--out", p(&aligned), "--align", "bytes", "--loss", "js", "--json"]);
+    assert!(r["val_loss"].as_f64().unwrap().is_finite(), "{r}");
+    let e = fails(&["distill", "--teacher", p(&f.teacher), "--student", p(&other), "--data", p(&f.data), "--out", p(&aligned), "--align", "bytes", "--hidden-weight", "1"]);
+    assert!(e.contains("--align bytes"), "{e}");
 }

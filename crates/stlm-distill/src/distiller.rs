@@ -2,6 +2,7 @@
 //! student, runs the teacher without gradients (or takes its cached targets) and returns the
 //! student's cross-entropy as the logged loss, with the distillation terms as extra terms.
 
+use crate::align::ByteAlignment;
 use crate::loss::{cross_entropy, divergence, Divergence, LogitLoss, TeacherTargets, LOG_FLOOR};
 use crate::{DistillError, Result};
 use std::cell::RefCell;
@@ -188,17 +189,26 @@ pub struct Distiller {
     pub alpha: f64,
     /// Hidden-state and attention terms, if any.
     pub features: Option<FeatureLoss>,
+    /// The byte alignment, for a teacher with another tokenizer.
+    pub align: Option<ByteAlignment>,
 }
 
 impl Distiller {
-    /// Checks that the pieces fit: same vocabulary width, alpha in [0, 1], feature terms only
-    /// with a live teacher.
-    pub fn new(student: DecoderModel, teacher: Teacher, logit: LogitLoss, alpha: f64, features: Option<FeatureLoss>) -> Result<Self> {
+    /// Checks that the pieces fit: alpha in [0, 1]; the same vocabulary width unless aligned by
+    /// bytes; feature terms and byte alignment only with a live teacher, and not together.
+    pub fn new(
+        student: DecoderModel,
+        teacher: Teacher,
+        logit: LogitLoss,
+        alpha: f64,
+        features: Option<FeatureLoss>,
+        align: Option<ByteAlignment>,
+    ) -> Result<Self> {
         logit.validate()?;
         if !(0.0..=1.0).contains(&alpha) {
             return Err(DistillError::Input(format!("--alpha {alpha}: must be in [0, 1]")));
         }
-        if let Teacher::Live(t) = &teacher {
+        if let (Teacher::Live(t), None) = (&teacher, &align) {
             if t.config.vocab_size != student.config.vocab_size {
                 return Err(DistillError::Input(format!(
                     "the teacher's vocab_size {} and the student's {} differ: logit losses need one vocabulary",
@@ -206,10 +216,16 @@ impl Distiller {
                 )));
             }
         }
-        if features.is_some() && matches!(teacher, Teacher::Cached(_)) {
+        let cached = matches!(teacher, Teacher::Cached(_));
+        if features.is_some() && cached {
             return Err(DistillError::Input("hidden-state and attention losses need the live teacher (a cache holds only logits)".into()));
         }
-        Ok(Distiller { student, teacher, logit, alpha, features })
+        if align.is_some() && (cached || features.is_some()) {
+            return Err(DistillError::Input(
+                "--align bytes works with the live teacher and logit losses only (no cache, hidden-state or attention terms)".into(),
+            ));
+        }
+        Ok(Distiller { student, teacher, logit, alpha, features, align })
     }
 
     /// The teacher's targets (and features when a feature term needs them) for `inputs`.
@@ -223,6 +239,15 @@ impl Distiller {
                     return Err(DistillError::Input("the cached teacher targets belong to another batch".into()));
                 }
                 Ok((targets, None))
+            }
+            Teacher::Live(t) if self.align.is_some() => {
+                let align = self.align.as_ref().expect("checked");
+                let _guard = tch::no_grad_guard();
+                let batch = align.align(inputs)?;
+                let logits = t.forward(&batch.teacher_inputs).to_kind(Kind::Float) / self.logit.temperature;
+                let _ = t.take_moe_stats();
+                let log_probs = align.teacher_bytes(&logits.log_softmax(-1, Kind::Float), &batch);
+                Ok((TeacherTargets::Bytes { log_probs, mask: batch.mask, bucket: align.student_bucket() }, None))
             }
             Teacher::Live(t) => {
                 let _guard = tch::no_grad_guard();
@@ -363,7 +388,7 @@ mod tests {
         let map = FeatureLoss::uniform_map(1, 2);
         assert_eq!(map, vec![(1, 2)]);
         let features = FeatureLoss::new(0.3, 0.2, map, &student, &teacher).unwrap();
-        let d = Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 0.25, Some(features)).unwrap();
+        let d = Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 0.25, Some(features), None).unwrap();
         let (ce, extra) = d.train_loss(&x, &y).unwrap();
         let want_ce = cross_entropy(&s_logits, &y, None).double_value(&[]);
         let kd = fkl().loss(&s_logits, &fkl().teacher_targets(&t_logits), None).double_value(&[]);
@@ -407,7 +432,7 @@ mod tests {
             let teacher = DecoderModel::new(tiny(2, 32), Device::Cpu).unwrap();
             let student = DecoderModel::new(tiny(1, 16), Device::Cpu).unwrap();
             let features = FeatureLoss::new(1.0, 0.0, vec![(1, 2)], &student, &teacher).unwrap();
-            Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 0.5, Some(features)).unwrap()
+            Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 0.5, Some(features), None).unwrap()
         };
         let a = make();
         tch::no_grad(|| {
@@ -431,7 +456,7 @@ mod tests {
         tch::manual_seed(8);
         let student = DecoderModel::new(tiny(1, 16), Device::Cpu).unwrap();
         let slot: TeacherSlot = Default::default();
-        let d = Distiller::new(student, Teacher::Cached(slot.clone()), fkl(), 1.0, None).unwrap();
+        let d = Distiller::new(student, Teacher::Cached(slot.clone()), fkl(), 1.0, None, None).unwrap();
         let x = Tensor::randint(30, [1, 4], (Kind::Int64, Device::Cpu));
         let logits = Tensor::randn([1, 4, 30], (Kind::Float, Device::Cpu));
         *slot.borrow_mut() = Some((x.copy(), fkl().teacher_targets(&logits)));
@@ -442,7 +467,7 @@ mod tests {
         assert!(d.train_loss(&x, &x).unwrap_err().to_string().contains("no cached teacher targets"));
         *slot.borrow_mut() = Some((&x + 1, fkl().teacher_targets(&logits)));
         assert!(d.train_loss(&x, &x).unwrap_err().to_string().contains("another batch"));
-        let e = Distiller::new(DecoderModel::new(tiny(1, 16), Device::Cpu).unwrap(), Teacher::Cached(slot), fkl(), 1.5, None);
+        let e = Distiller::new(DecoderModel::new(tiny(1, 16), Device::Cpu).unwrap(), Teacher::Cached(slot), fkl(), 1.5, None, None);
         assert!(e.err().unwrap().to_string().contains("--alpha"));
     }
 
@@ -467,5 +492,33 @@ mod tests {
         let e = FeatureLoss::new(0.0, 1.0, vec![(1, 1)], &windowed, &teacher).err().unwrap().to_string();
         assert!(e.contains("student block 0"), "{e}");
         assert!(FeatureLoss::parse_map("1:x").unwrap_err().to_string().contains("`x`"));
+    }
+
+    #[test]
+    fn byte_alignment_compares_next_bytes_and_vanishes_for_the_same_model() {
+        let _g = crate::tests::RNG.lock();
+        tch::manual_seed(12);
+        let bytes = stlm_tokenizers::Tokenizer::bytes();
+        let cfg = ModelConfig { vocab_size: 258, ..tiny(1, 16) };
+        let teacher = DecoderModel::new(cfg.clone(), Device::Cpu).unwrap();
+        let student = DecoderModel::new(cfg, Device::Cpu).unwrap();
+        let tv: std::collections::HashMap<String, Tensor> = teacher.var_store().variables();
+        let sv: Vec<(String, Tensor)> = student.var_store().variables().into_iter().collect();
+        crate::copy_from_teacher(&sv, &tv, &[0]).unwrap();
+        let align = ByteAlignment::new(&bytes, 258, stlm_tokenizers::Tokenizer::bytes(), 258, 16, Device::Cpu).unwrap();
+        let d = Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 1.0, None, Some(align)).unwrap();
+        let x = Tensor::from_slice(&b"the fox".map(i64::from)).view([1, 7]);
+        let (ce, extra) = d.train_loss(&x, &x).unwrap();
+        let kd = ce.double_value(&[]) + extra.unwrap().double_value(&[]);
+        assert!(kd.abs() < 1e-5, "the same model: {kd}");
+        // A different student: a positive loss, and a cache or feature terms are refused.
+        let other = DecoderModel::new(ModelConfig { vocab_size: 258, ..tiny(1, 16) }, Device::Cpu).unwrap();
+        let Teacher::Live(t) = d.teacher else { unreachable!() };
+        let align = || ByteAlignment::new(&bytes, 258, stlm_tokenizers::Tokenizer::bytes(), 258, 16, Device::Cpu).unwrap();
+        let d = Distiller::new(other, Teacher::Live(t), fkl(), 1.0, None, Some(align())).unwrap();
+        let (ce, extra) = d.train_loss(&x, &x).unwrap();
+        assert!(ce.double_value(&[]) + extra.unwrap().double_value(&[]) > 1e-4);
+        let e = Distiller::new(d.student, Teacher::Cached(Default::default()), fkl(), 1.0, None, Some(align())).err().unwrap();
+        assert!(e.to_string().contains("--align bytes"));
     }
 }

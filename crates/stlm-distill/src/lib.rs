@@ -6,12 +6,16 @@
 //! - [`distiller`]: the objective as a model the stlm-train loop trains (teacher live or cached,
 //!   hidden-state MSE with learned projections, attention-map KL).
 //! - [`cache`]: the teacher's top-k distributions over a corpus, stored for many students.
+//! - [`align`]: distillation across tokenizers through next-byte distributions at positions where
+//!   both tokenizations end at the same byte.
 
+pub mod align;
 pub mod cache;
 pub mod distiller;
 pub mod init;
 pub mod loss;
 
+pub use align::ByteAlignment;
 pub use cache::{CacheHeader, CacheWriter, TeacherCache};
 pub use distiller::{Distiller, FeatureLoss, Teacher, TeacherSlot};
 pub use init::{copy_from_teacher, LayerChoice};

@@ -18,6 +18,7 @@
 //!
 //! p is the teacher, q the student.
 
+use crate::align::next_byte_log_probs;
 use crate::{DistillError, Result};
 use tch::{Kind, Tensor};
 
@@ -114,16 +115,23 @@ impl LogitLoss {
     pub fn loss(&self, student_logits: &Tensor, teacher: &TeacherTargets, mask: Option<&Tensor>) -> Tensor {
         let student = student_logits.to_kind(Kind::Float) / self.temperature;
         let lq_full = student.log_softmax(-1, Kind::Float);
-        let (lp, lq) = match teacher {
-            TeacherTargets::Full { log_probs } => (log_probs.shallow_clone(), lq_full),
+        let (lp, lq, aligned) = match teacher {
+            TeacherTargets::Full { log_probs } => (log_probs.shallow_clone(), lq_full, None),
             TeacherTargets::TopK { ids, logits, logsumexp } => {
                 let lp_top = logits.to_kind(Kind::Float) - logsumexp.unsqueeze(-1);
                 let lq_top = lq_full.gather(-1, ids, false);
-                (with_rest(&lp_top), with_rest(&lq_top))
+                (with_rest(&lp_top), with_rest(&lq_top), None)
+            }
+            TeacherTargets::Bytes { log_probs, mask, bucket } => {
+                (log_probs.shallow_clone(), next_byte_log_probs(&lq_full, bucket), Some(mask))
             }
         };
+        let mask = match (mask, aligned) {
+            (Some(a), Some(b)) => Some(a.logical_and(b)),
+            (a, b) => a.or(b).map(Tensor::shallow_clone),
+        };
         let per_position = divergence(self.divergence, &lp.clamp_min(LOG_FLOOR), &lq.clamp_min(LOG_FLOOR), self.skew);
-        masked_mean(&per_position, mask) * (self.temperature * self.temperature)
+        masked_mean(&per_position, mask.as_ref()) * (self.temperature * self.temperature)
     }
 }
 
@@ -144,6 +152,16 @@ pub enum TeacherTargets {
         logits: Tensor,
         /// `logsumexp(z / T)` over the vocabulary.
         logsumexp: Tensor,
+    },
+    /// Next-byte log-probabilities `[b, s, 257]` at the student's positions, for a teacher with
+    /// another tokenizer (see [`crate::align`]).
+    Bytes {
+        /// The teacher's next-byte log-probabilities at `T`.
+        log_probs: Tensor,
+        /// Student positions that line up with a teacher position `[b, s]`.
+        mask: Tensor,
+        /// The student's token -> next-byte bucket map `[student vocab]`.
+        bucket: Tensor,
     },
 }
 
