@@ -307,7 +307,6 @@ fn distill(a: RunArgs) -> Result<()> {
         (_, None) => bail!("--align bytes needs the live teacher (--teacher, not --cache)"),
         (_, Some(t)) => {
             let (sv, tv) = (student.model.config.vocab_size, t.config.vocab_size);
-            let teacher_tok = Tokenizer::from_file(&teacher_tok_path(&a)?)?;
             Some(stlm_distill::ByteAlignment::new(&student.tokenizer, sv, teacher_tok, tv, t.config.max_position_embeddings, device)?)
         }
     };

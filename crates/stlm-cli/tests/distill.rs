@@ -23,9 +23,7 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let data = root.join("stories.txt");
-    let story = "Once upon a time, a little fox lived in the woods. The fox liked to play with a ball.\n\nOne day, Tom went to the park. He saw a big dog and said hello.\n\n";
-    std::fs::write(&data, story.repeat(60)).unwrap();
+    let data = common::write_stories(&root);
     let (teacher_cfg, student) = (root.join("teacher.toml"), root.join("student.toml"));
     std::fs::write(&teacher_cfg, TEACHER).unwrap();
     std::fs::write(&student, STUDENT).unwrap();

@@ -21,9 +21,7 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let data = root.join("stories.txt");
-    let story = "Once upon a time, a little fox lived in the woods. The fox liked to play with a ball.\n\nOne day, Tom went to the park. He saw a big dog and said hello.\n\n";
-    std::fs::write(&data, story.repeat(60)).unwrap();
+    let data = common::write_stories(&root);
     let config = root.join("tiny.toml");
     std::fs::write(&config, CONFIG).unwrap();
     ok(&["train", "--config", p(&config), "--data", p(&data), "--out", p(&root.join("run")), "--samples", "0"]);

@@ -34,9 +34,7 @@ fn assert_val_bpb(run: &Path) {
 #[test]
 fn trains_saves_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("stories.txt");
-    let story = "Once upon a time, a little fox lived in the woods. The fox liked to play with a ball.\n\nOne day, Tom went to the park. He saw a big dog and said hello.\n\n";
-    std::fs::write(&data, story.repeat(60)).unwrap();
+    let data = common::write_stories(dir.path());
     let jsonl = dir.path().join("more.jsonl");
     std::fs::write(&jsonl, "{\"text\": \"Lily had a red kite. It flew high.\"}\n".repeat(40)).unwrap();
     let config = dir.path().join("tiny.toml");

@@ -1,7 +1,7 @@
 //! Running the `stlm` binary from the CLI tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Runs the binary as a user would: without the library path cargo adds for tests, so that the
@@ -43,4 +43,12 @@ pub fn fails(args: &[&str]) -> String {
 /// A path as a command-line argument.
 pub fn p(path: &Path) -> &str {
     path.to_str().expect("UTF-8 path")
+}
+
+/// Writes `stories.txt` (120 short stories, blank lines between) into `dir`; returns its path.
+pub fn write_stories(dir: &Path) -> PathBuf {
+    let data = dir.join("stories.txt");
+    let story = "Once upon a time, a little fox lived in the woods. The fox liked to play with a ball.\n\nOne day, Tom went to the park. He saw a big dog and said hello.\n\n";
+    std::fs::write(&data, story.repeat(60)).expect("temporary directory is writable");
+    data
 }
