@@ -4,7 +4,7 @@
 //! A cache directory holds `teacher.json` (the header, written last: a directory without it is
 //! incomplete) and `logits-NNNNN.safetensors` files, each with `input_ids` `[n, seq + 1]` (int32),
 //! `topk_ids` `[n, seq, k]` (int32), `topk_logits` `[n, seq, k]` (float16, `z / T`) and
-//! `logsumexp` `[n, seq]` (float32, of `z / T` over the whole vocabulary). A window's targets at
+//! `rest_logsumexp` `[n, seq]` (float32, of `z / T` over the other tokens). A window's targets at
 //! position t depend only on its first t + 1 tokens, so a student may train on any prefix length.
 
 use crate::loss::TeacherTargets;
@@ -67,11 +67,11 @@ impl CacheWriter {
     /// Adds windows `inputs` `[n, seq + 1]` with the teacher's top-k `targets` of their first
     /// `seq` positions.
     pub fn push(&mut self, inputs: &Tensor, targets: &TeacherTargets) -> Result<()> {
-        let TeacherTargets::TopK { ids, logits, logsumexp } = targets else {
+        let TeacherTargets::TopK { ids, logits, rest } = targets else {
             return Err(DistillError::Input("a cache stores top-k targets".into()));
         };
         let cpu = |t: &Tensor, kind: Kind| t.to_device(Device::Cpu).to_kind(kind);
-        self.pending.push([cpu(inputs, Kind::Int), cpu(ids, Kind::Int), cpu(logits, Kind::Half), cpu(logsumexp, Kind::Float)]);
+        self.pending.push([cpu(inputs, Kind::Int), cpu(ids, Kind::Int), cpu(logits, Kind::Half), cpu(rest, Kind::Float)]);
         self.pending_windows += inputs.size()[0] as u64;
         if self.pending_windows >= self.per_file {
             self.flush()?;
@@ -84,7 +84,7 @@ impl CacheWriter {
             return Ok(());
         }
         let name = format!("logits-{:05}.safetensors", self.files.len());
-        let names = ["input_ids", "topk_ids", "topk_logits", "logsumexp"];
+        let names = ["input_ids", "topk_ids", "topk_logits", "rest_logsumexp"];
         let tensors: Vec<(String, Tensor)> = (0..4)
             .map(|i| (names[i].to_string(), Tensor::cat(&self.pending.iter().map(|p| p[i].shallow_clone()).collect::<Vec<_>>(), 0)))
             .collect();
@@ -113,7 +113,7 @@ pub struct TeacherCache {
     inputs: Tensor,
     ids: Tensor,
     logits: Tensor,
-    logsumexp: Tensor,
+    rest: Tensor,
 }
 
 impl TeacherCache {
@@ -139,7 +139,7 @@ impl TeacherCache {
             let mut t = read_safetensors(&path)?;
             let n = *windows as i64;
             for (i, (key, shape)) in
-                [("input_ids", vec![n, s + 1]), ("topk_ids", vec![n, s, k]), ("topk_logits", vec![n, s, k]), ("logsumexp", vec![n, s])]
+                [("input_ids", vec![n, s + 1]), ("topk_ids", vec![n, s, k]), ("topk_logits", vec![n, s, k]), ("rest_logsumexp", vec![n, s])]
                     .into_iter()
                     .enumerate()
             {
@@ -152,8 +152,8 @@ impl TeacherCache {
         if parts[0].is_empty() {
             return Err(DistillError::Input(format!("{}: the cache holds no windows", dir.display())));
         }
-        let [inputs, ids, logits, logsumexp] = parts.map(|p| Tensor::cat(&p, 0));
-        Ok(TeacherCache { header, inputs, ids, logits, logsumexp })
+        let [inputs, ids, logits, rest] = parts.map(|p| Tensor::cat(&p, 0));
+        Ok(TeacherCache { header, inputs, ids, logits, rest })
     }
 
     /// Windows in the cache.
@@ -178,7 +178,7 @@ impl TeacherCache {
         let targets = TeacherTargets::TopK {
             ids: rows(&self.ids, seq).to_kind(Kind::Int64),
             logits: rows(&self.logits, seq).to_kind(Kind::Float),
-            logsumexp: rows(&self.logsumexp, seq),
+            rest: rows(&self.rest, seq),
         };
         Ok((ids.narrow(1, 0, seq), ids.narrow(1, 1, seq), targets))
     }

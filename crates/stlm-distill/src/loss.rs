@@ -4,8 +4,9 @@
 //! averaged over the unmasked positions and multiplied by `T^2` (Hinton et al. 2015), so that
 //! gradient sizes stay comparable as `T` changes. With a top-k teacher (large vocabularies, or a
 //! cache), both distributions are reduced to the teacher's `k` most likely tokens plus one "rest"
-//! bucket holding the remaining mass: a proper distribution over `k + 1` outcomes, exact when
-//! `k` is the vocabulary size.
+//! bucket holding the remaining mass (from the log-sum-exp of the other tokens, so that a nearly
+//! empty rest stays finite): a proper distribution over `k + 1` outcomes, exact when `k` is the
+//! vocabulary size.
 //!
 //! | name | divergence | reference |
 //! |------|------------|-----------|
@@ -105,7 +106,7 @@ impl LogitLoss {
             None => TeacherTargets::Full { log_probs: scaled.log_softmax(-1, Kind::Float) },
             Some(k) => {
                 let (values, ids) = scaled.topk(k, -1, true, true);
-                TeacherTargets::TopK { ids, logits: values, logsumexp: scaled.logsumexp([-1], false) }
+                TeacherTargets::TopK { rest: rest_logsumexp(&scaled, &ids), ids, logits: values }
             }
         }
     }
@@ -117,10 +118,12 @@ impl LogitLoss {
         let lq_full = student.log_softmax(-1, Kind::Float);
         let (lp, lq, aligned) = match teacher {
             TeacherTargets::Full { log_probs } => (log_probs.shallow_clone(), lq_full, None),
-            TeacherTargets::TopK { ids, logits, logsumexp } => {
-                let lp_top = logits.to_kind(Kind::Float) - logsumexp.unsqueeze(-1);
-                let lq_top = lq_full.gather(-1, ids, false);
-                (with_rest(&lp_top), with_rest(&lq_top), None)
+            TeacherTargets::TopK { ids, logits, rest } => {
+                // Both sides over k + 1 outcomes, the rest from its own log-sum-exp (not 1 - sum,
+                // which rounds to 0 where the top k hold nearly all the mass).
+                let lp = Tensor::cat(&[logits.to_kind(Kind::Float), rest.to_kind(Kind::Float).unsqueeze(-1)], -1).log_softmax(-1, Kind::Float);
+                let lq_rest = rest_logsumexp(&lq_full, ids).unsqueeze(-1);
+                (lp, Tensor::cat(&[lq_full.gather(-1, ids, false), lq_rest], -1), None)
             }
             TeacherTargets::Bytes { log_probs, mask, bucket } => {
                 (log_probs.shallow_clone(), next_byte_log_probs(&lq_full, bucket), Some(mask))
@@ -144,14 +147,14 @@ pub enum TeacherTargets {
         log_probs: Tensor,
     },
     /// The `k` most likely tokens `[.., k]` (ids, `z / T`) and the log-sum-exp `[..]` of `z / T`
-    /// over the whole vocabulary, so that their probabilities are exact and the rest is known.
+    /// over all other tokens: a distribution over k + 1 outcomes.
     TopK {
         /// Token ids, int64.
         ids: Tensor,
         /// Their scaled logits `z / T`.
         logits: Tensor,
-        /// `logsumexp(z / T)` over the vocabulary.
-        logsumexp: Tensor,
+        /// `logsumexp(z / T)` over the tokens not in `ids`.
+        rest: Tensor,
     },
     /// Next-byte log-probabilities `[b, s, 257]` at the student's positions, for a teacher with
     /// another tokenizer (see [`crate::align`]).
@@ -165,13 +168,9 @@ pub enum TeacherTargets {
     },
 }
 
-/// Log-probabilities `[.., k]` of k outcomes extended by a last bucket holding the rest of the
-/// mass, `log(1 - sum p)`.
-fn with_rest(log_probs: &Tensor) -> Tensor {
-    let total = log_probs.logsumexp([-1], true).clamp_max(0.0);
-    // log(1 - e^total), stable for total near 0 (the rest vanishes) and far below it.
-    let rest = (-total.exp()).log1p().clamp_min(LOG_FLOOR);
-    Tensor::cat(&[log_probs.shallow_clone(), rest], -1)
+/// Log-sum-exp `[..]` of `values` `[.., vocab]` over the entries not in `ids` `[.., k]`.
+fn rest_logsumexp(values: &Tensor, ids: &Tensor) -> Tensor {
+    values.scatter_value(-1, ids, f64::NEG_INFINITY).logsumexp([-1], false)
 }
 
 /// The divergence per position `[..]` between teacher log-probabilities `lp` and student `lq`
@@ -259,7 +258,7 @@ mod tests {
                     let top = &order[..k as usize];
                     let reduce = |d: &[f64]| {
                         let mut v: Vec<f64> = top.iter().map(|&i| d[i]).collect();
-                        v.push(1.0 - v.iter().sum::<f64>());
+                        v.push((0..d.len()).filter(|i| !top.contains(i)).map(|i| d[i]).sum());
                         v
                     };
                     (reduce(&p), reduce(&q))
@@ -332,6 +331,24 @@ mod tests {
                 let tol = 1e-4 + 1e-3 * fd.abs();
                 assert!((grad[r][c] - fd).abs() < tol, "{loss:?} d/dz[{r}][{c}]: autograd {} vs finite differences {fd}", grad[r][c]);
             }
+        }
+    }
+
+    #[test]
+    fn a_confident_teacher_keeps_a_finite_rest_bucket() {
+        // The top 3 hold all but ~1e-16 of the mass: `1 - sum` would round the rest to 0 and make
+        // the reverse KL of a spread-out student explode; its own log-sum-exp keeps it exact.
+        let mut z = vec![0.0f64; 50];
+        z[7] = 40.0;
+        z[3] = 38.0;
+        z[11] = 37.0;
+        let teacher = Tensor::from_slice(&z).view([1, 1, 50]);
+        let student = Tensor::zeros([1, 1, 50], (Kind::Double, Device::Cpu));
+        for divergence in [Divergence::ReverseKl, Divergence::ForwardKl, Divergence::SkewReverseKl] {
+            let loss = LogitLoss { divergence, temperature: 1.0, skew: 0.1, top_k: Some(3) };
+            let got = loss.loss(&student, &loss.teacher_targets(&teacher), None).double_value(&[]);
+            let want = reference_loss(&loss, &[vec![0.0; 50]], &[z.clone()], &[true]);
+            assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{divergence:?}: {got} vs {want}");
         }
     }
 
