@@ -4,6 +4,7 @@
 //! per expert.
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use stlm_core::Mode;
 use stlm_moe::{moe_forward, Gate, MoeConfig, MoeLayer, RouterKind};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -29,9 +30,8 @@ fn moe(c: &mut Criterion) {
     });
     group.bench_function("moe-8x344-top2", |b| {
         b.iter(|| {
-            let y = layer.forward(&x);
-            let aux = layer.take_stats().map(|s| s.aux_loss);
-            (y.square().mean(Kind::Float) + aux.unwrap_or_else(|| Tensor::zeros([], (Kind::Float, Device::Cpu)))).backward()
+            let (y, stats) = layer.forward(&x, Mode::Train);
+            (y.square().mean(Kind::Float) + stats.aux_loss).backward()
         })
     });
     group.finish();
@@ -45,8 +45,7 @@ fn moe(c: &mut Criterion) {
         let name = if grouped { "grouped" } else { "per-expert" };
         group.bench_function(name, |b| {
             b.iter(|| {
-                let y = fine_layer.forward(&x);
-                let _ = fine_layer.take_stats();
+                let (y, _) = fine_layer.forward(&x, Mode::Train);
                 y.square().mean(Kind::Float).backward()
             })
         });

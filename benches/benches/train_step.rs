@@ -3,9 +3,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::path::Path;
-use stlm_model::{DecoderModel, ModelConfig};
-use stlm_train::config::TrainTable;
+use stlm_model::{Batch, DecoderModel};
 use stlm_train::optim::AdamW;
+use stlm_train::run::RunConfig;
 use stlm_train::trainer::{train_step, BatchSource};
 use tch::{Device, Kind, Tensor};
 
@@ -13,11 +13,11 @@ use tch::{Device, Kind, Tensor};
 struct Fixed(Tensor);
 
 impl BatchSource for Fixed {
-    fn train_batch(&self, _step: u64, _micro: u64) -> stlm_train::Result<(Tensor, Tensor)> {
+    fn train_batch(&self, _step: u64, _micro: u64) -> stlm_train::Result<Batch> {
         let s = self.0.size()[1] - 1;
-        Ok((self.0.narrow(1, 0, s), self.0.narrow(1, 1, s)))
+        Ok(Batch::new(self.0.narrow(1, 0, s), self.0.narrow(1, 1, s)))
     }
-    fn val_batch(&self, _index: u64) -> stlm_train::Result<(Tensor, Tensor)> {
+    fn val_batch(&self, _index: u64) -> stlm_train::Result<Batch> {
         self.train_batch(0, 0)
     }
 }
@@ -25,18 +25,16 @@ impl BatchSource for Fixed {
 fn step(c: &mut Criterion) {
     stlm_core::memory::keep_freed_memory(); // as `stlm train` does
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
-    let text = std::fs::read_to_string(&path).expect("configs/default.toml");
-    let model_cfg = ModelConfig::from_toml_str(&text, &path).expect("model config");
-    let train = TrainTable::from_toml_str(&text, &path).expect("train config");
+    let run = RunConfig::load(&path, &[]).expect("configs/default.toml");
+    let train = &run.train;
     tch::manual_seed(0);
-    let model = DecoderModel::new(model_cfg.clone(), Device::Cpu).expect("model");
+    let model = DecoderModel::new(run.model.clone(), Device::Cpu).expect("model");
     let data =
-        Fixed(Tensor::randint(model_cfg.vocab_size, [train.batch_size, train.seq_len + 1], (Kind::Int64, Device::Cpu)));
-    let settings = train.settings(None, false);
-    let mut opt = AdamW::new(model.var_store().variables(), settings.adamw);
+        Fixed(Tensor::randint(run.model.vocab_size, [train.batch_size, train.seq_len + 1], (Kind::Int64, Device::Cpu)));
+    let mut opt = AdamW::new(model.var_store().variables(), train.adamw());
     let mut group = c.benchmark_group("train_step");
     group.bench_function("default_config", |b| {
-        b.iter(|| train_step(&model, &mut opt, &data, 0, 1e-4, 1, settings.grad_clip).expect("step"))
+        b.iter(|| train_step(&model, &mut opt, &data, 0, 1e-4, 1, train.grad_clip).expect("step"))
     });
     group.finish();
 }

@@ -3,15 +3,15 @@
 //! float32 matmul timed in the same process.
 
 use crate::common::{print_json, DeviceArgs};
-use crate::train::RunConfig;
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use stlm_attention::{AttentionKind, AttentionMask, LinformerSharing, ATTENTION_KINDS};
-use stlm_model::{DecoderModel, GenerationConfig};
+use stlm_model::{Batch, DecoderModel, GenerationConfig};
 use stlm_train::optim::AdamW;
+use stlm_train::run::RunConfig;
 use stlm_train::trainer::{train_step, BatchSource};
 use tch::{Kind, Tensor};
 
@@ -327,73 +327,41 @@ struct RandomTokens {
 }
 
 impl BatchSource for RandomTokens {
-    fn train_batch(&self, step: u64, micro: u64) -> stlm_train::Result<(Tensor, Tensor)> {
+    fn train_batch(&self, step: u64, micro: u64) -> stlm_train::Result<Batch> {
         tch::manual_seed((step * 1000 + micro) as i64);
         let all = Tensor::randint(self.vocab, [self.batch, self.seq + 1], (Kind::Int64, self.device));
-        Ok((all.narrow(1, 0, self.seq), all.narrow(1, 1, self.seq)))
+        Ok(Batch::new(all.narrow(1, 0, self.seq), all.narrow(1, 1, self.seq)))
     }
-    fn val_batch(&self, index: u64) -> stlm_train::Result<(Tensor, Tensor)> {
+    fn val_batch(&self, index: u64) -> stlm_train::Result<Batch> {
         self.train_batch(u64::MAX / 2 + index, 0)
     }
-}
-
-/// Model FLOPs per trained token, as nanoGPT's `estimate_mfu` counts them (PaLM appendix B):
-/// 6 per weight of every matmul (the head included, the embedding lookup not) plus
-/// 12 * layers * hidden * seq for the attention scores and weighted sums.
-fn flops_per_token(model: &DecoderModel, seq: i64) -> f64 {
-    let c = &model.config;
-    let matmul_params: i64 = model
-        .var_store()
-        .variables()
-        .iter()
-        .filter(|(name, t)| t.dim() == 2 && !name.contains("embed"))
-        .map(|(_, t)| t.numel() as i64)
-        .sum();
-    let head = if c.tie_word_embeddings { c.vocab_size * c.hidden_size } else { 0 };
-    6.0 * (matmul_params + head) as f64 + 12.0 * (c.num_hidden_layers * c.hidden_size * seq) as f64
-}
-
-/// Float32 matmul GFLOP/s on `device`: the best of several 1024x1024 products.
-fn matmul_gflops(device: tch::Device) -> f64 {
-    let n = 1024i64;
-    let a = Tensor::randn([n, n], (Kind::Float, device));
-    let b = Tensor::randn([n, n], (Kind::Float, device));
-    let mut best = f64::INFINITY;
-    for _ in 0..8 {
-        let t = Instant::now();
-        let c = a.matmul(&b);
-        let _ = c.double_value(&[0, 0]); // waits for the device
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    2.0 * (n * n * n) as f64 / best / 1e9
 }
 
 fn bench_train(config: &Path, steps: u64, warmup: u64, json: bool, device: &DeviceArgs) -> Result<()> {
     if steps < 1 {
         bail!("--steps must be at least 1");
     }
-    let run = RunConfig::load(config)?;
+    let run = RunConfig::load(config, &[])?;
     stlm_core::memory::keep_freed_memory(); // as `stlm train` does
     let dev = stlm_core::parse_device(&device.device)?;
     stlm_core::seed_all(run.train.seed);
     let model = DecoderModel::new(run.model.clone(), dev)?;
     let (batch, seq, accum) = (run.train.batch_size, run.train.seq_len, run.train.grad_accum);
     let data = RandomTokens { vocab: run.model.vocab_size, batch, seq, device: dev };
-    let settings = run.train.settings(None, false);
     let params: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
-    let mut opt = AdamW::new(params, settings.adamw);
-    let lr = run.train.lr;
+    let mut opt = AdamW::new(params, run.train.adamw());
+    let (lr, clip) = (run.train.lr, run.train.grad_clip);
     for step in 0..warmup {
-        train_step(&model, &mut opt, &data, step, lr, accum, settings.grad_clip)?;
+        train_step(&model, &mut opt, &data, step, lr, accum, clip)?;
     }
     let t = Instant::now();
     for step in warmup..warmup + steps {
-        train_step(&model, &mut opt, &data, step, lr, accum, settings.grad_clip)?;
+        train_step(&model, &mut opt, &data, step, lr, accum, clip)?;
     }
     let secs = t.elapsed().as_secs_f64() / steps as f64;
     let tokens_per_step = (batch * seq) as f64 * accum as f64;
-    let per_token = flops_per_token(&model, seq);
-    let gflops = matmul_gflops(dev);
+    let per_token = model.flops_per_token(seq);
+    let gflops = stlm_core::flops::matmul_peak_gflops(dev);
     let report = TrainBench {
         tokens_per_s: tokens_per_step / secs,
         step_ms: secs * 1e3,

@@ -6,6 +6,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use serde::Serialize;
 use std::time::Instant;
+use stlm_core::Mode;
 use stlm_moe::{product_keys, CdMoe, CdmoeRouting, Gate, MoeConfig, MoeLayer, RouterKind};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -116,14 +117,10 @@ pub fn bench_moe(a: &MoeBenchArgs) -> Result<()> {
     // The MoE's loss includes its balancing loss, as in training; `dropped` is read once after.
     let dense_ms = time_ms(a.repeats, &|| dense().square().mean(Kind::Float));
     let ms = time_ms(a.repeats, &|| {
-        let out = layer.forward(&x).square().mean(Kind::Float);
-        match layer.take_stats() {
-            Some(s) => out + s.aux_loss,
-            None => out,
-        }
+        let (out, stats) = layer.forward(&x, Mode::Train);
+        out.square().mean(Kind::Float) + stats.aux_loss
     });
-    let _ = layer.forward(&x);
-    let dropped = layer.take_stats().map_or(0.0, |s| s.dropped.double_value(&[]));
+    let dropped = layer.forward(&x, Mode::Train).1.dropped.double_value(&[]);
     let dispatch = match layer.experts.grouped_alignment(&x) {
         Some(_) => "grouped",
         None => "per-expert",

@@ -3,7 +3,7 @@
 //! corpus, stored so that many students train without running the teacher.
 
 use crate::common::{load_tokenizer, print_json, DeviceArgs};
-use crate::train::{ctrl_c, print_samples, Batches, RunConfig};
+use crate::train::{ctrl_c, print_samples};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,15 +11,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use stlm_data::{tokenize_corpus, window_picks, DataConfig, ShardOptions, Source, TokenBatches, TokenizedCorpus};
-use stlm_distill::{
-    copy_from_teacher, CacheHeader, CacheWriter, Distiller, Divergence, FeatureLoss, LayerChoice, LogitLoss, Teacher, TeacherCache,
-    TeacherSlot,
-};
-use stlm_model::{AnyModel, DecoderModel, LanguageModel};
+use stlm_data::{window_picks, DataConfig, Source, TokenizedCorpus};
+use stlm_distill::{copy_from_teacher, CacheHeader, CacheWriter, Distiller, Divergence, FeatureLoss, LayerChoice, LogitLoss, Teacher, TeacherCache};
+use stlm_model::{AnyModel, Batch, DecoderModel, LanguageModel};
 use stlm_tokenizers::Tokenizer;
-use stlm_train::config::TrainTable;
-use stlm_train::trainer::{train as run_training, BatchSource};
+use stlm_train::config::TrainConfig;
+use stlm_train::run::{create_run_dir, fill_special_tokens, sources, tokenize, RunConfig, TokenBatchSource};
+use stlm_train::trainer::{train as run_training, BatchSource, RunControl};
+use stlm_train::TrainError;
 use tch::{Device, Tensor};
 
 /// The record of a distillation run's options in its run directory.
@@ -183,7 +182,7 @@ struct Record {
 /// The student's model, run tables and tokenizer.
 struct Student {
     model: DecoderModel,
-    train: TrainTable,
+    train: TrainConfig,
     data: DataConfig,
     tokenizer: Tokenizer,
     /// The config text written to the run directory.
@@ -197,27 +196,28 @@ fn load_student(a: &RunArgs, device: Device) -> Result<Student> {
     if path.is_dir() {
         let model = DeviceArgs { device: a.device.device.clone(), dtype: "float32".into() }.load(path)?;
         let tokenizer = load_tokenizer(None, path)?;
-        let run = match &a.config {
-            Some(c) => RunConfig::load_with(c, &a.set)?,
+        let mut run = match &a.config {
+            Some(c) => RunConfig::load(c, &a.set)?,
             None if !a.set.is_empty() => bail!("--set needs --config when --student is a model directory"),
-            None => RunConfig { text: String::new(), model: model.config.clone(), train: TrainTable::default(), data: DataConfig::default() },
+            None => RunConfig::for_model(model.config.clone()),
         };
+        if let Some(steps) = a.max_steps {
+            run.set_max_steps(steps)?;
+        }
         return Ok(Student { model, train: run.train, data: run.data, tokenizer, text: run.text, pretrained: true });
     }
     if a.config.is_some() {
         bail!("--config is for a student model directory; {} is a run config already", path.display());
     }
-    let mut run = RunConfig::load_with(path, &a.set)?;
+    let mut run = RunConfig::load(path, &a.set)?;
+    if let Some(steps) = a.max_steps {
+        run.set_max_steps(steps)?;
+    }
     let tokenizer = match &run.data.tokenizer {
         Some(t) => Tokenizer::from_file(t)?,
         None => Tokenizer::from_file(&teacher_tok_path(a)?)?,
     };
-    let eot = tokenizer.eos_id().map(i64::from);
-    if run.model.eos_token_id.is_empty() {
-        run.model.eos_token_id.extend(eot);
-    }
-    run.model.bos_token_id = run.model.bos_token_id.or(eot);
-    run.model.pad_token_id = run.model.pad_token_id.or(tokenizer.pad_id().map(i64::from));
+    fill_special_tokens(&mut run.model, &tokenizer);
     if run.model.bytes.is_some() {
         bail!("{}: a byte-pooled student; distillation takes token models", path.display());
     }
@@ -252,12 +252,11 @@ fn check_vocabulary(teacher: &Tokenizer, student: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
-/// Training batches drawn from a teacher cache (its targets put in the distiller's slot);
+/// Training batches drawn from a teacher cache (its targets in each batch's extras);
 /// validation batches from the cache's corpus.
 struct CachedBatches {
     cache: TeacherCache,
-    val: Batches,
-    slot: TeacherSlot,
+    val: TokenBatchSource,
     seed: u64,
     batch: usize,
     seq: i64,
@@ -265,14 +264,11 @@ struct CachedBatches {
 }
 
 impl BatchSource for CachedBatches {
-    fn train_batch(&self, step: u64, micro: u64) -> stlm_train::Result<(Tensor, Tensor)> {
+    fn train_batch(&self, step: u64, micro: u64) -> stlm_train::Result<Batch> {
         let picks: Vec<i64> = window_picks(self.seed, step, micro, self.batch, self.cache.len()).into_iter().map(|p| p as i64).collect();
-        let (x, y, targets) =
-            self.cache.batch(&picks, self.seq, self.device).map_err(|e| stlm_train::TrainError::Config(e.to_string()))?;
-        *self.slot.borrow_mut() = Some((x.shallow_clone(), targets));
-        Ok((x, y))
+        self.cache.train_batch(&picks, self.seq, self.device).map_err(|e| TrainError::Config(e.to_string()))
     }
-    fn val_batch(&self, index: u64) -> stlm_train::Result<(Tensor, Tensor)> {
+    fn val_batch(&self, index: u64) -> stlm_train::Result<Batch> {
         self.val.val_batch(index)
     }
     fn target_bytes(&self, targets: &Tensor) -> Option<f64> {
@@ -282,8 +278,7 @@ impl BatchSource for CachedBatches {
 
 /// The corpus tokenized with `tok` (cached under `cache_dir`).
 fn corpus(sources: &[Source], tok: &Tokenizer, data: &DataConfig, val_fraction: f64, seed: u64, cache_dir: PathBuf) -> Result<TokenizedCorpus> {
-    let opts = ShardOptions { read: data.read_options(), val_fraction, seed, cache_dir, progress: std::io::stderr().is_terminal() };
-    Ok(tokenize_corpus(sources, tok, &opts)?)
+    Ok(tokenize(sources, tok, data, val_fraction, seed, cache_dir, std::io::stderr().is_terminal())?)
 }
 
 fn distill(a: RunArgs) -> Result<()> {
@@ -371,7 +366,7 @@ fn distill(a: RunArgs) -> Result<()> {
         init_layers,
         align: a.align.clone(),
     };
-    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the run directory", out.display()))?;
+    create_run_dir(&out)?;
     let record_path = out.join(RECORD_FILE);
     if a.resume {
         let saved: Record = stlm_core::read_json(&record_path)?;
@@ -384,9 +379,7 @@ fn distill(a: RunArgs) -> Result<()> {
     let progress = std::io::stderr().is_terminal();
     let tok_path = out.join("tokenizer.json");
     student.tokenizer.save(&tok_path)?;
-    let id_bytes = || student.tokenizer.id_byte_lengths().map(|l| Tensor::from_slice(&l.iter().map(|&n| n as f64).collect::<Vec<_>>()));
     let (train, seq) = (&student.train, student.train.seq_len);
-    let slot = TeacherSlot::default();
     let (batches, teacher): (Box<dyn BatchSource>, Teacher) = match (cache, teacher) {
         (Some(cache), _) => {
             let h = &cache.header;
@@ -394,19 +387,16 @@ fn distill(a: RunArgs) -> Result<()> {
             // Read as `stlm distill cache` read it, so that its tokens are reused.
             let tokens = a.cache.clone().expect("cache given").join("tokens");
             let corpus = corpus(&sources, &student.tokenizer, &DataConfig::default(), h.val_fraction, h.seed, tokens)?;
-            let val = Batches(TokenBatches::new(corpus, train.batch_size, seq, train.seed, device)?, id_bytes());
+            let val = TokenBatchSource::new(corpus, &student.tokenizer, train, device)?;
             eprintln!("teacher cache: {} windows of {} positions, top {} at temperature {}", cache.len(), h.seq_len, h.top_k, h.temperature);
-            let batches = CachedBatches { cache, val, slot: slot.clone(), seed: train.seed, batch: train.batch_size as usize, seq, device };
-            (Box::new(batches), Teacher::Cached(slot))
+            let batches = CachedBatches { cache, val, seed: train.seed, batch: train.batch_size as usize, seq, device };
+            (Box::new(batches), Teacher::Cached)
         }
         (None, Some(t)) => {
-            let sources: Vec<Source> = match a.data.is_empty() {
-                true => vec![Source::Builtin { stories: student.data.builtin_stories, seed: student.data.builtin_seed }],
-                false => a.data.iter().cloned().map(Source::File).collect(),
-            };
+            let sources = sources(&a.data, &student.data);
             let cache_dir = student.data.cache_dir.clone().unwrap_or_else(|| out.join("tokens"));
             let corpus = corpus(&sources, &student.tokenizer, &student.data, student.data.val_fraction, train.seed, cache_dir)?;
-            (Box::new(Batches(TokenBatches::new(corpus, train.batch_size, seq, train.seed, device)?, id_bytes())), Teacher::Live(Box::new(t)))
+            (Box::new(TokenBatchSource::new(corpus, &student.tokenizer, train, device)?), Teacher::Live(Box::new(t)))
         }
         (None, None) => unreachable!("clap requires --teacher or --cache"),
     };
@@ -424,12 +414,10 @@ fn distill(a: RunArgs) -> Result<()> {
     if !student_text.is_empty() {
         stlm_core::atomic_write_bytes(&out.join("config.toml"), student_text.as_bytes())?;
     }
-    let mut settings = student_train.settings(a.max_steps, progress && !a.json);
-    settings.stop = ctrl_c()?;
-    let report = run_training(&distiller, batches.as_ref(), &settings, &out, a.resume)?;
+    let control = RunControl { progress: progress && !a.json, stop: ctrl_c()?, ..Default::default() };
+    let report = run_training(&distiller, batches.as_ref(), &student_train, &control, &out, a.resume)?;
     if !report.completed {
-        eprintln!("stopped at step {}; checkpoint written. Continue with the same command plus --resume.", report.step);
-        std::process::exit(130);
+        return Err(TrainError::Stopped { step: report.step, dir: out.clone() }.into());
     }
     let model_dir = out.join("model");
     distiller.student.save(&model_dir, Some(&tok_path))?;

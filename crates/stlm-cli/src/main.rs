@@ -80,6 +80,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A run stopped by Ctrl-C has its checkpoint: say how to continue, exit as SIGINT does.
+        Err(e) if matches!(e.downcast_ref(), Some(stlm_train::TrainError::Stopped { .. })) => {
+            eprintln!("{e}. Continue with the same command plus --resume.");
+            ExitCode::from(130)
+        }
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("error: {msg}");

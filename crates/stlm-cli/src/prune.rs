@@ -3,15 +3,15 @@
 //! before and after, time).
 
 use crate::common::{load_tokenizer, print_json, DeviceArgs};
-use crate::train::PRUNING_FILE;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use stlm_eval::{perplexity, WindowOptions};
-use stlm_model::DecoderModel;
+use stlm_model::{DecoderModel, PRUNING_FILE};
 use stlm_prune::{Importance, Method, Pattern, Perplexity, PruneOptions, PruneReport, Scope, SparseGptOptions, StructuredOptions, Unit};
 use stlm_tokenizers::Tokenizer;
+use stlm_train::trainer::RunControl;
 use tch::Tensor;
 
 #[derive(Args)]
@@ -208,6 +208,11 @@ fn run_schedule(a: &PruneArgs, opts: &PruneOptions) -> Result<()> {
     if a.data.is_empty() || a.stages == 0 {
         bail!("--schedule cubic: give --data FILE (training text) and --stages of at least 1");
     }
+    if a.device.dtype != "float32" {
+        bail!("--dtype {}: fine-tuning runs in float32 for now", a.device.dtype);
+    }
+    let device = stlm_core::parse_device(&a.device.device)?;
+    stlm_core::memory::keep_freed_memory(); // as `stlm train` does
     let mut current = a.model.clone();
     let (mut stages, mut before, mut last) = (Vec::new(), None, None);
     for t in 1..=a.stages {
@@ -227,7 +232,8 @@ fn run_schedule(a: &PruneArgs, opts: &PruneOptions) -> Result<()> {
         model.save(&dir.join("pruned"), tokenizer_file.as_deref())?;
         stlm_core::atomic_write_bytes(&dir.join("pruned").join(PRUNING_FILE), serde_json::to_string_pretty(&report)?.as_bytes())?;
         drop(model);
-        current = crate::train::fine_tune(train_config, &dir.join("pruned"), &a.data, &dir.join("run"), a.stage_steps, &a.device)?;
+        let control = RunControl { progress: job.progress, stop: crate::train::ctrl_c()?, ..Default::default() };
+        current = stlm_train::run::fine_tune(train_config, &dir.join("pruned"), &a.data, &dir.join("run"), a.stage_steps, device, control)?;
         let tuned = Job::load(a, &current, false)?;
         let tuned_ppl = tuned.val_perplexity(&tuned.model)?;
         if let (Some(p), Some(f)) = (pruned_ppl, tuned_ppl) {

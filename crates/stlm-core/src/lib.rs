@@ -2,17 +2,20 @@
 //!
 //! Device and dtype choice, the error type for file and tensor IO, seeding, safetensors reading
 //! (memory-mapped) and writing (atomic), JSON reading with errors that name the field,
-//! parameter counting, and the CPU kernels (and their spinning thread pool) of batch-1 decoding.
+//! parameter and FLOP counting, the train/eval [`Mode`] of a pass, and the CPU kernels (and their spinning thread pool) of batch-1 decoding.
 
 pub mod device;
 pub mod error;
+pub mod flops;
 pub mod io;
 pub mod kernels;
 pub mod memory;
 pub mod spin;
+pub mod step;
 
 pub use device::{parse_device, seed_all, DType};
 pub use error::{CoreError, Result};
+pub use step::{BufferUpdate, Mode};
 pub use io::{
     atomic_write, atomic_write_bytes, read_json, read_safetensors, temporary_path, toml_known_tables, toml_table,
     write_safetensors,

@@ -11,6 +11,7 @@ use crate::loss::TeacherTargets;
 use crate::{DistillError, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use stlm_model::Batch;
 use stlm_core::{atomic_write_bytes, read_json, read_safetensors, write_safetensors, CoreError};
 use tch::{Device, Kind, Tensor};
 
@@ -181,6 +182,14 @@ impl TeacherCache {
             rest: rows(&self.rest, seq),
         };
         Ok((ids.narrow(1, 0, seq), ids.narrow(1, 1, seq), targets))
+    }
+
+    /// [`TeacherCache::batch`] as a training batch: the targets travel in its extras.
+    pub fn train_batch(&self, picks: &[i64], seq: i64, device: Device) -> Result<Batch> {
+        let (inputs, targets, teacher) = self.batch(picks, seq, device)?;
+        let mut batch = Batch::new(inputs, targets);
+        teacher.into_extras(&mut batch.extras)?;
+        Ok(batch)
     }
 }
 

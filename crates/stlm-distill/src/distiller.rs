@@ -1,24 +1,18 @@
 //! The teacher-student objective as a model the trainer can train: [`Distiller`] wraps the
-//! student, runs the teacher without gradients (or takes its cached targets) and returns the
-//! student's cross-entropy as the logged loss, with the distillation terms as extra terms.
+//! student, runs the teacher without gradients (or reads its cached targets from the batch's
+//! extras) and returns the student's cross-entropy as the logged loss, with the distillation
+//! terms as an aux loss. Validation ([`Mode::Eval`]) scores the student alone.
 
 use crate::align::ByteAlignment;
 use crate::loss::{cross_entropy, divergence, Divergence, LogitLoss, TeacherTargets, LOG_FLOOR};
 use crate::{DistillError, Result};
-use std::cell::RefCell;
 use std::path::Path;
-use std::rc::Rc;
-use stlm_core::kernels::grad_enabled;
-use stlm_model::{BlockPass, DecoderModel, LanguageModel, ModelConfig, ModelError};
-use stlm_moe::MoeStats;
+use stlm_model::{Batch, BlockPass, DecoderModel, LanguageModel, Mode, ModelConfig, ModelError, ResidualStream, StepOutput};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
 /// File next to a checkpoint's `model.safetensors` holding the hidden-state projections.
 pub const PROJECTIONS_FILE: &str = "distill.safetensors";
-
-/// Teacher targets of the next training batch, put there by a batch source that reads a cache.
-pub type TeacherSlot = Rc<RefCell<Option<(Tensor, TeacherTargets)>>>;
 
 /// Feature losses between paired residual-stream states of student and teacher: hidden-state
 /// MSE (TinyBERT), through a learned projection where the widths differ, and attention-map KL
@@ -173,8 +167,8 @@ impl FeatureLoss {
 pub enum Teacher {
     /// A model run on each batch, without gradients.
     Live(Box<DecoderModel>),
-    /// Targets a batch source put in the slot (`stlm distill cache`).
-    Cached(TeacherSlot),
+    /// Top-k targets each training batch carries in its extras (a `stlm distill cache`).
+    Cached,
 }
 
 /// The student trained against a teacher: `(1 - alpha) CE + alpha * logit loss + feature terms`.
@@ -216,7 +210,7 @@ impl Distiller {
                 )));
             }
         }
-        let cached = matches!(teacher, Teacher::Cached(_));
+        let cached = matches!(teacher, Teacher::Cached);
         if features.is_some() && cached {
             return Err(DistillError::Input("hidden-state and attention losses need the live teacher (a cache holds only logits)".into()));
         }
@@ -228,39 +222,30 @@ impl Distiller {
         Ok(Distiller { student, teacher, logit, alpha, features, align })
     }
 
-    /// The teacher's targets (and features when a feature term needs them) for `inputs`.
-    fn teacher_side(&self, inputs: &Tensor) -> Result<(TeacherTargets, Option<TeacherFeatures>)> {
+    /// The teacher's targets (and features when a feature term needs them) for `batch`.
+    fn teacher_side(&self, batch: &Batch) -> Result<(TeacherTargets, Option<TeacherFeatures>)> {
+        let inputs = &batch.inputs;
         match &self.teacher {
-            Teacher::Cached(slot) => {
-                let (ids, targets) = slot.borrow_mut().take().ok_or_else(|| {
-                    DistillError::Input("no cached teacher targets for this batch (the batch source did not provide them)".into())
-                })?;
-                if ids.size() != inputs.size() || !ids.to_device(inputs.device()).equal(inputs) {
-                    return Err(DistillError::Input("the cached teacher targets belong to another batch".into()));
-                }
-                Ok((targets, None))
-            }
+            Teacher::Cached => Ok((TeacherTargets::from_extras(&batch.extras, inputs)?, None)),
             Teacher::Live(t) if self.align.is_some() => {
                 let align = self.align.as_ref().expect("checked");
                 let _guard = tch::no_grad_guard();
-                let batch = align.align(inputs)?;
-                let logits = t.forward(&batch.teacher_inputs).to_kind(Kind::Float) / self.logit.temperature;
-                let _ = t.take_moe_stats();
-                let log_probs = align.teacher_bytes(&logits.log_softmax(-1, Kind::Float), &batch);
-                Ok((TeacherTargets::Bytes { log_probs, mask: batch.mask, bucket: align.student_bucket() }, None))
+                let aligned = align.align(inputs)?;
+                let logits = t.forward(&aligned.teacher_inputs).to_kind(Kind::Float) / self.logit.temperature;
+                let log_probs = align.teacher_bytes(&logits.log_softmax(-1, Kind::Float), &aligned);
+                Ok((TeacherTargets::Bytes { log_probs, mask: aligned.mask, bucket: align.student_bucket() }, None))
             }
             Teacher::Live(t) => {
                 let _guard = tch::no_grad_guard();
                 let (logits, features) = match &self.features {
                     Some(f) => {
-                        let (pass, states) = t.residual_stream_pass(inputs);
+                        let ResidualStream { pass, states, .. } = t.residual_stream_pass(inputs, Mode::Eval);
                         let last = states.last().expect("the stream has the embeddings");
                         let logits = t.head(&t.norm.forward(last));
                         (logits, Some(f.teacher_features(t, &pass, states, self.student.config.num_attention_heads)))
                     }
                     None => (t.forward(inputs), None),
                 };
-                let _ = t.take_moe_stats(); // the teacher's routers do not train
                 Ok((self.logit.teacher_targets(&logits), features))
             }
         }
@@ -281,37 +266,35 @@ impl LanguageModel for Distiller {
         }
         vars
     }
-    fn train_loss(&self, inputs: &Tensor, targets: &Tensor) -> stlm_model::Result<(Tensor, Option<Tensor>)> {
-        if !grad_enabled() {
+    fn step(&self, batch: &Batch, mode: Mode) -> stlm_model::Result<StepOutput> {
+        if !mode.is_train() {
             // Validation: the student's own loss, no teacher.
-            return self.student.train_loss(inputs, targets);
+            return self.student.step(batch, mode);
         }
-        let (teacher, teacher_features) = self.teacher_side(inputs).map_err(|e| ModelError::Input(e.to_string()))?;
+        let (teacher, teacher_features) = self.teacher_side(batch).map_err(|e| ModelError::Input(e.to_string()))?;
         let s = &self.student;
-        let (logits, feature_loss) = match (&self.features, &teacher_features) {
+        let (logits, feature_loss, moe) = match (&self.features, &teacher_features) {
             (Some(f), Some(tf)) => {
-                let (pass, states) = s.residual_stream_pass(inputs);
+                let ResidualStream { pass, states, moe } = s.residual_stream_pass(&batch.inputs, mode);
                 let last = states.last().expect("the stream has the embeddings");
-                (s.head(&s.norm.forward(last)), Some(f.loss(s, &pass, &states, tf)))
+                (s.head(&s.norm.forward(last)), Some(f.loss(s, &pass, &states, tf)), moe)
             }
-            _ => (s.forward(inputs), None),
+            _ => {
+                let (logits, moe) = s.forward_mode(&batch.inputs, mode);
+                (logits, None, moe)
+            }
         };
-        let ce = cross_entropy(&logits, targets, None);
+        let ce = cross_entropy(&logits, &batch.targets, None);
         // Logged: the cross-entropy; trained: (1 - alpha) CE + alpha KD (+ feature terms).
         let mut extra = (self.logit.loss(&logits, &teacher, None) - &ce) * self.alpha;
         if let Some(f) = feature_loss {
             extra += f;
         }
-        Ok((ce, Some(extra)))
+        let updates = s.balance_updates(&moe);
+        Ok(StepOutput::with_moe(ce, moe, Some(("distill", extra)), updates))
     }
     fn position_nats(&self, inputs: &Tensor, targets: &Tensor) -> stlm_model::Result<Tensor> {
         self.student.position_nats(inputs, targets)
-    }
-    fn take_moe_stats(&self) -> Vec<(usize, MoeStats)> {
-        self.student.take_moe_stats()
-    }
-    fn update_moe_balance(&self, stats: &[(usize, MoeStats)]) {
-        self.student.update_moe_balance(stats)
     }
     fn save(&self, dir: &Path, tokenizer: Option<&Path>) -> stlm_model::Result<()> {
         self.student.save(dir, tokenizer)?;
@@ -375,6 +358,17 @@ mod tests {
         LogitLoss { divergence: Divergence::ForwardKl, temperature: 2.0, skew: 0.1, top_k: None }
     }
 
+    /// The logged loss and the sum of the aux terms of one pass over `batch` in `mode`.
+    fn losses_of(d: &Distiller, batch: &Batch, mode: Mode) -> stlm_model::Result<(Tensor, Option<Tensor>)> {
+        let out = d.step(batch, mode)?;
+        Ok((out.loss, out.aux_losses.into_iter().map(|(_, t)| t).reduce(|a, b| a + b)))
+    }
+
+    /// [`losses_of`] a training pass over windows `x` with targets `y` and no extras.
+    fn train_loss(d: &Distiller, x: &Tensor, y: &Tensor) -> stlm_model::Result<(Tensor, Option<Tensor>)> {
+        losses_of(d, &Batch::new(x.shallow_clone(), y.shallow_clone()), Mode::Train)
+    }
+
     #[test]
     fn objective_is_the_weighted_sum_and_validation_sees_only_the_student() {
         let _g = crate::tests::RNG.lock();
@@ -389,7 +383,7 @@ mod tests {
         assert_eq!(map, vec![(1, 2)]);
         let features = FeatureLoss::new(0.3, 0.2, map, &student, &teacher).unwrap();
         let d = Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 0.25, Some(features), None).unwrap();
-        let (ce, extra) = d.train_loss(&x, &y).unwrap();
+        let (ce, extra) = train_loss(&d, &x, &y).unwrap();
         let want_ce = cross_entropy(&s_logits, &y, None).double_value(&[]);
         let kd = fkl().loss(&s_logits, &fkl().teacher_targets(&t_logits), None).double_value(&[]);
         let Teacher::Live(t) = &d.teacher else { unreachable!() };
@@ -400,8 +394,8 @@ mod tests {
         let padded = Tensor::cat(&[proj, Tensor::zeros([2, 6, 16], (Kind::Float, Device::Cpu))], 2);
         let mse = padded.mse_loss(&ts[2], tch::Reduction::Mean).double_value(&[]);
         // Attention: teacher block 1's 4 heads averaged in pairs against the student's block 0.
-        let (tp, _) = t.residual_stream_pass(&x);
-        let (sp, _) = d.student.residual_stream_pass(&x);
+        let tp = t.residual_stream_pass(&x, Mode::Eval).pass;
+        let sp = d.student.residual_stream_pass(&x, Mode::Eval).pass;
         let pt = t.attention_log_probs(1, &tp, &ts[1]).unwrap().exp().to_kind(Kind::Double).view([2, 2, 2, 6, 6]).mean_dim(2, false, Kind::Double);
         let ls = d.student.attention_log_probs(0, &sp, &ss[0]).unwrap().to_kind(Kind::Double);
         let terms = (&pt * (pt.clamp_min(1e-300).log() - ls.clamp_min(-1e4))).where_self(&pt.gt(0.0), &pt.zeros_like());
@@ -412,14 +406,14 @@ mod tests {
         let want = 0.75 * want_ce + 0.25 * kd + 0.3 * mse + 0.2 * att;
         assert!((total - want).abs() < 1e-5, "{total} vs {want}");
         // Gradients reach the projection; the teacher gets none.
-        let (ce, extra) = d.train_loss(&x, &y).unwrap();
+        let (ce, extra) = train_loss(&d, &x, &y).unwrap();
         (ce + extra.unwrap()).backward();
         let vars = d.trainable_variables();
         let proj = vars.iter().find(|(n, _)| n.starts_with("distill.hidden_proj.0")).expect("projection is trainable");
         assert!(proj.1.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
         assert!(t.var_store().variables().values().all(|v| !v.grad().defined()));
         let _guard = tch::no_grad_guard();
-        let (val, extra) = d.train_loss(&x, &y).unwrap();
+        let (val, extra) = losses_of(&d, &Batch::new(x.shallow_clone(), y.shallow_clone()), Mode::Eval).unwrap();
         assert!(extra.is_none() && (val.double_value(&[]) - want_ce).abs() < 1e-6);
     }
 
@@ -455,19 +449,27 @@ mod tests {
         let _g = crate::tests::RNG.lock();
         tch::manual_seed(8);
         let student = DecoderModel::new(tiny(1, 16), Device::Cpu).unwrap();
-        let slot: TeacherSlot = Default::default();
-        let d = Distiller::new(student, Teacher::Cached(slot.clone()), fkl(), 1.0, None, None).unwrap();
+        // Cached targets are top-k (what a cache stores), carried in the batch's extras.
+        let top = LogitLoss { top_k: Some(8), ..fkl() };
+        let d = Distiller::new(student, Teacher::Cached, top, 1.0, None, None).unwrap();
         let x = Tensor::randint(30, [1, 4], (Kind::Int64, Device::Cpu));
         let logits = Tensor::randn([1, 4, 30], (Kind::Float, Device::Cpu));
-        *slot.borrow_mut() = Some((x.copy(), fkl().teacher_targets(&logits)));
-        let (ce, extra) = d.train_loss(&x, &x).unwrap();
+        let with_targets = |inputs: &Tensor| {
+            let mut batch = Batch::new(inputs.copy(), inputs.copy());
+            top.teacher_targets(&logits).into_extras(&mut batch.extras).unwrap();
+            batch
+        };
+        let (ce, extra) = losses_of(&d, &with_targets(&x), Mode::Train).unwrap();
         let s = d.student.forward(&x);
-        let kd = fkl().loss(&s, &fkl().teacher_targets(&logits), None).double_value(&[]);
+        let kd = top.loss(&s, &top.teacher_targets(&logits), None).double_value(&[]);
         assert!((ce.double_value(&[]) + extra.unwrap().double_value(&[]) - kd).abs() < 1e-5);
-        assert!(d.train_loss(&x, &x).unwrap_err().to_string().contains("no cached teacher targets"));
-        *slot.borrow_mut() = Some((&x + 1, fkl().teacher_targets(&logits)));
-        assert!(d.train_loss(&x, &x).unwrap_err().to_string().contains("another batch"));
-        let e = Distiller::new(DecoderModel::new(tiny(1, 16), Device::Cpu).unwrap(), Teacher::Cached(slot), fkl(), 1.5, None, None);
+        assert!(train_loss(&d, &x, &x).unwrap_err().to_string().contains("no cached teacher targets"));
+        // Targets of 4 positions with windows of 3.
+        let mut short = with_targets(&x);
+        short.inputs = x.narrow(1, 0, 3);
+        assert!(losses_of(&d, &short, Mode::Train).unwrap_err().to_string().contains("another batch"));
+        assert!(fkl().teacher_targets(&logits).into_extras(&mut short.extras).is_err(), "full targets stay with a live teacher");
+        let e = Distiller::new(DecoderModel::new(tiny(1, 16), Device::Cpu).unwrap(), Teacher::Cached, fkl(), 1.5, None, None);
         assert!(e.err().unwrap().to_string().contains("--alpha"));
     }
 
@@ -508,7 +510,7 @@ mod tests {
         let align = ByteAlignment::new(&bytes, 258, stlm_tokenizers::Tokenizer::bytes(), 258, 16, Device::Cpu).unwrap();
         let d = Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 1.0, None, Some(align)).unwrap();
         let x = Tensor::from_slice(&b"the fox".map(i64::from)).view([1, 7]);
-        let (ce, extra) = d.train_loss(&x, &x).unwrap();
+        let (ce, extra) = train_loss(&d, &x, &x).unwrap();
         let kd = ce.double_value(&[]) + extra.unwrap().double_value(&[]);
         assert!(kd.abs() < 1e-5, "the same model: {kd}");
         // A different student: a positive loss, and a cache or feature terms are refused.
@@ -516,9 +518,9 @@ mod tests {
         let Teacher::Live(t) = d.teacher else { unreachable!() };
         let align = || ByteAlignment::new(&bytes, 258, stlm_tokenizers::Tokenizer::bytes(), 258, 16, Device::Cpu).unwrap();
         let d = Distiller::new(other, Teacher::Live(t), fkl(), 1.0, None, Some(align())).unwrap();
-        let (ce, extra) = d.train_loss(&x, &x).unwrap();
+        let (ce, extra) = train_loss(&d, &x, &x).unwrap();
         assert!(ce.double_value(&[]) + extra.unwrap().double_value(&[]) > 1e-4);
-        let e = Distiller::new(d.student, Teacher::Cached(Default::default()), fkl(), 1.0, None, Some(align())).err().unwrap();
+        let e = Distiller::new(d.student, Teacher::Cached, fkl(), 1.0, None, Some(align())).err().unwrap();
         assert!(e.to_string().contains("--align bytes"));
     }
 }

@@ -17,7 +17,7 @@ pub mod loss;
 
 pub use align::ByteAlignment;
 pub use cache::{CacheHeader, CacheWriter, TeacherCache};
-pub use distiller::{Distiller, FeatureLoss, Teacher, TeacherSlot};
+pub use distiller::{Distiller, FeatureLoss, Teacher};
 pub use init::{copy_from_teacher, LayerChoice};
 pub use loss::{Divergence, LogitLoss, TeacherTargets};
 

@@ -21,6 +21,7 @@
 
 use crate::align::next_byte_log_probs;
 use crate::{DistillError, Result};
+use stlm_model::Extras;
 use tch::{Kind, Tensor};
 
 /// Log-probabilities below this are treated as this (a zero-mass bucket stays finite).
@@ -166,6 +167,43 @@ pub enum TeacherTargets {
         /// The student's token -> next-byte bucket map `[student vocab]`.
         bucket: Tensor,
     },
+}
+
+/// Names of a cached teacher's top-k targets among a batch's extras.
+const EXTRA_IDS: &str = "teacher.top_k_ids";
+const EXTRA_LOGITS: &str = "teacher.top_k_logits";
+const EXTRA_REST: &str = "teacher.rest_logsumexp";
+
+impl TeacherTargets {
+    /// Puts top-k targets into a batch's extras (other kinds are computed from a live teacher and
+    /// never travel with a batch: they are refused).
+    pub fn into_extras(self, extras: &mut Extras) -> Result<()> {
+        let TeacherTargets::TopK { ids, logits, rest } = self else {
+            return Err(DistillError::Input("only top-k teacher targets travel with a batch".into()));
+        };
+        extras.insert(EXTRA_IDS, ids);
+        extras.insert(EXTRA_LOGITS, logits);
+        extras.insert(EXTRA_REST, rest);
+        Ok(())
+    }
+
+    /// The top-k targets a batch source put into `extras` for windows `inputs` `[b, s]`; an error
+    /// when they are missing or shaped for another batch.
+    pub fn from_extras(extras: &Extras, inputs: &Tensor) -> Result<Self> {
+        let get = |name: &str| {
+            extras.get(name).map(Tensor::shallow_clone).ok_or_else(|| {
+                DistillError::Input(format!("no cached teacher targets for this batch (the batch source did not provide `{name}`)"))
+            })
+        };
+        let (ids, logits, rest) = (get(EXTRA_IDS)?, get(EXTRA_LOGITS)?, get(EXTRA_REST)?);
+        let (want, ids_size) = (inputs.size(), ids.size());
+        if ids_size.len() != 3 || ids_size[..2] != want[..] || logits.size() != ids_size || rest.size() != want {
+            return Err(DistillError::Input(format!(
+                "the cached teacher targets belong to another batch (ids {ids_size:?} for windows {want:?})"
+            )));
+        }
+        Ok(TeacherTargets::TopK { ids, logits, rest })
+    }
 }
 
 /// Log-sum-exp `[..]` of `values` `[.., vocab]` over the entries not in `ids` `[.., k]`.

@@ -24,6 +24,7 @@ use crate::{DecoderModel, ModelError, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use stlm_attention::{AttentionMask, Rope};
+use stlm_core::Mode;
 use stlm_moe::MoeStats;
 use stlm_tokenizers::{Chunker, ChunkerKind, BYTE_PAD};
 use tch::nn::{self, Init};
@@ -348,14 +349,27 @@ impl BytePooledModel {
     /// Logits `[b, chunks, L, 259]` of every slot of `grid`, and the pooled chunk vectors
     /// `[b, chunks, hidden]`.
     pub fn grid_logits(&self, grid: &ChunkGrid) -> (Tensor, Tensor) {
-        let (g, pooled) = self.global_states(&grid.bytes, &grid.lengths);
-        (self.decode(&grid.bytes, &g), pooled)
+        let (logits, pooled, _) = self.grid_logits_mode(grid, Mode::Eval);
+        (logits, pooled)
+    }
+
+    /// [`BytePooledModel::grid_logits`] in `mode`, with the global decoder's MoE stats.
+    fn grid_logits_mode(&self, grid: &ChunkGrid, mode: Mode) -> (Tensor, Tensor, Vec<(usize, MoeStats)>) {
+        let (g, pooled, moe) = self.global_states_mode(&grid.bytes, &grid.lengths, mode);
+        (self.decode(&grid.bytes, &g), pooled, moe)
     }
 
     /// The global decoder's state for each chunk `[b, chunks, hidden]` (state `m` has seen
     /// chunks `< m`), and the pooled chunk vectors `[b, chunks, hidden]`, for chunk bytes
     /// `[b, chunks, L]` with `lengths` `[b, chunks]`.
     pub fn global_states(&self, bytes: &Tensor, lengths: &Tensor) -> (Tensor, Tensor) {
+        let (g, pooled, _) = self.global_states_mode(bytes, lengths, Mode::Eval);
+        (g, pooled)
+    }
+
+    /// [`BytePooledModel::global_states`] in `mode`, with the stats of the global decoder's MoE
+    /// blocks (`(layer index, stats)`).
+    pub fn global_states_mode(&self, bytes: &Tensor, lengths: &Tensor, mode: Mode) -> (Tensor, Tensor, Vec<(usize, MoeStats)>) {
         let (b, m, l) = (bytes.size()[0], bytes.size()[1], bytes.size()[2]);
         let dl = self.bytes.local_hidden_size;
         // Encoder: each chunk alone, padding keys hidden.
@@ -386,8 +400,14 @@ impl BytePooledModel {
             let (cos, sin) = r.cos_sin(&positions, inputs.kind());
             RotaryAngles { cos, sin }
         });
-        let g = self.layers.iter().fold(inputs, |x, layer| layer.forward(&x, rotary.as_ref(), &positions, &AttentionMask::Causal, None));
-        (self.norm.forward(&g), pooled)
+        let mut moe = Vec::new();
+        let mut g = inputs;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (y, stats) = layer.forward_mode(&g, rotary.as_ref(), &positions, &AttentionMask::Causal, None, mode);
+            g = y;
+            moe.extend(stats.map(|s| (i, s)));
+        }
+        (self.norm.forward(&g), pooled, moe)
     }
 
     /// Logits `[b, chunks, L, 259]` of each chunk's slots from its global state `g`
@@ -414,7 +434,13 @@ impl BytePooledModel {
     /// Training loss of `grid`: (nats per real byte, with the EOC terms, for logging; the
     /// weighted reconstruction loss, if on).
     pub fn grid_loss(&self, grid: &ChunkGrid) -> (Tensor, Option<Tensor>) {
-        let (logits, pooled) = self.grid_logits(grid);
+        let (loss, aux, _) = self.grid_loss_mode(grid, Mode::Eval);
+        (loss, aux)
+    }
+
+    /// [`BytePooledModel::grid_loss`] in `mode`, with the global decoder's MoE stats.
+    fn grid_loss_mode(&self, grid: &ChunkGrid, mode: Mode) -> (Tensor, Option<Tensor>, Vec<(usize, MoeStats)>) {
+        let (logits, pooled, moe) = self.grid_logits_mode(grid, mode);
         let nats = |logits: &Tensor, targets: &Tensor| {
             logits.reshape([-1, BYTE_CLASSES]).cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Sum, IGNORE, 0.0)
         };
@@ -425,13 +451,14 @@ impl BytePooledModel {
             let own = grid.bytes.masked_fill(&grid.bytes.eq(BYTE_PAD as i64), IGNORE);
             nats(&self.lm_head.forward(&x), &own) / (grid.real_bytes.max(1) as f64) * self.bytes.reconstruction_loss
         });
-        (per_byte, aux)
+        (per_byte, aux, moe)
     }
 
     /// Loss of byte windows `inputs` `[b, s]` with next-byte `targets` `[b, s]`: the window
     /// `inputs ++ last target` is chunked and every byte after the first is scored (the targets,
-    /// as for token models; nats per target byte, chunk ends included).
-    pub fn loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    /// as for token models; nats per target byte, chunk ends included), in `mode`: the logged
+    /// loss, the weighted reconstruction loss (if on) and the global decoder's MoE stats.
+    pub fn loss(&self, inputs: &Tensor, targets: &Tensor, mode: Mode) -> Result<(Tensor, Option<Tensor>, Vec<(usize, MoeStats)>)> {
         let window = Tensor::cat(&[inputs, &targets.narrow(1, targets.size()[1] - 1, 1)], 1);
         let rows: Vec<Vec<u32>> = Vec::<Vec<i64>>::try_from(window.to_device(Device::Cpu))
             .map_err(|e| ModelError::Input(e.to_string()))?
@@ -443,7 +470,7 @@ impl BytePooledModel {
         // The first byte of a window is not a target (it has no context, as for token models).
         let _ = grid.targets.narrow(1, 0, 1).narrow(2, 0, 1).fill_(IGNORE);
         grid.real_bytes -= rows.iter().filter(|r| !r.is_empty()).count() as i64;
-        Ok(self.grid_loss(&grid))
+        Ok(self.grid_loss_mode(&grid, mode))
     }
 
     /// Per-byte log-probabilities `[n, 259]` of each row's bytes (row `i`'s byte `t` scored from
@@ -526,14 +553,9 @@ impl BytePooledModel {
         Vec::<f64>::try_from(per_chunk.to_device(Device::Cpu)).expect("float64 nats")[..chunks.len()].to_vec()
     }
 
-    /// MoE stats of the global decoder's last forward (MoE global layers only).
-    pub fn take_moe_stats(&self) -> Vec<(usize, MoeStats)> {
-        crate::layers::take_moe_stats(&self.layers)
-    }
-
-    /// Moves aux-free router biases after a step (see [`DecoderModel::update_moe_balance`]).
-    pub fn update_moe_balance(&self, stats: &[(usize, MoeStats)]) {
-        crate::layers::update_moe_balance(&self.layers, stats)
+    /// The aux-free bias moves of the global decoder's MoE blocks for `stats` of a training pass.
+    pub fn balance_updates(&self, stats: &[(usize, MoeStats)]) -> Vec<stlm_core::BufferUpdate> {
+        stats.iter().filter_map(|(i, s)| self.layers[*i].balance_update(s)).collect()
     }
 }
 

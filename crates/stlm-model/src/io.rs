@@ -12,6 +12,9 @@ use tch::{Device, Tensor};
 /// Weight file name inside a model directory.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
+/// The record `stlm prune` leaves in a pruned model directory (which weights were pruned).
+pub const PRUNING_FILE: &str = "pruning.json";
+
 /// Reads the model config of a directory: `stlm.toml` when present, else `config.json`.
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     if !dir.is_dir() {

@@ -6,6 +6,7 @@
 use crate::config::{Activation, MlpKind, ModelConfig, NormKind, PositionKind};
 use stlm_attention::{alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, AttentionKind, AttentionMask, KvCache};
 use stlm_core::kernels::{small_batch_linear, small_batch_rms_norm};
+use stlm_core::Mode;
 use stlm_moe::{CdMoe, MoeLayer, MoeStats};
 use std::sync::{Arc, Mutex};
 use tch::nn::{self, Init};
@@ -415,25 +416,6 @@ impl SelfAttention {
     }
 }
 
-/// The MoE stats of the last forward of `layers`, per MoE layer (`(layer index, stats)`), taken.
-pub(crate) fn take_moe_stats(layers: &[DecoderLayer]) -> Vec<(usize, MoeStats)> {
-    let moe = layers.iter().enumerate().filter_map(|(i, l)| match &l.mlp {
-        FeedForward::Moe(m) => Some((i, m)),
-        FeedForward::Dense(_) | FeedForward::CdMoe(_) => None,
-    });
-    moe.filter_map(|(i, m)| m.take_stats().map(|s| (i, s))).collect()
-}
-
-/// After an optimizer step: moves each aux-free router's bias in `layers` towards balance by
-/// `stats` (from [`take_moe_stats`] of the step's forward).
-pub(crate) fn update_moe_balance(layers: &[DecoderLayer], stats: &[(usize, MoeStats)]) {
-    for (i, s) in stats {
-        if let FeedForward::Moe(m) = &layers[*i].mlp {
-            m.update_balance(s);
-        }
-    }
-}
-
 /// One pre-norm decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
 #[derive(Debug)]
 pub struct DecoderLayer {
@@ -463,12 +445,20 @@ pub enum FeedForward {
 }
 
 impl FeedForward {
-    /// `[b, s, hidden] -> [b, s, hidden]`.
+    /// `[b, s, hidden] -> [b, s, hidden]`, as in evaluation.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_mode(x, Mode::Eval).0
+    }
+
+    /// `[b, s, hidden] -> [b, s, hidden]` in `mode`, with a mixture of experts' stats.
+    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> (Tensor, Option<MoeStats>) {
         match self {
-            FeedForward::Dense(m) => m.forward(x),
-            FeedForward::Moe(m) => m.forward(x),
-            FeedForward::CdMoe(m) => m.forward(x),
+            FeedForward::Dense(m) => (m.forward(x), None),
+            FeedForward::Moe(m) => {
+                let (y, stats) = m.forward(x, mode);
+                (y, Some(stats))
+            }
+            FeedForward::CdMoe(m) => (m.forward(x), None),
         }
     }
 
@@ -523,7 +513,7 @@ impl DecoderLayer {
         }
     }
 
-    /// `[b, s, hidden] -> [b, s, hidden]` for tokens at `positions` `[b, s]`.
+    /// `[b, s, hidden] -> [b, s, hidden]` for tokens at `positions` `[b, s]`, as in evaluation.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -532,12 +522,34 @@ impl DecoderLayer {
         mask: &AttentionMask,
         cache: Option<(&KvCache, usize)>,
     ) -> Tensor {
+        self.forward_mode(x, rotary, positions, mask, cache, Mode::Eval).0
+    }
+
+    /// [`DecoderLayer::forward`] in `mode`, with the stats of an MoE feed-forward block.
+    pub fn forward_mode(
+        &self,
+        x: &Tensor,
+        rotary: Option<&RotaryAngles>,
+        positions: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<(&KvCache, usize)>,
+        mode: Mode,
+    ) -> (Tensor, Option<MoeStats>) {
         let skip = |x: &Tensor, scale: &Option<Tensor>| match scale {
             Some(r) => x * r,
             None => x.shallow_clone(),
         };
         let attended = self.self_attn.forward(&self.input_layernorm.forward(x), rotary, positions, mask, cache);
         let x = skip(x, &self.input_residual) + attended;
-        skip(&x, &self.post_attention_residual) + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
+        let (y, stats) = self.mlp.forward_mode(&self.post_attention_layernorm.forward(&x), mode);
+        (skip(&x, &self.post_attention_residual) + y, stats)
+    }
+
+    /// The aux-free bias move of this block's MoE layer for `stats` of its forward, if any.
+    pub fn balance_update(&self, stats: &MoeStats) -> Option<stlm_core::BufferUpdate> {
+        match &self.mlp {
+            FeedForward::Moe(m) => m.balance_update(stats),
+            FeedForward::Dense(_) | FeedForward::CdMoe(_) => None,
+        }
     }
 }

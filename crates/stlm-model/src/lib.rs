@@ -19,9 +19,10 @@ pub mod model;
 
 pub use bytes::{BytePooledModel, BytesConfig, ByteDecoder, ChunkGrid, Pooling};
 pub use decode::FastDecoder;
-pub use lm::{load_any_model, AnyModel, LanguageModel};
+pub use lm::{load_any_model, AnyModel, Batch, Extras, LanguageModel, StepOutput, StepStats};
+pub use stlm_core::Mode;
 pub use config::{Activation, MlpKind, ModelConfig, ModelType, NormKind, PositionKind};
 pub use error::{ModelError, Result};
 pub use generate::{generate, GenerationConfig};
-pub use io::{load_config, load_model, tokenizer_path};
-pub use model::{BlockPass, DecoderModel};
+pub use io::{load_config, load_model, tokenizer_path, PRUNING_FILE};
+pub use model::{BlockPass, DecoderModel, ResidualStream};

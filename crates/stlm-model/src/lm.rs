@@ -1,13 +1,84 @@
 //! What training and the command line need from a model of either kind: token-level
 //! ([`DecoderModel`]) or byte-pooled ([`BytePooledModel`]), and loading whichever a directory
-//! holds.
+//! holds; the typed step ([`Batch`] in, [`StepOutput`] out) between them and the trainer.
 
 use crate::io::{copy_weights, save_dir, WEIGHTS_FILE};
 use crate::{load_config, BytePooledModel, DecoderModel, ModelConfig, ModelError, Result};
 use std::path::Path;
-use stlm_core::{read_safetensors, DType};
+use std::collections::BTreeMap;
+use stlm_core::{read_safetensors, BufferUpdate, DType, Mode};
 use stlm_moe::MoeStats;
 use tch::{nn, Device, Tensor};
+
+/// One micro-batch of training or validation: windows, their next-id targets, and whatever
+/// else the model's objective reads (a teacher's targets, masks), by name.
+pub struct Batch {
+    /// Token (or byte) ids `[b, s]`, int64.
+    pub inputs: Tensor,
+    /// Next ids `[b, s]`, int64.
+    pub targets: Tensor,
+    /// Extra inputs of the objective.
+    pub extras: Extras,
+}
+
+impl Batch {
+    /// A batch of `inputs` and `targets` without extras.
+    pub fn new(inputs: Tensor, targets: Tensor) -> Self {
+        Batch { inputs, targets, extras: Extras::default() }
+    }
+}
+
+/// Named tensors a batch source adds for the objective (`teacher.ids`, ...), each with the batch
+/// as its first dimension, so that a batch can be moved or split as a whole.
+#[derive(Debug, Default)]
+pub struct Extras(BTreeMap<String, Tensor>);
+
+impl Extras {
+    /// Adds (or replaces) `name`.
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
+        self.0.insert(name.into(), tensor);
+    }
+    /// The tensor called `name`, if the batch has it.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.0.get(name)
+    }
+    /// True when the batch carries nothing extra.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// What a model's pass over a [`Batch`] hands back to the trainer.
+pub struct StepOutput {
+    /// The logged loss (mean nats per target token, or per byte for byte models); it trains.
+    pub loss: Tensor,
+    /// Weighted terms that train but are not the logged loss (MoE balancing, reconstruction,
+    /// distillation), by name, in the order they are summed.
+    pub aux_losses: Vec<(String, Tensor)>,
+    /// What the pass measured, for logs and for after the optimizer step.
+    pub stats: StepStats,
+}
+
+/// Measurements of one pass and the updates it asks for.
+#[derive(Default)]
+pub struct StepStats {
+    /// Per MoE layer (`(layer index, stats)`).
+    pub moe: Vec<(usize, MoeStats)>,
+    /// Tensors not trained by gradients to move after the optimizer step (aux-free router
+    /// biases), from a training pass.
+    pub updates: Vec<BufferUpdate>,
+}
+
+impl StepOutput {
+    /// The output of a pass with `loss`, the MoE blocks' `moe` stats (their balancing losses
+    /// first among the aux losses, then `extra` under `extra_name`) and `updates`.
+    pub fn with_moe(loss: Tensor, moe: Vec<(usize, MoeStats)>, extra: Option<(&str, Tensor)>, updates: Vec<BufferUpdate>) -> Self {
+        let mut aux_losses: Vec<(String, Tensor)> =
+            moe.iter().map(|(i, s)| (format!("model.layers.{i}.mlp"), s.aux_loss.shallow_clone())).collect();
+        aux_losses.extend(extra.map(|(name, t)| (name.to_string(), t)));
+        StepOutput { loss, aux_losses, stats: StepStats { moe, updates } }
+    }
+}
 
 /// A model the trainer can train, checkpoint and restore.
 pub trait LanguageModel {
@@ -20,17 +91,11 @@ pub trait LanguageModel {
     fn trainable_variables(&self) -> Vec<(String, Tensor)> {
         self.var_store().variables().into_iter().collect()
     }
-    /// Training loss of windows `inputs` `[b, s]` with next-id `targets` `[b, s]`: the loss that
-    /// is logged (mean nats per token, or per byte for byte models) and extra terms that only
-    /// train (e.g. a reconstruction loss). MoE balancing losses come from `take_moe_stats`.
-    fn train_loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Option<Tensor>)>;
+    /// The pass over `batch` in `mode`: the logged loss, the terms that only train, and stats.
+    fn step(&self, batch: &Batch, mode: Mode) -> Result<StepOutput>;
     /// Nats of each target `[b, s]` of windows `inputs` with next-id `targets` (byte models: of
     /// each target byte, a chunk's end counted with the byte after it), for per-position loss.
     fn position_nats(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor>;
-    /// MoE stats of the last forward, per MoE layer, taken.
-    fn take_moe_stats(&self) -> Vec<(usize, MoeStats)>;
-    /// After an optimizer step: moves aux-free router biases by `stats`.
-    fn update_moe_balance(&self, stats: &[(usize, MoeStats)]);
     /// Saves a model directory (`tokenizer.json` copied from `tokenizer` when given).
     fn save(&self, dir: &Path, tokenizer: Option<&Path>) -> Result<()>;
     /// Replaces every weight with those in a `model.safetensors` this model's config wrote.
@@ -52,20 +117,16 @@ impl LanguageModel for DecoderModel {
     fn model_config(&self) -> &ModelConfig {
         &self.config
     }
-    fn train_loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let logits = self.forward(inputs); // [b, s, vocab]
+    fn step(&self, batch: &Batch, mode: Mode) -> Result<StepOutput> {
+        let (logits, moe) = self.forward_mode(&batch.inputs, mode); // [b, s, vocab]
         let vocab = logits.size()[2];
-        Ok((logits.reshape([-1, vocab]).cross_entropy_for_logits(&targets.reshape([-1])), None))
+        let loss = logits.reshape([-1, vocab]).cross_entropy_for_logits(&batch.targets.reshape([-1]));
+        let updates = if mode.is_train() { self.balance_updates(&moe) } else { Vec::new() };
+        Ok(StepOutput::with_moe(loss, moe, None, updates))
     }
     fn position_nats(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let logp = self.forward(inputs).log_softmax(-1, tch::Kind::Float);
         Ok(-logp.gather(2, &targets.unsqueeze(-1), false).squeeze_dim(-1))
-    }
-    fn take_moe_stats(&self) -> Vec<(usize, MoeStats)> {
-        DecoderModel::take_moe_stats(self)
-    }
-    fn update_moe_balance(&self, stats: &[(usize, MoeStats)]) {
-        DecoderModel::update_moe_balance(self, stats)
     }
     fn save(&self, dir: &Path, tokenizer: Option<&Path>) -> Result<()> {
         DecoderModel::save(self, dir, tokenizer)
@@ -82,8 +143,10 @@ impl LanguageModel for BytePooledModel {
     fn model_config(&self) -> &ModelConfig {
         &self.config
     }
-    fn train_loss(&self, inputs: &Tensor, targets: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        self.loss(inputs, targets)
+    fn step(&self, batch: &Batch, mode: Mode) -> Result<StepOutput> {
+        let (loss, reconstruction, moe) = self.loss(&batch.inputs, &batch.targets, mode)?;
+        let updates = if mode.is_train() { self.balance_updates(&moe) } else { Vec::new() };
+        Ok(StepOutput::with_moe(loss, moe, reconstruction.map(|r| ("reconstruction", r)), updates))
     }
     fn position_nats(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (b, s) = (inputs.size()[0], inputs.size()[1]);
@@ -97,12 +160,6 @@ impl LanguageModel for BytePooledModel {
             .collect();
         let nats: Vec<f32> = self.byte_scores(&rows, usize::MAX)?.iter().flat_map(|(_, sc)| sc[1..].iter().map(|x| x.0 as f32).collect::<Vec<_>>()).collect();
         Ok(Tensor::from_slice(&nats).view([b, s]).to_device(inputs.device()))
-    }
-    fn take_moe_stats(&self) -> Vec<(usize, MoeStats)> {
-        BytePooledModel::take_moe_stats(self)
-    }
-    fn update_moe_balance(&self, stats: &[(usize, MoeStats)]) {
-        BytePooledModel::update_moe_balance(self, stats)
     }
     fn save(&self, dir: &Path, tokenizer: Option<&Path>) -> Result<()> {
         let vars: Vec<(String, Tensor)> = self.var_store().variables().into_iter().collect();

@@ -9,8 +9,9 @@ use crate::config::{ModelConfig, PositionKind};
 use crate::layers::{DecoderLayer, FeedForward, Linear, Norm, RotaryAngles};
 use crate::{ModelError, Result};
 use stlm_attention::{sinusoidal_positions, AttentionMask, KvCache, Rope};
-use stlm_moe::MoeStats;
 use stlm_core::kernels::small_batch_linear;
+use stlm_core::Mode;
+use stlm_moe::MoeStats;
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
@@ -18,8 +19,20 @@ use tch::{Device, Kind, Tensor};
 pub struct BlockPass {
     /// The input of block 0 `[b, s, hidden]`.
     pub input: Tensor,
+    /// Whether the blocks run as in training or in evaluation.
+    pub mode: Mode,
     positions: Tensor,
     rotary: Option<RotaryAngles>,
+}
+
+/// The residual stream of one full pass (see [`DecoderModel::residual_stream_pass`]).
+pub struct ResidualStream {
+    /// The pass, for [`DecoderModel::attention_log_probs`].
+    pub pass: BlockPass,
+    /// The input of every block and the output of the last, `[b, s, hidden]` each.
+    pub states: Vec<Tensor>,
+    /// The stats of each MoE block (`(layer index, stats)`).
+    pub moe: Vec<(usize, MoeStats)>,
 }
 
 /// A decoder-only language model and the variable store that owns its weights.
@@ -112,15 +125,13 @@ impl DecoderModel {
         }
     }
 
-    /// The MoE stats of the last forward, per MoE layer (`(layer index, stats)`), taken.
-    pub fn take_moe_stats(&self) -> Vec<(usize, MoeStats)> {
-        crate::layers::take_moe_stats(&self.layers)
-    }
-
-    /// After an optimizer step: moves each aux-free router's bias towards balance by `stats`
-    /// (from [`DecoderModel::take_moe_stats`] of the step's forward).
-    pub fn update_moe_balance(&self, stats: &[(usize, MoeStats)]) {
-        crate::layers::update_moe_balance(&self.layers, stats)
+    /// Model FLOPs of one trained token in windows of `seq` (see [`stlm_core::flops`]): the
+    /// matmul weights, the tied head once more (it is an embedding and a product), attention.
+    pub fn flops_per_token(&self, seq: i64) -> f64 {
+        let c = &self.config;
+        let vars = self.vs.variables();
+        let head = if c.tie_word_embeddings { c.vocab_size * c.hidden_size } else { 0 };
+        stlm_core::flops::training_flops_per_token(stlm_core::flops::matmul_parameters(&vars) + head, c.num_hidden_layers, c.hidden_size, seq)
     }
 
     /// Total number of parameters (tied weights counted once).
@@ -141,9 +152,23 @@ impl DecoderModel {
 
     /// Logits `[b, s, vocab]` of a full causal pass over `input_ids` `[b, s]` (positions 0..s).
     pub fn forward(&self, input_ids: &Tensor) -> Tensor {
+        self.forward_mode(input_ids, Mode::Eval).0
+    }
+
+    /// [`DecoderModel::forward`] in `mode`, with the stats of every MoE block
+    /// (`(layer index, stats)`, in layer order).
+    pub fn forward_mode(&self, input_ids: &Tensor, mode: Mode) -> (Tensor, Vec<(usize, MoeStats)>) {
         let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
         let positions = Tensor::arange(s, (Kind::Int64, self.device())).unsqueeze(0).expand([b, s], false);
-        self.forward_ext(input_ids, &positions, &AttentionMask::Causal, None)
+        let mut moe = Vec::new();
+        let x = self.hidden_states_mode(input_ids, &positions, &AttentionMask::Causal, None, mode, &mut moe);
+        (self.head(&x), moe)
+    }
+
+    /// The aux-free bias moves of the MoE blocks for `stats` of a training pass, to apply after
+    /// the optimizer step.
+    pub fn balance_updates(&self, stats: &[(usize, MoeStats)]) -> Vec<stlm_core::BufferUpdate> {
+        stats.iter().filter_map(|(i, s)| self.layers[*i].balance_update(s)).collect()
     }
 
     /// Logits `[b, s, vocab]` for `input_ids` `[b, s]` at `positions` `[b, s]` under `mask`;
@@ -174,11 +199,26 @@ impl DecoderModel {
         input_ids: &Tensor,
         positions: &Tensor,
         mask: &AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        self.hidden_states_mode(input_ids, positions, mask, cache, Mode::Eval, &mut Vec::new())
+    }
+
+    /// [`DecoderModel::hidden_states`] in `mode`; MoE blocks' stats are pushed to `moe`.
+    fn hidden_states_mode(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: &AttentionMask,
         mut cache: Option<&mut KvCache>,
+        mode: Mode,
+        moe: &mut Vec<(usize, MoeStats)>,
     ) -> Tensor {
         let (mut x, rotary) = self.embed(input_ids, positions);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, rotary.as_ref(), positions, mask, cache.as_deref().map(|c| (c, i)));
+            let (y, stats) = layer.forward_mode(&x, rotary.as_ref(), positions, mask, cache.as_deref().map(|c| (c, i)), mode);
+            x = y;
+            moe.extend(stats.map(|s| (i, s)));
         }
         if let Some(c) = cache.as_mut() {
             c.advance(input_ids.size()[1]);
@@ -207,32 +247,45 @@ impl DecoderModel {
     /// block and the output of the last (before the final norm), `num_hidden_layers + 1`
     /// tensors `[b, s, hidden]` (block influence for layer pruning, hidden-state distillation).
     pub fn residual_stream(&self, input_ids: &Tensor) -> Vec<Tensor> {
-        self.residual_stream_pass(input_ids).1
+        self.residual_stream_pass(input_ids, Mode::Eval).states
     }
 
-    /// [`DecoderModel::residual_stream`] with the pass it ran (for [`DecoderModel::attention_log_probs`]).
-    pub fn residual_stream_pass(&self, input_ids: &Tensor) -> (BlockPass, Vec<Tensor>) {
-        let pass = self.block_pass(input_ids);
+    /// [`DecoderModel::residual_stream`] in `mode`, with the pass it ran (for
+    /// [`DecoderModel::attention_log_probs`]) and the MoE blocks' stats.
+    pub fn residual_stream_pass(&self, input_ids: &Tensor, mode: Mode) -> ResidualStream {
+        let pass = self.block_pass_mode(input_ids, mode);
         let mut states = vec![pass.input.shallow_clone()];
+        let mut moe = Vec::new();
         for i in 0..self.layers.len() {
-            let x = self.run_block(i, &pass, states.last().expect("the input is there"));
+            let (x, stats) = self.run_block_stats(i, &pass, states.last().expect("the input is there"));
             states.push(x);
+            moe.extend(stats.map(|s| (i, s)));
         }
-        (pass, states)
+        ResidualStream { pass, states, moe }
     }
 
     /// The input of block 0 for a full causal pass over `input_ids` `[b, s]`, with the positions
     /// and rotary angles every block needs: for running blocks one at a time ([`DecoderModel::run_block`]).
     pub fn block_pass(&self, input_ids: &Tensor) -> BlockPass {
+        self.block_pass_mode(input_ids, Mode::Eval)
+    }
+
+    /// [`DecoderModel::block_pass`] whose blocks run in `mode`.
+    pub fn block_pass_mode(&self, input_ids: &Tensor, mode: Mode) -> BlockPass {
         let (b, s) = (input_ids.size()[0], input_ids.size()[1]);
         let positions = Tensor::arange(s, (Kind::Int64, self.device())).unsqueeze(0).expand([b, s], false);
         let (input, rotary) = self.embed(input_ids, &positions);
-        BlockPass { input, positions, rotary }
+        BlockPass { input, mode, positions, rotary }
     }
 
     /// Block `i` applied to `x` `[b, s, hidden]` (its input in `pass`), causally from position 0.
     pub fn run_block(&self, i: usize, pass: &BlockPass, x: &Tensor) -> Tensor {
-        self.layers[i].forward(x, pass.rotary.as_ref(), &pass.positions, &AttentionMask::Causal, None)
+        self.run_block_stats(i, pass, x).0
+    }
+
+    /// [`DecoderModel::run_block`] with the block's MoE stats, if it has experts.
+    pub fn run_block_stats(&self, i: usize, pass: &BlockPass, x: &Tensor) -> (Tensor, Option<MoeStats>) {
+        self.layers[i].forward_mode(x, pass.rotary.as_ref(), &pass.positions, &AttentionMask::Causal, None, pass.mode)
     }
 
     /// Log attention probabilities `[b, heads, s, s]` of block `i` given its input `x` (a state of

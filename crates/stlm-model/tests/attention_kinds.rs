@@ -182,7 +182,7 @@ fn sinusoidal_and_alibi_positions_cache_and_batch() {
 fn attention_probabilities_rebuild_the_block_output() {
     let m = model("{ kind = \"dense\" }");
     let x = ids(5, 2, 9);
-    let (pass, states) = m.residual_stream_pass(&x);
+    let stlm_model::ResidualStream { pass, states, .. } = m.residual_stream_pass(&x, stlm_model::Mode::Eval);
     for i in 0..2 {
         let logp = m.attention_log_probs(i, &pass, &states[i]).expect("dense layers report probabilities");
         assert_eq!(logp.size(), vec![2, 4, 9, 9]);
@@ -202,7 +202,7 @@ fn attention_probabilities_rebuild_the_block_output() {
         assert!(rebuilt.allclose(&states[i + 1], 1e-4, 1e-5, false), "block {i}: {}", (&rebuilt - &states[i + 1]).abs().max());
     }
     let sparse = model("{ kind = \"sliding-window\", window = 4 }");
-    let (pass, states) = sparse.residual_stream_pass(&x);
+    let stlm_model::ResidualStream { pass, states, .. } = sparse.residual_stream_pass(&x, stlm_model::Mode::Eval);
     assert!(sparse.attention_log_probs(0, &pass, &states[0]).is_none());
     assert!(sparse.attention_log_probs(1, &pass, &states[1]).is_some());
 }

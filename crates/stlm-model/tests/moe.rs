@@ -1,11 +1,11 @@
 //! Mixture-of-experts models: cached decoding equals the full forward for every causal router
 //! (and for DeepSeek-style fine-grained plus shared experts in every second layer, with q/k
 //! norms), outputs are causal (Switch's training-time capacity included), and the balancing
-//! losses reach the router through `take_moe_stats`.
+//! losses reach the router through the stats a forward returns.
 
 use proptest::prelude::*;
 use stlm_attention::AttentionMask;
-use stlm_model::{DecoderModel, ModelConfig};
+use stlm_model::{DecoderModel, Mode, ModelConfig};
 use tch::{Device, Kind, Tensor};
 
 /// The `moe` settings after `num_experts = 4` (and, after `|`, top-level fields).
@@ -57,7 +57,7 @@ proptest! {
         }
     }
 
-    /// With gradients on (training: Switch drops over capacity), later tokens never change earlier
+    /// In training mode (Switch drops over capacity), later tokens never change earlier
     /// logits beyond float rounding: the experts' products group a different set of rows when
     /// later tokens change, and a matrix product's rounding depends on its row count (a causality
     /// leak would change logits by far more than 1e-5).
@@ -67,7 +67,8 @@ proptest! {
         let y = Tensor::cat(&[x.narrow(1, 0, t + 1), ids(seed + 7, 2, 13 - t)], 1);
         for router in ROUTERS {
             let m = model(router);
-            let diff = (m.forward(&x).narrow(1, 0, t + 1) - m.forward(&y).narrow(1, 0, t + 1)).abs().max().double_value(&[]);
+            let train = |ids: &Tensor| m.forward_mode(ids, Mode::Train).0.narrow(1, 0, t + 1);
+            let diff = (train(&x) - train(&y)).abs().max().double_value(&[]);
             prop_assert!(diff < 1e-5, "{router}: logits at <= {t} changed by {diff}");
         }
     }
@@ -76,14 +77,12 @@ proptest! {
 #[test]
 fn balancing_losses_reach_the_router() {
     let m = model(ROUTERS[0]);
-    let _ = m.forward(&ids(1, 2, 9));
-    let stats = m.take_moe_stats();
+    let (_, stats) = m.forward_mode(&ids(1, 2, 9), Mode::Train);
     assert_eq!(stats.len(), 2, "one per layer");
     let aux = stats.iter().map(|(_, s)| s.aux_loss.shallow_clone()).reduce(|a, b| a + b).unwrap();
     aux.backward();
     let gate = &m.var_store().variables()["model.layers.0.mlp.gate.weight"];
     assert!(gate.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
-    assert!(m.take_moe_stats().is_empty(), "taken");
     let e = ModelConfig::from_toml_str(
         "model_type = \"stlm\"\nmoe = { num_experts = 4, router = { kind = \"expert-choice\" } }\n",
         std::path::Path::new("ec.toml"),
@@ -105,13 +104,13 @@ fn fine_grained_and_shared_experts() {
     assert_eq!(vars["model.layers.1.mlp.shared_expert.down_proj.weight"].size(), vec![32, 16]);
     assert_eq!(vars["model.layers.1.mlp.shared_expert_gate.weight"].size(), vec![1, 32]);
     assert_eq!(vars["model.layers.1.self_attn.q_norm.weight"].size(), vec![8]);
-    let _ = m.forward(&ids(2, 1, 5));
-    assert_eq!(m.take_moe_stats().iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1], "stats of the MoE layer only");
+    let (_, stats) = m.forward_mode(&ids(2, 1, 5), Mode::Eval);
+    assert_eq!(stats.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1], "stats of the MoE layer only");
 
     let stlm_model::layers::FeedForward::Moe(layer) = &m.layers[1].mlp else { panic!("layer 1 is MoE") };
     let _g = tch::no_grad_guard();
     let x = Tensor::randn([1, 6, 32], (Kind::Float, Device::Cpu));
-    let got = layer.forward(&x).to_kind(Kind::Double);
+    let got = layer.forward(&x, Mode::Eval).0.to_kind(Kind::Double);
     let d = |t: &Tensor| t.to_kind(Kind::Double);
     let tokens = x.view([6, 32]);
     let routing = layer.config.router.route(&tokens.matmul(&layer.gate.tr()), layer.bias.as_ref());

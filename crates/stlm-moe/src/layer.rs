@@ -1,11 +1,10 @@
 //! A mixture-of-experts feed-forward layer: router gate, routing, stacked SwiGLU experts, an
-//! optional shared expert every token passes through, and the balancing losses of its last
-//! forward for the trainer to add.
+//! optional shared expert every token passes through; each forward returns its balancing losses
+//! and load ([`MoeStats`]) for the trainer to add and log.
 
-use crate::{expert_load, load_balancing_loss_with, moe_forward, update_balance_bias, z_loss, Experts, RouterKind, SwiGlu};
+use crate::{balance_bias_step, expert_load, load_balancing_loss_with, moe_forward, z_loss, Experts, RouterKind, SwiGlu};
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
-use stlm_core::kernels::grad_enabled;
+use stlm_core::{BufferUpdate, Mode};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
@@ -110,7 +109,7 @@ impl MoeConfig {
     }
 }
 
-/// What the last forward of a layer leaves for training and logging.
+/// What one forward of a layer hands back for training and logging.
 #[derive(Debug)]
 pub struct MoeStats {
     /// `aux_loss_coef · balance + z_loss_coef · z`, with gradients.
@@ -137,7 +136,6 @@ pub struct MoeLayer {
     pub shared_expert_gate: Option<Tensor>,
     /// The settings.
     pub config: MoeConfig,
-    stats: RefCell<Option<MoeStats>>,
 }
 
 impl MoeLayer {
@@ -160,20 +158,19 @@ impl MoeLayer {
                 .filter(|s| s.gate)
                 .map(|_| (&path / "shared_expert_gate").var("weight", &[1, hidden], Init::Randn { mean: 0.0, stdev: std })),
             config: config.clone(),
-            stats: RefCell::new(None),
         }
     }
 
-    /// `[b, s, hidden] -> [b, s, hidden]`; tokens are routed position-major (see the router
-    /// docs), and the losses and load of this forward are kept for [`MoeLayer::take_stats`].
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    /// `[b, s, hidden] -> [b, s, hidden]` and the losses and load of this forward; tokens are
+    /// routed position-major (see the router docs).
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> (Tensor, MoeStats) {
         let (b, s, h) = (x.size()[0], x.size()[1], x.size()[2]);
         let tokens = x.transpose(0, 1).reshape([s * b, h]); // position-major
         let logits = tokens.matmul(&self.gate.tr()); // [tokens, experts]
-        // Capacity limits are a training device: without gradients (evaluation, generation)
-        // Switch routes every token, so cached decoding and full passes agree.
+        // Capacity limits are a training device: in evaluation and generation Switch routes every
+        // token, so cached decoding and full passes agree.
         let router = match self.config.router {
-            RouterKind::Switch { .. } if !grad_enabled() => RouterKind::Switch { capacity_factor: f64::INFINITY },
+            RouterKind::Switch { .. } if !mode.is_train() => RouterKind::Switch { capacity_factor: f64::INFINITY },
             ref r => r.clone(),
         };
         let routing = router.route(&logits, self.bias.as_ref());
@@ -191,19 +188,18 @@ impl MoeLayer {
             z if z > 0.0 => balance + z_loss(&logits) * z,
             _ => balance,
         };
-        *self.stats.borrow_mut() = Some(MoeStats { aux_loss: aux, load, dropped: routing.dropped });
-        y.view([s, b, h]).transpose(0, 1).to_kind(x.kind())
+        let stats = MoeStats { aux_loss: aux, load, dropped: routing.dropped };
+        (y.view([s, b, h]).transpose(0, 1).to_kind(x.kind()), stats)
     }
 
-    /// The stats of the last forward (and forgets them).
-    pub fn take_stats(&self) -> Option<MoeStats> {
-        self.stats.borrow_mut().take()
-    }
-
-    /// After an optimizer step: moves the aux-free bias towards balance by the load of `stats`.
-    pub fn update_balance(&self, stats: &MoeStats) {
-        if let (Some(bias), RouterKind::AuxFree { gamma, .. }) = (&self.bias, &self.config.router) {
-            update_balance_bias(&mut bias.shallow_clone(), &stats.load, *gamma);
+    /// The move of the aux-free bias towards balance by the load of `stats`, to apply after the
+    /// optimizer step (None for other routers).
+    pub fn balance_update(&self, stats: &MoeStats) -> Option<BufferUpdate> {
+        match (&self.bias, &self.config.router) {
+            (Some(bias), RouterKind::AuxFree { gamma, .. }) => {
+                Some(BufferUpdate { buffer: bias.shallow_clone(), delta: balance_bias_step(&stats.load, *gamma, bias.kind()) })
+            }
+            _ => None,
         }
     }
 }
@@ -232,13 +228,11 @@ mod tests {
         };
         let layer = MoeLayer::new(vs.root(), 8, 6, &cfg, 0.5, 0.5);
         let x = Tensor::randn([2, 5, 8], (Kind::Float, Device::Cpu));
-        let y = layer.forward(&x);
+        let (y, stats) = layer.forward(&x, Mode::Train);
         assert_eq!(y.size(), vec![2, 5, 8]);
-        let stats = layer.take_stats().expect("stats after a forward");
         assert_eq!(stats.load.sum(Kind::Int64).int64_value(&[]), 10);
         assert!(stats.aux_loss.double_value(&[]) > 0.0, "z-loss on");
-        assert!(layer.take_stats().is_none());
-        layer.update_balance(&stats);
+        layer.balance_update(&stats).expect("an aux-free router moves its bias").apply();
         let bias = layer.bias.as_ref().unwrap();
         assert!(bias.abs().sum(Kind::Float).double_value(&[]) > 0.0, "bias moved");
         assert!(!bias.requires_grad());

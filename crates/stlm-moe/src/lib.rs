@@ -25,5 +25,5 @@ pub use cdmoe::{product_keys, CdMoe, CdmoeConfig, CdmoeRouting};
 pub use dispatch::{moe_forward, Experts};
 pub use layer::{load_entropy, MoeConfig, MoeLayer, MoeStats, SharedExpertConfig};
 pub use losses::{expert_load, load_balancing_loss, load_balancing_loss_with, z_loss};
-pub use router::{update_balance_bias, Gate, RouterKind, Routing};
+pub use router::{balance_bias_step, update_balance_bias, Gate, RouterKind, Routing};
 pub use swiglu::SwiGlu;

@@ -210,9 +210,14 @@ impl RouterKind {
 /// mean number of tokens and down when it got more (`load` `[experts]`, counts). In place.
 pub fn update_balance_bias(bias: &mut Tensor, load: &Tensor, gamma: f64) {
     let _g = tch::no_grad_guard();
+    let _ = bias.g_add_(&balance_bias_step(load, gamma, bias.kind()));
+}
+
+/// The step [`update_balance_bias`] adds: `gamma · sign(mean load − load)`, in `kind`.
+pub fn balance_bias_step(load: &Tensor, gamma: f64, kind: Kind) -> Tensor {
+    let _g = tch::no_grad_guard();
     let load = load.to_kind(Kind::Float);
-    let step = (load.mean(Kind::Float) - &load).sign() * gamma;
-    let _ = bias.g_add_(&step.to_kind(bias.kind()));
+    ((load.mean(Kind::Float) - &load).sign() * gamma).to_kind(kind)
 }
 
 #[cfg(test)]

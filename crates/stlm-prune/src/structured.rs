@@ -27,7 +27,7 @@ use stlm_attention::AttentionKind;
 use stlm_moe::RouterKind;
 use stlm_model::config::{ModelType, PositionKind};
 use stlm_model::layers::{FeedForward, InputGram};
-use stlm_model::{DecoderModel, ModelConfig};
+use stlm_model::{DecoderModel, Mode, ModelConfig};
 use tch::{Kind, Tensor};
 
 /// What is removed.
@@ -309,9 +309,9 @@ fn taylor_products(model: &DecoderModel, calib: &[Tensor]) -> Result<HashMap<Str
     for batch in calib {
         let s = batch.size()[1];
         let (x, y) = (batch.narrow(1, 0, s - 1), batch.narrow(1, 1, s - 1));
-        let logits = model.forward(&x);
+        // The training loss, as a training pass computes it (Switch capacity on).
+        let logits = model.forward_mode(&x, Mode::Train).0;
         let loss = logits.reshape([-1, logits.size()[2]]).cross_entropy_for_logits(&y.reshape([-1]));
-        let _ = model.take_moe_stats();
         loss.backward();
     }
     let _guard = tch::no_grad_guard();
@@ -378,7 +378,6 @@ fn run_calibration(model: &DecoderModel, calib: &[Tensor]) {
     let _guard = tch::no_grad_guard();
     for batch in calib {
         let _ = model.forward(batch);
-        let _ = model.take_moe_stats();
     }
 }
 
@@ -432,8 +431,7 @@ fn expert_load(model: &DecoderModel, calib: &[Tensor]) -> Result<Vec<Tensor>> {
     let _guard = tch::no_grad_guard();
     let mut load: Vec<Option<Tensor>> = model.layers.iter().map(|_| None).collect();
     for batch in calib {
-        let _ = model.forward(batch);
-        for (i, stats) in model.take_moe_stats() {
+        for (i, stats) in model.forward_mode(batch, Mode::Eval).1 {
             let l = stats.load.to_kind(Kind::Double);
             load[i] = Some(match load[i].take() {
                 Some(sum) => sum + l,
@@ -451,7 +449,6 @@ fn block_influence(model: &DecoderModel, calib: &[Tensor]) -> Tensor {
     let (mut sum, mut tokens) = (Tensor::zeros([n], (Kind::Double, model.device())), 0);
     for batch in calib {
         let states = model.residual_stream(batch);
-        let _ = model.take_moe_stats();
         let cos: Vec<Tensor> = states
             .windows(2)
             .map(|w| Tensor::cosine_similarity(&w[0].to_kind(Kind::Double), &w[1].to_kind(Kind::Double), -1, 1e-8).sum(Kind::Double))

@@ -178,14 +178,12 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
                     prune_group(model, group, opts, &bar, |m| {
                         for (pass, x) in &passes {
                             let _ = m.run_block(i, pass, x);
-                            let _ = m.take_moe_stats();
                         }
                     })?;
                 }
                 if i + 1 < model.layers.len() || names.iter().any(|(_, l)| l.is_none()) {
                     for (pass, x) in passes.iter_mut() {
                         *x = model.run_block(i, pass, x);
-                        let _ = model.take_moe_stats();
                     }
                 }
             }

@@ -1,9 +1,11 @@
-//! The `[train]` table of a run config (`[model]` is stlm-model's, `[data]` stlm-data's).
-//! Every field has a default; unknown fields and wrong types are errors naming the field.
+//! The `[train]` table of a run config (`[model]` is stlm-model's, `[data]` stlm-data's): the
+//! one description of the optimisation that the trainer reads. Every field has a default;
+//! unknown fields and wrong types are errors naming the field. The optimizer's and the
+//! schedule's settings are views of it ([`TrainConfig::adamw`], [`TrainConfig::schedule`]),
+//! not copies.
 
 use crate::optim::AdamWConfig;
 use crate::schedule::{LrSchedule, Schedule};
-use crate::trainer::TrainSettings;
 use crate::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -11,7 +13,7 @@ use std::path::Path;
 /// `[train]`: the optimisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct TrainTable {
+pub struct TrainConfig {
     /// Length of the run in optimizer steps (the schedule's horizon).
     pub max_steps: u64,
     /// Sequences per micro-batch.
@@ -54,9 +56,9 @@ pub struct TrainTable {
     pub seed: u64,
 }
 
-impl Default for TrainTable {
+impl Default for TrainConfig {
     fn default() -> Self {
-        TrainTable {
+        TrainConfig {
             max_steps: 1000,
             batch_size: 16,
             seq_len: 256,
@@ -81,15 +83,16 @@ impl Default for TrainTable {
     }
 }
 
-impl TrainTable {
+impl TrainConfig {
     /// The `[train]` table of the TOML `text` read from `path`, checked; errors name the field.
     pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
-        let table: TrainTable = stlm_core::toml_table(text, path, "train")?;
+        let table: TrainConfig = stlm_core::toml_table(text, path, "train")?;
         table.validate().map_err(|m| TrainError::Config(format!("{}: {m}", path.display())))?;
         Ok(table)
     }
 
-    fn validate(&self) -> std::result::Result<(), String> {
+    /// Checks the ranges the trainer relies on; the message names the fields.
+    pub fn validate(&self) -> std::result::Result<(), String> {
         let t = self; // short name for the many fields below
         if t.max_steps == 0 || t.batch_size < 1 || t.seq_len < 1 || t.grad_accum == 0 || t.log_every == 0 {
             return Err("fields `train.max_steps`, `train.batch_size`, `train.seq_len`, `train.grad_accum` and `train.log_every` must be at least 1".into());
@@ -103,30 +106,20 @@ impl TrainTable {
         Ok(())
     }
 
-    /// The loop's settings; `max_steps` overrides the config's.
-    pub fn settings(&self, max_steps: Option<u64>, progress: bool) -> TrainSettings {
-        TrainSettings {
-            schedule: LrSchedule {
-                lr: self.lr,
-                min_lr: self.min_lr,
-                warmup_steps: self.warmup_steps,
-                max_steps: max_steps.unwrap_or(self.max_steps),
-                schedule: self.schedule,
-            },
-            adamw: AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay },
-            grad_accum: self.grad_accum,
-            grad_clip: self.grad_clip,
-            log_every: self.log_every,
-            eval_every: self.eval_every,
-            eval_batches: self.eval_batches,
-            position_loss_every: self.position_loss_every,
-            save_every: self.save_every,
-            keep_last: self.keep_last,
-            seed: self.seed,
-            progress,
-            stop: Default::default(),
-            keep_zeros: Vec::new(),
+    /// The learning rate over the run (`max_steps` is its horizon).
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule {
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup_steps: self.warmup_steps,
+            max_steps: self.max_steps,
+            schedule: self.schedule,
         }
+    }
+
+    /// The optimizer's settings.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay }
     }
 }
 
@@ -137,7 +130,7 @@ mod tests {
     #[test]
     fn defaults_overrides_and_named_errors() {
         let p = Path::new("run.toml");
-        let r = TrainTable::from_toml_str(
+        let r = TrainConfig::from_toml_str(
             "[model]\nhidden_size = 64\n[train]\nlr = 1e-3\nschedule = { kind = \"wsd\", decay_fraction = 0.3 }\n",
             p,
         )
@@ -145,11 +138,11 @@ mod tests {
         assert_eq!(r.lr, 1e-3);
         assert_eq!(r.schedule, Schedule::Wsd { decay_fraction: 0.3 });
         assert_eq!(r.batch_size, 16);
-        let e = TrainTable::from_toml_str("[train]\nbatch = 3\n", p).unwrap_err().to_string();
+        let e = TrainConfig::from_toml_str("[train]\nbatch = 3\n", p).unwrap_err().to_string();
         assert!(e.contains("run.toml") && e.contains("batch"), "{e}");
-        let e = TrainTable::from_toml_str("[train]\nseq_len = \"long\"\n", p).unwrap_err().to_string();
+        let e = TrainConfig::from_toml_str("[train]\nseq_len = \"long\"\n", p).unwrap_err().to_string();
         assert!(e.contains("train.seq_len"), "{e}");
-        let e = TrainTable::from_toml_str("[train]\nmin_lr = 1.0\n", p).unwrap_err().to_string();
+        let e = TrainConfig::from_toml_str("[train]\nmin_lr = 1.0\n", p).unwrap_err().to_string();
         assert!(e.contains("min_lr"), "{e}");
     }
 }

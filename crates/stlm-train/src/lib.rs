@@ -8,10 +8,14 @@
 //! - [`trainer`]: the loop (gradient accumulation, clipping, validation, metrics.jsonl, a
 //!   progress bar), driven by a [`trainer::BatchSource`] whose batches depend only on the step,
 //!   so that a resumed run sees exactly the batches of an uninterrupted one.
+//! - [`config`]: the `[train]` table, the one description of the optimisation.
+//! - [`run`]: run assembly: the run config with overrides, and `prepare` (tokenizer, shards,
+//!   batches, run directory, model) shared by every command that trains.
 
 pub mod checkpoint;
 pub mod config;
 pub mod optim;
+pub mod run;
 pub mod schedule;
 pub mod trainer;
 
@@ -26,6 +30,15 @@ pub enum TrainError {
     /// Model errors.
     #[error(transparent)]
     Model(#[from] stlm_model::ModelError),
+    /// Corpus reading and tokenization errors.
+    #[error(transparent)]
+    Data(#[from] stlm_data::DataError),
+    /// Tokenizer errors.
+    #[error(transparent)]
+    Tokenizer(#[from] stlm_tokenizers::TokenizerError),
+    /// A run stopped (by its stop flag) before its last step; its checkpoint is written.
+    #[error("stopped at step {step}; the checkpoint in {} is written", dir.display())]
+    Stopped { step: u64, dir: PathBuf },
     /// A training setting out of range; names the field.
     #[error("{0}")]
     Config(String),

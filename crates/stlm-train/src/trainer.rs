@@ -1,10 +1,11 @@
 //! The training loop: gradient accumulation, clipping, AdamW, the schedule, validation,
-//! metrics.jsonl, a progress bar, periodic checkpoints and exact resume.
+//! metrics.jsonl, a progress bar, periodic checkpoints and exact resume. Batches come from a
+//! [`BatchSource`] as [`Batch`]es; the model answers each with a [`stlm_model::StepOutput`].
 
 use stlm_moe::{load_entropy, MoeStats};
 use crate::checkpoint::{self, TrainerState};
-use crate::optim::{AdamW, AdamWConfig};
-use crate::schedule::LrSchedule;
+use crate::config::TrainConfig;
+use crate::optim::AdamW;
 use crate::{Result, TrainError};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -14,53 +15,36 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use stlm_core::CoreError;
-use stlm_model::LanguageModel;
+use stlm_model::{Batch, LanguageModel, Mode};
 use tch::{Kind, Tensor};
 
 /// Batches as a pure function of the step: a resumed run draws exactly the batches of an
 /// uninterrupted one.
 pub trait BatchSource {
-    /// Inputs and targets `[batch, seq]` (int64) of micro-batch `micro` of step `step`.
-    fn train_batch(&self, step: u64, micro: u64) -> Result<(Tensor, Tensor)>;
+    /// Micro-batch `micro` of step `step`: inputs and targets `[batch, seq]` (int64) and any
+    /// extras the objective reads.
+    fn train_batch(&self, step: u64, micro: u64) -> Result<Batch>;
     /// Validation batch `index`, the same every time it is asked for.
-    fn val_batch(&self, index: u64) -> Result<(Tensor, Tensor)>;
+    fn val_batch(&self, index: u64) -> Result<Batch>;
     /// Bytes of text that `targets` stand for (for bits per byte), when the source knows.
     fn target_bytes(&self, _targets: &Tensor) -> Option<f64> {
         None
     }
 }
 
-/// Settings of one run.
-#[derive(Debug, Clone)]
-pub struct TrainSettings {
-    /// Learning rate over the run (its `max_steps` is the length of the run).
-    pub schedule: LrSchedule,
-    /// Optimizer settings.
-    pub adamw: AdamWConfig,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: u64,
-    /// Global gradient-norm bound (0: off).
-    pub grad_clip: f64,
-    /// Log (metrics.jsonl, progress) every this many steps.
-    pub log_every: u64,
-    /// Validation loss every this many steps (0: only at the end).
-    pub eval_every: u64,
-    /// Validation batches per evaluation.
-    pub eval_batches: u64,
-    /// Per-position validation loss into position_loss.jsonl every this many steps (0: off).
-    pub position_loss_every: u64,
-    /// Checkpoint every this many steps (0: only at the end).
-    pub save_every: u64,
-    /// Checkpoints kept (0: all).
-    pub keep_last: usize,
-    /// Seed recorded in checkpoints.
-    pub seed: u64,
+/// What a run is told besides its `[train]` table.
+#[derive(Debug, Clone, Default)]
+pub struct RunControl {
     /// Show a progress bar on stderr.
     pub progress: bool,
-    /// Set from elsewhere (a Ctrl-C handler) to stop after the current step with a checkpoint.
+    /// Set from elsewhere (a Ctrl-C handler, a time limit) to stop after the current step with a
+    /// checkpoint.
     pub stop: Arc<AtomicBool>,
     /// Parameters whose zero entries stay zero (a pruned model's weights, see `AdamW::keep_zeros`).
     pub keep_zeros: Vec<String>,
+    /// Stop (with a checkpoint) after the step during which this many seconds of training
+    /// passed: runs compared at the same wall-clock budget.
+    pub time_limit: Option<f64>,
 }
 
 /// How a call to [`train`] ended.
@@ -70,8 +54,10 @@ pub struct TrainReport {
     pub logs: Vec<StepLog>,
     /// Steps completed (the run's total, resumed steps included).
     pub step: u64,
-    /// False when `stop` ended the run early (a checkpoint of `step` was written).
+    /// False when `stop` or the time limit ended the run early (a checkpoint of `step` was written).
     pub completed: bool,
+    /// True when the time limit ended the run.
+    pub timed_out: bool,
 }
 
 /// One metrics.jsonl line.
@@ -131,7 +117,7 @@ impl MoeLog {
 
 /// What one optimizer step reports.
 #[derive(Debug)]
-pub struct StepOutput {
+pub struct StepSummary {
     /// Mean training loss over the step's micro-batches (nats per token).
     pub loss: f64,
     /// Gradient norm before clipping.
@@ -153,25 +139,24 @@ pub fn train_step(
     lr: f64,
     grad_accum: u64,
     grad_clip: f64,
-) -> Result<StepOutput> {
+) -> Result<StepSummary> {
     let mut step_loss = Tensor::zeros([], (Kind::Float, model.device()));
-    let _ = model.take_moe_stats(); // stale stats of an earlier forward
     let mut tokens = 0;
-    let mut moe = Vec::new();
+    let mut stats = stlm_model::StepStats::default();
     for micro in 0..grad_accum {
-        let (x, y) = data.train_batch(step, micro)?;
-        tokens += x.numel() as u64;
-        let (loss, extra) = model.train_loss(&x, &y)?;
-        let loss = loss / grad_accum as f64;
-        // MoE layers' balancing losses and the model's extra terms join the gradient; the
-        // logged loss stays cross-entropy.
-        moe = model.take_moe_stats();
-        let aux = moe.iter().map(|(_, s)| s.aux_loss.shallow_clone()).chain(extra).reduce(|a, b| a + b);
+        let batch = data.train_batch(step, micro)?;
+        tokens += batch.inputs.numel() as u64;
+        let out = model.step(&batch, Mode::Train)?;
+        let loss = out.loss / grad_accum as f64;
+        // The aux terms (MoE balancing, the model's extra terms) join the gradient; the logged
+        // loss stays the model's own.
+        let aux = out.aux_losses.into_iter().map(|(_, t)| t).reduce(|a, b| a + b);
         match aux {
             Some(aux) => (&loss + aux / grad_accum as f64).backward(),
             None => loss.backward(),
         }
         step_loss += loss.detach();
+        stats = out.stats; // the last micro-batch's stats are logged and applied
     }
     let grad_norm = opt.clip_grad_norm(grad_clip);
     // One host sync a step: the NaN/Inf check must see every step's loss.
@@ -182,8 +167,10 @@ pub fn train_step(
     }
     opt.step(lr);
     opt.zero_grad();
-    model.update_moe_balance(&moe);
-    Ok(StepOutput { loss, grad_norm, tokens, moe })
+    for update in &stats.updates {
+        update.apply();
+    }
+    Ok(StepSummary { loss, grad_norm, tokens, moe: stats.moe })
 }
 
 /// Mean validation loss over `batches` batches, and bits per byte when `data` knows the bytes
@@ -193,12 +180,11 @@ pub fn validation_loss(model: &dyn LanguageModel, data: &dyn BatchSource, batche
     let (mut total, mut nats) = (0.0, 0.0);
     let mut bytes = Some(0.0);
     for i in 0..batches.max(1) {
-        let (x, y) = data.val_batch(i)?;
-        let loss = model.train_loss(&x, &y)?.0.double_value(&[]);
-        let _ = model.take_moe_stats();
+        let batch = data.val_batch(i)?;
+        let loss = model.step(&batch, Mode::Eval)?.loss.double_value(&[]);
         total += loss;
-        nats += loss * y.numel() as f64;
-        bytes = bytes.zip(data.target_bytes(&y)).map(|(a, b)| a + b);
+        nats += loss * batch.targets.numel() as f64;
+        bytes = bytes.zip(data.target_bytes(&batch.targets)).map(|(a, b)| a + b);
     }
     let bpb = bytes.filter(|&b| b > 0.0).map(|b| nats / std::f64::consts::LN_2 / b);
     Ok((total / batches.max(1) as f64, bpb))
@@ -223,9 +209,8 @@ pub fn validation_position_loss(model: &dyn LanguageModel, data: &dyn BatchSourc
     let _guard = tch::no_grad_guard();
     let mut rows = Vec::new();
     for i in 0..batches.max(1) {
-        let (x, y) = data.val_batch(i)?;
-        rows.push(model.position_nats(&x, &y)?.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu));
-        let _ = model.take_moe_stats();
+        let batch = data.val_batch(i)?;
+        rows.push(model.position_nats(&batch.inputs, &batch.targets)?.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu));
     }
     let all = Tensor::cat(&rows, 0); // [windows, seq]
     let n = all.size()[0];
@@ -235,25 +220,24 @@ pub fn validation_position_loss(model: &dyn LanguageModel, data: &dyn BatchSourc
     Ok(PositionLog { step, windows: n, loss: to_vec(mean), stderr: to_vec(stderr) })
 }
 
-/// Trains `model` in `run_dir` (metrics.jsonl, checkpoints/) until `schedule.max_steps`. With
+/// Trains `model` in `run_dir` (metrics.jsonl, checkpoints/) until `cfg.max_steps`. With
 /// `resume`, continues from the newest usable checkpoint and drops metrics lines written after
-/// it. When `settings.stop` is set, finishes the current step, writes a checkpoint and returns.
+/// it. When `control.stop` is set, finishes the current step, writes a checkpoint and returns.
 pub fn train(
     model: &dyn LanguageModel,
     data: &dyn BatchSource,
-    settings: &TrainSettings,
+    cfg: &TrainConfig,
+    control: &RunControl,
     run_dir: &Path,
     resume: bool,
 ) -> Result<TrainReport> {
-    if settings.grad_accum == 0 || settings.log_every == 0 {
-        return Err(TrainError::Config("grad_accum and log_every must be at least 1".into()));
-    }
+    cfg.validate().map_err(TrainError::Config)?;
     std::fs::create_dir_all(run_dir).map_err(|e| CoreError::io(run_dir, e))?;
     let params = model.trainable_variables();
-    let mut opt = AdamW::new(params, settings.adamw);
+    let mut opt = AdamW::new(params, cfg.adamw());
     let metrics_path = run_dir.join("metrics.jsonl");
     let positions_path = run_dir.join("position_loss.jsonl");
-    let mut state = TrainerState { step: 0, seed: settings.seed, tokens_seen: 0 };
+    let mut state = TrainerState { step: 0, seed: cfg.seed, tokens_seen: 0 };
     if resume {
         let (ckpt, restored) = checkpoint::restore_latest(run_dir, model, &mut opt)?;
         eprintln!("resuming from {} (step {})", ckpt.display(), restored.step);
@@ -266,21 +250,22 @@ pub fn train(
         }
     }
     // After a restore, so that the masks are those of the checkpoint's (masked) weights.
-    opt.keep_zeros(&settings.keep_zeros)?;
-    let max_steps = settings.schedule.max_steps;
-    let bar = if settings.progress { ProgressBar::new(max_steps) } else { ProgressBar::hidden() };
+    opt.keep_zeros(&control.keep_zeros)?;
+    let (schedule, max_steps) = (cfg.schedule(), cfg.max_steps);
+    let bar = if control.progress { ProgressBar::new(max_steps) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]")
             .expect("valid template"),
     );
     bar.set_position(state.step);
     let started = Instant::now();
+    let deadline = control.time_limit.map(|secs| started + std::time::Duration::from_secs_f64(secs.max(0.0)));
     let (mut window_start, mut window_tokens) = (Instant::now(), 0u64);
     let mut logs = Vec::new();
     while state.step < max_steps {
         let step = state.step;
-        let lr = settings.schedule.at(step);
-        let out = match train_step(model, &mut opt, data, step, lr, settings.grad_accum, settings.grad_clip) {
+        let lr = schedule.at(step);
+        let out = match train_step(model, &mut opt, data, step, lr, cfg.grad_accum, cfg.grad_clip) {
             Ok(out) => out,
             Err(e) => {
                 bar.abandon();
@@ -294,10 +279,10 @@ pub fn train(
         bar.inc(1);
 
         let last = state.step == max_steps;
-        let evaluate = last || (settings.eval_every > 0 && state.step.is_multiple_of(settings.eval_every));
-        if last || state.step.is_multiple_of(settings.log_every) || evaluate {
+        let evaluate = last || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every));
+        if last || state.step.is_multiple_of(cfg.log_every) || evaluate {
             let (val_loss, val_bpb) = match evaluate {
-                true => validation_loss(model, data, settings.eval_batches).map(|(l, b)| (Some(l), b))?,
+                true => validation_loss(model, data, cfg.eval_batches).map(|(l, b)| (Some(l), b))?,
                 false => (None, None),
             };
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
@@ -330,21 +315,22 @@ pub fn train(
             logs.push(log);
             (window_start, window_tokens) = (Instant::now(), 0);
         }
-        if settings.position_loss_every > 0 && (last || state.step.is_multiple_of(settings.position_loss_every)) {
-            let log = validation_position_loss(model, data, settings.eval_batches, state.step)?;
+        if cfg.position_loss_every > 0 && (last || state.step.is_multiple_of(cfg.position_loss_every)) {
+            let log = validation_position_loss(model, data, cfg.eval_batches, state.step)?;
             append_line(&positions_path, &log)?;
         }
-        let stop = settings.stop.load(Ordering::SeqCst);
-        if last || stop || (settings.save_every > 0 && state.step.is_multiple_of(settings.save_every)) {
-            checkpoint::save(run_dir, model, &opt, &state, settings.keep_last)?;
+        let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+        let stop = control.stop.load(Ordering::SeqCst) || timed_out;
+        if last || stop || (cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every)) {
+            checkpoint::save(run_dir, model, &opt, &state, cfg.keep_last)?;
         }
         if stop && !last {
             bar.abandon();
-            return Ok(TrainReport { logs, step: state.step, completed: false });
+            return Ok(TrainReport { logs, step: state.step, completed: false, timed_out });
         }
     }
     bar.finish_and_clear();
-    Ok(TrainReport { logs, step: state.step, completed: true })
+    Ok(TrainReport { logs, step: state.step, completed: true, timed_out: false })
 }
 
 /// Appends `value` as one JSON line to `path`.

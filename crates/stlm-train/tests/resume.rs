@@ -5,10 +5,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use stlm_model::{DecoderModel, ModelConfig};
+use stlm_model::{Batch, DecoderModel, ModelConfig};
+use stlm_train::config::TrainConfig;
 use stlm_train::optim::AdamWConfig;
-use stlm_train::schedule::{LrSchedule, Schedule};
-use stlm_train::trainer::{train, BatchSource, StepLog, TrainSettings};
+use stlm_train::schedule::Schedule;
+use stlm_train::trainer::{train, BatchSource, RunControl, StepLog};
 use stlm_train::Result;
 use tch::{Device, Kind, Tensor};
 
@@ -22,12 +23,12 @@ impl Synthetic {
         let g = (0..4000).map(|i: i64| (i * 7 + i / 13) % 50).collect::<Vec<_>>();
         Synthetic { tokens: Tensor::from_slice(&g) }
     }
-    fn window(&self, key: u64) -> (Tensor, Tensor) {
+    fn window(&self, key: u64) -> Batch {
         let (b, s) = (4i64, 16i64);
         let starts: Vec<i64> = (0..b).map(|i| ((key * 7919 + i as u64 * 104729) % (4000 - 17)) as i64).collect();
         let rows: Vec<Tensor> = starts.iter().map(|&st| self.tokens.narrow(0, st, s + 1)).collect();
         let all = Tensor::stack(&rows, 0);
-        (all.narrow(1, 0, s), all.narrow(1, 1, s))
+        Batch::new(all.narrow(1, 0, s), all.narrow(1, 1, s))
     }
 }
 
@@ -39,22 +40,22 @@ struct StopAt<'a> {
 }
 
 impl BatchSource for StopAt<'_> {
-    fn train_batch(&self, step: u64, micro: u64) -> Result<(Tensor, Tensor)> {
+    fn train_batch(&self, step: u64, micro: u64) -> Result<Batch> {
         if step == self.at {
             self.stop.store(true, Ordering::SeqCst);
         }
         self.inner.train_batch(step, micro)
     }
-    fn val_batch(&self, index: u64) -> Result<(Tensor, Tensor)> {
+    fn val_batch(&self, index: u64) -> Result<Batch> {
         self.inner.val_batch(index)
     }
 }
 
 impl BatchSource for Synthetic {
-    fn train_batch(&self, step: u64, micro: u64) -> Result<(Tensor, Tensor)> {
+    fn train_batch(&self, step: u64, micro: u64) -> Result<Batch> {
         Ok(self.window(step * 2 + micro))
     }
-    fn val_batch(&self, index: u64) -> Result<(Tensor, Tensor)> {
+    fn val_batch(&self, index: u64) -> Result<Batch> {
         Ok(self.window(1_000_000 + index))
     }
 }
@@ -76,10 +77,18 @@ fn model() -> DecoderModel {
     m
 }
 
-fn settings(max_steps: u64) -> TrainSettings {
-    TrainSettings {
-        schedule: LrSchedule { lr: 3e-3, min_lr: 3e-4, warmup_steps: 2, max_steps, schedule: Schedule::Cosine },
-        adamw: AdamWConfig::default(),
+fn settings(max_steps: u64) -> TrainConfig {
+    let adamw = AdamWConfig::default();
+    TrainConfig {
+        lr: 3e-3,
+        min_lr: 3e-4,
+        warmup_steps: 2,
+        max_steps,
+        schedule: Schedule::Cosine,
+        beta1: adamw.beta1,
+        beta2: adamw.beta2,
+        eps: adamw.eps,
+        weight_decay: adamw.weight_decay,
         grad_accum: 2,
         grad_clip: 1.0,
         log_every: 1,
@@ -89,10 +98,13 @@ fn settings(max_steps: u64) -> TrainSettings {
         save_every: 3,
         keep_last: 2,
         seed: 0,
-        progress: false,
-        stop: Arc::new(AtomicBool::new(false)),
-        keep_zeros: Vec::new(),
+        ..TrainConfig::default()
     }
+}
+
+/// No progress bar, no stop, nothing kept at zero.
+fn quiet() -> RunControl {
+    RunControl::default()
 }
 
 fn losses(logs: &[StepLog]) -> Vec<(u64, u64)> {
@@ -103,21 +115,21 @@ fn losses(logs: &[StepLog]) -> Vec<(u64, u64)> {
 fn resumed_run_logs_the_same_losses() {
     let data = Synthetic::new();
     let full_dir = tempfile::tempdir().unwrap();
-    let full = train(&model(), &data, &settings(10), full_dir.path(), false).unwrap().logs;
+    let full = train(&model(), &data, &settings(10), &quiet(), full_dir.path(), false).unwrap().logs;
     assert_eq!(full.len(), 10);
     assert!(full[9].loss < full[0].loss, "training lowers the loss: {} -> {}", full[0].loss, full[9].loss);
 
     // A run that "crashed" after step 8: its newest checkpoints (9, 10) never came to be, and
     // `latest` still names one of them. Resuming with the same settings continues from step 6.
     let dir = tempfile::tempdir().unwrap();
-    let keep_all = TrainSettings { keep_last: 0, position_loss_every: 5, ..settings(10) };
-    train(&model(), &data, &keep_all, dir.path(), false).unwrap();
+    let keep_all = TrainConfig { keep_last: 0, position_loss_every: 5, ..settings(10) };
+    train(&model(), &data, &keep_all, &quiet(), dir.path(), false).unwrap();
     let ckpts = dir.path().join("checkpoints");
     for gone in ["step-0000009", "step-0000010"] {
         std::fs::remove_dir_all(ckpts.join(gone)).unwrap();
     }
     std::fs::write(ckpts.join("latest"), "step-0000010").unwrap();
-    let resumed = train(&model(), &data, &keep_all, dir.path(), true).unwrap().logs;
+    let resumed = train(&model(), &data, &keep_all, &quiet(), dir.path(), true).unwrap().logs;
     assert_eq!(resumed.first().map(|l| l.step), Some(7), "resumed from step 6");
     assert_eq!(losses(&resumed), losses(&full[6..]));
 
@@ -150,10 +162,10 @@ fn resumed_run_logs_the_same_losses() {
 fn corrupt_newest_checkpoint_is_skipped_and_old_ones_pruned() {
     let data = Synthetic::new();
     let full_dir = tempfile::tempdir().unwrap();
-    let full = train(&model(), &data, &settings(9), full_dir.path(), false).unwrap().logs;
+    let full = train(&model(), &data, &settings(9), &quiet(), full_dir.path(), false).unwrap().logs;
 
     let dir = tempfile::tempdir().unwrap();
-    train(&model(), &data, &settings(9), dir.path(), false).unwrap();
+    train(&model(), &data, &settings(9), &quiet(), dir.path(), false).unwrap();
     let ckpts = dir.path().join("checkpoints");
     let mut names: Vec<String> =
         std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
@@ -164,14 +176,14 @@ fn corrupt_newest_checkpoint_is_skipped_and_old_ones_pruned() {
     let opt = ckpts.join("step-0000009").join("optimizer.safetensors");
     let bytes = std::fs::read(&opt).unwrap();
     std::fs::write(&opt, &bytes[..bytes.len() / 3]).unwrap();
-    let resumed = train(&model(), &data, &settings(9), dir.path(), true).unwrap().logs;
+    let resumed = train(&model(), &data, &settings(9), &quiet(), dir.path(), true).unwrap().logs;
     assert_eq!(losses(&resumed), losses(&full[6..]));
 }
 
 #[test]
 fn resume_without_checkpoints_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let e = train(&model(), &Synthetic::new(), &settings(3), dir.path(), true).unwrap_err().to_string();
+    let e = train(&model(), &Synthetic::new(), &settings(3), &quiet(), dir.path(), true).unwrap_err().to_string();
     assert!(e.contains("no complete checkpoint"), "{e}");
 }
 
@@ -183,16 +195,16 @@ proptest::proptest! {
     fn stopped_anywhere_resumes_exactly(at in 0u64..7) {
         let data = Synthetic::new();
         let full_dir = tempfile::tempdir().unwrap();
-        let full = train(&model(), &data, &settings(8), full_dir.path(), false).unwrap().logs;
+        let full = train(&model(), &data, &settings(8), &quiet(), full_dir.path(), false).unwrap().logs;
 
         let dir = tempfile::tempdir().unwrap();
-        let stopping = settings(8);
+        let stopping = quiet();
         let source = StopAt { inner: &data, at, stop: Arc::clone(&stopping.stop) };
-        let first = train(&model(), &source, &stopping, dir.path(), false).unwrap();
+        let first = train(&model(), &source, &settings(8), &stopping, dir.path(), false).unwrap();
         proptest::prop_assert!(!first.completed);
         proptest::prop_assert_eq!(first.step, at + 1);
         proptest::prop_assert_eq!(losses(&first.logs), losses(&full[..=at as usize]));
-        let rest = train(&model(), &data, &settings(8), dir.path(), true).unwrap();
+        let rest = train(&model(), &data, &settings(8), &quiet(), dir.path(), true).unwrap();
         proptest::prop_assert!(rest.completed);
         proptest::prop_assert_eq!(losses(&rest.logs), losses(&full[at as usize + 1..]));
     }
@@ -213,11 +225,12 @@ fn keep_zeros_holds_pruned_weights_at_zero_through_training_and_resume() {
         let _ = w.masked_fill_(&keep.logical_not(), 0.0);
         (m, keep)
     };
-    let masked = TrainSettings { keep_zeros: vec![name.into()], keep_last: 0, ..settings(6) };
+    let masked = TrainConfig { keep_last: 0, ..settings(6) };
+    let keeping = RunControl { keep_zeros: vec![name.into()], ..quiet() };
     let (m, keep) = pruned();
     let before = m.var_store().variables()[name].copy();
     let dir = tempfile::tempdir().unwrap();
-    let full = train(&m, &data, &masked, dir.path(), false).unwrap().logs;
+    let full = train(&m, &data, &masked, &keeping, dir.path(), false).unwrap().logs;
     let after = m.var_store().variables()[name].copy();
     assert_eq!(after.masked_select(&keep.logical_not()).abs().max().double_value(&[]), 0.0, "pruned entries stay zero");
     assert!(!after.masked_select(&keep).equal(&before.masked_select(&keep)), "kept entries train");
@@ -225,15 +238,15 @@ fn keep_zeros_holds_pruned_weights_at_zero_through_training_and_resume() {
     std::fs::remove_dir_all(dir.path().join("checkpoints").join("step-0000006")).unwrap();
     std::fs::write(dir.path().join("checkpoints").join("latest"), "step-0000003").unwrap();
     let (m2, _) = pruned();
-    let resumed = train(&m2, &data, &masked, dir.path(), true).unwrap().logs;
+    let resumed = train(&m2, &data, &masked, &keeping, dir.path(), true).unwrap().logs;
     assert_eq!(losses(&resumed), losses(&full[3..]));
     assert!(m2.var_store().variables()[name].equal(&after));
 
     let (m3, keep) = pruned();
-    train(&m3, &data, &TrainSettings { keep_last: 0, ..settings(6) }, tempfile::tempdir().unwrap().path(), false).unwrap();
+    train(&m3, &data, &TrainConfig { keep_last: 0, ..settings(6) }, &quiet(), tempfile::tempdir().unwrap().path(), false).unwrap();
     let free = m3.var_store().variables()[name].copy();
     assert!(free.masked_select(&keep.logical_not()).abs().max().double_value(&[]) > 0.0, "without keep_zeros they train");
-    let bad = TrainSettings { keep_zeros: vec!["model.nope.weight".into()], ..settings(2) };
-    let e = train(&model(), &data, &bad, tempfile::tempdir().unwrap().path(), false).unwrap_err().to_string();
+    let bad = RunControl { keep_zeros: vec!["model.nope.weight".into()], ..quiet() };
+    let e = train(&model(), &data, &settings(2), &bad, tempfile::tempdir().unwrap().path(), false).unwrap_err().to_string();
     assert!(e.contains("model.nope.weight"), "{e}");
 }
