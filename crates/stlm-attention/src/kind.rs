@@ -199,32 +199,73 @@ impl AttentionKind {
 
     /// Attention of `q` `[b, heads, q_len, d]` over `k`, `v` `[b, kv_heads, keys, d]` under
     /// `mask`: `Causal` (queries and keys are the same positions from 0) runs the kind's own
-    /// kernel; for pattern kinds an explicit mask must come from [`AttentionKind::mask`]. `extra`
-    /// is the learnable `[heads]` tensor of `ssmax` and `temperature`, the per-key bias `dt`
-    /// `[b, kv_heads, keys]` of `doge-dma`, or `E` and `F` stacked (`[2, heads or 1, k, max_len]`)
-    /// of `linformer`, which is bidirectional: it takes `AttentionMask::Full` only (padding goes
-    /// through [`linformer_attention`]'s `key_valid`).
-    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, extra: Option<&Tensor>, mask: &AttentionMask) -> Tensor {
+    /// kernel; for pattern kinds an explicit mask must come from [`AttentionKind::mask`]. `input`
+    /// is what the kind learns (a layer builds and holds it with the kind): the `[heads]` scale of
+    /// `ssmax` and `temperature`, the per-key bias `dt` `[b, kv_heads, keys]` of `doge-dma`, or the
+    /// `E` and `F` projections (`[heads or 1, k, max_len]`) of `linformer`, which is bidirectional:
+    /// it takes `AttentionMask::Full` only (padding goes through [`linformer_attention`]'s
+    /// `key_valid`). An input that is not the kind's, or a mask Linformer cannot take, is an error.
+    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, input: KernelInput<'_>, mask: &AttentionMask) -> Result<Tensor, String> {
         let causal = matches!(mask, AttentionMask::Causal);
-        let param = || extra.unwrap_or_else(|| panic!("attention kind `{}` needs its extra input", self.name()));
-        match *self {
-            AttentionKind::SlidingWindow { window, global_tokens } if causal => {
-                sliding_window_attention(q, k, v, window, global_tokens, None)
+        let wrong = || format!("attention kind `{}` does not take {}", self.name(), input.name());
+        Ok(match (self, input) {
+            (AttentionKind::SlidingWindow { window, global_tokens }, KernelInput::None) if causal => {
+                sliding_window_attention(q, k, v, *window, *global_tokens, None)
             }
-            AttentionKind::FixedSparse { block, summary } if causal => fixed_sparse_attention(q, k, v, block, summary, None),
-            AttentionKind::StridedSparse { stride } if causal => strided_sparse_attention(q, k, v, stride, None),
-            AttentionKind::Ssmax => ssmax_attention(q, k, v, param(), mask, None),
-            AttentionKind::Temperature => temperature_attention(q, k, v, param(), mask, None),
-            AttentionKind::Power { p } => power_attention(q, k, v, p, mask, None),
-            AttentionKind::Linformer { .. } => {
-                assert!(matches!(mask, AttentionMask::Full), "linformer is bidirectional: it takes AttentionMask::Full");
-                let ef = param();
-                linformer_attention(q, k, v, &ef.get(0), &ef.get(1), None, None)
+            (AttentionKind::FixedSparse { block, summary }, KernelInput::None) if causal => {
+                fixed_sparse_attention(q, k, v, *block, *summary, None)
             }
-            AttentionKind::DogeDma { keep_window_size } => {
-                dynamic_mask_attention(q, k, v, param(), keep_window_size, mask, None)
+            (AttentionKind::StridedSparse { stride }, KernelInput::None) if causal => strided_sparse_attention(q, k, v, *stride, None),
+            (AttentionKind::Ssmax, KernelInput::HeadScale(s)) => ssmax_attention(q, k, v, s, mask, None),
+            (AttentionKind::Temperature, KernelInput::HeadScale(t)) => temperature_attention(q, k, v, t, mask, None),
+            (AttentionKind::Power { p }, KernelInput::None) => power_attention(q, k, v, *p, mask, None),
+            (AttentionKind::Linformer { .. }, KernelInput::Projections { e, f }) => {
+                if !matches!(mask, AttentionMask::Full) {
+                    return Err("linformer is bidirectional: it takes AttentionMask::Full".into());
+                }
+                linformer_attention(q, k, v, e, f, None, None)
             }
-            _ => dense_attention(q, k, v, mask, None),
+            (AttentionKind::DogeDma { keep_window_size }, KernelInput::KeyBias(dt)) => {
+                dynamic_mask_attention(q, k, v, dt, *keep_window_size, mask, None)
+            }
+            (
+                AttentionKind::Dense | AttentionKind::SlidingWindow { .. } | AttentionKind::FixedSparse { .. } | AttentionKind::StridedSparse { .. },
+                KernelInput::None,
+            ) => dense_attention(q, k, v, mask, None),
+            _ => return Err(wrong()),
+        })
+    }
+}
+
+/// What an attention kind's kernel reads besides queries, keys and values: the tensors a layer
+/// learns for its kind, built and held with it (stlm-model's `KindParams`), or computed from
+/// them per pass.
+#[derive(Debug, Clone, Copy)]
+pub enum KernelInput<'a> {
+    /// Nothing (dense, windowed, block-sparse and power attention).
+    None,
+    /// A learned scale per query head `[heads]`: SSMax's `ssmax_scale`, the temperature kind's
+    /// `inv_temperature`.
+    HeadScale(&'a Tensor),
+    /// Dynamic Mask Attention's per-key bias `dt` `[b, kv_heads, keys]`.
+    KeyBias(&'a Tensor),
+    /// Linformer's key and value projections `[heads or 1, k, max_len]`.
+    Projections {
+        /// Keys' projection.
+        e: &'a Tensor,
+        /// Values' projection (`e` again when they share it).
+        f: &'a Tensor,
+    },
+}
+
+impl KernelInput<'_> {
+    /// A short name for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            KernelInput::None => "no learned input",
+            KernelInput::HeadScale(_) => "a per-head scale",
+            KernelInput::KeyBias(_) => "a per-key bias",
+            KernelInput::Projections { .. } => "sequence projections",
         }
     }
 }
@@ -273,14 +314,23 @@ mod tests {
         let heads = Tensor::from_slice(&[0.5f32, 0.9, 1.3, 0.7]);
         let dt = (rand(&[2, 2, seq]) * 2.0).exp().to_kind(Kind::Float);
         for kind in kinds() {
-            let param = if kind.name() == "doge-dma" { &dt } else { &heads };
-            let full = kind.forward(&q, &k, &v, Some(param), &AttentionMask::Causal);
+            let param = match kind {
+                AttentionKind::DogeDma { .. } => KernelInput::KeyBias(&dt),
+                AttentionKind::Ssmax | AttentionKind::Temperature => KernelInput::HeadScale(&heads),
+                _ => KernelInput::None,
+            };
+            let full = kind.forward(&q, &k, &v, param, &AttentionMask::Causal).unwrap();
             let base = AttentionMask::causal(seq - past, past, None, Device::Cpu);
             let mask = if kind.uses_plain_mask() { base } else { kind.mask(past, seq - past, None, None, &base, Device::Cpu) };
-            let tail = kind.forward(&q.narrow(2, past, seq - past), &k, &v, Some(param), &mask);
+            let tail = kind.forward(&q.narrow(2, past, seq - past), &k, &v, param, &mask).unwrap();
             let diff = (full.narrow(2, past, seq - past) - tail).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "{}: {diff}", kind.name());
         }
+        // An input that is not the kind's is an error naming both, not a panic.
+        let e = AttentionKind::Ssmax.forward(&q, &k, &v, KernelInput::None, &AttentionMask::Causal).unwrap_err();
+        assert!(e.contains("ssmax") && e.contains("no learned input"), "{e}");
+        let e = AttentionKind::Dense.forward(&q, &k, &v, KernelInput::HeadScale(&heads), &AttentionMask::Causal).unwrap_err();
+        assert!(e.contains("dense") && e.contains("per-head scale"), "{e}");
     }
 
     #[test]

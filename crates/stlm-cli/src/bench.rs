@@ -9,11 +9,14 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use stlm_attention::{AttentionKind, AttentionMask, LinformerSharing, ATTENTION_KINDS};
+use stlm_model::config::{ModelType, PositionKind};
+use stlm_model::layers::SelfAttention;
+use stlm_model::ModelConfig;
 use stlm_model::{Batch, DecoderModel, GenerationConfig};
 use stlm_train::optim::AdamW;
 use stlm_train::run::RunConfig;
 use stlm_train::trainer::{train_step, BatchSource};
-use tch::{Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 #[derive(Subcommand)]
 pub enum BenchJob {
@@ -57,7 +60,8 @@ pub enum BenchJob {
     },
     /// Forward+backward time of an MoE layer and of a dense MLP with the same active parameters.
     Moe(crate::bench_moe::MoeBenchArgs),
-    /// Forward+backward time of an attention kernel and of dense SDPA on the same inputs.
+    /// Forward+backward time of an attention layer of a kind (projections, its learned tensors,
+    /// its kernel) and of a dense-attention layer of the same shape, on the same inputs.
     Attention {
         /// Attention kind, by its config name: dense, sliding-window, fixed-sparse, strided-sparse,
         /// ssmax, temperature, power, linformer or doge-dma.
@@ -165,37 +169,49 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
     }
     attention.validate().map_err(|e| anyhow::anyhow!("--kind {kind}: {e}"))?;
     let dev = stlm_core::parse_device(device)?;
-    stlm_core::memory::keep_freed_memory(); // as `stlm train` does; both kernels benefit
+    stlm_core::memory::keep_freed_memory(); // as `stlm train` does; both layers benefit
     tch::manual_seed(0);
-    let input = || Tensor::randn([batch, heads, seq, head_dim], (Kind::Float, dev)).set_requires_grad(true);
-    let (q, k, v) = (input(), input(), input());
-    let run = |f: &dyn Fn() -> Tensor| -> f64 {
+    // One attention layer of the kind and one of dense attention, of the same shape, each owning
+    // its projections and whatever its kind learns.
+    let vs = nn::VarStore::new(dev);
+    let hidden = heads * head_dim;
+    let layer = |name: &str, kind: AttentionKind| {
+        let cfg = ModelConfig {
+            model_type: ModelType::Stlm,
+            hidden_size: hidden,
+            intermediate_size: 4 * hidden,
+            num_hidden_layers: 1,
+            num_attention_heads: heads,
+            num_key_value_heads: heads,
+            max_position_embeddings: seq,
+            position: PositionKind::None,
+            attention: vec![kind],
+            ..ModelConfig::llama()
+        };
+        SelfAttention::new(vs.root() / name / "self_attn", &cfg, 0, cfg.initializer_range)
+    };
+    let (kind_layer, dense_layer) = (layer("kind", attention.clone()), layer("dense", AttentionKind::Dense));
+    let x = Tensor::randn([batch, seq, hidden], (Kind::Float, dev)).set_requires_grad(true);
+    let positions = Tensor::arange(seq, (Kind::Int64, dev)).unsqueeze(0).expand([batch, seq], false);
+    // Linformer is bidirectional: its reference is bidirectional dense attention.
+    let mask = match attention.not_causal_because() {
+        Some(_) => AttentionMask::Full,
+        None => AttentionMask::Causal,
+    };
+    let run = |l: &SelfAttention| -> f64 {
         let mut best = f64::INFINITY;
         for i in 0..=*repeats {
             let t = Instant::now();
-            let out = f();
-            out.sum(Kind::Float).backward();
-            let _ = q.grad().double_value(&[0, 0, 0, 0]); // waits for the device
+            l.forward(&x, None, &positions, &mask, None).sum(Kind::Float).backward();
+            let _ = x.grad().double_value(&[0, 0, 0]); // waits for the device
             if i > 0 {
                 best = best.min(t.elapsed().as_secs_f64()); // the first run warms up
             }
         }
         best * 1e3
     };
-    // Linformer is bidirectional: its reference is bidirectional SDPA.
-    let bidirectional = matches!(attention, AttentionKind::Linformer { .. });
-    let mask = if bidirectional { AttentionMask::Full } else { AttentionMask::Causal };
-    let dense = || stlm_attention::dense_attention(&q, &k, &v, &mask, None);
-    let dense_ms = run(&dense);
-    // The kind's learnable per-head parameter at its initial value, or Dynamic Mask Attention's
-    // per-key bias (random); both get gradients.
-    let param = match attention {
-        AttentionKind::DogeDma { .. } => Some(Tensor::randn([batch, heads, seq], (Kind::Float, dev)).exp()),
-        AttentionKind::Linformer { k, .. } => Some(Tensor::randn([2, 1, k, seq], (Kind::Float, dev)) / (k as f64).sqrt()),
-        _ => attention.head_parameter(seq).map(|(_, init)| Tensor::full([heads], init, (Kind::Float, dev))),
-    }
-    .map(|t| t.set_requires_grad(true));
-    let ms = run(&|| attention.forward(&q, &k, &v, param.as_ref(), &mask));
+    let dense_ms = run(&dense_layer);
+    let ms = run(&kind_layer);
     let report = AttentionBench {
         kind: kind.clone(),
         seq,
@@ -216,7 +232,7 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
         print_json(&report)
     } else {
         println!(
-            "{kind}: {ms:.2} ms forward+backward; dense SDPA {dense_ms:.2} ms ({:.2}x), seq {seq}",
+            "{kind} layer: {ms:.2} ms forward+backward; dense-attention layer {dense_ms:.2} ms ({:.2}x), seq {seq}",
             report.speedup
         );
         Ok(())

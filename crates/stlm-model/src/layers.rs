@@ -4,7 +4,9 @@
 //! inspection can walk them. Variable names follow Hugging Face Llama naming.
 
 use crate::config::{Activation, MlpKind, ModelConfig, NormKind, PositionKind};
-use stlm_attention::{alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, AttentionKind, AttentionMask, KvCache};
+use stlm_attention::{
+    alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, AttentionKind, AttentionMask, KernelInput, KvCache, LinformerProjection,
+};
 use stlm_core::kernels::{small_batch_linear, small_batch_rms_norm};
 use stlm_core::Mode;
 use stlm_moe::{CdMoe, MoeLayer, MoeStats};
@@ -250,14 +252,78 @@ pub struct SelfAttention {
     pub qkv: Option<Linear>,
     /// Which attention this layer computes.
     pub attention: AttentionKind,
-    /// The kind's learnable `[heads]` parameter (`ssmax_scale`, `inv_temperature`), if any.
-    pub head_param: Option<Tensor>,
-    /// The layers of Dynamic Mask Attention (`doge-dma`), if this layer uses it.
-    pub dynamic_mask: Option<DynamicMask>,
+    /// What the kind learns (built with it, so the kernel always gets its input).
+    pub params: KindParams,
     /// Per-head q/k norms (`qk_norm`, and always with `doge-dma`), if any.
     pub qk_norm: Option<QkNorm>,
     /// ALiBi slopes `[heads]` (fixed, not trained) when positions are ALiBi biases.
     pub alibi_slopes: Option<Tensor>,
+}
+
+/// The tensors a layer's attention kind learns, built for the kind and held by the layer.
+#[derive(Debug)]
+pub enum KindParams {
+    /// Kinds that learn nothing (dense, windowed, block-sparse, power).
+    None,
+    /// A scale per query head `[heads]`: SSMax's `ssmax_scale`, the temperature kind's
+    /// `inv_temperature` (named by [`AttentionKind::head_parameter`]).
+    HeadScale(Tensor),
+    /// Doge's Dynamic Mask Attention (`A`, `dt_proj`).
+    DynamicMask(DynamicMask),
+    /// Linformer's sequence projections (`linformer.e`, `linformer.f`), for bidirectional layers.
+    Linformer(LinformerProjection),
+}
+
+impl KindParams {
+    /// The tensors of `kind` in a layer at `path` of a model with `cfg`'s shapes.
+    pub fn new(path: &nn::Path, kind: &AttentionKind, cfg: &ModelConfig) -> Self {
+        let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+        if let Some((name, init)) = kind.head_parameter(cfg.max_position_embeddings) {
+            return KindParams::HeadScale(path.var(name, &[nh], Init::Const(init)));
+        }
+        match *kind {
+            AttentionKind::DogeDma { .. } => KindParams::DynamicMask(DynamicMask {
+                a: path.var("A", &[nkv], Init::Const(0.0)),
+                dt_proj: Linear::new(path / "dt_proj", nkv * d, nkv, cfg.attention_bias, cfg.initializer_range),
+            }),
+            AttentionKind::Linformer { k, sharing } => {
+                KindParams::Linformer(LinformerProjection::new(path / "linformer", nh, k, cfg.max_position_embeddings, sharing))
+            }
+            _ => KindParams::None,
+        }
+    }
+
+    /// Dynamic Mask Attention's layers, if the kind is `doge-dma`.
+    pub fn dynamic_mask(&self) -> Option<&DynamicMask> {
+        match self {
+            KindParams::DynamicMask(dm) => Some(dm),
+            _ => None,
+        }
+    }
+
+    /// [`KindParams::dynamic_mask`], mutable (to cut or tap `dt_proj`).
+    pub fn dynamic_mask_mut(&mut self) -> Option<&mut DynamicMask> {
+        match self {
+            KindParams::DynamicMask(dm) => Some(dm),
+            _ => None,
+        }
+    }
+
+    /// The kernel's attention of `q` over `k`, `v` (`[b, heads, s, d]`, `[b, kv_heads, keys, d]`)
+    /// under `mask` for `kind`, with this layer's learned input (`dt` from `v` for `doge-dma`).
+    fn attend(&self, kind: &AttentionKind, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Tensor {
+        let dt;
+        let input = match self {
+            KindParams::None => KernelInput::None,
+            KindParams::HeadScale(scale) => KernelInput::HeadScale(scale),
+            KindParams::DynamicMask(dm) => {
+                dt = dm.dt(v);
+                KernelInput::KeyBias(&dt)
+            }
+            KindParams::Linformer(p) => KernelInput::Projections { e: &p.e, f: p.f.as_ref().unwrap_or(&p.e) },
+        };
+        kind.forward(q, k, v, input, mask).unwrap_or_else(|e| panic!("a layer's parameters are built for its kind: {e}"))
+    }
 }
 
 /// What Doge's Dynamic Mask Attention adds to a layer (names as transformers' `DogeAttention`):
@@ -295,14 +361,8 @@ impl SelfAttention {
         let (h, d, b, std) = (cfg.hidden_size, cfg.head_dim(), cfg.attention_bias, cfg.initializer_range);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let attention = cfg.layer_attention(layer);
-        let head_param = attention
-            .head_parameter(cfg.max_position_embeddings)
-            .map(|(name, init)| path.var(name, &[nh], Init::Const(init)));
+        let params = KindParams::new(&path, &attention, cfg);
         let dma = matches!(attention, AttentionKind::DogeDma { .. });
-        let dynamic_mask = dma.then(|| DynamicMask {
-            a: path.var("A", &[nkv], Init::Const(0.0)),
-            dt_proj: Linear::new(&path / "dt_proj", nkv * d, nkv, b, std),
-        });
         let qk_norm = (dma || cfg.qk_norm).then(|| QkNorm {
             q_norm: Norm::new(&path / "q_norm", NormKind::RmsNorm, d, cfg.norm_eps),
             k_norm: Norm::new(&path / "k_norm", NormKind::RmsNorm, d, cfg.norm_eps),
@@ -310,8 +370,7 @@ impl SelfAttention {
         let alibi_slopes = (cfg.position == PositionKind::Alibi).then(|| alibi_slope_tensor(nh, path.device()));
         SelfAttention {
             attention,
-            head_param,
-            dynamic_mask,
+            params,
             qk_norm,
             alibi_slopes,
             q_proj: Linear::new(&path / "q_proj", h, nh * d, b, std),
@@ -357,7 +416,7 @@ impl SelfAttention {
     /// True when [`SelfAttention::attention_log_probs`] can give this layer's attention: dense
     /// softmax attention without ALiBi biases.
     pub fn has_attention_probs(&self) -> bool {
-        self.attention == AttentionKind::Dense && self.alibi_slopes.is_none() && self.dynamic_mask.is_none()
+        self.attention == AttentionKind::Dense && self.alibi_slopes.is_none() && matches!(self.params, KindParams::None)
     }
 
     /// Log attention probabilities `[b, heads, s, s]` (queries x keys; future keys -inf) of a
@@ -395,22 +454,23 @@ impl SelfAttention {
             }
             None => (k, v, None),
         };
-        // Over a whole sequence from position 0 each kind runs its own kernel; otherwise its
-        // pattern becomes an explicit mask over the keys (dense attention takes `mask` as is).
-        let own_kernel = past == 0 && matches!(mask, AttentionMask::Causal) && key_positions.is_none();
-        let dt = self.dynamic_mask.as_ref().map(|dm| dm.dt(&v));
-        let extra = dt.as_ref().or(self.head_param.as_ref());
+        // Over a whole sequence from position 0 each kind runs its own kernel (a bidirectional
+        // kind over the full sequence too); otherwise its pattern becomes an explicit mask over
+        // the keys (dense attention takes `mask` as is).
+        let whole = past == 0 && key_positions.is_none();
+        let bidirectional = matches!(mask, AttentionMask::Full) && self.attention.not_causal_because().is_some();
+        let own_kernel = whole && (matches!(mask, AttentionMask::Causal) || bidirectional);
         let out = if let Some(slopes) = &self.alibi_slopes {
             // Dense attention with ALiBi's biases (the config allows no other kind).
             let bias = alibi_mask(slopes, s, k.size()[2], mask, q.kind());
             dense_attention(&q, &k, &v, &AttentionMask::Explicit(bias), None)
         } else if own_kernel || self.attention.uses_plain_mask() {
-            self.attention.forward(&q, &k, &v, extra, mask)
+            self.params.attend(&self.attention, &q, &k, &v, mask)
         } else {
             // Left padding: a row's positions lag its cache slots by its padding.
             let offsets = (positions.select(1, s - 1) - (past + s - 1)).neg();
             let mask = self.attention.mask(past, s, key_positions.as_ref(), Some(&offsets), mask, x.device());
-            self.attention.forward(&q, &k, &v, extra, &mask)
+            self.params.attend(&self.attention, &q, &k, &v, &mask)
         }; // [b, h, s, d]
         self.o_proj.forward(&out.transpose(1, 2).reshape([b, s, self.num_heads * self.head_dim]))
     }
