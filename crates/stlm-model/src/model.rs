@@ -134,6 +134,35 @@ impl DecoderModel {
         stlm_core::flops::training_flops_per_token(stlm_core::flops::matmul_parameters(&vars) + head, c.num_hidden_layers, c.hidden_size, seq)
     }
 
+    /// Copies this model into the smaller `into` (same vocabulary and width): embeddings, final
+    /// norm and head whole, and block `j` of `into` from block `blocks[j].0` of this model with
+    /// the units `blocks[j].1` keeps (structured pruning: heads, neurons, experts, whole blocks).
+    pub fn keep_into(&self, into: &DecoderModel, blocks: &[(usize, crate::layers::KeepUnits)]) -> Result<()> {
+        if blocks.len() != into.layers.len() || blocks.iter().any(|(i, _)| *i >= self.layers.len()) {
+            return Err(ModelError::Input(format!("{} blocks to keep for a model of {} (from {})", blocks.len(), into.layers.len(), self.layers.len())));
+        }
+        let _guard = tch::no_grad_guard();
+        let copy = |dst: &Tensor, src: &Tensor, name: &str| {
+            if dst.size() != src.size() {
+                return Err(ModelError::Input(format!("`{name}`: {:?} kept, the smaller model holds {:?}", src.size(), dst.size())));
+            }
+            dst.shallow_clone().copy_(src);
+            Ok(())
+        };
+        copy(&into.embed_tokens, &self.embed_tokens, "model.embed_tokens.weight")?;
+        if let (Some(a), Some(b)) = (&self.embed_positions, &into.embed_positions) {
+            copy(b, a, "model.embed_positions.weight")?;
+        }
+        self.norm.copy_into(&into.norm, "model.norm")?;
+        if let (Some(a), Some(b)) = (&self.lm_head, &into.lm_head) {
+            a.keep_into(b, None, None, "lm_head")?;
+        }
+        for (j, (i, keep)) in blocks.iter().enumerate() {
+            self.layers[*i].keep_into(&into.layers[j], keep, &format!("model.layers.{j}"))?;
+        }
+        Ok(())
+    }
+
     /// Total number of parameters (tied weights counted once).
     pub fn num_parameters(&self) -> i64 {
         stlm_core::numel(&self.vs.trainable_variables())

@@ -26,7 +26,7 @@ use std::time::Instant;
 use stlm_attention::AttentionKind;
 use stlm_moe::RouterKind;
 use stlm_model::config::{ModelType, PositionKind};
-use stlm_model::layers::{FeedForward, InputGram};
+use stlm_model::layers::{FeedForward, InputGram, KeepUnits};
 use stlm_model::{DecoderModel, Mode, ModelConfig};
 use tch::{Kind, Tensor};
 
@@ -459,12 +459,6 @@ fn block_influence(model: &DecoderModel, calib: &[Tensor]) -> Tensor {
     (sum / tokens as f64).neg() + 1.0
 }
 
-/// Indices `[unit * width, (unit + 1) * width)` of every kept unit, as an index tensor.
-fn spans(kept: &[i64], width: i64) -> Tensor {
-    let idx: Vec<i64> = kept.iter().flat_map(|&u| u * width..(u + 1) * width).collect();
-    Tensor::from_slice(&idx)
-}
-
 /// The smaller model without the `removed` units, and the config changes.
 fn shrink(model: &DecoderModel, unit: Unit, removed: &[Removed]) -> Result<(DecoderModel, Vec<String>)> {
     let old = &model.config;
@@ -514,57 +508,29 @@ fn shrink(model: &DecoderModel, unit: Unit, removed: &[Removed]) -> Result<(Deco
         }
     }
     let smaller = DecoderModel::new(cfg, model.device())?;
-    let mut source: HashMap<String, Tensor> = model.var_store().variables();
-    let _guard = tch::no_grad_guard();
-    let (d, hu) = (old.head_dim(), HeadUnits::of(old));
-    for (name, mut var) in smaller.var_store().variables() {
-        let block = name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')).and_then(|(i, rest)| Some((i.parse::<usize>().ok()?, rest)));
-        let tensor = match (unit, block) {
-            (Unit::Layers, Some((i, rest))) => {
-                let kept = kept_of(&removed[0], old.num_hidden_layers);
-                source.remove(&format!("model.layers.{}.{rest}", kept[i])).expect("a kept block's weight")
-            }
-            (_, Some((i, rest))) => {
-                let t = source.remove(&name).ok_or_else(|| PruneError::Input(format!("no weight `{name}` in the model")))?;
+    // Each block's layers copy the units they keep into the smaller block.
+    let hu = HeadUnits::of(old);
+    let plan: Vec<(usize, KeepUnits)> = match unit {
+        Unit::Layers => kept_of(&removed[0], old.num_hidden_layers).into_iter().map(|i| (i as usize, KeepUnits::default())).collect(),
+        _ => (0..old.num_hidden_layers as usize)
+            .map(|i| {
                 let r = &removed[i];
-                match (unit, rest) {
-                    (Unit::Heads, _) => {
+                let keep = match unit {
+                    Unit::Heads => {
                         let kept = kept_of(r, hu.units);
-                        let queries: Vec<i64> = kept.iter().flat_map(|&u| u * hu.queries..(u + 1) * hu.queries).collect();
-                        let kv: Vec<i64> = if hu.owns_kv { kept.clone() } else { (0..old.num_key_value_heads).collect() };
-                        let head_param = old.layer_attention(i).head_parameter(old.max_position_embeddings).map(|(n, _)| format!("self_attn.{n}"));
-                        match rest {
-                            "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => t.index_select(0, &spans(&queries, d).to_device(t.device())),
-                            "self_attn.k_proj.weight" | "self_attn.k_proj.bias" | "self_attn.v_proj.weight" | "self_attn.v_proj.bias" => {
-                                t.index_select(0, &spans(&kv, d).to_device(t.device()))
-                            }
-                            "self_attn.o_proj.weight" => t.index_select(1, &spans(&queries, d).to_device(t.device())),
-                            "self_attn.A" | "self_attn.dt_proj.bias" => t.index_select(0, &spans(&kv, 1).to_device(t.device())),
-                            "self_attn.dt_proj.weight" => t
-                                .index_select(0, &spans(&kv, 1).to_device(t.device()))
-                                .index_select(1, &spans(&kv, d).to_device(t.device())),
-                            other if Some(other) == head_param.as_deref() => t.index_select(0, &spans(&queries, 1).to_device(t.device())),
-                            _ => t,
-                        }
+                        let queries = kept.iter().flat_map(|&u| u * hu.queries..(u + 1) * hu.queries).collect();
+                        let kv = if hu.owns_kv { kept } else { (0..old.num_key_value_heads).collect() };
+                        KeepUnits { query_heads: Some(queries), kv_heads: Some(kv), ..Default::default() }
                     }
-                    (Unit::Neurons, "mlp.gate_proj.weight" | "mlp.gate_proj.bias" | "mlp.up_proj.weight" | "mlp.up_proj.bias") => {
-                        t.index_select(0, &spans(&kept_of(r, old.intermediate_size), 1).to_device(t.device()))
-                    }
-                    (Unit::Neurons, "mlp.down_proj.weight") => t.index_select(1, &spans(&kept_of(r, old.intermediate_size), 1).to_device(t.device())),
-                    (Unit::Experts, "mlp.gate.weight" | "mlp.gate.e_score_correction_bias" | "mlp.experts.gate_up_proj" | "mlp.experts.down_proj") => {
-                        let e = old.moe.as_ref().map_or(0, |m| m.num_experts);
-                        t.index_select(0, &spans(&kept_of(r, e), 1).to_device(t.device()))
-                    }
-                    _ => t,
-                }
-            }
-            (_, None) => source.remove(&name).ok_or_else(|| PruneError::Input(format!("no weight `{name}` in the model")))?,
-        };
-        if tensor.size() != var.size() {
-            return Err(PruneError::Input(format!("`{name}`: rebuilt as {:?}, the smaller config expects {:?}", tensor.size(), var.size())));
-        }
-        var.copy_(&tensor);
-    }
+                    Unit::Neurons => KeepUnits { neurons: Some(kept_of(r, old.intermediate_size)), ..Default::default() },
+                    Unit::Experts => KeepUnits { experts: Some(kept_of(r, old.moe.as_ref().map_or(0, |m| m.num_experts))), ..Default::default() },
+                    Unit::Layers => unreachable!("whole blocks are kept above"),
+                };
+                (i, keep)
+            })
+            .collect(),
+    };
+    model.keep_into(&smaller, &plan)?;
     let mut smaller = smaller;
     smaller.set_kind(model.kind());
     Ok((smaller, changes))
@@ -624,6 +590,12 @@ mod tests {
             ("num_attention_heads = 4\npreset = \"gpt2\"\n", Unit::Heads),
             ("num_attention_heads = 2\n", Unit::Neurons),
             ("num_attention_heads = 2\npreset = \"gpt2\"\n", Unit::Neurons),
+            // Kinds that learn per-head tensors: SSMax scales, Dynamic Mask Attention's A/dt_proj.
+            ("num_attention_heads = 4\nmodel_type = \"stlm\"\nattention = [{ kind = \"ssmax\" }]\n", Unit::Heads),
+            (
+                "num_attention_heads = 4\nnum_key_value_heads = 2\nmodel_type = \"stlm\"\nresidual_scales = true\nattention = [{ kind = \"doge-dma\", keep_window_size = 8 }]\n",
+                Unit::Heads,
+            ),
         ] {
             for importance in [Importance::Magnitude, Importance::Activation, Importance::Taylor] {
                 let mut m = model(extra, 5);
