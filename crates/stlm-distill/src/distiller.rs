@@ -293,6 +293,9 @@ impl LanguageModel for Distiller {
         let updates = s.balance_updates(&moe);
         Ok(StepOutput::with_moe(ce, moe, Some(("distill", extra)), updates))
     }
+    fn flops_per_token(&self, seq: i64) -> Option<f64> {
+        Some(self.student.flops_per_token(seq)) // the student's training; the teacher's forward is extra
+    }
     fn position_nats(&self, inputs: &Tensor, targets: &Tensor) -> stlm_model::Result<Tensor> {
         self.student.position_nats(inputs, targets)
     }

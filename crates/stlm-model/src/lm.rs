@@ -100,6 +100,11 @@ pub trait LanguageModel {
     fn save(&self, dir: &Path, tokenizer: Option<&Path>) -> Result<()>;
     /// Replaces every weight with those in a `model.safetensors` this model's config wrote.
     fn load_weights(&self, path: &Path) -> Result<()>;
+    /// Model FLOPs of one trained token in windows of `seq` positions (see
+    /// [`stlm_core::flops`]), when the model can count them.
+    fn flops_per_token(&self, _seq: i64) -> Option<f64> {
+        None
+    }
     /// Total number of parameters.
     fn num_parameters(&self) -> i64 {
         stlm_core::numel(&self.var_store().trainable_variables())
@@ -123,6 +128,9 @@ impl LanguageModel for DecoderModel {
         let loss = logits.reshape([-1, vocab]).cross_entropy_for_logits(&batch.targets.reshape([-1]));
         let updates = if mode.is_train() { self.balance_updates(&moe) } else { Vec::new() };
         Ok(StepOutput::with_moe(loss, moe, None, updates))
+    }
+    fn flops_per_token(&self, seq: i64) -> Option<f64> {
+        Some(DecoderModel::flops_per_token(self, seq))
     }
     fn position_nats(&self, inputs: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let logp = self.forward(inputs).log_softmax(-1, tch::Kind::Float);

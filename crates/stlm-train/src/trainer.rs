@@ -80,6 +80,10 @@ pub struct StepLog {
     pub grad_norm: f64,
     /// Training throughput since the previous log line.
     pub tokens_per_s: f64,
+    /// Model FLOPs per second since the previous log line (`6 N + 12 L H T` per token, see
+    /// `stlm_core::flops`), when the model counts its FLOPs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_flops_per_s: Option<f64>,
     /// Seconds since this process started training.
     pub elapsed: f64,
     /// Per MoE layer: balancing loss, expert load, its entropy and dropped tokens (MoE models).
@@ -124,6 +128,8 @@ pub struct StepSummary {
     pub grad_norm: f64,
     /// Input tokens processed.
     pub tokens: u64,
+    /// Model FLOPs of the step, when the model counts them.
+    pub flops: Option<f64>,
     /// MoE layers' stats of the last micro-batch (device tensors; empty without MoE).
     pub moe: Vec<(usize, MoeStats)>,
 }
@@ -142,10 +148,13 @@ pub fn train_step(
 ) -> Result<StepSummary> {
     let mut step_loss = Tensor::zeros([], (Kind::Float, model.device()));
     let mut tokens = 0;
+    let mut flops = Some(0.0);
     let mut stats = stlm_model::StepStats::default();
     for micro in 0..grad_accum {
         let batch = data.train_batch(step, micro)?;
         tokens += batch.inputs.numel() as u64;
+        let per_token = model.flops_per_token(batch.inputs.size().last().copied().unwrap_or(0));
+        flops = flops.zip(per_token).map(|(f, p)| f + p * batch.inputs.numel() as f64);
         let out = model.step(&batch, Mode::Train)?;
         let loss = out.loss / grad_accum as f64;
         // The aux terms (MoE balancing, the model's extra terms) join the gradient; the logged
@@ -170,7 +179,7 @@ pub fn train_step(
     for update in &stats.updates {
         update.apply();
     }
-    Ok(StepSummary { loss, grad_norm, tokens, moe: stats.moe })
+    Ok(StepSummary { loss, grad_norm, tokens, flops, moe: stats.moe })
 }
 
 /// Mean validation loss over `batches` batches, and bits per byte when `data` knows the bytes
@@ -260,7 +269,7 @@ pub fn train(
     bar.set_position(state.step);
     let started = Instant::now();
     let deadline = control.time_limit.map(|secs| started + std::time::Duration::from_secs_f64(secs.max(0.0)));
-    let (mut window_start, mut window_tokens) = (Instant::now(), 0u64);
+    let (mut window_start, mut window_tokens, mut window_flops) = (Instant::now(), 0u64, Some(0.0));
     let mut logs = Vec::new();
     while state.step < max_steps {
         let step = state.step;
@@ -274,6 +283,7 @@ pub fn train(
         };
         let (loss_value, grad_norm) = (out.loss, out.grad_norm);
         window_tokens += out.tokens;
+        window_flops = window_flops.zip(out.flops).map(|(a, b)| a + b);
         state.tokens_seen += out.tokens;
         state.step += 1;
         bar.inc(1);
@@ -294,6 +304,7 @@ pub fn train(
                 lr,
                 grad_norm,
                 tokens_per_s: window_tokens as f64 / secs,
+                model_flops_per_s: window_flops.map(|f| f / secs),
                 elapsed: started.elapsed().as_secs_f64(),
                 moe: out.moe.iter().map(|(i, s)| MoeLog::from_stats(*i, s)).collect(),
             };
@@ -313,7 +324,7 @@ pub fn train(
                 bar.set_message(line);
             }
             logs.push(log);
-            (window_start, window_tokens) = (Instant::now(), 0);
+            (window_start, window_tokens, window_flops) = (Instant::now(), 0, Some(0.0));
         }
         if cfg.position_loss_every > 0 && (last || state.step.is_multiple_of(cfg.position_loss_every)) {
             let log = validation_position_loss(model, data, cfg.eval_batches, state.step)?;

@@ -142,6 +142,10 @@ fn resumed_run_logs_the_same_losses() {
     for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed", "val_loss"] {
         assert!(line.get(key).is_some(), "metrics line lacks {key}: {line}");
     }
+    // Model FLOP/s are the counted FLOPs per token times the tokens per second.
+    let per_token = model().flops_per_token(16);
+    let (flops, tokens) = (line["model_flops_per_s"].as_f64().unwrap(), line["tokens_per_s"].as_f64().unwrap());
+    assert!(per_token > 0.0 && (flops / tokens - per_token).abs() < 1e-6 * per_token, "{flops} / {tokens} vs {per_token}");
 
     // position_loss.jsonl: steps 5 and 10 once each (the resumed run rewrote what followed
     // step 6); the mean over positions is the validation loss of the same step.
