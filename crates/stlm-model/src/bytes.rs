@@ -219,6 +219,10 @@ impl Stack {
     }
 }
 
+/// A byte model's pass: the logged loss (nats per target byte), the weighted reconstruction loss
+/// (if on), and the global decoder's MoE stats (`(layer index, stats)`).
+pub type ByteLoss = (Tensor, Option<Tensor>, Vec<(usize, MoeStats)>);
+
 /// A byte-pooled language model and the variable store that owns its weights.
 pub struct BytePooledModel {
     /// The config it was built from (`bytes` set).
@@ -439,7 +443,7 @@ impl BytePooledModel {
     }
 
     /// [`BytePooledModel::grid_loss`] in `mode`, with the global decoder's MoE stats.
-    fn grid_loss_mode(&self, grid: &ChunkGrid, mode: Mode) -> (Tensor, Option<Tensor>, Vec<(usize, MoeStats)>) {
+    fn grid_loss_mode(&self, grid: &ChunkGrid, mode: Mode) -> ByteLoss {
         let (logits, pooled, moe) = self.grid_logits_mode(grid, mode);
         let nats = |logits: &Tensor, targets: &Tensor| {
             logits.reshape([-1, BYTE_CLASSES]).cross_entropy_loss::<Tensor>(&targets.reshape([-1]), None, tch::Reduction::Sum, IGNORE, 0.0)
@@ -458,7 +462,7 @@ impl BytePooledModel {
     /// `inputs ++ last target` is chunked and every byte after the first is scored (the targets,
     /// as for token models; nats per target byte, chunk ends included), in `mode`: the logged
     /// loss, the weighted reconstruction loss (if on) and the global decoder's MoE stats.
-    pub fn loss(&self, inputs: &Tensor, targets: &Tensor, mode: Mode) -> Result<(Tensor, Option<Tensor>, Vec<(usize, MoeStats)>)> {
+    pub fn loss(&self, inputs: &Tensor, targets: &Tensor, mode: Mode) -> Result<ByteLoss> {
         let window = Tensor::cat(&[inputs, &targets.narrow(1, targets.size()[1] - 1, 1)], 1);
         let rows: Vec<Vec<u32>> = Vec::<Vec<i64>>::try_from(window.to_device(Device::Cpu))
             .map_err(|e| ModelError::Input(e.to_string()))?
