@@ -4,7 +4,7 @@ use crate::bytes::BytesConfig;
 use crate::{ModelError, Result};
 use serde::{Deserialize, Serialize};
 use stlm_attention::{AttentionKind, RopeScaling};
-use stlm_moe::{product_keys, CdmoeConfig, MoeConfig, RouterKind};
+use stlm_moe::{product_keys, CdmoeConfig, MoeConfig};
 
 fn one() -> f64 {
     1.0
@@ -474,113 +474,14 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Why the `moe` table cannot be saved as this `model_type`, if it cannot.
-    fn moe_export_mismatch(&self) -> Option<String> {
-        let moe = self.moe.as_ref();
-        let top_k_softmax = |renormalised: Option<bool>| {
-            matches!(moe.map(|m| &m.router), Some(RouterKind::TopK { norm_topk_prob, gate: stlm_moe::Gate::Softmax, .. })
-                if renormalised.is_none_or(|r| r == *norm_topk_prob))
-        };
-        let every_layer = moe.is_some_and(|m| m.sparse_step == 1 && m.dense_layers.is_empty());
-        let fine_grained = moe.is_some_and(|m| m.expert_intermediate_size.is_some_and(|w| w != self.intermediate_size));
-        let shared = moe.and_then(|m| m.shared_expert.as_ref());
-        match self.model_type {
-            ModelType::Mixtral if !top_k_softmax(Some(true)) => {
-                Some("mixtral needs a `[moe]` table with a top-k softmax router (norm_topk_prob = true)".into())
-            }
-            ModelType::Mixtral if !every_layer || fine_grained || shared.is_some() => Some(
-                "mixtral has experts as wide as intermediate_size in every layer and no shared expert".into(),
-            ),
-            ModelType::Qwen2Moe | ModelType::Qwen3Moe if !top_k_softmax(None) => {
-                Some("qwen MoE models need a `[moe]` table with a top-k softmax router".into())
-            }
-            ModelType::Qwen2Moe if !shared.is_some_and(|s| s.gate) => {
-                Some("qwen2_moe has a shared expert with a sigmoid gate (moe.shared_expert = { intermediate_size = N, gate = true })".into())
-            }
-            ModelType::Qwen3Moe if shared.is_some() => Some("qwen3_moe has no shared expert".into()),
-            ModelType::Llama | ModelType::Mistral | ModelType::Gpt2 | ModelType::Doge if moe.is_some() => {
-                Some("it has no mixture of experts (a top-k MoE exports as mixtral, qwen2_moe or qwen3_moe)".into())
-            }
-            _ => None,
-        }
-    }
-
-    /// Why this config cannot be saved as its `model_type` in transformers, if it cannot.
+    /// Why this config cannot be saved as its `model_type` in transformers, if it cannot: the
+    /// attention [`ModelConfig::mistral_window`] refuses, then the family's own checks (in
+    /// `hf/<family>.rs`).
     fn export_mismatch(&self) -> Option<String> {
         if let Err(e) = self.mistral_window() {
             return Some(e);
         }
-        if self.model_type == ModelType::Doge {
-            let keep = match self.layer_attention(0) {
-                AttentionKind::DogeDma { keep_window_size } => Some(keep_window_size),
-                _ => None,
-            };
-            let uniform = (0..self.num_hidden_layers as usize).all(|i| Some(self.layer_attention(i)) == keep.map(|k| AttentionKind::DogeDma { keep_window_size: k }));
-            let ok = keep.is_some() && uniform && self.residual_scales && self.norm == NormKind::RmsNorm
-                && self.position == PositionKind::Rope && self.mlp == MlpKind::Gated && self.moe.is_none();
-            return (!ok).then(|| "doge needs doge-dma attention (one keep_window_size) on every layer, residual_scales = true, rms_norm, rope and a gated MLP or cdmoe".into());
-        }
-        if (self.cdmoe.is_some() || self.residual_scales) && self.model_type != ModelType::Stlm {
-            return Some("cdmoe and residual_scales exist only in doge".into());
-        }
-        if let Some(why) = self.moe_export_mismatch() {
-            return Some(why);
-        }
-        if self.model_type != ModelType::Stlm && self.partial_rotary_factor != 1.0 {
-            return Some("it rotates whole heads (partial_rotary_factor = 1)".into());
-        }
-        let qwen = matches!(self.model_type, ModelType::Qwen2Moe | ModelType::Qwen3Moe);
-        if !matches!(self.model_type, ModelType::Stlm | ModelType::Qwen3Moe) && self.qk_norm {
-            return Some("it has no q/k norms (qk_norm = true exports as qwen3_moe)".into());
-        }
-        if self.attention_out_bias.is_some_and(|o| o != self.attention_bias) && !matches!(self.model_type, ModelType::Stlm | ModelType::Qwen2Moe) {
-            return Some("its o_proj bias follows attention_bias (remove attention_out_bias)".into());
-        }
-        if qwen {
-            let ok = self.norm == NormKind::RmsNorm && self.position == PositionKind::Rope && self.mlp == MlpKind::Gated
-                && self.hidden_act == Activation::Silu && !self.mlp_bias && self.all_dense();
-            let attention = match self.model_type {
-                ModelType::Qwen2Moe => !self.qk_norm && !self.o_proj_bias(),
-                _ => self.qk_norm,
-            };
-            return match (ok, attention) {
-                (false, _) => Some("qwen MoE models need rms_norm, rope, a gated silu MLP without biases and dense attention".into()),
-                (true, false) if self.model_type == ModelType::Qwen2Moe => {
-                    Some("qwen2_moe biases q, k and v together (attention_bias) and never o (attention_out_bias = false), without qk_norm".into())
-                }
-                (true, false) => Some("qwen3_moe has per-head q/k norms (qk_norm = true)".into()),
-                (true, true) => None,
-            };
-        }
-        match self.model_type {
-            ModelType::Stlm | ModelType::Doge | ModelType::Qwen2Moe | ModelType::Qwen3Moe => None,
-            ModelType::Llama | ModelType::Mistral | ModelType::Mixtral => {
-                let ok =
-                    self.norm == NormKind::RmsNorm && self.position == PositionKind::Rope && self.mlp == MlpKind::Gated;
-                let biases = self.model_type != ModelType::Llama && (self.attention_bias || self.mlp_bias);
-                if !ok {
-                    Some("llama and mistral need norm = rms_norm, position = rope, mlp = gated".into())
-                } else if biases {
-                    Some("mistral has no biases".into())
-                } else {
-                    None
-                }
-            }
-            ModelType::Gpt2 => {
-                let ok = self.norm == NormKind::LayerNorm
-                    && self.position == PositionKind::Learned
-                    && self.mlp == MlpKind::Plain
-                    && self.attention_bias
-                    && self.mlp_bias
-                    && self.num_key_value_heads == self.num_attention_heads
-                    && self.head_dim() * self.num_attention_heads == self.hidden_size;
-                if !ok {
-                    Some("gpt2 needs layer_norm, learned positions, a plain mlp, biases, multi-head attention and head_dim = hidden_size / heads".into())
-                } else {
-                    None
-                }
-            }
-        }
+        crate::hf::family(self.model_type).export_mismatch(self)
     }
 }
 
