@@ -268,7 +268,11 @@ pub fn train(
     );
     bar.set_position(state.step);
     let started = Instant::now();
-    let deadline = control.time_limit.map(|secs| started + std::time::Duration::from_secs_f64(secs.max(0.0)));
+    // A limit too large for a deadline (or not a number) is no limit.
+    let deadline = control
+        .time_limit
+        .and_then(|secs| std::time::Duration::try_from_secs_f64(secs.max(0.0)).ok())
+        .and_then(|limit| started.checked_add(limit));
     let (mut window_start, mut window_tokens, mut window_flops) = (Instant::now(), 0u64, Some(0.0));
     let mut logs = Vec::new();
     while state.step < max_steps {

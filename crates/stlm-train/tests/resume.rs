@@ -184,6 +184,26 @@ fn corrupt_newest_checkpoint_is_skipped_and_old_ones_pruned() {
     assert_eq!(losses(&resumed), losses(&full[6..]));
 }
 
+/// A time limit stops the run after the step during which it passed, with a checkpoint there,
+/// and says so; resuming continues bit for bit. A limit no deadline can hold is no limit.
+#[test]
+fn time_limit_stops_with_a_checkpoint_and_resumes_exactly() {
+    let data = Synthetic::new();
+    let full = train(&model(), &data, &settings(4), &quiet(), tempfile::tempdir().unwrap().path(), false).unwrap().logs;
+    let dir = tempfile::tempdir().unwrap();
+    let limited = RunControl { time_limit: Some(0.0), ..quiet() };
+    let first = train(&model(), &data, &settings(4), &limited, dir.path(), false).unwrap();
+    assert!(first.timed_out && !first.completed, "{first:?}");
+    assert_eq!(first.step, 1);
+    assert!(dir.path().join("checkpoints").join("step-0000001").is_dir());
+    let rest = train(&model(), &data, &settings(4), &quiet(), dir.path(), true).unwrap();
+    assert!(rest.completed && !rest.timed_out);
+    assert_eq!(losses(&rest.logs), losses(&full[1..]));
+    let endless = RunControl { time_limit: Some(f64::INFINITY), ..quiet() };
+    let all = train(&model(), &data, &settings(2), &endless, tempfile::tempdir().unwrap().path(), false).unwrap();
+    assert!(all.completed && !all.timed_out);
+}
+
 #[test]
 fn resume_without_checkpoints_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
