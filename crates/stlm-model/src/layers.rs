@@ -114,9 +114,9 @@ impl Linear {
 }
 
 /// Copies `src` into the weight `dst` (of a smaller layer), refusing another shape by `name`.
-fn copy_checked(dst: &Tensor, src: &Tensor, name: &str) -> Result<()> {
+pub(crate) fn copy_checked(dst: &Tensor, src: &Tensor, name: &str) -> Result<()> {
     if dst.size() != src.size() {
-        return Err(ModelError::Input(format!("`{name}`: {:?} kept, the smaller layer holds {:?}", src.size(), dst.size())));
+        return Err(ModelError::Input(format!("`{name}`: {:?} kept, the smaller one holds {:?}", src.size(), dst.size())));
     }
     let _guard = tch::no_grad_guard();
     dst.shallow_clone().copy_(src);

@@ -141,14 +141,7 @@ impl DecoderModel {
         if blocks.len() != into.layers.len() || blocks.iter().any(|(i, _)| *i >= self.layers.len()) {
             return Err(ModelError::Input(format!("{} blocks to keep for a model of {} (from {})", blocks.len(), into.layers.len(), self.layers.len())));
         }
-        let _guard = tch::no_grad_guard();
-        let copy = |dst: &Tensor, src: &Tensor, name: &str| {
-            if dst.size() != src.size() {
-                return Err(ModelError::Input(format!("`{name}`: {:?} kept, the smaller model holds {:?}", src.size(), dst.size())));
-            }
-            dst.shallow_clone().copy_(src);
-            Ok(())
-        };
+        let copy = crate::layers::copy_checked;
         copy(&into.embed_tokens, &self.embed_tokens, "model.embed_tokens.weight")?;
         if let (Some(a), Some(b)) = (&self.embed_positions, &into.embed_positions) {
             copy(b, a, "model.embed_positions.weight")?;
