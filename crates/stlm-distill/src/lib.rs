@@ -8,12 +8,15 @@
 //! - [`cache`]: the teacher's top-k distributions over a corpus, stored for many students.
 //! - [`align`]: distillation across tokenizers through next-byte distributions at positions where
 //!   both tokenizations end at the same byte.
+//! - [`run`]: a distillation run assembled from its options and trained with the stlm-train
+//!   loop, and the writing of a teacher cache.
 
 pub mod align;
 pub mod cache;
 pub mod distiller;
 pub mod init;
 pub mod loss;
+pub mod run;
 
 pub use align::ByteAlignment;
 pub use cache::{CacheHeader, CacheWriter, TeacherCache};
@@ -33,6 +36,12 @@ pub enum DistillError {
     /// An error raised by the model.
     #[error(transparent)]
     Model(#[from] stlm_model::ModelError),
+    /// Tokenizer errors.
+    #[error(transparent)]
+    Tokenizer(#[from] stlm_tokenizers::TokenizerError),
+    /// Run assembly errors (config, data, run directory).
+    #[error(transparent)]
+    Train(#[from] stlm_train::TrainError),
 }
 
 /// Result alias for stlm-distill.

@@ -8,12 +8,14 @@
 //! - [`trainer`]: the loop (gradient accumulation, clipping, validation, metrics.jsonl, a
 //!   progress bar), driven by a [`trainer::BatchSource`] whose batches depend only on the step,
 //!   so that a resumed run sees exactly the batches of an uninterrupted one.
+//! - [`metrics`]: metrics.jsonl and position_loss.jsonl lines and the throughput window.
 //! - [`config`]: the `[train]` table, the one description of the optimisation.
 //! - [`run`]: run assembly: the run config with overrides, and `prepare` (tokenizer, shards,
 //!   batches, run directory, model) shared by every command that trains.
 
 pub mod checkpoint;
 pub mod config;
+pub mod metrics;
 pub mod optim;
 pub mod run;
 pub mod schedule;

@@ -2,14 +2,13 @@
 //! metrics.jsonl, a progress bar, periodic checkpoints and exact resume. Batches come from a
 //! [`BatchSource`] as [`Batch`]es; the model answers each with a [`stlm_model::StepOutput`].
 
-use stlm_moe::{load_entropy, MoeStats};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
+pub use crate::metrics::{MoeLog, PositionLog, StepLog};
+use crate::metrics::{Metrics, StepValues};
 use crate::optim::AdamW;
 use crate::{Result, TrainError};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -60,65 +59,6 @@ pub struct TrainReport {
     pub timed_out: bool,
 }
 
-/// One metrics.jsonl line.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StepLog {
-    /// Steps completed.
-    pub step: u64,
-    /// Mean training loss of the step (nats per token).
-    pub loss: f64,
-    /// Validation loss, on the steps where it was measured.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub val_loss: Option<f64>,
-    /// Validation bits per byte of text (total nats / ln 2 / bytes the targets stand for), where
-    /// measured and the data source knows the bytes: comparable across tokenizers and byte models.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub val_bpb: Option<f64>,
-    /// Learning rate used by the step.
-    pub lr: f64,
-    /// Gradient norm before clipping.
-    pub grad_norm: f64,
-    /// Training throughput since the previous log line.
-    pub tokens_per_s: f64,
-    /// Model FLOPs per second since the previous log line (`6 N + 12 L H T` per token, see
-    /// `stlm_core::flops`), when the model counts its FLOPs.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model_flops_per_s: Option<f64>,
-    /// Seconds since this process started training.
-    pub elapsed: f64,
-    /// Per MoE layer: balancing loss, expert load, its entropy and dropped tokens (MoE models).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub moe: Vec<MoeLog>,
-}
-
-/// What one MoE layer did in the logged step (its last micro-batch).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct MoeLog {
-    /// Layer index.
-    pub layer: usize,
-    /// The weighted balancing (and z) loss added to the training loss.
-    pub aux_loss: f64,
-    /// Tokens (assignments) per expert.
-    pub load: Vec<i64>,
-    /// Entropy of the load in nats (`ln(experts)` when balanced).
-    pub load_entropy: f64,
-    /// Fraction of wanted assignments dropped for capacity.
-    pub dropped: f64,
-}
-
-impl MoeLog {
-    /// Host values of one layer's stats (a device sync: only at log steps).
-    pub fn from_stats(layer: usize, s: &MoeStats) -> Self {
-        MoeLog {
-            layer,
-            aux_loss: s.aux_loss.double_value(&[]),
-            load: Vec::try_from(&s.load).unwrap_or_default(),
-            load_entropy: load_entropy(&s.load),
-            dropped: s.dropped.double_value(&[]),
-        }
-    }
-}
-
 /// What one optimizer step reports.
 #[derive(Debug)]
 pub struct StepSummary {
@@ -131,7 +71,7 @@ pub struct StepSummary {
     /// Model FLOPs of the step, when the model counts them.
     pub flops: Option<f64>,
     /// MoE layers' stats of the last micro-batch (device tensors; empty without MoE).
-    pub moe: Vec<(usize, MoeStats)>,
+    pub moe: Vec<(usize, stlm_moe::MoeStats)>,
 }
 
 /// One optimizer step at `step` with learning rate `lr`: `grad_accum` micro-batches forward and
@@ -199,20 +139,6 @@ pub fn validation_loss(model: &dyn LanguageModel, data: &dyn BatchSource, batche
     Ok((total / batches.max(1) as f64, bpb))
 }
 
-/// One position_loss.jsonl line: mean validation loss at each window position and its standard
-/// error over the windows of `eval_batches` validation batches.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PositionLog {
-    /// Step after which it was measured.
-    pub step: u64,
-    /// Windows averaged over.
-    pub windows: i64,
-    /// Mean loss (nats) at each position.
-    pub loss: Vec<f64>,
-    /// Standard error of each mean (sample standard deviation / sqrt(windows)).
-    pub stderr: Vec<f64>,
-}
-
 /// Per-position validation loss over `batches` validation batches.
 pub fn validation_position_loss(model: &dyn LanguageModel, data: &dyn BatchSource, batches: u64, step: u64) -> Result<PositionLog> {
     let _guard = tch::no_grad_guard();
@@ -244,20 +170,13 @@ pub fn train(
     std::fs::create_dir_all(run_dir).map_err(|e| CoreError::io(run_dir, e))?;
     let params = model.trainable_variables();
     let mut opt = AdamW::new(params, cfg.adamw());
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let positions_path = run_dir.join("position_loss.jsonl");
     let mut state = TrainerState { step: 0, seed: cfg.seed, tokens_seen: 0 };
     if resume {
         let (ckpt, restored) = checkpoint::restore_latest(run_dir, model, &mut opt)?;
         eprintln!("resuming from {} (step {})", ckpt.display(), restored.step);
         state = restored;
-        truncate_metrics(&metrics_path, state.step)?;
-        truncate_metrics(&positions_path, state.step)?;
-    } else {
-        for path in [&metrics_path, &positions_path].into_iter().filter(|p| p.exists()) {
-            std::fs::remove_file(path).map_err(|e| CoreError::io(path, e))?;
-        }
     }
+    let mut metrics = Metrics::open(run_dir, resume.then_some(state.step))?;
     // After a restore, so that the masks are those of the checkpoint's (masked) weights.
     opt.keep_zeros(&control.keep_zeros)?;
     let (schedule, max_steps) = (cfg.schedule(), cfg.max_steps);
@@ -273,7 +192,6 @@ pub fn train(
         .time_limit
         .and_then(|secs| std::time::Duration::try_from_secs_f64(secs.max(0.0)).ok())
         .and_then(|limit| started.checked_add(limit));
-    let (mut window_start, mut window_tokens, mut window_flops) = (Instant::now(), 0u64, Some(0.0));
     let mut logs = Vec::new();
     while state.step < max_steps {
         let step = state.step;
@@ -285,9 +203,7 @@ pub fn train(
                 return Err(e);
             }
         };
-        let (loss_value, grad_norm) = (out.loss, out.grad_norm);
-        window_tokens += out.tokens;
-        window_flops = window_flops.zip(out.flops).map(|(a, b)| a + b);
+        metrics.count(out.tokens, out.flops);
         state.tokens_seen += out.tokens;
         state.step += 1;
         bar.inc(1);
@@ -295,44 +211,23 @@ pub fn train(
         let last = state.step == max_steps;
         let evaluate = last || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every));
         if last || state.step.is_multiple_of(cfg.log_every) || evaluate {
-            let (val_loss, val_bpb) = match evaluate {
+            let val = match evaluate {
                 true => validation_loss(model, data, cfg.eval_batches).map(|(l, b)| (Some(l), b))?,
                 false => (None, None),
             };
-            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-            let log = StepLog {
-                step: state.step,
-                loss: loss_value,
-                val_loss,
-                val_bpb,
-                lr,
-                grad_norm,
-                tokens_per_s: window_tokens as f64 / secs,
-                model_flops_per_s: window_flops.map(|f| f / secs),
-                elapsed: started.elapsed().as_secs_f64(),
-                moe: out.moe.iter().map(|(i, s)| MoeLog::from_stats(*i, s)).collect(),
-            };
-            append_line(&metrics_path, &log)?;
-            let line = format!(
-                "loss {:.4}{} lr {:.2e} {:.0} tok/s",
-                log.loss,
-                val_loss.map(|v| format!(" val {v:.4}")).unwrap_or_default()
-                    + &val_bpb.map(|b| format!(" ({b:.3} bpb)")).unwrap_or_default(),
-                lr,
-                log.tokens_per_s
-            );
+            let moe = out.moe.iter().map(|(i, s)| MoeLog::from_stats(*i, s)).collect();
+            let log = metrics.log(StepValues { step: state.step, loss: out.loss, val, lr, grad_norm: out.grad_norm, moe })?;
             if bar.is_hidden() {
                 // Not a terminal: plain lines instead of a live bar.
-                eprintln!("step {}/{max_steps} {line}", state.step);
+                eprintln!("step {}/{max_steps} {}", state.step, log.summary());
             } else {
-                bar.set_message(line);
+                bar.set_message(log.summary());
             }
             logs.push(log);
-            (window_start, window_tokens, window_flops) = (Instant::now(), 0, Some(0.0));
         }
         if cfg.position_loss_every > 0 && (last || state.step.is_multiple_of(cfg.position_loss_every)) {
             let log = validation_position_loss(model, data, cfg.eval_batches, state.step)?;
-            append_line(&positions_path, &log)?;
+            metrics.log_positions(&log)?;
         }
         let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
         let stop = control.stop.load(Ordering::SeqCst) || timed_out;
@@ -346,28 +241,4 @@ pub fn train(
     }
     bar.finish_and_clear();
     Ok(TrainReport { logs, step: state.step, completed: true, timed_out: false })
-}
-
-/// Appends `value` as one JSON line to `path`.
-fn append_line(path: &Path, value: &impl Serialize) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| CoreError::io(path, e))?;
-    let line = serde_json::to_string(value).expect("log serializes");
-    writeln!(f, "{line}").map_err(|e| CoreError::io(path, e))?;
-    Ok(())
-}
-
-/// Keeps the metrics lines of steps up to `step` (a resumed run rewrites the rest).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    Ok(stlm_core::atomic_write_bytes(path, kept.as_bytes())?)
 }

@@ -1,0 +1,463 @@
+//! Distillation runs: the student, the teacher (live or cached), the logit and feature losses,
+//! the batches and the run directory of `stlm distill`, assembled from [`DistillOptions`] and
+//! trained with the stlm-train loop; and [`write_cache`], the teacher's top-k distributions over
+//! a corpus (`stlm distill cache`). Errors name the option or file, never a command-line flag.
+
+use crate::{CacheHeader, CacheWriter, DistillError, Distiller, Divergence, FeatureLoss, LayerChoice, LogitLoss, Result, Teacher, TeacherCache};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use stlm_data::{window_picks, DataConfig, Source, TokenizedCorpus};
+use stlm_model::{Batch, DecoderModel, LanguageModel};
+use stlm_tokenizers::Tokenizer;
+use stlm_train::config::TrainConfig;
+use stlm_train::run::{create_run_dir, fill_special_tokens, sources, tokenize, RunConfig, TokenBatchSource};
+use stlm_train::trainer::{train, BatchSource, RunControl, TrainReport};
+use stlm_train::TrainError;
+use tch::{Device, Tensor};
+
+/// The record of a distillation run's options in its run directory.
+pub const RECORD_FILE: &str = "distill.json";
+
+/// The options of a distillation run (as `stlm distill` takes them).
+#[derive(Debug, Clone)]
+pub struct DistillOptions {
+    /// Teacher model directory (token models); optional with a cache.
+    pub teacher: Option<PathBuf>,
+    /// A teacher cache ([`write_cache`]): train on its windows with its stored targets.
+    pub cache: Option<PathBuf>,
+    /// The student: a run config (`[model]`, `[train]`, `[data]`) or a model directory.
+    pub student: PathBuf,
+    /// Run config for `[train]` and `[data]` when `student` is a model directory.
+    pub config: Option<PathBuf>,
+    /// Overrides `TABLE.FIELD=VALUE` of the student's run config.
+    pub overrides: Vec<String>,
+    /// Length of the run in steps (replaces `train.max_steps`).
+    pub max_steps: Option<u64>,
+    /// Training text; empty: the student config's built-in stories. Not with a cache.
+    pub data: Vec<PathBuf>,
+    /// Logit divergence: fkl, rkl, js, tvd, sfkl or srkl.
+    pub loss: String,
+    /// Temperature of both distributions (default 1; a cache's own with a cache).
+    pub temperature: Option<f64>,
+    /// Weight of the logit loss; the next-token cross-entropy gets `1 - alpha`.
+    pub alpha: f64,
+    /// Skew lambda of sfkl and srkl.
+    pub skew: f64,
+    /// Compare only the teacher's top k tokens plus a rest bucket.
+    pub top_k: Option<i64>,
+    /// Weight of the hidden-state MSE (0: off).
+    pub hidden_weight: f64,
+    /// Weight of the attention-map KL (0: off).
+    pub attention_weight: f64,
+    /// Feature pairs `STUDENT:TEACHER`, e.g. `1:2,2:4`; default: uniform.
+    pub layer_map: Option<String>,
+    /// `none` (shared vocabulary) or `bytes` (next-byte distributions across tokenizers).
+    pub align: String,
+    /// Student initialisation: random, every:K or layers:0,2,4.
+    pub init: String,
+}
+
+/// The options of a run, recorded so that a resumed run is the same run.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct Record {
+    teacher: Option<PathBuf>,
+    cache: Option<PathBuf>,
+    loss: String,
+    temperature: f64,
+    alpha: f64,
+    skew: f64,
+    top_k: Option<i64>,
+    hidden_weight: f64,
+    attention_weight: f64,
+    layer_map: Vec<(usize, usize)>,
+    init: String,
+    init_layers: Vec<usize>,
+    align: String,
+}
+
+/// A distillation run ready to train.
+pub struct DistillRun {
+    /// The objective: the student, the teacher and the losses.
+    pub distiller: Distiller,
+    /// Training batches (with the cache's targets) and validation batches.
+    pub batches: Box<dyn BatchSource>,
+    /// The student's `[train]` table.
+    pub train: TrainConfig,
+    /// The run directory.
+    pub out: PathBuf,
+    /// The logit divergence.
+    pub divergence: Divergence,
+    /// The temperature in use.
+    pub temperature: f64,
+    /// The top k in use.
+    pub top_k: Option<i64>,
+}
+
+/// The student's model, run tables and tokenizer.
+struct Student {
+    model: DecoderModel,
+    train: TrainConfig,
+    data: DataConfig,
+    tokenizer: Tokenizer,
+    /// The config text written to the run directory.
+    text: String,
+    /// True when the weights came from a model directory.
+    pretrained: bool,
+}
+
+/// An option value that is not allowed, naming the option.
+fn bad_option(name: &str, why: impl std::fmt::Display) -> DistillError {
+    DistillError::Input(format!("option `{name}`: {why}"))
+}
+
+/// Loads a token model directory in float32.
+fn load_token_model(dir: &Path, device: Device) -> Result<DecoderModel> {
+    if stlm_model::load_config(dir)?.bytes.is_some() {
+        return Err(DistillError::Input(format!("{}: a byte-pooled model; distillation takes token models", dir.display())));
+    }
+    Ok(stlm_model::load_model(dir, device, stlm_core::DType::Float32)?)
+}
+
+fn load_student(o: &DistillOptions, device: Device) -> Result<Student> {
+    let path = o.student.as_path();
+    let steps = |run: &mut RunConfig| o.max_steps.map(|s| run.set_max_steps(s)).transpose();
+    if path.is_dir() {
+        let model = load_token_model(path, device)?;
+        let tok_path = stlm_model::tokenizer_path(path)
+            .ok_or_else(|| DistillError::Input(format!("{}: no tokenizer.json in the student model directory", path.display())))?;
+        let tokenizer = Tokenizer::from_file(&tok_path)?;
+        let mut run = match &o.config {
+            Some(c) => RunConfig::load(c, &o.overrides)?,
+            None if !o.overrides.is_empty() => return Err(bad_option("set", "overrides need a run config when the student is a model directory")),
+            None => RunConfig::for_model(model.config.clone()),
+        };
+        steps(&mut run)?;
+        return Ok(Student { model, train: run.train, data: run.data, tokenizer, text: run.text, pretrained: true });
+    }
+    if o.config.is_some() {
+        return Err(bad_option("config", format!("is for a student model directory; {} is a run config already", path.display())));
+    }
+    let mut run = RunConfig::load(path, &o.overrides)?;
+    steps(&mut run)?;
+    let tokenizer = match &run.data.tokenizer {
+        Some(t) => Tokenizer::from_file(t)?,
+        None => Tokenizer::from_file(&teacher_tokenizer_path(o)?)?,
+    };
+    fill_special_tokens(&mut run.model, &tokenizer);
+    if run.model.bytes.is_some() {
+        return Err(DistillError::Input(format!("{}: a byte-pooled student; distillation takes token models", path.display())));
+    }
+    stlm_core::seed_all(run.train.seed);
+    let model = DecoderModel::new(run.model.clone(), device)?;
+    Ok(Student { model, train: run.train, data: run.data, tokenizer, text: run.text, pretrained: false })
+}
+
+/// The teacher's tokenizer.json: the teacher directory's, or with a cache its teacher's.
+fn teacher_tokenizer_path(o: &DistillOptions) -> Result<PathBuf> {
+    let dir = match (&o.teacher, &o.cache) {
+        (Some(t), _) => t.clone(),
+        (None, Some(c)) => TeacherCache::header(c)?.teacher,
+        (None, None) => return Err(bad_option("teacher", "a teacher directory or a teacher cache is needed")),
+    };
+    stlm_model::tokenizer_path(&dir).ok_or_else(|| DistillError::Input(format!("{}: the teacher has no tokenizer.json", dir.display())))
+}
+
+/// Refuses a student whose vocabulary is not the teacher's, naming the first difference.
+fn check_vocabulary(teacher: &Tokenizer, student: &Tokenizer) -> Result<()> {
+    if let Some((id, t, s)) = teacher.first_vocab_difference(student) {
+        let show = |x: Option<String>| x.map(|t| format!("`{t}`")).unwrap_or_else(|| "nothing".into());
+        return Err(DistillError::Input(format!(
+            "the teacher's tokenizer ({} tokens) and the student's ({} tokens) differ: id {id} is {} in the teacher and {} in the student; \
+             logit distillation needs a shared vocabulary (train the student with the teacher's tokenizer.json) or byte alignment",
+            teacher.vocab_size(),
+            student.vocab_size(),
+            show(t),
+            show(s)
+        )));
+    }
+    Ok(())
+}
+
+/// Training batches drawn from a teacher cache (its targets in each batch's extras);
+/// validation batches from the cache's corpus.
+struct CachedBatches {
+    cache: TeacherCache,
+    val: TokenBatchSource,
+    seed: u64,
+    batch: usize,
+    seq: i64,
+    device: Device,
+}
+
+impl BatchSource for CachedBatches {
+    fn train_batch(&self, step: u64, micro: u64) -> stlm_train::Result<Batch> {
+        let picks: Vec<i64> = window_picks(self.seed, step, micro, self.batch, self.cache.len()).into_iter().map(|p| p as i64).collect();
+        self.cache.train_batch(&picks, self.seq, self.device).map_err(|e| TrainError::Config(e.to_string()))
+    }
+    fn val_batch(&self, index: u64) -> stlm_train::Result<Batch> {
+        self.val.val_batch(index)
+    }
+    fn target_bytes(&self, targets: &Tensor) -> Option<f64> {
+        self.val.target_bytes(targets)
+    }
+}
+
+/// The corpus tokenized with `tok` (cached under `cache_dir`).
+fn corpus(sources: &[Source], tok: &Tokenizer, data: &DataConfig, val_fraction: f64, seed: u64, cache_dir: PathBuf, progress: bool) -> Result<TokenizedCorpus> {
+    Ok(tokenize(sources, tok, data, val_fraction, seed, cache_dir, progress)?)
+}
+
+/// Assembles the distillation run of `o` in the run directory `out` on `device` (checking, when
+/// `resume`, that the options are those of the run there): the student, the teacher, the losses,
+/// the student's initialisation from the teacher, the batches, and the files of the run
+/// directory (`distill.json`, `config.toml`, `tokenizer.json`). Progress lines go to stderr.
+pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, progress: bool) -> Result<DistillRun> {
+    let divergence: Divergence = o.loss.parse()?;
+    let init: LayerChoice = o.init.parse()?;
+    if o.cache.is_some() && !o.data.is_empty() {
+        return Err(bad_option("data", "a cache run trains on the cache's corpus; give no training text"));
+    }
+    let cache = o.cache.as_deref().map(TeacherCache::open).transpose()?;
+    let teacher_tok = Tokenizer::from_file(&teacher_tokenizer_path(o)?)?;
+    let teacher = o.teacher.as_deref().map(|d| load_token_model(d, device)).transpose()?;
+    let student = load_student(o, device)?;
+    let align = match (o.align.as_str(), &teacher) {
+        ("none", _) => {
+            check_vocabulary(&teacher_tok, &student.tokenizer)?;
+            None
+        }
+        ("bytes", None) => return Err(bad_option("align", "bytes needs the live teacher (a teacher directory, not a cache)")),
+        ("bytes", Some(t)) => {
+            let (sv, tv) = (student.model.config.vocab_size, t.config.vocab_size);
+            Some(crate::ByteAlignment::new(&student.tokenizer, sv, teacher_tok, tv, t.config.max_position_embeddings, device)?)
+        }
+        (other, _) => return Err(bad_option("align", format!("`{other}`: expected none or bytes"))),
+    };
+
+    // The logit loss; a cache fixes the temperature and k.
+    let (temperature, top_k) = match &cache {
+        Some(c) => {
+            let h = &c.header;
+            if o.temperature.is_some_and(|t| t != h.temperature) || o.top_k.is_some_and(|k| k != h.top_k) {
+                return Err(bad_option(
+                    "temperature",
+                    format!("the cache holds top-{} distributions at temperature {}; keep its temperature and top_k or make a new cache", h.top_k, h.temperature),
+                ));
+            }
+            if h.vocab_size != student.model.config.vocab_size {
+                return Err(DistillError::Input(format!(
+                    "the cache's teacher has vocab_size {} and the student {}",
+                    h.vocab_size, student.model.config.vocab_size
+                )));
+            }
+            (h.temperature, Some(h.top_k))
+        }
+        None => (o.temperature.unwrap_or(1.0), o.top_k),
+    };
+    let logit = LogitLoss { divergence, temperature, skew: o.skew, top_k };
+    logit.validate()?;
+
+    // Student initialisation from the teacher's weights.
+    let init_layers = match (&init, &teacher) {
+        (LayerChoice::Random, _) => Vec::new(),
+        (_, _) if student.pretrained => return Err(bad_option("init", format!("{}: the student model directory has weights already", o.init))),
+        (_, None) => return Err(bad_option("init", format!("{} copies the teacher's weights: give a teacher directory", o.init))),
+        (choice, Some(t)) => {
+            let layers = choice.teacher_layers(t.layers.len(), student.model.layers.len())?;
+            let tv: HashMap<String, Tensor> = t.var_store().variables();
+            let sv: Vec<(String, Tensor)> = student.model.var_store().variables().into_iter().collect();
+            let cut = crate::copy_from_teacher(&sv, &tv, &layers)?;
+            eprintln!("student starts from teacher blocks {layers:?} ({cut} tensors cut to the student's width)");
+            layers
+        }
+    };
+    let features = match (o.hidden_weight, o.attention_weight) {
+        (0.0, 0.0) if o.layer_map.is_some() => return Err(bad_option("layer_map", "needs a hidden_weight or an attention_weight")),
+        (0.0, 0.0) => None,
+        (h, w) => {
+            let Some(t) = &teacher else {
+                let name = if h != 0.0 { "hidden_weight" } else { "attention_weight" };
+                return Err(bad_option(name, "hidden-state and attention losses need the live teacher (a teacher directory, not a cache)"));
+            };
+            let map = match &o.layer_map {
+                Some(spec) => FeatureLoss::parse_map(spec)?,
+                None => FeatureLoss::uniform_map(student.model.layers.len(), t.layers.len()),
+            };
+            Some(FeatureLoss::new(h, w, map, &student.model, t)?)
+        }
+    };
+    let record = Record {
+        teacher: o.teacher.clone(),
+        cache: o.cache.clone(),
+        loss: o.loss.clone(),
+        temperature,
+        alpha: o.alpha,
+        skew: o.skew,
+        top_k,
+        hidden_weight: o.hidden_weight,
+        attention_weight: o.attention_weight,
+        layer_map: features.as_ref().map(|f| f.map.clone()).unwrap_or_default(),
+        init: o.init.clone(),
+        init_layers,
+        align: o.align.clone(),
+    };
+    create_run_dir(out)?;
+    let record_path = out.join(RECORD_FILE);
+    if resume {
+        let saved: Record = stlm_core::read_json(&record_path)?;
+        if saved != record {
+            return Err(DistillError::Input(format!(
+                "cannot resume: the options differ from those of the run in {} ({}); pass the same ones",
+                out.display(),
+                record_path.display()
+            )));
+        }
+    }
+
+    // Data: the student's tokenizer over the training text, or the cache's corpus.
+    let tok_path = out.join("tokenizer.json");
+    student.tokenizer.save(&tok_path)?;
+    let (train, seq) = (&student.train, student.train.seq_len);
+    let (batches, teacher): (Box<dyn BatchSource>, Teacher) = match (cache, teacher, &o.cache) {
+        (Some(cache), _, Some(cache_dir)) => {
+            let h = &cache.header;
+            let sources: Vec<Source> = h.sources.iter().cloned().map(Source::File).collect();
+            // Read as `write_cache` read it, so that its tokens are reused.
+            let corpus = corpus(&sources, &student.tokenizer, &DataConfig::default(), h.val_fraction, h.seed, cache_dir.join("tokens"), progress)?;
+            let val = TokenBatchSource::new(corpus, &student.tokenizer, train, device)?;
+            eprintln!("teacher cache: {} windows of {} positions, top {} at temperature {}", cache.len(), h.seq_len, h.top_k, h.temperature);
+            let batches = CachedBatches { cache, val, seed: train.seed, batch: train.batch_size as usize, seq, device };
+            (Box::new(batches), Teacher::Cached)
+        }
+        (_, Some(t), _) => {
+            let sources = sources(&o.data, &student.data);
+            let cache_dir = student.data.cache_dir.clone().unwrap_or_else(|| out.join("tokens"));
+            let corpus = corpus(&sources, &student.tokenizer, &student.data, student.data.val_fraction, train.seed, cache_dir, progress)?;
+            (Box::new(TokenBatchSource::new(corpus, &student.tokenizer, train, device)?), Teacher::Live(Box::new(t)))
+        }
+        _ => return Err(bad_option("teacher", "a teacher directory or a teacher cache is needed")),
+    };
+    let distiller = Distiller::new(student.model, teacher, logit, o.alpha, features, align)?;
+    eprintln!(
+        "distilling into {} parameters with {} (T = {temperature}, alpha = {}{}); run directory {}",
+        distiller.num_parameters(),
+        divergence.name(),
+        o.alpha,
+        top_k.map(|k| format!(", top {k}")).unwrap_or_default(),
+        out.display()
+    );
+    let json = serde_json::to_string_pretty(&record).map_err(|e| DistillError::Input(format!("cannot write {}: {e}", record_path.display())))?;
+    stlm_core::atomic_write_bytes(&record_path, json.as_bytes())?;
+    if !student.text.is_empty() {
+        stlm_core::atomic_write_bytes(&out.join("config.toml"), student.text.as_bytes())?;
+    }
+    Ok(DistillRun { distiller, batches, train: student.train, out: out.to_path_buf(), divergence, temperature, top_k })
+}
+
+impl DistillRun {
+    /// Trains the student (resuming when `resume`) until `train.max_steps`, a stop or a time limit.
+    pub fn train(&self, control: &RunControl, resume: bool) -> stlm_train::Result<TrainReport> {
+        train(&self.distiller, self.batches.as_ref(), &self.train, control, &self.out, resume)
+    }
+
+    /// Saves the student as the model directory `out/model` with the run's tokenizer.
+    pub fn save_student(&self) -> Result<PathBuf> {
+        let dir = self.out.join("model");
+        self.distiller.student.save(&dir, Some(&self.out.join("tokenizer.json")))?;
+        Ok(dir)
+    }
+}
+
+/// What [`write_cache`] stores.
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// Teacher model directory.
+    pub teacher: PathBuf,
+    /// Text files; the windows cover their training split.
+    pub data: Vec<PathBuf>,
+    /// Positions per window.
+    pub seq_len: i64,
+    /// Tokens kept per position.
+    pub top_k: i64,
+    /// Temperature of the stored distributions.
+    pub temperature: f64,
+    /// Windows per teacher forward.
+    pub batch_size: i64,
+    /// Stop after this many windows.
+    pub max_windows: Option<u64>,
+    /// Fraction of each file held out for validation.
+    pub val_fraction: f64,
+    /// Seed of the split.
+    pub seed: u64,
+}
+
+/// Stores the teacher's top-k distributions over disjoint windows of the corpus's training split
+/// in the cache directory `out`, with a progress bar when `progress`; returns the header.
+pub fn write_cache(o: &CacheOptions, out: &Path, device: Device, dtype: stlm_core::DType, progress: bool) -> Result<CacheHeader> {
+    if stlm_model::load_config(&o.teacher)?.bytes.is_some() {
+        return Err(DistillError::Input(format!("{}: a byte-pooled model; the cache takes token models", o.teacher.display())));
+    }
+    let teacher = stlm_model::load_model(&o.teacher, device, dtype)?;
+    let tok_path = stlm_model::tokenizer_path(&o.teacher)
+        .ok_or_else(|| DistillError::Input(format!("{}: no tokenizer.json in the teacher's model directory", o.teacher.display())))?;
+    let tok = Tokenizer::from_file(&tok_path)?;
+    let (seq, k) = (o.seq_len, o.top_k);
+    let context = teacher.config.max_position_embeddings;
+    if seq < 1 || seq > context {
+        return Err(bad_option("seq_len", format!("{seq}: must be in 1..={context} (the teacher's max_position_embeddings)")));
+    }
+    if k < 1 || k >= teacher.config.vocab_size {
+        return Err(bad_option("top_k", format!("{k}: must be in 1..{} (the vocabulary)", teacher.config.vocab_size)));
+    }
+    if o.batch_size < 1 {
+        return Err(bad_option("batch_size", format!("{}: must be at least 1", o.batch_size)));
+    }
+    let loss = LogitLoss { divergence: Divergence::ForwardKl, temperature: o.temperature, skew: 0.1, top_k: Some(k) };
+    loss.validate()?;
+    let sources: Vec<Source> = o.data.iter().cloned().map(Source::File).collect();
+    let corpus = corpus(&sources, &tok, &DataConfig::default(), o.val_fraction, o.seed, out.join("tokens"), progress)?;
+    // Disjoint windows of seq + 1 ids (each sharing its last id with the next window's first),
+    // so every training token is a target once.
+    let mut windows: Vec<(usize, usize)> = Vec::new();
+    for (i, shard) in corpus.shards.iter().enumerate() {
+        let len = shard.train.len();
+        windows.extend((0..).map(|w| w * seq as usize).take_while(|&s| s + (seq as usize) < len).map(|s| (i, s)));
+    }
+    windows.truncate(o.max_windows.unwrap_or(u64::MAX).min(windows.len() as u64) as usize);
+    if windows.is_empty() {
+        return Err(DistillError::Input(format!(
+            "the training split has no window of {} tokens; give more data or a shorter seq_len",
+            seq + 1
+        )));
+    }
+    let bar = if progress { ProgressBar::new(windows.len() as u64) } else { ProgressBar::hidden() };
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} windows [{elapsed_precise}<{eta_precise}]").expect("valid template"));
+    let mut writer = CacheWriter::new(out, 4096)?;
+    let mut ids = Vec::new();
+    let _guard = tch::no_grad_guard();
+    for chunk in windows.chunks(o.batch_size as usize) {
+        ids.clear();
+        for &(shard, start) in chunk {
+            corpus.shards[shard].train.extend_window(start, seq as usize + 1, &mut ids);
+        }
+        let inputs = Tensor::from_slice(&ids).view([chunk.len() as i64, seq + 1]).to_device(teacher.device());
+        let logits = teacher.forward(&inputs.narrow(1, 0, seq));
+        writer.push(&inputs, &loss.teacher_targets(&logits))?;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    writer.finish(CacheHeader {
+        teacher: o.teacher.clone(),
+        seq_len: seq,
+        top_k: k,
+        temperature: o.temperature,
+        vocab_size: teacher.config.vocab_size,
+        windows: 0,
+        sources: o.data.clone(),
+        val_fraction: o.val_fraction,
+        seed: o.seed,
+        files: Vec::new(),
+    })
+}
