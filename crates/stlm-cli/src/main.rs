@@ -70,10 +70,8 @@ fn error_line(e: &anyhow::Error) -> String {
         })
         .collect();
     let displays: Vec<String> = e.chain().map(ToString::to_string).collect();
-    let kept: Vec<&str> = (0..parts.len())
-        .filter(|&i| displays.get(i + 1) != Some(&displays[i]))
-        .map(|i| parts[i].as_str())
-        .collect();
+    let kept: Vec<&str> =
+        (0..parts.len()).filter(|&i| displays.get(i + 1) != Some(&displays[i])).map(|i| parts[i].as_str()).collect();
     kept.join(": ")
 }
 

@@ -139,7 +139,6 @@ fn chunk(spec: &str, text: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-
 /// A tokenizer's option error as an [`stlm_core::OptionError`], so that the error line names the flag.
 fn option_error(e: TokenizerError) -> anyhow::Error {
     match e {

@@ -12,7 +12,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
             Err(CoreError::from(OptionError::new(
                 "device",
                 s,
-                format!("CUDA device {n} is not available (this machine has {} CUDA devices)", tch::Cuda::device_count()),
+                format!(
+                    "CUDA device {n} is not available (this machine has {} CUDA devices)",
+                    tch::Cuda::device_count()
+                ),
             )))
         }
     };
@@ -53,7 +56,12 @@ impl DType {
     /// The dtype to use on `device`: half precision is refused on CPU.
     pub fn for_device(self, device: Device) -> Result<Self> {
         if self != DType::Float32 && device == Device::Cpu {
-            return Err(OptionError::new("dtype", format!("{self:?}"), "half precision is for CUDA; use float32 on CPU").into());
+            return Err(OptionError::new(
+                "dtype",
+                format!("{self:?}"),
+                "half precision is for CUDA; use float32 on CPU",
+            )
+            .into());
         }
         Ok(self)
     }
@@ -91,7 +99,10 @@ mod tests {
 
     #[test]
     fn half_precision_refused_on_cpu() {
-        assert!(matches!(DType::BFloat16.for_device(Device::Cpu), Err(CoreError::Option(OptionError { name: "dtype", .. }))));
+        assert!(matches!(
+            DType::BFloat16.for_device(Device::Cpu),
+            Err(CoreError::Option(OptionError { name: "dtype", .. }))
+        ));
         assert_eq!(DType::parse("bf16").unwrap(), DType::BFloat16);
         assert!(DType::parse("f8").is_err());
     }

@@ -6,8 +6,8 @@
 use crate::align::ByteAlignment;
 use crate::loss::{cross_entropy, divergence, Divergence, LogitLoss, TeacherTargets, LOG_FLOOR};
 use crate::{DistillError, Result};
-use stlm_core::OptionError;
 use std::path::Path;
+use stlm_core::OptionError;
 use stlm_model::{Batch, BlockPass, DecoderModel, LanguageModel, Mode, ModelConfig, ModelError, ResidualStream, StepOutput};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};

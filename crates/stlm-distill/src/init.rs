@@ -3,8 +3,8 @@
 //! when the student is narrower.
 
 use crate::{DistillError, Result};
-use stlm_core::OptionError;
 use std::collections::HashMap;
+use stlm_core::OptionError;
 use tch::Tensor;
 
 /// Which teacher blocks the student's blocks start from.
@@ -22,7 +22,9 @@ impl std::str::FromStr for LayerChoice {
     type Err = DistillError;
     /// `random`, `every:K` or `layers:0,2,4`.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |why: &str| DistillError::from(OptionError::new("init", s, format!("{why}; expected random, every:K or layers:0,2,4")));
+        let bad = |why: &str| {
+            DistillError::from(OptionError::new("init", s, format!("{why}; expected random, every:K or layers:0,2,4")))
+        };
         if s == "random" {
             return Ok(LayerChoice::Random);
         }

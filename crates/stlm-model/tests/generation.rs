@@ -1,8 +1,8 @@
 //! Generation invariants: the cached path agrees with full forwards, batching with left padding
 //! agrees with one-by-one generation, and sampling options behave.
 
-use stlm_model::generate::{filtered_probs, Sampler};
 use stlm_core::OptionError;
+use stlm_model::generate::{filtered_probs, Sampler};
 use stlm_model::{generate, DecoderModel, GenerationConfig, ModelConfig, ModelError};
 use tch::{Device, Kind, Tensor};
 

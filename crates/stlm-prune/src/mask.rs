@@ -2,8 +2,8 @@
 //! M consecutive inputs) within a scope (each output row, the whole matrix, or every matrix).
 
 use crate::{PruneError, Result};
-use stlm_core::OptionError;
 use serde::Serialize;
+use stlm_core::OptionError;
 use tch::{Kind, Tensor};
 
 /// How many weights a matrix loses.

@@ -18,13 +18,13 @@
 
 use crate::report::Perplexity;
 use crate::{PruneError, Result};
-use stlm_core::OptionError;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use stlm_attention::AttentionKind;
+use stlm_core::OptionError;
 use stlm_moe::RouterKind;
 use stlm_model::config::{ModelType, PositionKind};
 use stlm_model::layers::{FeedForward, InputGram, KeepUnits};
@@ -228,14 +228,24 @@ pub fn prune_structured(model: &mut DecoderModel, calib: &[Tensor], opts: &Struc
     }
     let remove = (opts.amount * total as f64).round() as i64;
     if remove >= total {
-        return Err(OptionError::new("amount", opts.amount, format!("would remove all {total} {}", unit_name(opts.unit))).into());
+        return Err(OptionError::new(
+            "amount",
+            opts.amount,
+            format!("would remove all {total} {}", unit_name(opts.unit)),
+        )
+        .into());
     }
     if opts.importance != Importance::Magnitude && calib.is_empty() {
         let why = format!("{} importance needs calibration text", importance_name(opts.importance));
         return Err(OptionError::no_value("calib", why).into());
     }
     if let (Unit::Layers, Importance::Magnitude) = (opts.unit, opts.importance) {
-        return Err(OptionError::new("importance", "magnitude", "blocks (structured layers) are scored by activation (block influence) or taylor").into());
+        return Err(OptionError::new(
+            "importance",
+            "magnitude",
+            "blocks (structured layers) are scored by activation (block influence) or taylor",
+        )
+        .into());
     }
     if let (Unit::Experts, Some(moe)) = (opts.unit, &model.config.moe) {
         let k = match moe.router {

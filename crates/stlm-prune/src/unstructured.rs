@@ -13,11 +13,11 @@ use crate::mask::{global_keep_masks, keep_mask, Pattern, Scope};
 use crate::report::{PruneReport, TargetReport};
 use crate::sparsegpt::{sparsegpt, SparseGptOptions};
 use crate::{PruneError, Result};
-use stlm_core::OptionError;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use stlm_core::OptionError;
 use stlm_model::layers::{FeedForward, InputGram, Linear};
 use stlm_model::model::BlockPass;
 use stlm_model::DecoderModel;
@@ -437,7 +437,11 @@ mod tests {
         assert!(e.to_string().starts_with("`scope` row: SparseGPT"), "{e}");
         let o = PruneOptions { skip: vec!["model".into(), "lm_head".into()], ..opts(Method::Magnitude, Pattern::Fraction { sparsity: 0.5 }) };
         let e = prune(&mut m, &[], &o, false).unwrap_err();
-        assert!(matches!(&e, PruneError::Option(OptionError { name: "skip", .. })) && e.to_string().contains("nothing to prune"), "{e}");
+        assert!(
+            matches!(&e, PruneError::Option(OptionError { name: "skip", .. }))
+                && e.to_string().contains("nothing to prune"),
+            "{e}"
+        );
         let o = opts(Method::Magnitude, Pattern::NOfM { n: 2, m: 5 });
         let e = prune(&mut m, &[], &o, false).unwrap_err().to_string();
         assert!(e.contains("model.layers.0.self_attn.q_proj") && e.contains("group size 5"), "{e}");
