@@ -59,6 +59,22 @@ enum Job {
     Plot(plot::PlotArgs),
 }
 
+/// The error chain of `e` joined by ": ", an option error in its command-line form (the
+/// flag, not the options field); an element printing just what its source prints is dropped.
+fn error_line(e: &anyhow::Error) -> String {
+    let parts: Vec<String> = e
+        .chain()
+        .map(|c| match c.downcast_ref::<stlm_core::OptionError>() {
+            Some(o) => o.as_flag(),
+            None => c.to_string(),
+        })
+        .collect();
+    let displays: Vec<String> = e.chain().map(ToString::to_string).collect();
+    let kept: Vec<&str> =
+        (0..parts.len()).filter(|&i| displays.get(i + 1) != Some(&displays[i])).map(|i| parts[i].as_str()).collect();
+    kept.join(": ")
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
@@ -86,7 +102,7 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
+            let msg = error_line(&e).replace('\n', " ");
             eprintln!("error: {msg}");
             ExitCode::FAILURE
         }

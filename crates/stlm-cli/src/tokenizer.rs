@@ -4,7 +4,7 @@ use crate::common::{output_path, parse_ids, print_json};
 use anyhow::Result;
 use clap::Subcommand;
 use std::path::PathBuf;
-use stlm_tokenizers::{BpeOptions, Chunker, ChunkerKind, Tokenizer};
+use stlm_tokenizers::{BpeOptions, Chunker, ChunkerKind, Tokenizer, TokenizerError};
 
 #[derive(Subcommand)]
 pub enum TokenizerJob {
@@ -75,7 +75,7 @@ pub fn run(job: TokenizerJob) -> Result<()> {
             let special_tokens =
                 special_tokens.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
             let opts = BpeOptions { vocab_size, min_frequency, special_tokens, show_progress: true };
-            let tok = Tokenizer::train_bpe(&files, &opts)?;
+            let tok = Tokenizer::train_bpe(&files, &opts).map_err(option_error)?;
             tok.save(&out)?;
             eprintln!("wrote {} ({} tokens)", out.display(), tok.vocab_size());
         }
@@ -139,3 +139,10 @@ fn chunk(spec: &str, text: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// A tokenizer's option error as an [`stlm_core::OptionError`], so that the error line names the flag.
+fn option_error(e: TokenizerError) -> anyhow::Error {
+    match e {
+        TokenizerError::Option { name, value, why } => stlm_core::OptionError::new(name, value, why).into(),
+        e => e.into(),
+    }
+}

@@ -1,6 +1,6 @@
 //! Device and dtype choice from command-line strings, and seeding.
 
-use crate::{CoreError, Result};
+use crate::{CoreError, OptionError, Result};
 use tch::{Device, Kind};
 
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N`; `auto` picks CUDA device 0 when available.
@@ -9,9 +9,13 @@ pub fn parse_device(s: &str) -> Result<Device> {
         if tch::Cuda::is_available() && n < tch::Cuda::device_count() as usize {
             Ok(Device::Cuda(n))
         } else {
-            Err(CoreError::Invalid(format!(
-                "--device {s}: CUDA device {n} is not available (this machine has {} CUDA devices)",
-                tch::Cuda::device_count()
+            Err(CoreError::from(OptionError::new(
+                "device",
+                s,
+                format!(
+                    "CUDA device {n} is not available (this machine has {} CUDA devices)",
+                    tch::Cuda::device_count()
+                ),
             )))
         }
     };
@@ -21,7 +25,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
         "cuda" => cuda(0),
         _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => cuda(n),
-            _ => Err(CoreError::Invalid(format!("--device {s}: expected auto, cpu, cuda or cuda:N"))),
+            _ => Err(OptionError::new("device", s, "expected auto, cpu, cuda or cuda:N").into()),
         },
     }
 }
@@ -45,16 +49,19 @@ impl DType {
             "float32" | "f32" => Ok(DType::Float32),
             "bfloat16" | "bf16" => Ok(DType::BFloat16),
             "float16" | "f16" => Ok(DType::Float16),
-            _ => Err(CoreError::Invalid(format!("--dtype {s}: expected float32, bfloat16 or float16"))),
+            _ => Err(OptionError::new("dtype", s, "expected float32, bfloat16 or float16").into()),
         }
     }
 
     /// The dtype to use on `device`: half precision is refused on CPU.
     pub fn for_device(self, device: Device) -> Result<Self> {
         if self != DType::Float32 && device == Device::Cpu {
-            return Err(CoreError::Invalid(format!(
-                "--dtype {self:?}: half precision is for CUDA; use float32 on CPU"
-            )));
+            return Err(OptionError::new(
+                "dtype",
+                format!("{self:?}"),
+                "half precision is for CUDA; use float32 on CPU",
+            )
+            .into());
         }
         Ok(self)
     }
@@ -81,6 +88,7 @@ mod tests {
     #[test]
     fn devices_parse() {
         assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        assert!(matches!(parse_device("tpu"), Err(CoreError::Option(OptionError { name: "device", .. }))));
         assert!(parse_device("tpu").unwrap_err().to_string().contains("tpu"));
         assert!(parse_device("cuda:x").is_err());
         if !tch::Cuda::is_available() {
@@ -91,7 +99,10 @@ mod tests {
 
     #[test]
     fn half_precision_refused_on_cpu() {
-        assert!(DType::BFloat16.for_device(Device::Cpu).is_err());
+        assert!(matches!(
+            DType::BFloat16.for_device(Device::Cpu),
+            Err(CoreError::Option(OptionError { name: "dtype", .. }))
+        ));
         assert_eq!(DType::parse("bf16").unwrap(), DType::BFloat16);
         assert!(DType::parse("f8").is_err());
     }

@@ -14,7 +14,7 @@ pub mod spin;
 pub mod step;
 
 pub use device::{parse_device, seed_all, DType};
-pub use error::{CoreError, Result};
+pub use error::{CoreError, OptionError, Result};
 pub use step::{BufferUpdate, Mode};
 pub use io::{
     atomic_write, atomic_write_bytes, read_json, read_safetensors, temporary_path, toml_known_tables, toml_table,

@@ -9,6 +9,7 @@
 //! split into tokens.
 
 use crate::{DistillError, Result};
+use stlm_core::OptionError;
 use stlm_tokenizers::Tokenizer;
 use tch::{Device, Kind, Tensor};
 
@@ -44,9 +45,10 @@ impl Vocabulary {
         }
         // A byte-level BPE has a token for each byte (GPT-2's stand-in characters).
         if (0..=255u8).any(|b| tok.token_to_id(&stlm_tokenizers::byte_char(b).to_string()).is_none_or(|id| id as i64 >= vocab)) {
-            return Err(DistillError::Input(format!(
-                "--align bytes: the {who}'s tokenizer is not a byte-level BPE (GPT-2's byte alphabet, as `stlm tokenizer train` makes)"
-            )));
+            let why = format!(
+                "the {who}'s tokenizer is not a byte-level BPE (GPT-2's byte alphabet, as `stlm tokenizer train` makes)"
+            );
+            return Err(OptionError::new("align", "bytes", why).into());
         }
         Ok(Vocabulary { bytes, bucket: Tensor::from_slice(&bucket).to_device(device) })
     }

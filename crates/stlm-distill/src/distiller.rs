@@ -7,6 +7,7 @@ use crate::align::ByteAlignment;
 use crate::loss::{cross_entropy, divergence, Divergence, LogitLoss, TeacherTargets, LOG_FLOOR};
 use crate::{DistillError, Result};
 use std::path::Path;
+use stlm_core::OptionError;
 use stlm_model::{Batch, BlockPass, DecoderModel, LanguageModel, Mode, ModelConfig, ModelError, ResidualStream, StepOutput};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -44,33 +45,33 @@ impl FeatureLoss {
     /// blocks and a teacher head count that is a multiple of the student's (teacher heads are
     /// averaged in groups); errors name what does not fit.
     pub fn new(hidden_weight: f64, attention_weight: f64, map: Vec<(usize, usize)>, student: &DecoderModel, teacher: &DecoderModel) -> Result<Self> {
-        for (name, w) in [("--hidden-weight", hidden_weight), ("--attention-weight", attention_weight)] {
+        for (name, w) in [("hidden_weight", hidden_weight), ("attention_weight", attention_weight)] {
             if !(w >= 0.0 && w.is_finite()) {
-                return Err(DistillError::Input(format!("{name} {w}: must be a non-negative number")));
+                return Err(OptionError::new(name, w, "must be a non-negative number").into());
             }
         }
         let (ls, lt) = (student.layers.len(), teacher.layers.len());
         if let Some(&(s, t)) = map.iter().find(|&&(s, t)| s > ls || t > lt) {
-            return Err(DistillError::Input(format!("--layer-map {s}:{t}: states go up to {ls} in the student and {lt} in the teacher")));
+            let why = format!("states go up to {ls} in the student and {lt} in the teacher");
+            return Err(OptionError::new("layer_map", format!("{s}:{t}"), why).into());
         }
         if attention_weight > 0.0 {
+            let bad = |why: String| Err(OptionError::new("attention_weight", attention_weight, why).into());
             let (hs, ht) = (student.config.num_attention_heads, teacher.config.num_attention_heads);
             if ht % hs != 0 {
-                return Err(DistillError::Input(format!(
-                    "--attention-weight: the teacher's {ht} heads are not a multiple of the student's {hs}"
-                )));
+                return bad(format!("the teacher's {ht} heads are not a multiple of the student's {hs}"));
             }
             let pairs: Vec<_> = map.iter().filter(|(s, t)| *s > 0 && *t > 0).collect();
             if pairs.is_empty() {
-                return Err(DistillError::Input("--attention-weight: no pair of blocks in the layer map (state 0 has no attention)".into()));
+                return bad("no pair of blocks in the layer map (state 0 has no attention)".into());
             }
             for &&(s, t) in &pairs {
                 for (who, model, state) in [("student", student, s), ("teacher", teacher, t)] {
                     if !model.layers[state - 1].self_attn.has_attention_probs() {
-                        return Err(DistillError::Input(format!(
-                            "--attention-weight: {who} block {} does not use dense softmax attention; attention maps are compared for dense attention only",
+                        return bad(format!(
+                            "{who} block {} does not use dense softmax attention; attention maps are compared for dense attention only",
                             state - 1
-                        )));
+                        ));
                     }
                 }
             }
@@ -99,7 +100,7 @@ impl FeatureLoss {
 
     /// Parses `s:t,s:t,...` (the states are checked by [`FeatureLoss::new`]).
     pub fn parse_map(spec: &str) -> Result<Vec<(usize, usize)>> {
-        let bad = |why: String| DistillError::Input(format!("--layer-map {spec}: {why}"));
+        let bad = |why: String| DistillError::from(OptionError::new("layer_map", spec, why));
         spec.split(',')
             .map(|pair| {
                 let (s, t) = pair.trim().split_once(':').ok_or_else(|| bad(format!("`{pair}` is not STUDENT:TEACHER")))?;
@@ -200,7 +201,7 @@ impl Distiller {
     ) -> Result<Self> {
         logit.validate()?;
         if !(0.0..=1.0).contains(&alpha) {
-            return Err(DistillError::Input(format!("--alpha {alpha}: must be in [0, 1]")));
+            return Err(OptionError::new("alpha", alpha, "must be in [0, 1]").into());
         }
         if let (Teacher::Live(t), None) = (&teacher, &align) {
             if t.config.vocab_size != student.config.vocab_size {
@@ -215,9 +216,8 @@ impl Distiller {
             return Err(DistillError::Input("hidden-state and attention losses need the live teacher (a cache holds only logits)".into()));
         }
         if align.is_some() && (cached || features.is_some()) {
-            return Err(DistillError::Input(
-                "--align bytes works with the live teacher and logit losses only (no cache, hidden-state or attention terms)".into(),
-            ));
+            let why = "works with the live teacher and logit losses only (no cache, hidden-state or attention terms)";
+            return Err(OptionError::new("align", "bytes", why).into());
         }
         Ok(Distiller { student, teacher, logit, alpha, features, align })
     }
@@ -473,7 +473,7 @@ mod tests {
         assert!(losses_of(&d, &short, Mode::Train).unwrap_err().to_string().contains("another batch"));
         assert!(fkl().teacher_targets(&logits).into_extras(&mut short.extras).is_err(), "full targets stay with a live teacher");
         let e = Distiller::new(DecoderModel::new(tiny(1, 16), Device::Cpu).unwrap(), Teacher::Cached, fkl(), 1.5, None, None);
-        assert!(e.err().unwrap().to_string().contains("--alpha"));
+        assert!(matches!(e.err().unwrap(), DistillError::Option(OptionError { name: "alpha", .. })));
     }
 
     #[test]
@@ -487,7 +487,7 @@ mod tests {
         let e = FeatureLoss::new(0.0, 1.0, vec![(0, 0)], &student, &teacher).err().unwrap().to_string();
         assert!(e.contains("no pair of blocks"), "{e}");
         let e = FeatureLoss::new(1.0, 0.0, vec![(2, 1)], &student, &teacher).err().unwrap().to_string();
-        assert!(e.contains("--layer-map 2:1"), "{e}");
+        assert!(e.starts_with("`layer_map` 2:1: "), "{e}");
         let window = ModelConfig::from_toml_str(
             "model_type = \"stlm\"\nvocab_size = 30\nhidden_size = 16\nintermediate_size = 32\nnum_hidden_layers = 1\nnum_attention_heads = 2\nmax_position_embeddings = 16\nattention = [{ kind = \"sliding-window\", window = 4 }]\n",
             Path::new("w.toml"),
@@ -524,6 +524,6 @@ mod tests {
         let (ce, extra) = train_loss(&d, &x, &x).unwrap();
         assert!(ce.double_value(&[]) + extra.unwrap().double_value(&[]) > 1e-4);
         let e = Distiller::new(d.student, Teacher::Cached, fkl(), 1.0, None, Some(align())).err().unwrap();
-        assert!(e.to_string().contains("--align bytes"));
+        assert!(e.to_string().starts_with("`align` bytes: "), "{e}");
     }
 }

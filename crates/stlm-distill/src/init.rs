@@ -4,6 +4,7 @@
 
 use crate::{DistillError, Result};
 use std::collections::HashMap;
+use stlm_core::OptionError;
 use tch::Tensor;
 
 /// Which teacher blocks the student's blocks start from.
@@ -21,7 +22,9 @@ impl std::str::FromStr for LayerChoice {
     type Err = DistillError;
     /// `random`, `every:K` or `layers:0,2,4`.
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |why: &str| DistillError::Input(format!("--init {s}: {why}; expected random, every:K or layers:0,2,4"));
+        let bad = |why: &str| {
+            DistillError::from(OptionError::new("init", s, format!("{why}; expected random, every:K or layers:0,2,4")))
+        };
         if s == "random" {
             return Ok(LayerChoice::Random);
         }
@@ -50,13 +53,15 @@ impl LayerChoice {
             LayerChoice::Layers(l) => l.clone(),
         };
         if let Some(&bad) = layers.iter().find(|&&l| l >= teacher_layers) {
-            return Err(DistillError::Input(format!("--init: teacher layer {bad} does not exist (the teacher has {teacher_layers})")));
+            let why = format!("teacher layer {bad} does not exist (the teacher has {teacher_layers})");
+            return Err(OptionError::no_value("init", why).into());
         }
         if layers.len() != student_layers {
-            return Err(DistillError::Input(format!(
-                "--init picks {} teacher layers ({layers:?}) but the student has num_hidden_layers = {student_layers}",
+            let why = format!(
+                "picks {} teacher layers ({layers:?}) but the student has num_hidden_layers = {student_layers}",
                 layers.len()
-            )));
+            );
+            return Err(OptionError::no_value("init", why).into());
         }
         Ok(layers)
     }
@@ -83,7 +88,10 @@ pub fn copy_from_teacher(student: &[(String, Tensor)], teacher: &HashMap<String,
     for (name, var) in student {
         let source = teacher_name(name, layers);
         let t = teacher.get(&source).ok_or_else(|| {
-            DistillError::Input(format!("student parameter `{name}` has no teacher counterpart `{source}`: the architectures differ; use --init random"))
+            let why = format!(
+                "student parameter `{name}` has no teacher counterpart `{source}`: the architectures differ; start from a random initialisation (init random)"
+            );
+            DistillError::from(OptionError::no_value("init", why))
         })?;
         let (want, have) = (var.size(), t.size());
         if want.len() != have.len() || want.iter().zip(&have).any(|(w, h)| w > h) {
@@ -136,6 +144,7 @@ mod tests {
         for bad in ["every:0", "every:x", "layers:", "layers:1,a", "half"] {
             assert!(bad.parse::<LayerChoice>().unwrap_err().to_string().contains(bad), "{bad}");
         }
+        assert!(matches!("half".parse::<LayerChoice>(), Err(DistillError::Option(OptionError { name: "init", .. }))));
         assert_eq!(LayerChoice::Every(2).teacher_layers(6, 3).unwrap(), vec![0, 2, 4]);
         assert!(LayerChoice::Every(2).teacher_layers(6, 2).unwrap_err().to_string().contains("num_hidden_layers = 2"));
         assert!(LayerChoice::Layers(vec![0, 7]).teacher_layers(6, 2).unwrap_err().to_string().contains("layer 7"));

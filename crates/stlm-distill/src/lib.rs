@@ -27,9 +27,12 @@ pub use loss::{Divergence, LogitLoss, TeacherTargets};
 /// Errors of distillation.
 #[derive(Debug, thiserror::Error)]
 pub enum DistillError {
-    /// Bad options or input; names the option or file.
+    /// Bad input (or options that do not fit the models); names what is at fault.
     #[error("{0}")]
     Input(String),
+    /// An option value that is not allowed.
+    #[error("{0}")]
+    Option(#[from] stlm_core::OptionError),
     /// File IO or format errors.
     #[error(transparent)]
     Core(#[from] stlm_core::CoreError),

@@ -21,6 +21,7 @@
 
 use crate::align::next_byte_log_probs;
 use crate::{DistillError, Result};
+use stlm_core::OptionError;
 use stlm_model::Extras;
 use tch::{Kind, Tensor};
 
@@ -88,13 +89,13 @@ impl LogitLoss {
     /// Checks the ranges; errors name the option.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(DistillError::Input(format!("--temperature {}: must be a positive number", self.temperature)));
+            return Err(OptionError::new("temperature", self.temperature, "must be a positive number").into());
         }
         if !(self.skew > 0.0 && self.skew < 1.0) {
-            return Err(DistillError::Input(format!("--skew {}: must be in (0, 1)", self.skew)));
+            return Err(OptionError::new("skew", self.skew, "must be in (0, 1)").into());
         }
-        if self.top_k.is_some_and(|k| k < 1) {
-            return Err(DistillError::Input("--top-k must be at least 1".into()));
+        if let Some(k) = self.top_k.filter(|&k| k < 1) {
+            return Err(OptionError::new("top_k", k, "must be at least 1").into());
         }
         Ok(())
     }
@@ -431,7 +432,13 @@ mod tests {
         }
         assert!("kl".parse::<Divergence>().unwrap_err().to_string().contains("fkl, rkl"));
         let l = LogitLoss { divergence: Divergence::ForwardKl, temperature: 0.0, skew: 0.1, top_k: None };
-        assert!(l.validate().unwrap_err().to_string().contains("--temperature"));
-        assert!(LogitLoss { temperature: 1.0, skew: 1.0, ..l }.validate().unwrap_err().to_string().contains("--skew"));
+        let named = |l: LogitLoss| match l.validate() {
+            Err(DistillError::Option(e)) => e.name,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(named(l), "temperature");
+        assert!(l.validate().unwrap_err().to_string().starts_with("`temperature` 0: "));
+        assert_eq!(named(LogitLoss { temperature: 1.0, skew: 1.0, ..l }), "skew");
+        assert_eq!(named(LogitLoss { temperature: 1.0, top_k: Some(0), ..l }), "top_k");
     }
 }

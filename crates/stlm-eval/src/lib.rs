@@ -22,15 +22,19 @@ pub mod tasks;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use stlm_core::OptionError;
 use stlm_model::{BytePooledModel, DecoderModel};
 use tch::{Kind, Tensor};
 
 /// Errors of evaluation.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    /// Bad evaluation input or options.
+    /// Bad evaluation input.
     #[error("{0}")]
     Input(String),
+    /// An option value that is not allowed.
+    #[error("{0}")]
+    Option(#[from] OptionError),
     /// An error raised by the model.
     #[error(transparent)]
     Model(#[from] stlm_model::ModelError),
@@ -79,11 +83,12 @@ pub fn perplexity(
     if n < 2 {
         return Err(EvalError::Input(format!("the text has {n} tokens; perplexity needs at least 2")));
     }
-    if window.max_length < 2 || window.stride < 1 || window.stride > window.max_length {
-        return Err(EvalError::Input(format!(
-            "window: need 2 <= --max-length and 1 <= --stride <= --max-length, got max_length {} and stride {}",
-            window.max_length, window.stride
-        )));
+    if window.max_length < 2 {
+        return Err(OptionError::new("max_length", window.max_length, "must be at least 2").into());
+    }
+    if window.stride < 1 || window.stride > window.max_length {
+        let why = format!("must be in 1..={} (at most the max_length)", window.max_length);
+        return Err(OptionError::new("stride", window.stride, why).into());
     }
     model.check_ids(ids)?;
     let _guard = tch::no_grad_guard();
@@ -142,11 +147,12 @@ pub fn byte_perplexity(model: &BytePooledModel, bytes: &[u32], text_bytes: u64, 
     if bytes.is_empty() {
         return Err(EvalError::Input("the text is empty".into()));
     }
-    if window.max_length < 1 || window.stride < 1 || window.stride > window.max_length {
-        return Err(EvalError::Input(format!(
-            "window: need 1 <= --stride <= --max-length (in chunks), got max_length {} and stride {}",
-            window.max_length, window.stride
-        )));
+    if window.max_length < 1 {
+        return Err(OptionError::new("max_length", window.max_length, "must be at least 1 (chunks)").into());
+    }
+    if window.stride < 1 || window.stride > window.max_length {
+        let why = format!("must be in 1..={} (chunks, at most the max_length)", window.max_length);
+        return Err(OptionError::new("stride", window.stride, why).into());
     }
     let _guard = tch::no_grad_guard();
     let chunks = model.chunk_rows(&[bytes.to_vec()])?.remove(0);
@@ -226,7 +232,10 @@ mod tests {
     fn bad_input_is_an_error() {
         let m = model();
         assert!(perplexity(&m, &[1], 1, WindowOptions { max_length: 8, stride: 8 }, false).is_err());
-        assert!(perplexity(&m, &[1, 2, 3], 1, WindowOptions { max_length: 8, stride: 9 }, false).is_err());
+        let e = perplexity(&m, &[1, 2, 3], 1, WindowOptions { max_length: 8, stride: 9 }, false);
+        assert!(matches!(e, Err(EvalError::Option(OptionError { name: "stride", .. }))), "{e:?}");
+        let e = perplexity(&m, &[1, 2, 3], 1, WindowOptions { max_length: 1, stride: 1 }, false);
+        assert!(matches!(e, Err(EvalError::Option(OptionError { name: "max_length", .. }))), "{e:?}");
         let e = perplexity(&m, &[1, 99], 1, WindowOptions { max_length: 8, stride: 8 }, false).unwrap_err().to_string();
         assert!(e.contains("99"), "{e}");
     }
@@ -250,6 +259,7 @@ mod tests {
         let sliding = byte_perplexity(&m, &bytes, 30, WindowOptions { max_length: 4, stride: 2 }, false).unwrap();
         assert_eq!(sliding.tokens, 24);
         assert!((sliding.loss / one.loss - 1.0).abs() < 0.1, "{} vs {}", sliding.loss, one.loss);
-        assert!(byte_perplexity(&m, &bytes, 30, WindowOptions { max_length: 2, stride: 3 }, false).is_err());
+        let e = byte_perplexity(&m, &bytes, 30, WindowOptions { max_length: 2, stride: 3 }, false);
+        assert!(matches!(e, Err(EvalError::Option(OptionError { name: "stride", .. }))), "{e:?}");
     }
 }

@@ -10,6 +10,7 @@
 use crate::{EvalError, Result};
 use indicatif::ProgressBar;
 use serde::Serialize;
+use stlm_core::OptionError;
 use stlm_model::AnyModel;
 use tch::{Kind, Tensor};
 
@@ -109,7 +110,8 @@ impl PositionLoss {
 pub fn position_loss(model: &AnyModel, ids: &[u32], window: usize, max_windows: usize, batch: usize, bar: &ProgressBar) -> Result<PositionLoss> {
     let context = model.as_lm().model_config().max_position_embeddings as usize;
     if window < 2 || (matches!(model, AnyModel::Tokens(_)) && window > context) {
-        return Err(EvalError::Input(format!("--window {window}: must be in 2..={context} (the model's max_position_embeddings)")));
+        let why = format!("must be in 2..={context} (the model's max_position_embeddings)");
+        return Err(OptionError::new("window", window, why).into());
     }
     let available = ids.len().saturating_sub(1) / window;
     let count = available.min(max_windows.max(1));

@@ -14,6 +14,7 @@
 
 use crate::{EvalError, Result};
 use indicatif::ProgressBar;
+use stlm_core::OptionError;
 use stlm_model::{AnyModel, BytePooledModel, DecoderModel, GenerationConfig};
 use stlm_tokenizers::Tokenizer;
 use tch::{Kind, Tensor};
@@ -60,7 +61,8 @@ pub fn scorer<'a>(model: &'a AnyModel, tokenizer: &'a Tokenizer, max_length: Opt
     let context = model.as_lm().model_config().max_position_embeddings as usize;
     let max_length = max_length.unwrap_or(context);
     if max_length < 2 || max_length > context {
-        return Err(EvalError::Input(format!("--max-length {max_length}: must be in 2..={context} (the model's max_position_embeddings)")));
+        let why = format!("must be in 2..={context} (the model's max_position_embeddings)");
+        return Err(OptionError::new("max_length", max_length, why).into());
     }
     Ok(match model {
         AnyModel::Tokens(m) => Box::new(TokenScorer::new(m, tokenizer, max_length, batch_tokens)?),

@@ -24,7 +24,7 @@ use crate::{DecoderModel, ModelError, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use stlm_attention::{AttentionMask, Rope};
-use stlm_core::Mode;
+use stlm_core::{Mode, OptionError};
 use stlm_moe::MoeStats;
 use stlm_tokenizers::{Chunker, ChunkerKind, BYTE_PAD};
 use tch::nn::{self, Init};
@@ -575,7 +575,9 @@ pub fn generate_bytes(
     mut on_byte: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
     if cfg.repetition_penalty != 1.0 {
-        return Err(ModelError::Input("--repetition-penalty is not supported for byte models".into()));
+        return Err(
+            OptionError::new("repetition_penalty", cfg.repetition_penalty, "not supported for byte models").into()
+        );
     }
     if let Some(bad) = prompt.iter().find(|&&b| b >= BYTE_PAD) {
         return Err(ModelError::Input(format!("byte id {bad} cannot be in a prompt (0-256)")));

@@ -20,9 +20,12 @@ pub enum ModelError {
     /// Weights that do not match the config.
     #[error("{path}: {message}")]
     Weights { path: PathBuf, message: String },
-    /// Bad input to a forward pass or generation (token ids, prompts, options).
+    /// Bad input to a forward pass or generation (token ids, prompts).
     #[error("{0}")]
     Input(String),
+    /// A generation option value that is not allowed.
+    #[error("{0}")]
+    Option(#[from] stlm_core::OptionError),
     /// An error raised by libtorch.
     #[error("libtorch: {0}")]
     Tch(#[from] tch::TchError),

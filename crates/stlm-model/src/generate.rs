@@ -6,6 +6,7 @@ use crate::{DecoderModel, ModelError, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use stlm_attention::AttentionMask;
+use stlm_core::OptionError;
 use tch::{Kind, Tensor};
 
 /// How to pick each next token.
@@ -48,22 +49,22 @@ impl Default for GenerationConfig {
 impl GenerationConfig {
     #[allow(clippy::neg_cmp_op_on_partial_ord)] // the negations reject NaN
     fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(ModelError::Input(m));
+        let bad = |name, value: &dyn std::fmt::Display, why: &str| Err(OptionError::new(name, value, why).into());
         if self.max_new_tokens < 0 {
-            return bad(format!("--max-new-tokens must be >= 0, got {}", self.max_new_tokens));
+            return bad("max_new_tokens", &self.max_new_tokens, "must be >= 0");
         }
         // Written so that NaN fails each check.
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!("--temperature must be >= 0, got {}", self.temperature));
+            return bad("temperature", &self.temperature, "must be >= 0");
         }
         if self.top_k < 0 {
-            return bad(format!("--top-k must be >= 0, got {}", self.top_k));
+            return bad("top_k", &self.top_k, "must be >= 0");
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("--top-p must be in (0, 1], got {}", self.top_p));
+            return bad("top_p", &self.top_p, "must be in (0, 1]");
         }
         if !(self.repetition_penalty > 0.0) {
-            return bad(format!("--repetition-penalty must be > 0, got {}", self.repetition_penalty));
+            return bad("repetition_penalty", &self.repetition_penalty, "must be > 0");
         }
         Ok(())
     }
@@ -160,10 +161,8 @@ pub fn generate(
     let capacity = prompt_len + cfg.max_new_tokens;
     let limit = model.config.max_position_embeddings;
     if model.embed_positions.is_some() && capacity > limit {
-        return Err(ModelError::Input(format!(
-            "prompt ({prompt_len} tokens) plus --max-new-tokens ({}) exceeds the model's {limit} learned positions",
-            cfg.max_new_tokens
-        )));
+        let why = format!("plus the prompt's {prompt_len} tokens exceeds the model's {limit} learned positions");
+        return Err(OptionError::new("max_new_tokens", cfg.max_new_tokens, why).into());
     }
     let mut sampler = Sampler::new(cfg.seed);
 

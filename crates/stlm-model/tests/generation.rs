@@ -1,8 +1,9 @@
 //! Generation invariants: the cached path agrees with full forwards, batching with left padding
 //! agrees with one-by-one generation, and sampling options behave.
 
+use stlm_core::OptionError;
 use stlm_model::generate::{filtered_probs, Sampler};
-use stlm_model::{generate, DecoderModel, GenerationConfig, ModelConfig};
+use stlm_model::{generate, DecoderModel, GenerationConfig, ModelConfig, ModelError};
 use tch::{Device, Kind, Tensor};
 
 fn tiny(preset: &str) -> DecoderModel {
@@ -126,6 +127,12 @@ fn bad_generation_input_is_an_error() {
     let long = GenerationConfig { max_new_tokens: 100, ..Default::default() };
     let e = generate(&model, &[vec![1]], &long, |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("learned positions"), "{e}");
+    assert!(matches!(
+        generate(&model, &[vec![1]], &long, |_, _| {}),
+        Err(ModelError::Option(OptionError { name: "max_new_tokens", .. }))
+    ));
     let bad = GenerationConfig { top_p: 0.0, ..Default::default() };
-    assert!(generate(&model, &[vec![1]], &bad, |_, _| {}).is_err());
+    let e = generate(&model, &[vec![1]], &bad, |_, _| {}).unwrap_err();
+    assert!(matches!(&e, ModelError::Option(OptionError { name: "top_p", .. })), "{e}");
+    assert_eq!(e.to_string(), "`top_p` 0: must be in (0, 1]");
 }

@@ -22,9 +22,12 @@ pub use unstructured::{prune, Method, PruneOptions};
 /// Errors of pruning.
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {
-    /// Bad options or input.
+    /// Bad input (or options that do not fit the model).
     #[error("{0}")]
     Input(String),
+    /// An option value that is not allowed.
+    #[error("{0}")]
+    Option(#[from] stlm_core::OptionError),
     /// A numerical failure (a Hessian that is not positive definite).
     #[error("{0}")]
     Numerical(String),

@@ -3,6 +3,7 @@
 
 use crate::{PruneError, Result};
 use serde::Serialize;
+use stlm_core::OptionError;
 use tch::{Kind, Tensor};
 
 /// How many weights a matrix loses.
@@ -27,14 +28,14 @@ impl Pattern {
     /// A fraction, checked to be in `[0, 1)`.
     pub fn fraction(sparsity: f64) -> Result<Self> {
         if !(0.0..1.0).contains(&sparsity) {
-            return Err(PruneError::Input(format!("--sparsity {sparsity}: must be at least 0 and below 1")));
+            return Err(OptionError::new("sparsity", sparsity, "must be at least 0 and below 1").into());
         }
         Ok(Pattern::Fraction { sparsity })
     }
 
     /// Parses `N:M` (e.g. `2:4`), `0 < N < M`.
     pub fn parse_nm(s: &str) -> Result<Self> {
-        let bad = || PruneError::Input(format!("--nm {s}: expected N:M with 0 < N < M, e.g. 2:4"));
+        let bad = || PruneError::from(OptionError::new("nm", s, "expected N:M with 0 < N < M, e.g. 2:4"));
         let (n, m) = s.split_once(':').ok_or_else(bad)?;
         let (n, m): (i64, i64) = (n.trim().parse().map_err(|_| bad())?, m.trim().parse().map_err(|_| bad())?);
         if !(0 < n && n < m) {
@@ -90,7 +91,7 @@ impl std::str::FromStr for Scope {
             "row" => Ok(Scope::Row),
             "layer" => Ok(Scope::Layer),
             "global" => Ok(Scope::Global),
-            _ => Err(PruneError::Input(format!("--scope {s}: expected row, layer or global"))),
+            _ => Err(OptionError::new("scope", s, "expected row, layer or global").into()),
         }
     }
 }
@@ -199,10 +200,12 @@ mod tests {
     fn bad_patterns_are_named() {
         assert!(Pattern::parse_nm("2:4").is_ok());
         for bad in ["4:2", "2-4", "0:4", "a:b"] {
-            let e = Pattern::parse_nm(bad).unwrap_err().to_string();
-            assert!(e.contains(bad), "{e}");
+            let e = Pattern::parse_nm(bad).unwrap_err();
+            assert!(matches!(&e, PruneError::Option(OptionError { name: "nm", .. })), "{e}");
+            assert!(e.to_string().contains(bad), "{e}");
         }
-        assert!(Pattern::fraction(1.0).is_err());
+        assert!(matches!(Pattern::fraction(1.0), Err(PruneError::Option(OptionError { name: "sparsity", .. }))));
+        assert!(matches!("everywhere".parse::<Scope>(), Err(PruneError::Option(OptionError { name: "scope", .. }))));
         let e = keep_mask(&Tensor::zeros([2, 6], (Kind::Float, tch::Device::Cpu)), Pattern::NOfM { n: 2, m: 4 }, Scope::Row).unwrap_err();
         assert!(e.to_string().contains("6 inputs"), "{e}");
     }

@@ -57,7 +57,8 @@ pub fn sparsegpt(name: &str, weight: &Tensor, gram: &Tensor, pattern: Pattern, o
     let (chol, info) = h.linalg_cholesky_ex(false, false);
     if info.int64_value(&[]) != 0 {
         return Err(PruneError::Numerical(format!(
-            "{name}: the damped Hessian is not positive definite; raise the damping (--damp) or use more calibration data"
+            "{name}: the damped Hessian is not positive definite; raise the damping (`damp`, now {}) or use more calibration data",
+            opts.damp
         )));
     }
     let u = chol.cholesky_inverse(false).linalg_cholesky(true); // upper factor of H^-1

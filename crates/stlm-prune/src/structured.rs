@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use stlm_attention::AttentionKind;
+use stlm_core::OptionError;
 use stlm_moe::RouterKind;
 use stlm_model::config::{ModelType, PositionKind};
 use stlm_model::layers::{FeedForward, InputGram, KeepUnits};
@@ -50,7 +51,7 @@ impl std::str::FromStr for Unit {
         [Unit::Heads, Unit::Neurons, Unit::Experts, Unit::Layers]
             .into_iter()
             .find(|u| unit_name(*u) == s)
-            .ok_or_else(|| PruneError::Input(format!("--structured {s}: expected heads, neurons, experts or layers")))
+            .ok_or_else(|| OptionError::new("structured", s, "expected heads, neurons, experts or layers").into())
     }
 }
 
@@ -72,7 +73,7 @@ impl std::str::FromStr for Importance {
         [Importance::Magnitude, Importance::Activation, Importance::Taylor]
             .into_iter()
             .find(|i| importance_name(*i) == s)
-            .ok_or_else(|| PruneError::Input(format!("--importance {s}: expected magnitude, activation or taylor")))
+            .ok_or_else(|| OptionError::new("importance", s, "expected magnitude, activation or taylor").into())
     }
 }
 
@@ -176,7 +177,7 @@ impl HeadUnits {
 
 /// Units per block (or blocks) of `cfg` for `unit`, checking the model can lose them.
 fn units_of(cfg: &ModelConfig, unit: Unit) -> Result<i64> {
-    let bad = |m: String| Err(PruneError::Input(format!("--structured {}: {m}", unit_name(unit))));
+    let bad = |m: String| Err(OptionError::new("structured", unit_name(unit), m).into());
     let n = cfg.num_hidden_layers as usize;
     match unit {
         Unit::Heads if cfg.position == PositionKind::Alibi => bad("ALiBi's slopes depend on the number of heads".into()),
@@ -223,17 +224,28 @@ pub fn prune_structured(model: &mut DecoderModel, calib: &[Tensor], opts: &Struc
     let started = Instant::now();
     let total = units_of(&model.config, opts.unit)?;
     if !(0.0..1.0).contains(&opts.amount) {
-        return Err(PruneError::Input(format!("--amount {}: must be at least 0 and below 1", opts.amount)));
+        return Err(OptionError::new("amount", opts.amount, "must be at least 0 and below 1").into());
     }
     let remove = (opts.amount * total as f64).round() as i64;
     if remove >= total {
-        return Err(PruneError::Input(format!("--amount {}: would remove all {total} {}", opts.amount, unit_name(opts.unit))));
+        return Err(OptionError::new(
+            "amount",
+            opts.amount,
+            format!("would remove all {total} {}", unit_name(opts.unit)),
+        )
+        .into());
     }
     if opts.importance != Importance::Magnitude && calib.is_empty() {
-        return Err(PruneError::Input(format!("--importance {}: needs calibration text (--calib FILE)", importance_name(opts.importance))));
+        let why = format!("{} importance needs calibration text", importance_name(opts.importance));
+        return Err(OptionError::no_value("calib", why).into());
     }
     if let (Unit::Layers, Importance::Magnitude) = (opts.unit, opts.importance) {
-        return Err(PruneError::Input("--structured layers: score blocks by activation (block influence) or taylor".into()));
+        return Err(OptionError::new(
+            "importance",
+            "magnitude",
+            "blocks (structured layers) are scored by activation (block influence) or taylor",
+        )
+        .into());
     }
     if let (Unit::Experts, Some(moe)) = (opts.unit, &model.config.moe) {
         let k = match moe.router {
@@ -241,7 +253,8 @@ pub fn prune_structured(model: &mut DecoderModel, calib: &[Tensor], opts: &Struc
             RouterKind::Switch { .. } | RouterKind::ExpertChoice { .. } => 1,
         };
         if k > total - remove {
-            return Err(PruneError::Input(format!("--amount {}: {} experts would be left, fewer than the {k} each token is routed to", opts.amount, total - remove)));
+            let why = format!("{} experts would be left, fewer than the {k} each token is routed to", total - remove);
+            return Err(OptionError::new("amount", opts.amount, why).into());
         }
     }
     let bar = if progress { ProgressBar::new_spinner() } else { ProgressBar::hidden() };

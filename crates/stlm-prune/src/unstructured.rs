@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use stlm_core::OptionError;
 use stlm_model::layers::{FeedForward, InputGram, Linear};
 use stlm_model::model::BlockPass;
 use stlm_model::DecoderModel;
@@ -40,7 +41,7 @@ impl std::str::FromStr for Method {
         [Method::Magnitude, Method::Wanda, Method::SparseGpt]
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| PruneError::Input(format!("--method {s}: expected magnitude, wanda or sparsegpt")))
+            .ok_or_else(|| OptionError::new("method", s, "expected magnitude, wanda or sparsegpt").into())
     }
 }
 
@@ -138,7 +139,8 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
     let names: Vec<(String, Option<usize>)> = {
         let targets = targets(model, &opts.skip);
         if targets.is_empty() {
-            return Err(PruneError::Input(format!("every linear layer matches --skip {:?}: nothing to prune", opts.skip)));
+            let why = format!("every linear layer matches one of {:?}: nothing to prune", opts.skip);
+            return Err(OptionError::no_value("skip", why).into());
         }
         for t in &targets {
             opts.pattern.check(&t.name, t.linear.weight.size()[1])?;
@@ -238,21 +240,26 @@ fn prune_group(model: &mut DecoderModel, group: Option<usize>, opts: &PruneOptio
 /// Rejects option combinations that do not make sense, naming the option.
 fn check_options(opts: &PruneOptions, calib: &[Tensor]) -> Result<()> {
     if opts.method.calibrated() && calib.is_empty() {
-        return Err(PruneError::Input(format!("--method {}: needs calibration text (--calib FILE)", opts.method.name())));
+        let why = format!("the {} method needs calibration text", opts.method.name());
+        return Err(OptionError::no_value("calib", why).into());
     }
-    match (opts.method, opts.scope, opts.pattern) {
+    let (scope, why) = match (opts.method, opts.scope, opts.pattern) {
         (_, Scope::Global, Pattern::NOfM { .. }) => {
-            Err(PruneError::Input("--scope global: N:M groups are within rows; drop --scope".into()))
+            ("global", "N:M groups are within rows; use the method's default scope".to_string())
         }
-        (Method::Wanda | Method::SparseGpt, Scope::Global, _) => Err(PruneError::Input(format!(
-            "--scope global: {} calibrates block by block, so it cannot compare all matrices at once; use row or layer",
-            opts.method.name()
-        ))),
-        (Method::SparseGpt, Scope::Row, _) => Err(PruneError::Input(
-            "--scope row: SparseGPT chooses its mask per block of columns (scope layer)".into(),
-        )),
-        _ => Ok(()),
-    }
+        (Method::Wanda | Method::SparseGpt, Scope::Global, _) => (
+            "global",
+            format!(
+                "{} calibrates block by block, so it cannot compare all matrices at once; use row or layer",
+                opts.method.name()
+            ),
+        ),
+        (Method::SparseGpt, Scope::Row, _) => {
+            ("row", "SparseGPT chooses its mask per block of columns (scope layer)".to_string())
+        }
+        _ => return Ok(()),
+    };
+    Err(OptionError::new("scope", scope, why).into())
 }
 
 
@@ -419,12 +426,22 @@ mod tests {
     #[test]
     fn bad_option_combinations_are_named() {
         let mut m = model(4);
-        let e = prune(&mut m, &[], &opts(Method::Wanda, Pattern::Fraction { sparsity: 0.5 }), false).unwrap_err().to_string();
-        assert!(e.contains("--calib"), "{e}");
+        let e = prune(&mut m, &[], &opts(Method::Wanda, Pattern::Fraction { sparsity: 0.5 }), false).unwrap_err();
+        assert!(matches!(&e, PruneError::Option(OptionError { name: "calib", value: None, .. })), "{e}");
+        assert!(e.to_string().starts_with("`calib`: the wanda method needs calibration text"), "{e}");
         let o = PruneOptions { scope: Scope::Global, ..opts(Method::Magnitude, Pattern::NOfM { n: 2, m: 4 }) };
-        assert!(prune(&mut m, &[], &o, false).unwrap_err().to_string().contains("--scope global"));
+        let e = prune(&mut m, &[], &o, false).unwrap_err();
+        assert!(e.to_string().starts_with("`scope` global: N:M"), "{e}");
+        let o = PruneOptions { scope: Scope::Row, ..opts(Method::SparseGpt, Pattern::Fraction { sparsity: 0.5 }) };
+        let e = prune(&mut m, &[Tensor::zeros([1, 4], (Kind::Int64, tch::Device::Cpu))], &o, false).unwrap_err();
+        assert!(e.to_string().starts_with("`scope` row: SparseGPT"), "{e}");
         let o = PruneOptions { skip: vec!["model".into(), "lm_head".into()], ..opts(Method::Magnitude, Pattern::Fraction { sparsity: 0.5 }) };
-        assert!(prune(&mut m, &[], &o, false).unwrap_err().to_string().contains("nothing to prune"));
+        let e = prune(&mut m, &[], &o, false).unwrap_err();
+        assert!(
+            matches!(&e, PruneError::Option(OptionError { name: "skip", .. }))
+                && e.to_string().contains("nothing to prune"),
+            "{e}"
+        );
         let o = opts(Method::Magnitude, Pattern::NOfM { n: 2, m: 5 });
         let e = prune(&mut m, &[], &o, false).unwrap_err().to_string();
         assert!(e.contains("model.layers.0.self_attn.q_proj") && e.contains("group size 5"), "{e}");

@@ -27,9 +27,20 @@ pub enum TokenizerError {
     /// A tokenizer file could not be read, parsed or written.
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
-    /// Bad training options or input.
+    /// Bad training input.
     #[error("{0}")]
     Invalid(String),
+    /// A [`BpeOptions`] value that is not allowed: the field (`vocab_size`), its value and why.
+    /// The fields are those of `stlm_core::OptionError`, which this tch-free crate cannot name.
+    #[error("`{name}` {value}: {why}")]
+    Option {
+        /// The options field.
+        name: &'static str,
+        /// The rejected value.
+        value: String,
+        /// Why it is not allowed.
+        why: String,
+    },
     /// Encoding or decoding failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -100,11 +111,14 @@ impl Tokenizer {
     fn bpe_parts(options: &BpeOptions) -> Result<(TrainerWrapper, tokenizers::Tokenizer)> {
         let min_vocab = 256 + options.special_tokens.len();
         if options.vocab_size < min_vocab {
-            return Err(TokenizerError::Invalid(format!(
-                "--vocab-size {} is too small: byte-level BPE needs at least {min_vocab} (256 bytes + {} special tokens)",
-                options.vocab_size,
-                options.special_tokens.len()
-            )));
+            return Err(TokenizerError::Option {
+                name: "vocab_size",
+                value: options.vocab_size.to_string(),
+                why: format!(
+                    "too small: byte-level BPE needs at least {min_vocab} (256 bytes + {} special tokens)",
+                    options.special_tokens.len()
+                ),
+            });
         }
         let specials: Vec<AddedToken> =
             options.special_tokens.iter().map(|s| AddedToken::from(s.clone(), true)).collect();
@@ -265,7 +279,9 @@ mod tests {
         let e = trained().decode(&[5, 100000], false).unwrap_err().to_string();
         assert!(e.contains("100000"), "{e}");
         let opts = BpeOptions { vocab_size: 10, ..Default::default() };
-        assert!(Tokenizer::train_bpe(&[path], &opts).err().unwrap().to_string().contains("--vocab-size"));
+        let e = Tokenizer::train_bpe(&[path], &opts).err().unwrap();
+        assert!(e.to_string().starts_with("`vocab_size` 10: too small"), "{e}");
+        assert!(matches!(e, TokenizerError::Option { name: "vocab_size", .. }));
     }
 
     #[test]
