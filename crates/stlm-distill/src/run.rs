@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use stlm_core::OptionError;
 use stlm_data::{window_picks, DataConfig, Source, TokenizedCorpus};
 use stlm_model::{Batch, DecoderModel, LanguageModel};
 use stlm_tokenizers::Tokenizer;
@@ -107,9 +108,14 @@ struct Student {
     pretrained: bool,
 }
 
-/// An option value that is not allowed, naming the option.
-fn bad_option(name: &str, why: impl std::fmt::Display) -> DistillError {
-    DistillError::Input(format!("option `{name}`: {why}"))
+/// The option `name` is not allowed (whatever its value) because of `why`.
+fn bad_option(name: &'static str, why: impl Into<String>) -> DistillError {
+    OptionError::no_value(name, why).into()
+}
+
+/// The option `name` may not have the value `value` because of `why`.
+fn bad_value(name: &'static str, value: impl std::fmt::Display, why: impl Into<String>) -> DistillError {
+    OptionError::new(name, value, why).into()
 }
 
 /// Loads a token model directory in float32.
@@ -228,12 +234,12 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
             check_vocabulary(&teacher_tok, &student.tokenizer)?;
             None
         }
-        ("bytes", None) => return Err(bad_option("align", "bytes needs the live teacher (a teacher directory, not a cache)")),
+        ("bytes", None) => return Err(bad_value("align", "bytes", "needs the live teacher (a teacher directory, not a cache)")),
         ("bytes", Some(t)) => {
             let (sv, tv) = (student.model.config.vocab_size, t.config.vocab_size);
             Some(crate::ByteAlignment::new(&student.tokenizer, sv, teacher_tok, tv, t.config.max_position_embeddings, device)?)
         }
-        (other, _) => return Err(bad_option("align", format!("`{other}`: expected none or bytes"))),
+        (other, _) => return Err(bad_value("align", other, "expected none or bytes")),
     };
 
     // The logit loss; a cache fixes the temperature and k.
@@ -262,8 +268,8 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
     // Student initialisation from the teacher's weights.
     let init_layers = match (&init, &teacher) {
         (LayerChoice::Random, _) => Vec::new(),
-        (_, _) if student.pretrained => return Err(bad_option("init", format!("{}: the student model directory has weights already", o.init))),
-        (_, None) => return Err(bad_option("init", format!("{} copies the teacher's weights: give a teacher directory", o.init))),
+        (_, _) if student.pretrained => return Err(bad_value("init", &o.init, "the student model directory has weights already")),
+        (_, None) => return Err(bad_value("init", &o.init, "copies the teacher's weights: give a teacher directory")),
         (choice, Some(t)) => {
             let layers = choice.teacher_layers(t.layers.len(), student.model.layers.len())?;
             let tv: HashMap<String, Tensor> = t.var_store().variables();
@@ -406,13 +412,13 @@ pub fn write_cache(o: &CacheOptions, out: &Path, device: Device, dtype: stlm_cor
     let (seq, k) = (o.seq_len, o.top_k);
     let context = teacher.config.max_position_embeddings;
     if seq < 1 || seq > context {
-        return Err(bad_option("seq_len", format!("{seq}: must be in 1..={context} (the teacher's max_position_embeddings)")));
+        return Err(bad_value("seq_len", seq, format!("must be in 1..={context} (the teacher's max_position_embeddings)")));
     }
     if k < 1 || k >= teacher.config.vocab_size {
-        return Err(bad_option("top_k", format!("{k}: must be in 1..{} (the vocabulary)", teacher.config.vocab_size)));
+        return Err(bad_value("top_k", k, format!("must be in 1..{} (the vocabulary)", teacher.config.vocab_size)));
     }
     if o.batch_size < 1 {
-        return Err(bad_option("batch_size", format!("{}: must be at least 1", o.batch_size)));
+        return Err(bad_value("batch_size", o.batch_size, "must be at least 1"));
     }
     let loss = LogitLoss { divergence: Divergence::ForwardKl, temperature: o.temperature, skew: 0.1, top_k: Some(k) };
     loss.validate()?;
