@@ -220,6 +220,7 @@ impl GenerateArgs {
             seed: self.seed,
             eos_token_ids: if self.ignore_eos { Vec::new() } else { eos },
             pad_token_id: pad,
+            vocab_limit: None,
         }
     }
 }
@@ -269,14 +270,14 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 /// The sampling settings of `a` for a token model, stopping at the config's and the tokenizer's
-/// end-of-text ids.
+/// end-of-text ids and choosing only ids the tokenizer has (a head may be wider).
 fn token_generation_config(a: &GenerateArgs, model: &DecoderModel, tok: &Tokenizer) -> GenerationConfig {
     let vocab = model.config.vocab_size;
     let in_vocab = |id: &i64| (0..vocab).contains(id);
     let mut eos = model.config.eos_token_id.clone();
     eos.extend(tok.eos_id().map(i64::from).filter(in_vocab));
     let pad = model.config.pad_token_id.or(tok.pad_id().map(i64::from).filter(in_vocab)).unwrap_or(0);
-    a.generation_config(eos, pad)
+    GenerationConfig { vocab_limit: Some(tok.vocab_size() as i64), ..a.generation_config(eos, pad) }
 }
 
 /// `stlm generate --corpus`: `--documents` texts sampled in batches (seed + batch index), each

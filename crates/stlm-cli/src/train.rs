@@ -127,6 +127,7 @@ pub(crate) fn print_samples(model: &AnyModel, tok: &Tokenizer, count: usize, see
         seed,
         eos_token_ids: config.eos_token_id.clone(),
         pad_token_id: config.pad_token_id.unwrap_or(0),
+        vocab_limit: Some(tok.vocab_size() as i64),
         ..Default::default()
     };
     let model = match model {

@@ -142,3 +142,34 @@ fn bad_distill_input_is_one_line() {
     let e = fails(&["distill", "--teacher", p(&f.teacher), "--student", p(&other), "--data", p(&f.data), "--out", p(&aligned), "--align", "bytes", "--hidden-weight", "1"]);
     assert!(e.contains("--align bytes"), "{e}");
 }
+
+/// Issue 22: a teacher trained on a corpus too small for its vocab_size has its vocabulary
+/// fitted to its tokenizer; a student config asking for the same size follows the teacher's
+/// (it reads the teacher's tokenizer), live and from a cache, and samples only known ids.
+#[test]
+fn student_follows_a_teacher_fitted_to_a_small_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = common::write_stories(root);
+    let (teacher_cfg, student) = (root.join("teacher.toml"), root.join("student.toml"));
+    std::fs::write(&teacher_cfg, TEACHER.replace("vocab_size = 320", "vocab_size = 4096")).unwrap();
+    std::fs::write(&student, STUDENT.replace("vocab_size = 320", "vocab_size = 4096")).unwrap();
+    ok(&["train", "--config", p(&teacher_cfg), "--data", p(&data), "--out", p(&root.join("teacher")), "--samples", "0"]);
+    let vocab = |model: &Path| -> i64 {
+        let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+        c["vocab_size"].as_i64().unwrap()
+    };
+    let teacher = root.join("teacher").join("model");
+    assert!(vocab(&teacher) < 4096, "the teacher's vocabulary is fitted to its tokenizer");
+    let live = root.join("live");
+    ok(&["distill", "--teacher", p(&teacher), "--student", p(&student), "--data", p(&data), "--out", p(&live), "--max-steps", "2"]);
+    assert_eq!(vocab(&live.join("model")), vocab(&teacher));
+    let recorded = std::fs::read_to_string(live.join("config.toml")).unwrap();
+    assert!(recorded.contains(&format!("vocab_size = {}", vocab(&teacher))), "{recorded}");
+    let cache = root.join("cache");
+    ok(&["distill", "cache", "--teacher", p(&teacher), "--data", p(&data), "--out", p(&cache), "--seq-len", "32", "--top-k", "8"]);
+    let cached = root.join("cached");
+    ok(&["distill", "--cache", p(&cache), "--student", p(&student), "--out", p(&cached), "--max-steps", "2"]);
+    assert_eq!(vocab(&cached.join("model")), vocab(&teacher));
+    ok(&["generate", "--model", p(&cached.join("model")), "--prompt", "Once", "--temperature", "2", "--max-new-tokens", "40"]);
+}

@@ -312,3 +312,59 @@ fn byte_model_trains_evaluates_and_generates() {
         assert!(printed.starts_with("Once"), "{printed}");
     }
 }
+
+/// The tokenizer size of a model directory's tokenizer.json (its vocab and added tokens).
+fn tokenizer_size(model: &Path) -> i64 {
+    let text = std::fs::read_to_string(model.join("tokenizer.json")).unwrap();
+    let tok: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let vocab = tok["model"]["vocab"].as_object().unwrap().len() as i64;
+    let added = tok["added_tokens"].as_array().unwrap().iter().filter(|t| t["id"].as_i64().unwrap() >= vocab).count() as i64;
+    vocab + added
+}
+
+/// Issue 22: BPE asked for 4096 tokens learns far fewer on a small corpus. The model's
+/// vocabulary is fitted to the tokenizer (rounded up to 64, recorded in config.toml and
+/// config.json), and a head wider than its tokenizer (an explicit tokenizer with a larger
+/// vocab_size, as imported models have) never samples ids the tokenizer cannot decode:
+/// training's samples, `stlm generate` and `stlm eval ppl` all succeed.
+#[test]
+fn small_corpus_fits_the_vocabulary_and_wide_heads_sample_known_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::write_stories(dir.path());
+    let config = dir.path().join("tiny.toml");
+    std::fs::write(&config, CONFIG.replace("vocab_size = 320", "vocab_size = 4096")).unwrap();
+    let run = dir.path().join("fit");
+    let out = stlm(&["train", "--config", p(&config), "--data", p(&data), "--out", p(&run), "--max-steps", "2", "--samples", "3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let model = run.join("model");
+    let learned = tokenizer_size(&model);
+    let vocab = |dir: &Path| -> i64 {
+        let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        c["vocab_size"].as_i64().unwrap()
+    };
+    assert!(learned < 4096 - 64, "the corpus is too small for 4096 tokens: {learned}");
+    assert_eq!(vocab(&model), (learned + 63) / 64 * 64, "{stderr}");
+    assert!(stderr.contains(&format!("model.vocab_size is {}", vocab(&model))), "{stderr}");
+    let recorded = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(recorded.contains(&format!("vocab_size = {}", vocab(&model))), "{recorded}");
+    let gen = |model: &Path| {
+        let g = stlm(&["generate", "--model", p(model), "--prompt", "Once", "--prompt", "The fox", "--temperature", "2", "--max-new-tokens", "60"]);
+        assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+        let ppl = stlm(&["eval", "ppl", "--model", p(model), "--data", p(&data), "--json"]);
+        assert!(ppl.status.success(), "{}", String::from_utf8_lossy(&ppl.stderr));
+    };
+    gen(&model);
+
+    // An explicit tokenizer with a wider head: 4096 outputs, ~100 of them decodable.
+    let wide = dir.path().join("wide");
+    let tok = model.join("tokenizer.json");
+    let set_tok = format!("data.tokenizer=\"{}\"", p(&tok));
+    let out = stlm(&[
+        "train", "--config", p(&config), "--data", p(&data), "--out", p(&wide), "--max-steps", "1", "--samples", "4", "--set", &set_tok,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(vocab(&wide.join("model")), 4096);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("--- sample").count(), 4);
+    gen(&wide.join("model"));
+}

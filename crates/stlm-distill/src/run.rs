@@ -149,7 +149,17 @@ fn load_student(o: &DistillOptions, device: Device) -> Result<Student> {
     steps(&mut run)?;
     let tokenizer = match &run.data.tokenizer {
         Some(t) => Tokenizer::from_file(t)?,
-        None => Tokenizer::from_file(&teacher_tokenizer_path(o)?)?,
+        None => {
+            // The teacher's tokenizer: the student's logits are the teacher's vocabulary (which
+            // a run may have fitted to a tokenizer smaller than its config asked for).
+            let (dir, teacher_vocab) = teacher_dir(o)?;
+            if teacher_vocab != run.model.vocab_size {
+                let why = format!("the teacher's ({}), whose tokenizer the student reads", dir.display());
+                eprintln!("student model.vocab_size is {teacher_vocab}: {why}");
+                run.set_vocab_size(teacher_vocab, &why)?;
+            }
+            Tokenizer::from_file(&teacher_tokenizer_path(o)?)?
+        }
     };
     fill_special_tokens(&mut run.model, &tokenizer);
     if run.model.bytes.is_some() {
@@ -160,13 +170,22 @@ fn load_student(o: &DistillOptions, device: Device) -> Result<Student> {
     Ok(Student { model, train: run.train, data: run.data, tokenizer, text: run.text, pretrained: false })
 }
 
+/// The teacher's model directory (with a cache, the one the cache was made from) and its
+/// vocab_size (with a cache, the cache's).
+fn teacher_dir(o: &DistillOptions) -> Result<(PathBuf, i64)> {
+    match (&o.teacher, &o.cache) {
+        (Some(t), _) => Ok((t.clone(), stlm_model::load_config(t)?.vocab_size)),
+        (None, Some(c)) => {
+            let header = TeacherCache::header(c)?;
+            Ok((header.teacher, header.vocab_size))
+        }
+        (None, None) => Err(bad_option("teacher", "a teacher directory or a teacher cache is needed")),
+    }
+}
+
 /// The teacher's tokenizer.json: the teacher directory's, or with a cache its teacher's.
 fn teacher_tokenizer_path(o: &DistillOptions) -> Result<PathBuf> {
-    let dir = match (&o.teacher, &o.cache) {
-        (Some(t), _) => t.clone(),
-        (None, Some(c)) => TeacherCache::header(c)?.teacher,
-        (None, None) => return Err(bad_option("teacher", "a teacher directory or a teacher cache is needed")),
-    };
+    let (dir, _) = teacher_dir(o)?;
     stlm_model::tokenizer_path(&dir).ok_or_else(|| DistillError::Input(format!("{}: the teacher has no tokenizer.json", dir.display())))
 }
 

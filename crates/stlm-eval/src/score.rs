@@ -210,6 +210,7 @@ impl Scorer for TokenScorer<'_> {
             temperature: 0.0,
             eos_token_ids: stops,
             pad_token_id: self.prefix,
+            vocab_limit: Some(self.tokenizer.vocab_size() as i64),
             ..Default::default()
         };
         let budget = self.max_length.saturating_sub(max_new_tokens).max(1);

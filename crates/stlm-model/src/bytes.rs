@@ -582,6 +582,8 @@ pub fn generate_bytes(
     if let Some(bad) = prompt.iter().find(|&&b| b >= BYTE_PAD) {
         return Err(ModelError::Input(format!("byte id {bad} cannot be in a prompt (0-256)")));
     }
+    // Byte models read all of the byte tokenizer's ids (the config says so): no limit applies.
+    let cfg = &GenerationConfig { vocab_limit: None, ..cfg.clone() };
     let _g = tch::no_grad_guard();
     let l = model.bytes.max_len();
     let device = model.device();

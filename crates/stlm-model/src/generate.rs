@@ -29,6 +29,9 @@ pub struct GenerationConfig {
     pub eos_token_ids: Vec<i64>,
     /// Id written after a sequence has stopped, and used for left padding.
     pub pad_token_id: i64,
+    /// Only ids below this are generated: the tokenizer's size, for a model whose head is wider
+    /// than its tokenizer (a vocabulary padded for speed, an imported model). None: every id.
+    pub vocab_limit: Option<i64>,
 }
 
 impl Default for GenerationConfig {
@@ -42,6 +45,7 @@ impl Default for GenerationConfig {
             seed: 0,
             eos_token_ids: Vec::new(),
             pad_token_id: 0,
+            vocab_limit: None,
         }
     }
 }
@@ -66,6 +70,9 @@ impl GenerationConfig {
         if !(self.repetition_penalty > 0.0) {
             return bad("repetition_penalty", &self.repetition_penalty, "must be > 0");
         }
+        if let Some(n) = self.vocab_limit.filter(|&n| n < 1) {
+            return bad("vocab_limit", &n, "must be >= 1");
+        }
         Ok(())
     }
 }
@@ -89,8 +96,15 @@ impl Sampler {
         Sampler { rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 
-    /// Next tokens `[b]` (on the host) from last-position logits `[b, vocab]`.
+    /// Next tokens `[b]` (on the host) from last-position logits `[b, vocab]`, below
+    /// `cfg.vocab_limit` when it is set.
     pub fn sample(&mut self, logits: &Tensor, cfg: &GenerationConfig) -> Result<Vec<i64>> {
+        let vocab = logits.size()[1];
+        let logits = match cfg.vocab_limit {
+            Some(n) if n < vocab => logits.narrow(1, 0, n),
+            _ => logits.shallow_clone(),
+        };
+        let logits = &logits;
         if cfg.temperature == 0.0 {
             return Ok(Vec::try_from(logits.argmax(-1, false))?);
         }

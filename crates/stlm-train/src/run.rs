@@ -62,6 +62,24 @@ impl RunConfig {
         Ok(())
     }
 
+    /// Sets `model.vocab_size` to `n`, in the config and in its text (which records `why` in a
+    /// comment), so the run directory's config.toml says what the model is.
+    pub fn set_vocab_size(&mut self, n: i64, why: &str) -> Result<()> {
+        self.model.vocab_size = n;
+        if self.text.is_empty() {
+            return Ok(());
+        }
+        let bad = |m: String| TrainError::Config(m);
+        let mut doc: toml::Table = self.text.parse().map_err(|e| bad(format!("the run config is not valid TOML: {e}")))?;
+        let model = doc.entry("model").or_insert_with(|| toml::Value::Table(Default::default()));
+        let model = model.as_table_mut().ok_or_else(|| bad("the run config's `model` is not a table".into()))?;
+        model.insert("vocab_size".into(), toml::Value::Integer(n));
+        let body = toml::to_string(&doc).map_err(|e| bad(format!("cannot write the run config as TOML: {e}")))?;
+        let header: String = self.text.lines().take_while(|l| l.starts_with('#')).map(|l| format!("{l}\n")).collect();
+        self.text = format!("{header}# model.vocab_size = {n}: {why}\n{body}");
+        Ok(())
+    }
+
     /// Windows must fit the model: `train.seq_len <= model.max_position_embeddings` (`origin`
     /// names where the model config came from).
     fn check_lengths(&self, origin: &str) -> Result<()> {
@@ -292,6 +310,12 @@ pub fn prepare(mut config: RunConfig, inputs: RunInputs) -> Result<PreparedRun> 
         eprintln!("no training files: training on the built-in corpus of {stories} stories (seed {seed})");
     }
     let tokenizer = run_tokenizer(&config, &sources, &out, resume, control.progress, init.as_deref())?;
+    if config.data.tokenizer.is_none() && config.model.bytes.is_none() && init.is_none() {
+        fit_vocab_size(&mut config, &tokenizer)?;
+    } else if (tokenizer.vocab_size() as i64) < config.model.vocab_size && config.model.bytes.is_none() {
+        let (n, v) = (tokenizer.vocab_size(), config.model.vocab_size);
+        eprintln!("model.vocab_size {v} is larger than the tokenizer's {n} tokens: ids from {n} up are never sampled");
+    }
     fill_special_tokens(&mut config.model, &tokenizer);
     let cache_dir = config.data.cache_dir.clone().unwrap_or_else(|| out.join("tokens"));
     let corpus = tokenize(&sources, &tokenizer, &config.data, config.data.val_fraction, config.train.seed, cache_dir, control.progress)?;
@@ -374,6 +398,24 @@ fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, 
     }
     tok.save(&saved)?;
     Ok(tok)
+}
+
+/// Multiple the vocabulary of a model is rounded up to when it is fitted to its tokenizer.
+pub const VOCAB_MULTIPLE: i64 = 64;
+
+/// A BPE tokenizer learned on a small corpus can have fewer tokens than `model.vocab_size`
+/// asked for: the model's vocabulary becomes the tokenizer's size rounded up to
+/// [`VOCAB_MULTIPLE`] (never above what was asked), so it has no outputs the tokenizer cannot
+/// decode beyond that padding (which generation never samples).
+fn fit_vocab_size(config: &mut RunConfig, tok: &Tokenizer) -> Result<()> {
+    let (asked, learned) = (config.model.vocab_size, tok.vocab_size() as i64);
+    let fitted = ((learned + VOCAB_MULTIPLE - 1) / VOCAB_MULTIPLE * VOCAB_MULTIPLE).min(asked);
+    if fitted < asked {
+        let why = format!("the tokenizer has {learned} tokens ({asked} asked), rounded up to a multiple of {VOCAB_MULTIPLE}");
+        eprintln!("model.vocab_size is {fitted}: {why}");
+        config.set_vocab_size(fitted, &why)?;
+    }
+    Ok(())
 }
 
 impl PreparedRun {
