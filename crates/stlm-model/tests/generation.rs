@@ -136,3 +136,21 @@ fn bad_generation_input_is_an_error() {
     assert!(matches!(&e, ModelError::Option(OptionError { name: "top_p", .. })), "{e}");
     assert_eq!(e.to_string(), "`top_p` 0: must be in (0, 1]");
 }
+
+/// `vocab_limit` (a head wider than its tokenizer): no id at or above the limit is chosen,
+/// greedy or sampled, batched or one sequence (the fused decoder), and a limit below 1 is refused.
+#[test]
+fn vocab_limit_keeps_choices_below_the_tokenizers_size() {
+    let model = tiny("llama");
+    for (prompts, temperature) in [(vec![vec![3, 4]], 0.0), (vec![vec![3, 4]], 3.0), (vec![vec![3], vec![5, 6, 7]], 3.0)] {
+        let cfg = GenerationConfig { max_new_tokens: 40, temperature, vocab_limit: Some(7), seed: 1, ..Default::default() };
+        let outs = generate(&model, &prompts, &cfg, |_, _| {}).unwrap();
+        assert!(outs.iter().flatten().all(|&id| id < 7), "{outs:?}");
+        let free = GenerationConfig { vocab_limit: None, ..cfg.clone() };
+        let outs = generate(&model, &prompts, &free, |_, _| {}).unwrap();
+        assert!(outs.iter().flatten().any(|&id| id >= 7), "without the limit the model picks wider ids: {outs:?}");
+    }
+    let bad = GenerationConfig { vocab_limit: Some(0), ..Default::default() };
+    let e = generate(&model, &[vec![1]], &bad, |_, _| {}).unwrap_err();
+    assert!(matches!(&e, ModelError::Option(OptionError { name: "vocab_limit", .. })), "{e}");
+}
