@@ -10,6 +10,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
+mod gloo;
 mod vs_pytorch;
 
 /// The torch version tch 0.26 is built against.
@@ -35,7 +36,8 @@ jobs:
 environment:
   LIBTORCH      use this libtorch instead of the pip wheel (parity tests then need STLM_PYTHON)
   STLM_PYTHON   use this Python (must have torch==2.13.0 and setuptools)
-  STLM_HOME     cache folder for the virtual environment (default ~/.cache/stlm)";
+  STLM_HOME     cache folder for the virtual environment and gloo's headers (default ~/.cache/stlm)
+  STLM_GLOO_INCLUDE  gloo's headers for stlm-dist (default: Debian's libgloo-dev, fetched into STLM_HOME)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -132,14 +134,21 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
 struct TorchEnv {
     libtorch: Option<PathBuf>,
     python: Option<PathBuf>,
+    gloo: PathBuf,
 }
 
 impl TorchEnv {
     fn ensure() -> Result<Self, String> {
+        let (libtorch, python) = Self::torch()?;
+        let gloo = gloo::ensure(&stlm_home()?)?;
+        Ok(TorchEnv { libtorch, python, gloo })
+    }
+
+    fn torch() -> Result<(Option<PathBuf>, Option<PathBuf>), String> {
         if let Some(lib) = std::env::var_os("LIBTORCH") {
             eprintln!("xtask: using LIBTORCH={}", lib.to_string_lossy());
             let python = std::env::var_os("STLM_PYTHON").map(PathBuf::from);
-            return Ok(TorchEnv { libtorch: Some(lib.into()), python });
+            return Ok((Some(lib.into()), python));
         }
         if let Some(py) = std::env::var_os("STLM_PYTHON") {
             let py = PathBuf::from(py);
@@ -152,7 +161,7 @@ impl TorchEnv {
                 ));
             }
             eprintln!("xtask: using STLM_PYTHON={} (torch {version})", py.display());
-            return Ok(TorchEnv { libtorch: None, python: Some(py) });
+            return Ok((None, Some(py)));
         }
         let venv = stlm_home()?.join(format!("venv-torch-{TORCH_VERSION}"));
         let python = venv.join("bin").join("python");
@@ -160,7 +169,7 @@ impl TorchEnv {
         let wanted = PY_REQUIREMENTS.join("\n") + "\n";
         if python.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
             eprintln!("xtask: reusing Python environment {}", venv.display());
-            return Ok(TorchEnv { libtorch: None, python: Some(python) });
+            return Ok((None, Some(python)));
         }
         create_venv(&venv, &python)?;
         let reqs = venv.join("requirements.txt");
@@ -183,7 +192,7 @@ impl TorchEnv {
         }
         std::fs::write(&stamp, &wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
         eprintln!("xtask: Python environment ready");
-        Ok(TorchEnv { libtorch: None, python: Some(python) })
+        Ok((None, Some(python)))
     }
 
     /// Environment variables for the child cargo (and for `cargo xtask env`).
@@ -204,6 +213,7 @@ impl TorchEnv {
         if let Some(py) = &self.python {
             vars.push(("STLM_PYTHON".into(), py.clone().into_os_string()));
         }
+        vars.push(("STLM_GLOO_INCLUDE".into(), self.gloo.clone().into_os_string()));
         vars
     }
 }
