@@ -34,7 +34,7 @@ fn step(c: &mut Criterion) {
     let mut opt = AdamW::new(model.var_store().variables(), train.adamw());
     let mut group = c.benchmark_group("train_step");
     group.bench_function("default_config", |b| {
-        b.iter(|| train_step(&model, &mut opt, &data, 0, 1e-4, 1, train.grad_clip).expect("step"))
+        b.iter(|| train_step(&model, &mut opt, &data, 0, 1e-4, 1, train.grad_clip, None).expect("step"))
     });
     group.finish();
 }

@@ -368,11 +368,11 @@ fn bench_train(config: &Path, steps: u64, warmup: u64, json: bool, device: &Devi
     let mut opt = AdamW::new(params, run.train.adamw());
     let (lr, clip) = (run.train.lr, run.train.grad_clip);
     for step in 0..warmup {
-        train_step(&model, &mut opt, &data, step, lr, accum, clip)?;
+        train_step(&model, &mut opt, &data, step, lr, accum, clip, None)?;
     }
     let t = Instant::now();
     for step in warmup..warmup + steps {
-        train_step(&model, &mut opt, &data, step, lr, accum, clip)?;
+        train_step(&model, &mut opt, &data, step, lr, accum, clip, None)?;
     }
     let secs = t.elapsed().as_secs_f64() / steps as f64;
     let tokens_per_step = (batch * seq) as f64 * accum as f64;

@@ -104,6 +104,8 @@ struct RunArgs {
     json: bool,
     #[command(flatten)]
     device: DeviceArgs,
+    #[command(flatten)]
+    dist: crate::dist::DistArgs,
 }
 
 #[derive(Args)]
@@ -153,6 +155,9 @@ pub fn run(a: DistillArgs) -> Result<()> {
 }
 
 fn distill(a: RunArgs) -> Result<()> {
+    if let (Some(n), false) = (a.dist.nproc, std::env::var_os("RANK").is_some()) {
+        return crate::dist::spawn_local(n);
+    }
     stlm_core::memory::keep_freed_memory();
     let out = a.out.clone().expect("clap requires --out");
     let device = stlm_core::parse_device(&a.device.device)?;
@@ -179,11 +184,15 @@ fn distill(a: RunArgs) -> Result<()> {
         init: a.init,
     };
     let progress = std::io::stderr().is_terminal();
-    let run = stlm_distill::run::prepare(&options, &out, a.resume, device, progress)?;
-    let control = RunControl { progress: progress && !a.json, stop: ctrl_c()?, ..Default::default() };
+    let (group, device) = crate::dist::join(&a.dist, device)?;
+    let run = stlm_distill::run::prepare(&options, &out, a.resume, device, progress, group.as_deref())?;
+    let control = RunControl { progress: progress && !a.json, stop: ctrl_c()?, group, ..Default::default() };
     let report = run.train(&control, a.resume)?;
     if !report.completed {
         return Err(TrainError::Stopped { step: report.step, dir: out.clone() }.into());
+    }
+    if !control.is_leader() {
+        return Ok(()); // rank 0 writes the student and prints
     }
     let model_dir = run.save_student()?;
     eprintln!("saved {}", model_dir.display());

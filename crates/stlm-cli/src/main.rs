@@ -5,6 +5,7 @@ mod bench;
 mod bench_moe;
 mod common;
 mod data;
+mod dist;
 mod distill;
 mod eval;
 mod model;
@@ -97,6 +98,14 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // A run stopped by Ctrl-C has its checkpoint: say how to continue, exit as SIGINT does.
+        // A `--nproc` launcher exits as its failed rank did (which printed its own error).
+        Err(e) if e.downcast_ref::<dist::WorkerExit>().is_some() => {
+            let code = e.downcast_ref::<dist::WorkerExit>().map_or(1, |w| w.code);
+            if code != 130 {
+                eprintln!("error: {e}");
+            }
+            ExitCode::from(code.clamp(1, 255) as u8)
+        }
         Err(e) if matches!(e.downcast_ref(), Some(stlm_train::TrainError::Stopped { .. })) => {
             eprintln!("{e}. Continue with the same command plus --resume.");
             ExitCode::from(130)

@@ -3,6 +3,7 @@
 //! by stlm-train's `run::prepare`; this file parses the flags and prints.
 
 use crate::common::DeviceArgs;
+use crate::dist::DistArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::IsTerminal;
@@ -54,9 +55,14 @@ pub struct TrainArgs {
     samples: usize,
     #[command(flatten)]
     device: DeviceArgs,
+    #[command(flatten)]
+    dist: DistArgs,
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    if let (Some(n), false) = (a.dist.nproc, std::env::var_os("RANK").is_some()) {
+        return crate::dist::spawn_local(n);
+    }
     stlm_core::memory::keep_freed_memory();
     let mut run = RunConfig::load(&a.config, &a.set)?;
     if let Some(steps) = a.max_steps {
@@ -71,10 +77,20 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if let Some(limit) = a.time_limit.filter(|l| !(*l > 0.0 && l.is_finite())) {
         bail!("--time-limit {limit}: must be a positive number of seconds");
     }
-    let control = RunControl { progress: std::io::stderr().is_terminal(), stop: ctrl_c()?, time_limit: a.time_limit, ..Default::default() };
+    let (group, device) = crate::dist::join(&a.dist, device)?;
+    let progress = std::io::stderr().is_terminal();
+    let control = RunControl { progress, stop: ctrl_c()?, time_limit: a.time_limit, group, ..Default::default() };
+    let leader = control.is_leader();
     let inputs = RunInputs { data: a.data.clone(), out, resume: a.resume, init: a.init.clone(), device, control };
     let prepared = prepare(run, inputs)?;
     let report = prepared.train(a.resume)?;
+    if !leader {
+        // Rank 0 writes the model directory and prints the samples.
+        return match report.completed || report.timed_out {
+            true => Ok(()),
+            false => Err(TrainError::Stopped { step: report.step, dir: prepared.out.clone() }.into()),
+        };
+    }
     if report.timed_out {
         eprintln!("time limit reached after step {}", report.step);
     } else if !report.completed {

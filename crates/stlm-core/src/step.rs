@@ -22,20 +22,39 @@ impl Mode {
     }
 }
 
-/// `buffer += delta` once the optimizer has stepped: how a forward pass moves a tensor that is
-/// not trained by gradients (an aux-free router's balancing bias) without a side channel.
-#[derive(Debug)]
+/// `buffer += rule(stat)` once the optimizer has stepped: how a forward pass moves a tensor that
+/// is not trained by gradients (an aux-free router's balancing bias) without a side channel. The
+/// move is computed from a statistic of the pass (an expert-load histogram) so that data-parallel
+/// training can sum that statistic over ranks first and every rank moves the buffer alike.
 pub struct BufferUpdate {
     /// The tensor changed in place (a shallow clone of the layer's own).
     pub buffer: Tensor,
-    /// What is added, in the buffer's dtype.
-    pub delta: Tensor,
+    /// The pass's statistic the move is computed from; additive over batches (summed over ranks).
+    pub stat: Tensor,
+    rule: Box<dyn Fn(&Tensor) -> Tensor>,
+}
+
+impl std::fmt::Debug for BufferUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufferUpdate").field("buffer", &self.buffer.size()).field("stat", &self.stat.size()).finish()
+    }
 }
 
 impl BufferUpdate {
-    /// Adds `delta` to the buffer, without recording gradients.
+    /// An update of `buffer` by `rule(stat)`, `rule` giving the delta in the buffer's dtype.
+    pub fn new(buffer: Tensor, stat: Tensor, rule: impl Fn(&Tensor) -> Tensor + 'static) -> Self {
+        BufferUpdate { buffer, stat, rule: Box::new(rule) }
+    }
+
+    /// The delta this update adds.
+    pub fn delta(&self) -> Tensor {
+        let _guard = tch::no_grad_guard();
+        (self.rule)(&self.stat)
+    }
+
+    /// Adds the delta to the buffer, without recording gradients.
     pub fn apply(&self) {
         let _guard = tch::no_grad_guard();
-        let _ = self.buffer.shallow_clone().g_add_(&self.delta);
+        let _ = self.buffer.shallow_clone().g_add_(&(self.rule)(&self.stat));
     }
 }

@@ -57,6 +57,9 @@ pub struct TokenBatches {
     seq: i64,
     seed: u64,
     device: Device,
+    /// This rank and the world size: a rank's batch is its slice of the global batch of
+    /// `batch * world` windows.
+    shard: (u64, u64),
 }
 
 impl TokenBatches {
@@ -77,7 +80,18 @@ impl TokenBatches {
                 )));
             }
         }
-        Ok(TokenBatches { corpus, train, val, batch, seq, seed, device })
+        Ok(TokenBatches { corpus, train, val, batch, seq, seed, device, shard: (0, 1) })
+    }
+
+    /// Batches of rank `rank` of `world` data-parallel ranks: each is rows
+    /// `rank * batch .. (rank + 1) * batch` of the global batch a single process with a batch of
+    /// `batch * world` windows draws, so the global batch is the same for any world size.
+    pub fn sharded(mut self, rank: usize, world: usize) -> Result<Self> {
+        if world == 0 || rank >= world {
+            return Err(DataError::Invalid(format!("rank {rank} is not below the world size {world}")));
+        }
+        self.shard = (rank as u64, world as u64);
+        Ok(self)
     }
 
     /// The corpus the batches are drawn from.
@@ -99,16 +113,19 @@ impl TokenBatches {
 
     /// Inputs and targets `[batch, seq]` of micro-batch `micro` of step `step`.
     pub fn train_batch(&self, step: u64, micro: u64) -> (Tensor, Tensor) {
-        let picks = window_picks(self.seed, step, micro, self.batch as usize, self.train.total());
-        self.gather(&self.train, false, picks.into_iter())
+        let (rank, world) = self.shard;
+        let picks = window_picks(self.seed, step, micro, (self.batch as u64 * world) as usize, self.train.total());
+        let mine = picks.into_iter().skip((rank * self.batch as u64) as usize).take(self.batch as usize);
+        self.gather(&self.train, false, mine)
     }
 
     /// Validation batch `index`: evenly spread windows, the same every time.
     pub fn val_batch(&self, index: u64) -> (Tensor, Tensor) {
         let total = self.val.total();
-        let n = self.batch as u64;
+        let (rank, world) = self.shard;
+        let (b, n) = (self.batch as u64, self.batch as u64 * world);
         let stride = 7919 * self.seq as u64;
-        let picks = (0..n).map(move |i| ((index * n + i) * stride) % total);
+        let picks = (rank * b..(rank + 1) * b).map(move |i| ((index * n + i) * stride) % total);
         self.gather(&self.val, true, picks)
     }
 }

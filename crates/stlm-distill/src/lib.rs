@@ -45,6 +45,9 @@ pub enum DistillError {
     /// Run assembly errors (config, data, run directory).
     #[error(transparent)]
     Train(#[from] stlm_train::TrainError),
+    /// A distributed collective failed or the ranks disagree.
+    #[error(transparent)]
+    Dist(#[from] stlm_dist::DistError),
 }
 
 /// Result alias for stlm-distill.

@@ -14,6 +14,7 @@ use stlm_model::{Batch, DecoderModel, LanguageModel};
 use stlm_tokenizers::Tokenizer;
 use stlm_train::config::TrainConfig;
 use stlm_train::run::{create_run_dir, fill_special_tokens, sources, tokenize, RunConfig, TokenBatchSource};
+use stlm_dist::ProcessGroup;
 use stlm_train::trainer::{train, BatchSource, RunControl, TrainReport};
 use stlm_train::TrainError;
 use tch::{Device, Tensor};
@@ -214,11 +215,15 @@ struct CachedBatches {
     batch: usize,
     seq: i64,
     device: Device,
+    /// This rank and the world size: a rank's batch is its slice of the global batch.
+    shard: (usize, usize),
 }
 
 impl BatchSource for CachedBatches {
     fn train_batch(&self, step: u64, micro: u64) -> stlm_train::Result<Batch> {
-        let picks: Vec<i64> = window_picks(self.seed, step, micro, self.batch, self.cache.len()).into_iter().map(|p| p as i64).collect();
+        let (rank, world) = self.shard;
+        let picks = window_picks(self.seed, step, micro, self.batch * world, self.cache.len());
+        let picks: Vec<i64> = picks.into_iter().skip(rank * self.batch).take(self.batch).map(|p| p as i64).collect();
         self.cache.train_batch(&picks, self.seq, self.device).map_err(|e| TrainError::Config(e.to_string()))
     }
     fn val_batch(&self, index: u64) -> stlm_train::Result<Batch> {
@@ -238,7 +243,18 @@ fn corpus(sources: &[Source], tok: &Tokenizer, data: &DataConfig, val_fraction: 
 /// `resume`, that the options are those of the run there): the student, the teacher, the losses,
 /// the student's initialisation from the teacher, the batches, and the files of the run
 /// directory (`distill.json`, `config.toml`, `tokenizer.json`). Progress lines go to stderr.
-pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, progress: bool) -> Result<DistillRun> {
+/// In a data-parallel `group`, rank 0 writes the files and token shards first and every rank
+/// draws its slice of each global batch.
+pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, progress: bool, group: Option<&ProcessGroup>) -> Result<DistillRun> {
+    let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world_size()));
+    let leader = rank == 0;
+    let progress = progress && leader;
+    if let Some(g) = group {
+        g.check_same("the distillation options", format!("{o:?}{resume}").as_bytes())?;
+        if !leader {
+            g.barrier()?;
+        }
+    }
     let divergence: Divergence = o.loss.parse()?;
     let init: LayerChoice = o.init.parse()?;
     if o.cache.is_some() && !o.data.is_empty() {
@@ -343,7 +359,9 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
 
     // Data: the student's tokenizer over the training text, or the cache's corpus.
     let tok_path = out.join("tokenizer.json");
-    student.tokenizer.save(&tok_path)?;
+    if leader {
+        student.tokenizer.save(&tok_path)?;
+    }
     let (train, seq) = (&student.train, student.train.seq_len);
     let (batches, teacher): (Box<dyn BatchSource>, Teacher) = match (cache, teacher, &o.cache) {
         (Some(cache), _, Some(cache_dir)) => {
@@ -351,16 +369,18 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
             let sources: Vec<Source> = h.sources.iter().cloned().map(Source::File).collect();
             // Read as `write_cache` read it, so that its tokens are reused.
             let corpus = corpus(&sources, &student.tokenizer, &DataConfig::default(), h.val_fraction, h.seed, cache_dir.join("tokens"), progress)?;
-            let val = TokenBatchSource::new(corpus, &student.tokenizer, train, device)?;
+            let val = TokenBatchSource::new(corpus, &student.tokenizer, train, device)?.sharded(rank, world)?;
             eprintln!("teacher cache: {} windows of {} positions, top {} at temperature {}", cache.len(), h.seq_len, h.top_k, h.temperature);
-            let batches = CachedBatches { cache, val, seed: train.seed, batch: train.batch_size as usize, seq, device };
+            let batch = train.batch_size as usize;
+            let batches = CachedBatches { cache, val, seed: train.seed, batch, seq, device, shard: (rank, world) };
             (Box::new(batches), Teacher::Cached)
         }
         (_, Some(t), _) => {
             let sources = sources(&o.data, &student.data);
             let cache_dir = student.data.cache_dir.clone().unwrap_or_else(|| out.join("tokens"));
             let corpus = corpus(&sources, &student.tokenizer, &student.data, student.data.val_fraction, train.seed, cache_dir, progress)?;
-            (Box::new(TokenBatchSource::new(corpus, &student.tokenizer, train, device)?), Teacher::Live(Box::new(t)))
+            let batches = TokenBatchSource::new(corpus, &student.tokenizer, train, device)?.sharded(rank, world)?;
+            (Box::new(batches), Teacher::Live(Box::new(t)))
         }
         _ => return Err(bad_option("teacher", "a teacher directory or a teacher cache is needed")),
     };
@@ -374,9 +394,14 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
         out.display()
     );
     let json = serde_json::to_string_pretty(&record).map_err(|e| DistillError::Input(format!("cannot write {}: {e}", record_path.display())))?;
-    stlm_core::atomic_write_bytes(&record_path, json.as_bytes())?;
-    if !student.text.is_empty() {
-        stlm_core::atomic_write_bytes(&out.join("config.toml"), student.text.as_bytes())?;
+    if leader {
+        stlm_core::atomic_write_bytes(&record_path, json.as_bytes())?;
+        if !student.text.is_empty() {
+            stlm_core::atomic_write_bytes(&out.join("config.toml"), student.text.as_bytes())?;
+        }
+        if let Some(g) = group {
+            g.barrier()?;
+        }
     }
     Ok(DistillRun { distiller, batches, train: student.train, out: out.to_path_buf(), divergence, temperature, top_k })
 }

@@ -197,7 +197,9 @@ impl MoeLayer {
     pub fn balance_update(&self, stats: &MoeStats) -> Option<BufferUpdate> {
         match (&self.bias, &self.config.router) {
             (Some(bias), RouterKind::AuxFree { gamma, .. }) => {
-                Some(BufferUpdate { buffer: bias.shallow_clone(), delta: balance_bias_step(&stats.load, *gamma, bias.kind()) })
+                let (gamma, kind) = (*gamma, bias.kind());
+                let rule = move |load: &Tensor| balance_bias_step(load, gamma, kind);
+                Some(BufferUpdate::new(bias.shallow_clone(), stats.load.shallow_clone(), rule))
             }
             _ => None,
         }

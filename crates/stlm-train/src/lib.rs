@@ -53,6 +53,10 @@ pub enum TrainError {
     /// An error raised by libtorch.
     #[error("libtorch: {0}")]
     Tch(#[from] tch::TchError),
+    /// A distributed collective failed (a rank died, the store is unreachable, a timeout) or
+    /// the ranks disagree.
+    #[error(transparent)]
+    Dist(#[from] stlm_dist::DistError),
 }
 
 /// Result alias for stlm-train.

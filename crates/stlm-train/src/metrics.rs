@@ -84,6 +84,7 @@ pub struct PositionLog {
 
 /// The metrics files of a run directory and the throughput window since the last line.
 pub struct Metrics {
+    write: bool,
     metrics: PathBuf,
     positions: PathBuf,
     started: Instant,
@@ -110,10 +111,11 @@ pub struct StepValues {
 
 impl Metrics {
     /// The metrics files of `run_dir`: a run resumed at `resumed` keeps the lines up to that
-    /// step, a new run (`None`) starts them afresh.
-    pub fn open(run_dir: &Path, resumed: Option<u64>) -> Result<Self> {
+    /// step, a new run (`None`) starts them afresh. Without `write` (a data-parallel rank other
+    /// than 0), lines are made but the files are left alone.
+    pub fn open(run_dir: &Path, resumed: Option<u64>, write: bool) -> Result<Self> {
         let (metrics, positions) = (run_dir.join("metrics.jsonl"), run_dir.join("position_loss.jsonl"));
-        for path in [&metrics, &positions] {
+        for path in [&metrics, &positions].into_iter().filter(|_| write) {
             match resumed {
                 Some(step) => truncate_lines(path, step)?,
                 None if path.exists() => std::fs::remove_file(path).map_err(|e| CoreError::io(path, e))?,
@@ -121,7 +123,7 @@ impl Metrics {
             }
         }
         let now = Instant::now();
-        Ok(Metrics { metrics, positions, started: now, window_start: now, window_tokens: 0, window_flops: Some(0.0) })
+        Ok(Metrics { write, metrics, positions, started: now, window_start: now, window_tokens: 0, window_flops: Some(0.0) })
     }
 
     /// Counts a step's tokens and model FLOPs (when the model counts them) into the window.
@@ -145,13 +147,18 @@ impl Metrics {
             elapsed: self.started.elapsed().as_secs_f64(),
             moe: v.moe,
         };
-        append_line(&self.metrics, &log)?;
+        if self.write {
+            append_line(&self.metrics, &log)?;
+        }
         (self.window_start, self.window_tokens, self.window_flops) = (Instant::now(), 0, Some(0.0));
         Ok(log)
     }
 
     /// Appends a position_loss.jsonl line.
     pub fn log_positions(&self, log: &PositionLog) -> Result<()> {
+        if !self.write {
+            return Ok(());
+        }
         append_line(&self.positions, log)
     }
 }

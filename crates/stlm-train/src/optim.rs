@@ -119,6 +119,16 @@ impl AdamW {
         }
     }
 
+    /// Every parameter's gradient by name (sorted; undefined where no backward reached it).
+    pub fn grads(&self) -> Vec<(String, Tensor)> {
+        self.slots.iter().map(|(name, s)| (name.clone(), s.param.grad())).collect()
+    }
+
+    /// The parameters, by name (sorted).
+    pub fn params(&self) -> Vec<Tensor> {
+        self.slots.values().map(|s| s.param.shallow_clone()).collect()
+    }
+
     /// Clears every gradient.
     pub fn zero_grad(&mut self) {
         for slot in self.slots.values_mut() {

@@ -214,6 +214,12 @@ impl TokenBatchSource {
         let batches = TokenBatches::new(corpus, train.batch_size, train.seq_len, train.seed, device)?;
         Ok(TokenBatchSource { batches, id_bytes })
     }
+
+    /// The batches of data-parallel rank `rank` of `world`: its slice of every global batch
+    /// (see `TokenBatches::sharded`).
+    pub fn sharded(self, rank: usize, world: usize) -> Result<Self> {
+        Ok(TokenBatchSource { batches: self.batches.sharded(rank, world)?, id_bytes: self.id_bytes })
+    }
 }
 
 impl BatchSource for TokenBatchSource {
@@ -298,6 +304,17 @@ pub struct CorpusSummary {
 pub fn prepare(mut config: RunConfig, inputs: RunInputs) -> Result<PreparedRun> {
     let RunInputs { data, out, resume, init, device, mut control } = inputs;
     create_run_dir(&out)?;
+    let leader = control.is_leader();
+    if let Some(g) = &control.group {
+        // Refused at start: ranks with different configs or data would train different models.
+        let files: Vec<String> = data.iter().map(|p| p.display().to_string()).collect();
+        let what = format!("{}\n{}\n{resume}\n{:?}", config.text, files.join("\n"), init);
+        g.check_same("the run config, data files, --resume and --init", what.as_bytes())?;
+        if !leader {
+            // Rank 0 trains the tokenizer and writes the token shards; the others read them.
+            g.barrier()?;
+        }
+    }
     let init_model = init.as_deref().map(|dir| InitModel::load(dir, device)).transpose()?;
     if let Some(m) = &init_model {
         eprintln!("starting from {} (its config replaces [model])", m.dir.display());
@@ -309,7 +326,7 @@ pub fn prepare(mut config: RunConfig, inputs: RunInputs) -> Result<PreparedRun> 
         let (stories, seed) = (config.data.builtin_stories, config.data.builtin_seed);
         eprintln!("no training files: training on the built-in corpus of {stories} stories (seed {seed})");
     }
-    let tokenizer = run_tokenizer(&config, &sources, &out, resume, control.progress, init.as_deref())?;
+    let tokenizer = run_tokenizer(&config, &sources, &out, resume || !leader, control.progress && leader, init.as_deref(), leader)?;
     if config.data.tokenizer.is_none() && config.model.bytes.is_none() && init.is_none() {
         fit_vocab_size(&mut config, &tokenizer)?;
     } else if (tokenizer.vocab_size() as i64) < config.model.vocab_size && config.model.bytes.is_none() {
@@ -318,7 +335,7 @@ pub fn prepare(mut config: RunConfig, inputs: RunInputs) -> Result<PreparedRun> 
     }
     fill_special_tokens(&mut config.model, &tokenizer);
     let cache_dir = config.data.cache_dir.clone().unwrap_or_else(|| out.join("tokens"));
-    let corpus = tokenize(&sources, &tokenizer, &config.data, config.data.val_fraction, config.train.seed, cache_dir, control.progress)?;
+    let corpus = tokenize(&sources, &tokenizer, &config.data, config.data.val_fraction, config.train.seed, cache_dir, control.progress && leader)?;
     let summary = CorpusSummary {
         documents: corpus.documents(),
         bytes: corpus.bytes(),
@@ -330,7 +347,8 @@ pub fn prepare(mut config: RunConfig, inputs: RunInputs) -> Result<PreparedRun> 
         "corpus: {} documents, {} bytes, {} training and {} validation tokens; unigram entropy {:.3} nats/token",
         summary.documents, summary.bytes, summary.train_tokens, summary.val_tokens, summary.unigram_entropy
     );
-    let batches = TokenBatchSource::new(corpus, &tokenizer, &config.train, device)?;
+    let (rank, world) = control.rank_world();
+    let batches = TokenBatchSource::new(corpus, &tokenizer, &config.train, device)?.sharded(rank, world)?;
     let model = match init_model {
         Some(m) => {
             control.keep_zeros = m.keep_zeros;
@@ -347,15 +365,29 @@ pub fn prepare(mut config: RunConfig, inputs: RunInputs) -> Result<PreparedRun> 
         eprintln!("byte-pooled model: {byte_path} parameters in the byte path, {global} in the global decoder");
     }
     eprintln!("model: {} parameters; run directory {}", model.as_lm().num_parameters(), out.display());
-    stlm_core::atomic_write_bytes(&out.join("config.toml"), config.text.as_bytes())?;
+    if leader {
+        stlm_core::atomic_write_bytes(&out.join("config.toml"), config.text.as_bytes())?;
+    }
+    if let (Some(g), true) = (&control.group, leader) {
+        g.barrier()?;
+    }
+    if let Some(g) = &control.group {
+        let s = &summary;
+        let corpus = format!("{} {} {} {}", s.documents, s.bytes, s.train_tokens, s.val_tokens);
+        g.check_same("the fitted config and the corpus", format!("{}\n{corpus}", config.text).as_bytes())?;
+        if leader {
+            eprintln!("data parallel: {world} ranks, a global batch of {} windows", world as i64 * config.train.batch_size);
+        }
+    }
     Ok(PreparedRun { config, out, tokenizer, batches, model, init, control, corpus: summary })
 }
 
 /// The config's tokenizer, the run's own when resuming, or BPE trained on the data now; the
 /// byte tokenizer for byte models; an init directory's for a run that starts from one. Saved
 /// as `out/tokenizer.json`.
-fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, progress: bool, init: Option<&Path>) -> Result<Tokenizer> {
+fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, progress: bool, init: Option<&Path>, write: bool) -> Result<Tokenizer> {
     let saved = out.join("tokenizer.json");
+    let save = |tok: &Tokenizer| if write { tok.save(&saved) } else { Ok(()) };
     let bad = |m: String| Err(TrainError::Config(m));
     if let Some(dir) = init.filter(|_| run.model.bytes.is_none()) {
         if let Some(t) = &run.data.tokenizer {
@@ -368,7 +400,7 @@ fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, 
         let path = stlm_model::tokenizer_path(dir)
             .ok_or_else(|| TrainError::Config(format!("{}: no tokenizer.json in the model directory", dir.display())))?;
         let tok = Tokenizer::from_file(&path)?;
-        tok.save(&saved)?;
+        save(&tok)?;
         return Ok(tok);
     }
     if run.model.bytes.is_some() {
@@ -376,7 +408,7 @@ fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, 
             return bad(format!("field `data.tokenizer` ({}): byte models read the byte tokenizer; remove it", t.display()));
         }
         let tok = Tokenizer::bytes();
-        tok.save(&saved)?;
+        save(&tok)?;
         return Ok(tok);
     }
     let tok = match (&run.data.tokenizer, resume && saved.is_file()) {
@@ -396,7 +428,7 @@ fn run_tokenizer(run: &RunConfig, sources: &[Source], out: &Path, resume: bool, 
             tok.vocab_size()
         ));
     }
-    tok.save(&saved)?;
+    save(&tok)?;
     Ok(tok)
 }
 

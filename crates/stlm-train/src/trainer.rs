@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use stlm_core::CoreError;
+use stlm_dist::{ProcessGroup, ReduceOp};
 use stlm_model::{Batch, LanguageModel, Mode};
 use tch::{Kind, Tensor};
 
@@ -44,6 +45,21 @@ pub struct RunControl {
     /// Stop (with a checkpoint) after the step during which this many seconds of training
     /// passed: runs compared at the same wall-clock budget.
     pub time_limit: Option<f64>,
+    /// The data-parallel group this process trains in (`None`: alone). Every rank's batch
+    /// source must give its own slice of the global batch.
+    pub group: Option<Arc<ProcessGroup>>,
+}
+
+impl RunControl {
+    /// This process's rank and the world size ((0, 1) when alone).
+    pub fn rank_world(&self) -> (usize, usize) {
+        self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()))
+    }
+
+    /// Whether this process writes the run's files (rank 0, or alone).
+    pub fn is_leader(&self) -> bool {
+        self.rank_world().0 == 0
+    }
 }
 
 /// How a call to [`train`] ended.
@@ -66,7 +82,7 @@ pub struct StepSummary {
     pub loss: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
-    /// Input tokens processed.
+    /// Input tokens processed (by every rank).
     pub tokens: u64,
     /// Model FLOPs of the step, when the model counts them.
     pub flops: Option<f64>,
@@ -76,7 +92,10 @@ pub struct StepSummary {
 
 /// One optimizer step at `step` with learning rate `lr`: `grad_accum` micro-batches forward and
 /// backward, clipping to `grad_clip` (0: off), the NaN/Inf check, AdamW, and cleared gradients.
-/// A non-finite loss is an error and leaves the parameters untouched.
+/// A non-finite loss is an error and leaves the parameters untouched. In a `group`, gradients,
+/// the loss and the statistics of buffer updates are averaged (summed) over ranks first, so every
+/// rank takes the same step.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &dyn LanguageModel,
     opt: &mut AdamW,
@@ -85,6 +104,7 @@ pub fn train_step(
     lr: f64,
     grad_accum: u64,
     grad_clip: f64,
+    group: Option<&ProcessGroup>,
 ) -> Result<StepSummary> {
     let mut step_loss = Tensor::zeros([], (Kind::Float, model.device()));
     let mut tokens = 0;
@@ -107,6 +127,16 @@ pub fn train_step(
         step_loss += loss.detach();
         stats = out.stats; // the last micro-batch's stats are logged and applied
     }
+    if let Some(g) = group {
+        average_gradients(g, opt)?;
+        g.all_reduce(&step_loss, ReduceOp::Sum)?;
+        step_loss /= g.world_size() as f64;
+        for update in &stats.updates {
+            g.all_reduce(&update.stat, ReduceOp::Sum)?;
+        }
+        tokens *= g.world_size() as u64;
+        flops = flops.map(|f| f * g.world_size() as f64);
+    }
     let grad_norm = opt.clip_grad_norm(grad_clip);
     // One host sync a step: the NaN/Inf check must see every step's loss.
     let loss = step_loss.double_value(&[]);
@@ -122,9 +152,30 @@ pub fn train_step(
     Ok(StepSummary { loss, grad_norm, tokens, flops, moe: stats.moe })
 }
 
+/// Replaces every gradient by its mean over the group's ranks (in buckets). Ranks must have
+/// gradients for the same parameters; they are checked to, so a mismatch is an error, not a hang.
+fn average_gradients(group: &ProcessGroup, opt: &AdamW) -> Result<()> {
+    let grads = opt.grads();
+    let defined: Vec<u8> = grads.iter().map(|(_, g)| g.defined() as u8).collect();
+    group.check_same("which parameters received gradients", &defined)?;
+    let grads: Vec<Tensor> = grads.into_iter().map(|(_, g)| g).filter(Tensor::defined).collect();
+    Ok(group.average(&grads)?)
+}
+
 /// Mean validation loss over `batches` batches, and bits per byte when `data` knows the bytes
 /// of the targets (each batch's mean loss is per target id).
 pub fn validation_loss(model: &dyn LanguageModel, data: &dyn BatchSource, batches: u64) -> Result<(f64, Option<f64>)> {
+    validation_loss_in(model, data, batches, None)
+}
+
+/// [`validation_loss`] of a data-parallel run: each rank scores its slice of every validation
+/// batch and the sums are reduced over the group.
+pub fn validation_loss_in(
+    model: &dyn LanguageModel,
+    data: &dyn BatchSource,
+    batches: u64,
+    group: Option<&ProcessGroup>,
+) -> Result<(f64, Option<f64>)> {
     let _guard = tch::no_grad_guard();
     let (mut total, mut nats) = (0.0, 0.0);
     let mut bytes = Some(0.0);
@@ -134,6 +185,14 @@ pub fn validation_loss(model: &dyn LanguageModel, data: &dyn BatchSource, batche
         total += loss;
         nats += loss * batch.targets.numel() as f64;
         bytes = bytes.zip(data.target_bytes(&batch.targets)).map(|(a, b)| a + b);
+    }
+    if let Some(g) = group {
+        let known = bytes.is_some() as u8 as f64;
+        let sums = g.sum_f64(&[total, nats, bytes.unwrap_or(0.0), known])?;
+        let world = g.world_size() as f64;
+        total = sums[0] / world;
+        nats = sums[1];
+        bytes = (sums[3] == world).then_some(sums[2]);
     }
     let bpb = bytes.filter(|&b| b > 0.0).map(|b| nats / std::f64::consts::LN_2 / b);
     Ok((total / batches.max(1) as f64, bpb))
@@ -168,19 +227,28 @@ pub fn train(
 ) -> Result<TrainReport> {
     cfg.validate().map_err(TrainError::Config)?;
     std::fs::create_dir_all(run_dir).map_err(|e| CoreError::io(run_dir, e))?;
+    let group = control.group.as_deref();
+    let leader = control.is_leader();
     let params = model.trainable_variables();
     let mut opt = AdamW::new(params, cfg.adamw());
     let mut state = TrainerState { step: 0, seed: cfg.seed, tokens_seen: 0 };
     if resume {
         let (ckpt, restored) = checkpoint::restore_latest(run_dir, model, &mut opt)?;
-        eprintln!("resuming from {} (step {})", ckpt.display(), restored.step);
+        if leader {
+            eprintln!("resuming from {} (step {})", ckpt.display(), restored.step);
+        }
         state = restored;
     }
-    let mut metrics = Metrics::open(run_dir, resume.then_some(state.step))?;
+    if let Some(g) = group {
+        // Every rank restored the same checkpoint (or none); then they start from rank 0's weights.
+        g.check_same("the step the run resumes from", &state.step.to_le_bytes())?;
+        g.broadcast_all(&opt.params())?;
+    }
+    let mut metrics = Metrics::open(run_dir, resume.then_some(state.step), leader)?;
     // After a restore, so that the masks are those of the checkpoint's (masked) weights.
     opt.keep_zeros(&control.keep_zeros)?;
     let (schedule, max_steps) = (cfg.schedule(), cfg.max_steps);
-    let bar = if control.progress { ProgressBar::new(max_steps) } else { ProgressBar::hidden() };
+    let bar = if control.progress && leader { ProgressBar::new(max_steps) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]")
             .expect("valid template"),
@@ -196,7 +264,7 @@ pub fn train(
     while state.step < max_steps {
         let step = state.step;
         let lr = schedule.at(step);
-        let out = match train_step(model, &mut opt, data, step, lr, cfg.grad_accum, cfg.grad_clip) {
+        let out = match train_step(model, &mut opt, data, step, lr, cfg.grad_accum, cfg.grad_clip, group) {
             Ok(out) => out,
             Err(e) => {
                 bar.abandon();
@@ -212,26 +280,30 @@ pub fn train(
         let evaluate = last || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every));
         if last || state.step.is_multiple_of(cfg.log_every) || evaluate {
             let val = match evaluate {
-                true => validation_loss(model, data, cfg.eval_batches).map(|(l, b)| (Some(l), b))?,
+                true => validation_loss_in(model, data, cfg.eval_batches, group).map(|(l, b)| (Some(l), b))?,
                 false => (None, None),
             };
             let moe = out.moe.iter().map(|(i, s)| MoeLog::from_stats(*i, s)).collect();
             let log = metrics.log(StepValues { step: state.step, loss: out.loss, val, lr, grad_norm: out.grad_norm, moe })?;
-            if bar.is_hidden() {
+            if leader && bar.is_hidden() {
                 // Not a terminal: plain lines instead of a live bar.
                 eprintln!("step {}/{max_steps} {}", state.step, log.summary());
-            } else {
+            } else if leader {
                 bar.set_message(log.summary());
             }
             logs.push(log);
         }
-        if cfg.position_loss_every > 0 && (last || state.step.is_multiple_of(cfg.position_loss_every)) {
+        if leader && cfg.position_loss_every > 0 && (last || state.step.is_multiple_of(cfg.position_loss_every)) {
             let log = validation_position_loss(model, data, cfg.eval_batches, state.step)?;
             metrics.log_positions(&log)?;
         }
         let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
-        let stop = control.stop.load(Ordering::SeqCst) || timed_out;
-        if last || stop || (cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every)) {
+        let mut stop = control.stop.load(Ordering::SeqCst) || timed_out;
+        if let Some(g) = group {
+            // A stop on any rank (Ctrl-C, its time limit) stops every rank after the same step.
+            stop = g.any(stop)?;
+        }
+        if leader && (last || stop || (cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every))) {
             checkpoint::save(run_dir, model, &opt, &state, cfg.keep_last)?;
         }
         if stop && !last {
