@@ -216,3 +216,38 @@ fn mismatched_configs_across_ranks_are_refused() {
         assert!(!out.status.success() && err.contains("ranks disagree on the run config"), "{err}");
     }
 }
+
+#[test]
+fn two_rank_distillation_matches_one_process_live_and_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_stories(dir.path());
+    let config = write_config(dir.path(), "teacher.toml", false);
+    let teacher = dir.path().join("teacher");
+    let mut args = train_args(&config, &data, &teacher);
+    args.extend(["--max-steps", "6"]);
+    check_ok(&stlm(&args));
+    let (teacher_model, student) = (teacher.join("model"), dir.path().join("student.toml"));
+    let student_cfg = CONFIG.replace("MOE", "").replace("hidden_size = 32", "hidden_size = 16").replace("max_steps = 20", "max_steps = 10");
+    std::fs::write(&student, student_cfg).unwrap();
+    let cache = dir.path().join("cache");
+    let cache_args = ["distill", "cache", "--teacher", p(&teacher_model), "--data", p(&data), "--out", p(&cache), "--seq-len", "32", "--top-k", "8"];
+    check_ok(&stlm(&cache_args));
+    for source in ["live", "cached"] {
+        let run = |name: &str, extra: &[&str]| {
+            let out = dir.path().join(format!("{source}-{name}"));
+            let mut a = vec!["distill", "--student", p(&student), "--out", p(&out), "--loss", "fkl", "--alpha", "0.5"];
+            match source {
+                "live" => a.extend(["--teacher", p(&teacher_model), "--data", p(&data), "--temperature", "2"]),
+                _ => a.extend(["--cache", p(&cache)]),
+            }
+            a.extend(extra);
+            check_ok(&stlm(&a));
+            out
+        };
+        let one = run("one", &[]);
+        let two = run("two", &["--nproc", "2", "--set", "train.batch_size=2"]);
+        assert_close_metrics(&one, &two, 1e-5);
+        let diff = max_weight_diff(&one, &two);
+        assert!(diff <= 1e-5, "{source}: student weights differ by {diff}");
+    }
+}
