@@ -31,6 +31,8 @@ fn cases() -> Vec<(&'static str, &'static str, serde_json::Value)> {
             llama(json!({"num_key_value_heads": 2, "tie_word_embeddings": false, "rope_theta": 500000.0})),
         ),
         ("llama-mqa-tied", "llama", llama(json!({"num_key_value_heads": 1, "tie_word_embeddings": true}))),
+        // Squared ReLU (Primer), transformers' `relu2`, in the gated MLP.
+        ("llama-relu2", "llama", llama(json!({"num_key_value_heads": 2, "hidden_act": "relu2"}))),
         (
             "llama-mha-biases-gelu",
             "llama",

@@ -73,6 +73,11 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Number of layers it holds keys and values for.
+    pub fn num_layers(&self) -> usize {
+        self.keys.len()
+    }
+
     /// Positions the cache can hold.
     pub fn capacity(&self) -> i64 {
         self.capacity

@@ -35,6 +35,10 @@ pub enum EvalJob {
         /// tokenizer.json (default: the model directory's).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// Apply each block this many times (models with `layer_sharing`: a recursion depth
+        /// other than the trained one).
+        #[arg(long)]
+        repeats: Option<i64>,
         /// Print one JSON object: tokens, bytes, loss, ppl, bits_per_byte.
         #[arg(long)]
         json: bool,
@@ -163,7 +167,9 @@ pub struct BenchOptions {
 
 pub fn run(job: EvalJob) -> Result<()> {
     match job {
-        EvalJob::Ppl { model, data, max_length, stride, tokenizer, json, device } => ppl(&model, &data, max_length, stride, tokenizer, json, &device),
+        EvalJob::Ppl { model, data, max_length, stride, tokenizer, repeats, json, device } => {
+            ppl(&model, &data, (max_length, stride, repeats), tokenizer, json, &device)
+        }
         EvalJob::Mc { model, task, data, opts, log_samples, json } => {
             let task = Task::parse(&task)?;
             let (lm, tok) = load(&model, opts.tokenizer.as_deref(), &opts.device)?;
@@ -375,14 +381,16 @@ fn position_losses(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ppl(dir: &Path, data: &Path, max_length: Option<i64>, stride: Option<i64>, tokenizer: Option<PathBuf>, json: bool, device: &DeviceArgs) -> Result<()> {
+fn ppl(dir: &Path, data: &Path, shape: (Option<i64>, Option<i64>, Option<i64>), tokenizer: Option<PathBuf>, json: bool, device: &DeviceArgs) -> Result<()> {
+    let (max_length, stride, repeats) = shape;
     let text = std::fs::read_to_string(data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
     if text.is_empty() {
         bail!("{}: the file is empty", data.display());
     }
     let tok = load_tokenizer(tokenizer.as_deref(), dir)?;
-    let model = match device.load_any(dir)? {
+    let mut model = match device.load_any(dir)? {
         AnyModel::Tokens(m) => *m,
+        AnyModel::Bytes(_) if repeats.is_some() => bail!("--repeats {}: a byte-pooled model has no `layer_sharing`", repeats.unwrap_or_default()),
         AnyModel::Bytes(m) => {
             if !tok.is_bytes() {
                 bail!("{}: a byte model reads the byte tokenizer, not this tokenizer.json", dir.display());
@@ -394,6 +402,9 @@ fn ppl(dir: &Path, data: &Path, max_length: Option<i64>, stride: Option<i64>, to
             return print_report(data, &report, json, "byte");
         }
     };
+    if let Some(k) = repeats {
+        model.set_repeats(k).with_context(|| format!("--repeats {k}"))?;
+    }
     let ids = crate::common::scored_ids(&model, &tok, &text)?;
     let max_length = max_length.unwrap_or(model.config.max_position_embeddings.min(1024));
     if max_length > model.config.max_position_embeddings {

@@ -200,6 +200,10 @@ pub struct GenerateArgs {
     /// Keep generating after an end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Apply each block this many times (models with `layer_sharing`: a recursion depth other
+    /// than the trained one).
+    #[arg(long)]
+    repeats: Option<i64>,
     /// tokenizer.json (default: the model directory's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -233,8 +237,12 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut model = match a.device.load_any(&a.model)? {
         stlm_model::AnyModel::Tokens(m) => *m,
         stlm_model::AnyModel::Bytes(_) if a.corpus.is_some() => bail!("--corpus: byte-pooled models are not supported; use a token model"),
+        stlm_model::AnyModel::Bytes(_) if a.repeats.is_some() => bail!("--repeats {}: a byte-pooled model has no `layer_sharing`", a.repeats.unwrap_or_default()),
         stlm_model::AnyModel::Bytes(m) => return generate_bytes(&a, &m, &tok),
     };
+    if let Some(k) = a.repeats {
+        model.set_repeats(k).with_context(|| format!("--repeats {k}"))?;
+    }
     model.optimize_for_decoding();
     if let Some(path) = &a.corpus {
         return generate_corpus(&a, &model, &tok, path);

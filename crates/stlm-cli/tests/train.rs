@@ -217,19 +217,20 @@ fn losses_if_any(run: &Path) -> Vec<(u64, String)> {
     }
 }
 
-/// Every example config of an attention kind, position encoding, MoE router or Doge shape
-/// (`configs/attn-*.toml`, `configs/pos-*.toml`, `configs/moe-*.toml`, `configs/doge-*.toml`) trains a few steps with `stlm train`, and the saved model keeps its
-/// setting and generates (cached decoding).
+/// Every example config of an attention kind, position encoding, MoE router, Doge shape or layer
+/// sharing (`configs/attn-*.toml`, `configs/pos-*.toml`, `configs/moe-*.toml`, `configs/doge-*.toml`,
+/// `configs/share-*.toml`) trains a few steps with `stlm train`, and the saved model keeps its
+/// setting and generates (cached decoding; shared layers also at another recursion depth).
 #[test]
 fn every_attention_config_trains_and_generates() {
     let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     let mut names: Vec<_> = std::fs::read_dir(&configs)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| ["attn-", "pos-", "moe-", "doge-", "bytes-"].iter().any(|p| n.starts_with(p)) && n.ends_with(".toml"))
+        .filter(|n| ["attn-", "pos-", "moe-", "doge-", "bytes-", "share-"].iter().any(|p| n.starts_with(p)) && n.ends_with(".toml"))
         .collect();
     names.sort();
-    assert!(names.len() >= 18, "{names:?}");
+    assert!(names.len() >= 21, "{names:?}");
     let dir = tempfile::tempdir().unwrap();
     for name in names {
         let text = std::fs::read_to_string(configs.join(&name)).unwrap();
@@ -258,11 +259,22 @@ fn every_attention_config_trains_and_generates() {
                 assert_eq!(layer["load"].as_array().map(|l| l.len() as u64), Some(experts), "{name}: {layer}");
             }
         } else {
-            let kind = if name.starts_with("doge-") { "doge" } else if name.starts_with("bytes-") { "bytes" } else { kind };
+            let kind = match ["doge-", "bytes-", "share-"].iter().find(|p| name.starts_with(*p)) {
+                Some(&"doge-") => "doge",
+                Some(&"bytes-") => "bytes",
+                Some(_) => "layer_sharing",
+                None => kind,
+            };
             assert!(saved.contains(&format!("\"{kind}\"")), "{name}: attention kept in config.json");
         }
         let gen = stlm(&["generate", "--model", p(&run.join("model")), "--prompt", "Once upon", "--max-new-tokens", "8"]);
         assert!(gen.status.success(), "{name}: {}", String::from_utf8_lossy(&gen.stderr));
+        let deeper = stlm(&["generate", "--model", p(&run.join("model")), "--prompt", "Once upon", "--max-new-tokens", "8", "--repeats", "3"]);
+        let err = String::from_utf8_lossy(&deeper.stderr);
+        match name.starts_with("share-") {
+            true => assert!(deeper.status.success(), "{name}: {err}"),
+            false => assert!(!deeper.status.success() && err.contains("--repeats 3") && err.contains("layer_sharing"), "{name}: {err}"),
+        }
     }
 }
 

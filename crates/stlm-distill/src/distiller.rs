@@ -50,7 +50,7 @@ impl FeatureLoss {
                 return Err(OptionError::new(name, w, "must be a non-negative number").into());
             }
         }
-        let (ls, lt) = (student.layers.len(), teacher.layers.len());
+        let (ls, lt) = (student.depth(), teacher.depth());
         if let Some(&(s, t)) = map.iter().find(|&&(s, t)| s > ls || t > lt) {
             let why = format!("states go up to {ls} in the student and {lt} in the teacher");
             return Err(OptionError::new("layer_map", format!("{s}:{t}"), why).into());
@@ -67,7 +67,7 @@ impl FeatureLoss {
             }
             for &&(s, t) in &pairs {
                 for (who, model, state) in [("student", student, s), ("teacher", teacher, t)] {
-                    if !model.layers[state - 1].self_attn.has_attention_probs() {
+                    if !model.applied(state - 1).self_attn.has_attention_probs() {
                         return bad(format!(
                             "{who} block {} does not use dense softmax attention; attention maps are compared for dense attention only",
                             state - 1

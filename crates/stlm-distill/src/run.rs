@@ -324,7 +324,7 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
             };
             let map = match &o.layer_map {
                 Some(spec) => FeatureLoss::parse_map(spec)?,
-                None => FeatureLoss::uniform_map(student.model.layers.len(), t.layers.len()),
+                None => FeatureLoss::uniform_map(student.model.depth(), t.depth()),
             };
             Some(FeatureLoss::new(h, w, map, &student.model, t)?)
         }

@@ -1,6 +1,7 @@
 //! One `ModelConfig` describes a whole decoder; Llama and GPT-2 are presets of it.
 
 use crate::bytes::BytesConfig;
+use crate::sharing::{schedule, LayerSharing};
 use crate::{ModelError, Result};
 use serde::{Deserialize, Serialize};
 use stlm_attention::{AttentionKind, RopeScaling};
@@ -55,7 +56,8 @@ pub enum MlpKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
-    /// x * sigmoid(x).
+    /// x * sigmoid(x) (Swish with β = 1; `swish` is accepted too).
+    #[serde(alias = "swish")]
     Silu,
     /// Exact (erf) GELU.
     Gelu,
@@ -63,6 +65,8 @@ pub enum Activation {
     GeluTanh,
     /// max(x, 0).
     Relu,
+    /// max(x, 0)² (Primer's squared ReLU; transformers' `relu2`).
+    Relu2,
 }
 
 /// The transformers family a model is saved as (`config.json`'s `model_type`).
@@ -173,6 +177,10 @@ pub struct ModelConfig {
     /// blocks as the global decoder over chunks, and a byte decoder; none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<BytesConfig>,
+    /// Blocks applied more than once and weights tied across blocks (see [`LayerSharing`]);
+    /// none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_sharing: Option<LayerSharing>,
     /// Attention of each layer: one entry for every layer, or a pattern repeated over the layers
     /// (its length must divide `num_hidden_layers`); empty means dense everywhere. Last, because
     /// TOML writes arrays of tables after plain values.
@@ -217,6 +225,7 @@ impl ModelConfig {
             cdmoe: None,
             moe: None,
             bytes: None,
+            layer_sharing: None,
             attention: Vec::new(),
         }
     }
@@ -356,6 +365,26 @@ impl ModelConfig {
         self.moe.as_ref().filter(|m| m.is_moe_layer(i))
     }
 
+    /// The stored block of every applied layer (`0..num_hidden_layers` without sharing; see
+    /// [`LayerSharing`]).
+    pub fn applied_layers(&self) -> Vec<usize> {
+        let blocks = self.num_hidden_layers.max(0) as usize;
+        match &self.layer_sharing {
+            Some(s) => schedule(s.scheme, blocks, s.repeats.max(1) as usize),
+            None => (0..blocks).collect(),
+        }
+    }
+
+    /// Number of applied layers (`num_hidden_layers · layer_sharing.repeats`).
+    pub fn depth(&self) -> i64 {
+        self.num_hidden_layers * self.layer_sharing.as_ref().map_or(1, |s| s.repeats)
+    }
+
+    /// True when some weights serve more than one applied layer.
+    pub fn shares_layers(&self) -> bool {
+        self.layer_sharing.as_ref().is_some_and(LayerSharing::shares)
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> i64 {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
@@ -440,6 +469,17 @@ impl ModelConfig {
                 return err(format!("field `bytes`: {e}"));
             }
         }
+        if let Some(share) = &self.layer_sharing {
+            if let Err(e) = share.validate() {
+                return err(format!("field `layer_sharing`: {e}"));
+            }
+            if self.bytes.is_some() {
+                return err("field `layer_sharing`: byte-pooled models do not share layers yet".into());
+            }
+            if share.mlp && (self.moe.is_some() || self.cdmoe.is_some()) {
+                return err("field `layer_sharing.mlp`: only a dense feed-forward block is tied across blocks (not `moe` or `cdmoe`)".into());
+            }
+        }
         if let Some(moe) = &self.moe {
             if let Err(e) = moe.validate() {
                 return err(format!("field `moe`: {e}"));
@@ -480,6 +520,9 @@ impl ModelConfig {
     fn export_mismatch(&self) -> Option<String> {
         if let Err(e) = self.mistral_window() {
             return Some(e);
+        }
+        if self.shares_layers() && self.model_type != ModelType::Stlm {
+            return Some("shared layers (`layer_sharing`) have no counterpart there: it holds one copy of the weights per layer".into());
         }
         crate::hf::family(self.model_type).export_mismatch(self)
     }

@@ -124,6 +124,8 @@ pub struct FastDecoder<'m> {
     /// Leading dimensions of each head that rotate.
     rotary_dim: usize,
     blocks: Vec<Block<'m>>,
+    /// The block of every applied layer.
+    schedule: &'m [usize],
     norm: NormRow<'m>,
     head: Rows<'m>,
     act: Activation,
@@ -197,6 +199,7 @@ impl<'m> FastDecoder<'m> {
             rope_factor,
             rotary_dim: cfg.rotary_dim() as usize,
             blocks,
+            schedule: model.schedule(),
             norm: NormRow::new(&model.norm)?,
             head,
             act: cfg.hidden_act,
@@ -235,7 +238,8 @@ impl<'m> FastDecoder<'m> {
         }
         let group = nh / nkv;
         let scale = 1.0 / (d as f32).sqrt();
-        for (layer, block) in self.blocks.iter().enumerate() {
+        for (layer, &b) in self.schedule.iter().enumerate() {
+            let block = &self.blocks[b];
             // Attention: [hidden] -> q [nh, d], k and v [nkv, d].
             resize(&mut s.normed, hidden);
             block.input_norm.apply(&s.x, &mut s.normed);
@@ -330,6 +334,7 @@ fn activate(act: Activation, x: f32) -> f32 {
             0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
         }
         Activation::Relu => x.max(0.0),
+        Activation::Relu2 => x.max(0.0) * x.max(0.0),
         Activation::Gelu => unreachable!("FastDecoder::new declines exact GELU"),
     }
 }
@@ -414,11 +419,15 @@ mod tests {
     #[test]
     fn matches_libtorch_decoding() {
         let partial = format!("{PARTIAL_YARN}{LLAMA_GQA}");
+        let shared_immediate = format!("model_type = \"stlm\"\nlayer_sharing = {{ repeats = 2, mlp = true }}\n{LLAMA_GQA}");
+        let shared_cycle = format!("{}layer_sharing = {{ scheme = \"cycle\", repeats = 3, o_proj = true }}\n", MQA_PLAIN.replace("\"relu\"", "\"relu2\""));
         for (name, toml) in [
             ("llama gqa", LLAMA_GQA),
             ("gpt2", GPT2),
             ("mqa plain relu, no positions", MQA_PLAIN),
             ("partial rotary, yarn", partial.as_str()),
+            ("blocks repeated in place, tied FFN", shared_immediate.as_str()),
+            ("stack cycled, tied o_proj, relu2", shared_cycle.as_str()),
         ] {
             for fuse in [false, true] {
                 let diff = max_diff(&model(toml, fuse), 12);

@@ -48,6 +48,11 @@ impl Linear {
         Linear { weight, bias, tap: None }
     }
 
+    /// The same layer (its weight and bias tensors, not copies), for weights tied across blocks.
+    pub fn share(&self) -> Linear {
+        Linear { weight: self.weight.shallow_clone(), bias: self.bias.as_ref().map(Tensor::shallow_clone), tap: None }
+    }
+
     /// Adds `x` `[.., in]` to each distinct tap of `parts` (layers reading the same input).
     fn record(parts: &[&Linear], x: &Tensor) {
         let mut taps: Vec<&InputTap> = Vec::new();
@@ -212,6 +217,7 @@ impl Activation {
             Activation::Gelu => x.gelu("none"),
             Activation::GeluTanh => x.gelu("tanh"),
             Activation::Relu => x.relu(),
+            Activation::Relu2 => x.relu().square(),
         }
     }
 }
@@ -254,6 +260,17 @@ impl Mlp {
             down_proj: Linear::new(&path / "down_proj", i, h, b, resid_std),
             act: cfg.hidden_act,
             gate_up: None,
+        }
+    }
+
+    /// The same block (its tensors, not copies), for an FFN tied across blocks.
+    pub fn share(&self) -> Mlp {
+        Mlp {
+            gate_proj: self.gate_proj.as_ref().map(Linear::share),
+            up_proj: self.up_proj.share(),
+            down_proj: self.down_proj.share(),
+            act: self.act,
+            gate_up: self.gate_up.as_ref().map(Linear::share),
         }
     }
 
@@ -418,6 +435,11 @@ impl DynamicMask {
 impl SelfAttention {
     /// Builds the projections of layer `layer`; `resid_std` initialises `o_proj`.
     pub fn new(path: nn::Path, cfg: &ModelConfig, layer: usize, resid_std: f64) -> Self {
+        Self::with_o_proj(path, cfg, layer, resid_std, None)
+    }
+
+    /// [`SelfAttention::new`] with `o_proj` taken from another layer (tied weights) when given.
+    pub fn with_o_proj(path: nn::Path, cfg: &ModelConfig, layer: usize, resid_std: f64, o_proj: Option<Linear>) -> Self {
         let (h, d, b, std) = (cfg.hidden_size, cfg.head_dim(), cfg.attention_bias, cfg.initializer_range);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let attention = cfg.layer_attention(layer);
@@ -436,7 +458,7 @@ impl SelfAttention {
             q_proj: Linear::new(&path / "q_proj", h, nh * d, b, std),
             k_proj: Linear::new(&path / "k_proj", h, nkv * d, b, std),
             v_proj: Linear::new(&path / "v_proj", h, nkv * d, b, std),
-            o_proj: Linear::new(&path / "o_proj", nh * d, h, cfg.o_proj_bias(), resid_std),
+            o_proj: o_proj.unwrap_or_else(|| Linear::new(&path / "o_proj", nh * d, h, cfg.o_proj_bias(), resid_std)),
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: d,
@@ -698,10 +720,20 @@ impl DecoderLayer {
 
     /// Builds block `layer` at `path` (`model.layers.{layer}`).
     pub fn new(path: nn::Path, cfg: &ModelConfig, layer: usize) -> Self {
-        let resid_std = cfg.initializer_range / (2.0 * cfg.num_hidden_layers as f64).sqrt();
+        Self::tied_to(path, cfg, layer, None)
+    }
+
+    /// [`DecoderLayer::new`], taking from `first` (block 0) the weights `cfg.layer_sharing` ties
+    /// across blocks (its FFN, its attention output projection) instead of creating them.
+    pub fn tied_to(path: nn::Path, cfg: &ModelConfig, layer: usize, first: Option<&DecoderLayer>) -> Self {
+        // Residual projections shrink with the applied depth (each repeat adds to the stream).
+        let resid_std = cfg.initializer_range / (2.0 * cfg.depth() as f64).sqrt();
+        let sharing = cfg.layer_sharing.as_ref();
+        let tied_o = first.filter(|_| sharing.is_some_and(|s| s.o_proj)).map(|f| f.self_attn.o_proj.share());
+        let tied_mlp = first.filter(|_| sharing.is_some_and(|s| s.mlp)).and_then(|f| f.mlp.dense()).map(Mlp::share);
         DecoderLayer {
             input_layernorm: Norm::new(&path / "input_layernorm", cfg.norm, cfg.hidden_size, cfg.norm_eps),
-            self_attn: SelfAttention::new(&path / "self_attn", cfg, layer, resid_std),
+            self_attn: SelfAttention::with_o_proj(&path / "self_attn", cfg, layer, resid_std, tied_o),
             post_attention_layernorm: Norm::new(
                 &path / "post_attention_layernorm",
                 cfg.norm,
@@ -712,8 +744,9 @@ impl DecoderLayer {
             post_attention_residual: cfg
                 .residual_scales
                 .then(|| path.var("post_attention_residual", &[cfg.hidden_size], Init::Const(1.0))),
-            mlp: match (cfg.layer_moe(layer), &cfg.cdmoe) {
-                (None, Some(c)) => FeedForward::CdMoe(CdMoe::new(
+            mlp: match (tied_mlp, cfg.layer_moe(layer), &cfg.cdmoe) {
+                (Some(tied), _, _) => FeedForward::Dense(tied),
+                (None, None, Some(c)) => FeedForward::CdMoe(CdMoe::new(
                     &path / "mlp",
                     cfg.hidden_size,
                     cfg.intermediate_size,
@@ -724,8 +757,8 @@ impl DecoderLayer {
                     cfg.initializer_range,
                     resid_std,
                 )),
-                (None, None) => FeedForward::Dense(Mlp::new(&path / "mlp", cfg, resid_std)),
-                (Some(moe), _) => FeedForward::Moe(MoeLayer::new(
+                (None, None, None) => FeedForward::Dense(Mlp::new(&path / "mlp", cfg, resid_std)),
+                (None, Some(moe), _) => FeedForward::Moe(MoeLayer::new(
                     &path / "mlp",
                     cfg.hidden_size,
                     cfg.intermediate_size,

@@ -16,6 +16,7 @@ pub mod io;
 pub mod layers;
 pub mod lm;
 pub mod model;
+pub mod sharing;
 
 pub use bytes::{BytePooledModel, BytesConfig, ByteDecoder, ChunkGrid, Pooling};
 pub use decode::FastDecoder;
@@ -26,3 +27,4 @@ pub use error::{ModelError, Result};
 pub use generate::{generate, GenerationConfig};
 pub use io::{load_config, load_model, tokenizer_path, PRUNING_FILE};
 pub use model::{BlockPass, DecoderModel, ResidualStream};
+pub use sharing::{LayerSharing, ShareScheme};

@@ -44,13 +44,16 @@ pub struct DecoderModel {
     pub embed_tokens: Tensor,
     /// Learned position embedding, `[max_positions, hidden]` (`model.embed_positions.weight`).
     pub embed_positions: Option<Tensor>,
-    /// Decoder blocks (`model.layers.{i}`).
+    /// The stored decoder blocks (`model.layers.{i}`); [`DecoderModel::schedule`] says which one
+    /// each applied layer runs.
     pub layers: Vec<DecoderLayer>,
     /// Final norm (`model.norm`).
     pub norm: Norm,
     /// Output head (`lm_head`); `None` when tied to `embed_tokens`.
     pub lm_head: Option<Linear>,
     pub(crate) rope: Option<Rope>,
+    /// The stored block of every applied layer (see [`ModelConfig::applied_layers`]).
+    schedule: Vec<usize>,
     vs: nn::VarStore,
 }
 
@@ -75,14 +78,48 @@ impl DecoderModel {
                 Init::Randn { mean: 0.0, stdev: std },
             )
         });
-        let layers = (0..config.num_hidden_layers).map(|i| DecoderLayer::new(&model / "layers" / i, &config, i as usize)).collect();
+        let mut layers: Vec<DecoderLayer> = Vec::new();
+        for i in 0..config.num_hidden_layers {
+            let layer = DecoderLayer::tied_to(&model / "layers" / i, &config, i as usize, layers.first());
+            layers.push(layer);
+        }
         let norm = Norm::new(&model / "norm", config.norm, h, config.norm_eps);
         let lm_head = (!config.tie_word_embeddings).then(|| Linear::new(&root / "lm_head", h, v, false, std));
         let rope = (config.position == PositionKind::Rope).then(|| {
             let (dim, theta, max) = (config.rotary_dim(), config.rope_theta, config.max_position_embeddings);
             Rope::with_scaling(dim, theta, config.rope_scaling.as_ref(), max, device)
         });
-        Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, rope, vs })
+        let schedule = config.applied_layers();
+        Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, rope, schedule, vs })
+    }
+
+    /// Number of applied layers (stored blocks times their repeats).
+    pub fn depth(&self) -> usize {
+        self.schedule.len()
+    }
+
+    /// The block applied as layer `i` (`i < depth()`).
+    pub fn applied(&self, i: usize) -> &DecoderLayer {
+        &self.layers[self.schedule[i]]
+    }
+
+    /// The stored block of every applied layer.
+    pub fn schedule(&self) -> &[usize] {
+        &self.schedule
+    }
+
+    /// Applies every stored block `repeats` times from now on (a recursion depth chosen at run
+    /// time, in the config's scheme); refused for a model without `layer_sharing`.
+    pub fn set_repeats(&mut self, repeats: i64) -> Result<()> {
+        let Some(sharing) = self.config.layer_sharing.as_mut() else {
+            return Err(ModelError::Input("the model has no `layer_sharing` table, so its layers do not repeat".into()));
+        };
+        if repeats < 1 {
+            return Err(ModelError::Input(format!("repeats must be at least 1, got {repeats}")));
+        }
+        sharing.repeats = repeats;
+        self.schedule = self.config.applied_layers();
+        Ok(())
     }
 
     /// The variable store holding every weight, by its Hugging Face name.
@@ -117,10 +154,18 @@ impl DecoderModel {
     /// a later dtype or device change would separate the views from the fused copy.
     pub fn optimize_for_decoding(&mut self) {
         let _guard = tch::no_grad_guard();
-        for layer in &mut self.layers {
+        let tied_mlp = self.config.layer_sharing.as_ref().is_some_and(|s| s.mlp);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
             layer.self_attn.prepare_for_decoding();
             if let FeedForward::Dense(mlp) = &mut layer.mlp {
-                mlp.prepare_for_decoding();
+                if i == 0 || !tied_mlp {
+                    mlp.prepare_for_decoding();
+                }
+            }
+        }
+        if let (true, Some(first)) = (tied_mlp, self.layers.first().and_then(|l| l.mlp.dense()).map(|m| m.share())) {
+            for layer in self.layers.iter_mut().skip(1) {
+                layer.mlp = FeedForward::Dense(first.share());
             }
         }
     }
@@ -131,13 +176,34 @@ impl DecoderModel {
         let c = &self.config;
         let vars = self.vs.variables();
         let head = if c.tie_word_embeddings { c.vocab_size * c.hidden_size } else { 0 };
-        stlm_core::flops::training_flops_per_token(stlm_core::flops::matmul_parameters(&vars) + head, c.num_hidden_layers, c.hidden_size, seq)
+        let matmul = stlm_core::flops::matmul_parameters(&vars) + head + self.repeated_matmul_parameters(&vars);
+        stlm_core::flops::training_flops_per_token(matmul, self.depth() as i64, c.hidden_size, seq)
+    }
+
+    /// Matmul weights applied more than once, counted once more per extra application: a
+    /// repeated block's own weights, and block 0's tied FFN and output projection in every block.
+    fn repeated_matmul_parameters(&self, vars: &std::collections::HashMap<String, Tensor>) -> i64 {
+        let Some(sharing) = self.config.layer_sharing.as_ref().filter(|s| s.shares()) else { return 0 };
+        let under = |prefix: &str| stlm_core::flops::matmul_parameters(vars.iter().filter(|(k, _)| k.starts_with(prefix)));
+        let mut tied = 0;
+        if sharing.mlp {
+            tied += under("model.layers.0.mlp.");
+        }
+        if sharing.o_proj {
+            tied += under("model.layers.0.self_attn.o_proj.");
+        }
+        let own: Vec<i64> = (0..self.layers.len()).map(|j| under(&format!("model.layers.{j}.")) - if j == 0 { tied } else { 0 }).collect();
+        let applied: i64 = self.schedule.iter().map(|&j| own[j] + tied).sum();
+        applied - (own.iter().sum::<i64>() + tied)
     }
 
     /// Copies this model into the smaller `into` (same vocabulary and width): embeddings, final
     /// norm and head whole, and block `j` of `into` from block `blocks[j].0` of this model with
     /// the units `blocks[j].1` keeps (structured pruning: heads, neurons, experts, whole blocks).
     pub fn keep_into(&self, into: &DecoderModel, blocks: &[(usize, crate::layers::KeepUnits)]) -> Result<()> {
+        if self.config.shares_layers() {
+            return Err(ModelError::Input("structured pruning of shared layers (`layer_sharing`) is not supported".into()));
+        }
         if blocks.len() != into.layers.len() || blocks.iter().any(|(i, _)| *i >= self.layers.len()) {
             return Err(ModelError::Input(format!("{} blocks to keep for a model of {} (from {})", blocks.len(), into.layers.len(), self.layers.len())));
         }
@@ -190,7 +256,7 @@ impl DecoderModel {
     /// The aux-free bias moves of the MoE blocks for `stats` of a training pass, to apply after
     /// the optimizer step.
     pub fn balance_updates(&self, stats: &[(usize, MoeStats)]) -> Vec<stlm_core::BufferUpdate> {
-        stats.iter().filter_map(|(i, s)| self.layers[*i].balance_update(s)).collect()
+        stats.iter().filter_map(|(i, s)| self.applied(*i).balance_update(s)).collect()
     }
 
     /// Logits `[b, s, vocab]` for `input_ids` `[b, s]` at `positions` `[b, s]` under `mask`;
@@ -237,7 +303,8 @@ impl DecoderModel {
         moe: &mut Vec<(usize, MoeStats)>,
     ) -> Tensor {
         let (mut x, rotary) = self.embed(input_ids, positions);
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, &block) in self.schedule.iter().enumerate() {
+            let layer = &self.layers[block];
             let (y, stats) = layer.forward_mode(&x, rotary.as_ref(), positions, mask, cache.as_deref().map(|c| (c, i)), mode);
             x = y;
             moe.extend(stats.map(|s| (i, s)));
@@ -278,7 +345,7 @@ impl DecoderModel {
         let pass = self.block_pass_mode(input_ids, mode);
         let mut states = vec![pass.input.shallow_clone()];
         let mut moe = Vec::new();
-        for i in 0..self.layers.len() {
+        for i in 0..self.depth() {
             let (x, stats) = self.run_block_stats(i, &pass, states.last().expect("the input is there"));
             states.push(x);
             moe.extend(stats.map(|s| (i, s)));
@@ -307,13 +374,13 @@ impl DecoderModel {
 
     /// [`DecoderModel::run_block`] with the block's MoE stats, if it has experts.
     pub fn run_block_stats(&self, i: usize, pass: &BlockPass, x: &Tensor) -> (Tensor, Option<MoeStats>) {
-        self.layers[i].forward_mode(x, pass.rotary.as_ref(), &pass.positions, &AttentionMask::Causal, None, pass.mode)
+        self.applied(i).forward_mode(x, pass.rotary.as_ref(), &pass.positions, &AttentionMask::Causal, None, pass.mode)
     }
 
     /// Log attention probabilities `[b, heads, s, s]` of block `i` given its input `x` (a state of
     /// [`DecoderModel::residual_stream`]); `None` unless the block has dense softmax attention.
     pub fn attention_log_probs(&self, i: usize, pass: &BlockPass, x: &Tensor) -> Option<Tensor> {
-        let layer = &self.layers[i];
+        let layer = self.applied(i);
         layer.self_attn.attention_log_probs(&layer.input_layernorm.forward(x), pass.rotary.as_ref())
     }
 
@@ -329,8 +396,9 @@ impl DecoderModel {
     pub fn new_cache_padded(&self, batch: i64, capacity: i64, padding: i64) -> KvCache {
         let c = &self.config;
         let windows: Vec<_> = self
-            .layers
+            .schedule
             .iter()
+            .map(|&j| &self.layers[j])
             .map(|l| l.self_attn.attention.rolling_window().map(|(w, g)| (w, if g > 0 { g + padding } else { 0 })))
             .collect();
         KvCache::with_windows(

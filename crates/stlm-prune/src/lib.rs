@@ -36,6 +36,15 @@ pub enum PruneError {
     Model(#[from] stlm_model::ModelError),
 }
 
+/// Refuses a model whose blocks share weights: a tied weight serves several layers, whose
+/// inputs and importance a per-layer prune does not combine.
+fn refuse_shared_layers(config: &stlm_model::ModelConfig) -> Result<()> {
+    if config.shares_layers() {
+        return Err(PruneError::Input("pruning a model with shared layers (`layer_sharing`) is not supported".into()));
+    }
+    Ok(())
+}
+
 /// Result alias for stlm-prune.
 pub type Result<T, E = PruneError> = std::result::Result<T, E>;
 

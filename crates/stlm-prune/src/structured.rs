@@ -222,6 +222,7 @@ fn importance_name(i: Importance) -> &'static str {
 /// model; `model` itself is unchanged.
 pub fn prune_structured(model: &mut DecoderModel, calib: &[Tensor], opts: &StructuredOptions, progress: bool) -> Result<(DecoderModel, StructuredReport)> {
     let started = Instant::now();
+    crate::refuse_shared_layers(&model.config)?;
     let total = units_of(&model.config, opts.unit)?;
     if !(0.0..1.0).contains(&opts.amount) {
         return Err(OptionError::new("amount", opts.amount, "must be at least 0 and below 1").into());

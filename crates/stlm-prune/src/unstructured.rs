@@ -133,6 +133,7 @@ fn targets<'a>(model: &'a mut DecoderModel, skip: &[String]) -> Vec<Target<'a>> 
 /// batches `[b, s]` on the model's device); returns the report (perplexities left empty).
 pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, progress: bool) -> Result<PruneReport> {
     let started = Instant::now();
+    crate::refuse_shared_layers(&model.config)?;
     check_options(opts, calib)?;
     let nonzero_before = nonzero(model);
     let _guard = tch::no_grad_guard();

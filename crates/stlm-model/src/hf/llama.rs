@@ -166,6 +166,7 @@ fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
         cdmoe: None,
         moe: None,
         bytes: None,
+        layer_sharing: None,
         mlp: MlpKind::Gated,
         hidden_act: activation(c.hidden_act.as_deref().unwrap_or("silu"), "hidden_act", path)?,
         attention_bias: c.attention_bias.unwrap_or(false),

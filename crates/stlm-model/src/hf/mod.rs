@@ -111,10 +111,11 @@ fn activation(name: &str, field: &str, path: &Path) -> Result<Activation> {
         "gelu" => Ok(Activation::Gelu),
         "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
         "relu" => Ok(Activation::Relu),
+        "relu2" => Ok(Activation::Relu2),
         _ => Err(unsupported(
             path,
             format!(
-                "field `{field}`: activation `{name}` is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh, relu)"
+                "field `{field}`: activation `{name}` is not supported (silu, swish, gelu, gelu_new, gelu_pytorch_tanh, relu, relu2)"
             ),
         )),
     }
@@ -128,6 +129,7 @@ fn activation_json(c: &ModelConfig, gpt2: bool) -> &'static str {
         Activation::GeluTanh if gpt2 => "gelu_new",
         Activation::GeluTanh => "gelu_pytorch_tanh",
         Activation::Relu => "relu",
+        Activation::Relu2 => "relu2",
     }
 }
 
