@@ -11,6 +11,7 @@ mod eval;
 mod model;
 mod plot;
 mod prune;
+mod sweep;
 mod tokenizer;
 mod train;
 
@@ -58,6 +59,9 @@ enum Job {
     Distill(Box<distill::DistillArgs>),
     /// Draw lines from a CSV table, or a training run's curves, into an SVG or PNG plot.
     Plot(plot::PlotArgs),
+    /// Train variants of a config (a grid of `--set` values and `--data` files) with the same
+    /// time budget and compare them in a table and a plot.
+    Sweep(Box<sweep::SweepArgs>),
 }
 
 /// The error chain of `e` joined by ": ", an option error in its command-line form (the
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         Job::Plot(a) => plot::plot(a),
         Job::Prune(a) => prune::run(*a),
         Job::Distill(a) => distill::run(*a),
+        Job::Sweep(a) => sweep::sweep(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -277,7 +277,15 @@ pub fn train(
         bar.inc(1);
 
         let last = state.step == max_steps;
-        let evaluate = last || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every));
+        let mut timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+        let mut stop = control.stop.load(Ordering::SeqCst) || timed_out;
+        if let Some(g) = group {
+            // A stop on any rank (Ctrl-C, its time limit) stops every rank after the same step.
+            stop = g.any(stop)?;
+            timed_out = stop && g.any(timed_out)?;
+        }
+        // A run stopped by its time limit ends with a validation loss (runs compared at a budget).
+        let evaluate = last || timed_out || (cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every));
         if last || state.step.is_multiple_of(cfg.log_every) || evaluate {
             let val = match evaluate {
                 true => validation_loss_in(model, data, cfg.eval_batches, group).map(|(l, b)| (Some(l), b))?,
@@ -296,12 +304,6 @@ pub fn train(
         if leader && cfg.position_loss_every > 0 && (last || state.step.is_multiple_of(cfg.position_loss_every)) {
             let log = validation_position_loss(model, data, cfg.eval_batches, state.step)?;
             metrics.log_positions(&log)?;
-        }
-        let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
-        let mut stop = control.stop.load(Ordering::SeqCst) || timed_out;
-        if let Some(g) = group {
-            // A stop on any rank (Ctrl-C, its time limit) stops every rank after the same step.
-            stop = g.any(stop)?;
         }
         if leader && (last || stop || (cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every))) {
             checkpoint::save(run_dir, model, &opt, &state, cfg.keep_last)?;

@@ -184,8 +184,8 @@ fn corrupt_newest_checkpoint_is_skipped_and_old_ones_pruned() {
     assert_eq!(losses(&resumed), losses(&full[6..]));
 }
 
-/// A time limit stops the run after the step during which it passed, with a checkpoint there,
-/// and says so; resuming continues bit for bit. A limit no deadline can hold is no limit.
+/// A time limit stops the run after the step during which it passed, with a validation loss
+/// and a checkpoint there, and says so; resuming continues bit for bit. A limit no deadline can hold is no limit.
 #[test]
 fn time_limit_stops_with_a_checkpoint_and_resumes_exactly() {
     let data = Synthetic::new();
@@ -195,6 +195,7 @@ fn time_limit_stops_with_a_checkpoint_and_resumes_exactly() {
     let first = train(&model(), &data, &settings(4), &limited, dir.path(), false).unwrap();
     assert!(first.timed_out && !first.completed, "{first:?}");
     assert_eq!(first.step, 1);
+    assert!(first.logs.last().is_some_and(|l| l.step == 1 && l.val_loss.is_some()), "a timed stop logs a validation loss: {:?}", first.logs);
     assert!(dir.path().join("checkpoints").join("step-0000001").is_dir());
     let rest = train(&model(), &data, &settings(4), &quiet(), dir.path(), true).unwrap();
     assert!(rest.completed && !rest.timed_out);
