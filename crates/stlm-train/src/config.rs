@@ -10,6 +10,25 @@ use crate::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// The optimizer of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    /// AdamW with decoupled weight decay.
+    #[default]
+    Adamw,
+    /// AdamW on the hypersphere: unit-norm matrix rows, tangent updates, renormalised.
+    #[serde(alias = "tangent")]
+    Hypersphere,
+}
+
+impl Optimizer {
+    /// True for the default, which config.toml leaves out.
+    fn is_adamw(&self) -> bool {
+        *self == Optimizer::Adamw
+    }
+}
+
 /// `[train]`: the optimisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -30,6 +49,10 @@ pub struct TrainConfig {
     pub warmup_steps: u64,
     /// `{ kind = "cosine" }`, `{ kind = "wsd", decay_fraction = 0.2 }` or `{ kind = "constant" }`.
     pub schedule: Schedule,
+    /// `adamw`, or `hypersphere` (alias `tangent`): AdamW with every matrix row kept at unit
+    /// norm and updated along the sphere (see [`crate::optim`]).
+    #[serde(skip_serializing_if = "Optimizer::is_adamw")]
+    pub optimizer: Optimizer,
     /// Decoupled weight decay on matrices (not embeddings, norms or biases).
     pub weight_decay: f64,
     /// AdamW beta1.
@@ -67,6 +90,7 @@ impl Default for TrainConfig {
             min_lr: 3e-4,
             warmup_steps: 50,
             schedule: Schedule::Cosine,
+            optimizer: Optimizer::Adamw,
             weight_decay: 0.1,
             beta1: 0.9,
             beta2: 0.95,
@@ -119,7 +143,13 @@ impl TrainConfig {
 
     /// The optimizer's settings.
     pub fn adamw(&self) -> AdamWConfig {
-        AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay }
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            hypersphere: self.optimizer == Optimizer::Hypersphere,
+        }
     }
 }
 

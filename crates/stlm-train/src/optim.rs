@@ -1,5 +1,8 @@
 //! AdamW (Loshchilov and Hutter, "Decoupled Weight Decay Regularization"), as `torch.optim.AdamW`
-//! computes it, on tch tensors, with moments that checkpoints save and restore.
+//! computes it, on tch tensors, with moments that checkpoints save and restore; optionally on the
+//! hypersphere ("tangent descent", our reading of the brainstorm's term, after the normalised
+//! transformer nGPT): every matrix row kept at unit norm, its gradient and its Adam update
+//! projected on the tangent space of the sphere at the row, then the row renormalised.
 
 use crate::Result;
 use std::collections::BTreeMap;
@@ -14,13 +17,17 @@ pub struct AdamWConfig {
     pub beta2: f64,
     /// Added to the denominator.
     pub eps: f64,
-    /// Decoupled weight decay (applied to matrices other than embeddings).
+    /// Decoupled weight decay (applied to matrices other than embeddings; not to matrices on
+    /// the hypersphere, whose norm is fixed).
     pub weight_decay: f64,
+    /// Keep every row of every matrix (embeddings and head included) at unit L2 norm and
+    /// update it along the sphere (see the module docs).
+    pub hypersphere: bool,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+        AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, hypersphere: false }
     }
 }
 
@@ -30,6 +37,8 @@ struct Slot {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     decay: bool,
+    /// Rows kept at unit norm, updated along the sphere.
+    sphere: bool,
     /// 1 where the parameter may change, 0 where it stays zero (a pruned model's mask).
     mask: Option<Tensor>,
 }
@@ -48,13 +57,19 @@ pub fn decays(name: &str, param: &Tensor) -> bool {
 }
 
 impl AdamW {
-    /// An optimizer for `params` (name, tensor), moments at zero.
+    /// An optimizer for `params` (name, tensor), moments at zero. On the hypersphere, the rows
+    /// of every matrix are normalised to unit length here.
     pub fn new(params: impl IntoIterator<Item = (String, Tensor)>, config: AdamWConfig) -> Self {
         let slots = params
             .into_iter()
             .map(|(name, param)| {
-                let decay = decays(&name, &param);
-                let slot = Slot { exp_avg: param.zeros_like(), exp_avg_sq: param.zeros_like(), param, decay, mask: None };
+                let sphere = config.hypersphere && param.dim() == 2;
+                let decay = decays(&name, &param) && !sphere;
+                if sphere {
+                    let _guard = tch::no_grad_guard();
+                    param.shallow_clone().copy_(&unit_rows(&param));
+                }
+                let slot = Slot { exp_avg: param.zeros_like(), exp_avg_sq: param.zeros_like(), param, decay, sphere, mask: None };
                 (name, slot)
             })
             .collect();
@@ -100,6 +115,10 @@ impl AdamW {
         for slot in self.slots.values_mut() {
             let grad = slot.param.grad();
             if !grad.defined() {
+                continue;
+            }
+            if slot.sphere {
+                sphere_step(slot, &grad, lr, c, bias1, bias2);
                 continue;
             }
             if slot.decay && c.weight_decay != 0.0 {
@@ -193,6 +212,32 @@ impl AdamW {
     }
 }
 
+/// `t` `[rows, cols]` with every row scaled to unit L2 norm.
+fn unit_rows(t: &Tensor) -> Tensor {
+    t / t.square().sum_dim_intlist(-1, true, t.kind()).sqrt().clamp_min(1e-12)
+}
+
+/// `v` `[rows, cols]` without its component along each unit row of `w`: on the tangent space.
+fn tangent(v: &Tensor, w: &Tensor) -> Tensor {
+    v - (v * w).sum_dim_intlist(-1, true, v.kind()) * w
+}
+
+/// One Adam step of a matrix on the hypersphere: the gradient projected on the tangent space
+/// feeds the moments, the bias-corrected update is projected again (the per-element scaling
+/// leaves the tangent space), the row moves by `lr` times it and is renormalised.
+fn sphere_step(slot: &mut Slot, grad: &Tensor, lr: f64, c: AdamWConfig, bias1: f64, bias2: f64) {
+    let g = tangent(grad, &slot.param);
+    let _ = slot.exp_avg.lerp_(&g, 1.0 - c.beta1);
+    let _ = slot.exp_avg_sq.g_mul_scalar_(c.beta2).addcmul_(&g, &(&g * (1.0 - c.beta2)));
+    let update = (&slot.exp_avg / bias1) / (slot.exp_avg_sq.sqrt() / bias2.sqrt() + c.eps);
+    let moved = &slot.param - tangent(&update, &slot.param) * lr;
+    let moved = match &slot.mask {
+        Some(mask) => moved * mask,
+        None => moved,
+    };
+    slot.param.shallow_clone().copy_(&unit_rows(&moved));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,7 +250,7 @@ mod tests {
         let opts = (Kind::Float, tch::Device::Cpu);
         let w = Tensor::randn([3, 4], opts).set_requires_grad(true);
         let b = Tensor::randn([4], opts).set_requires_grad(true);
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, hypersphere: false };
         let mut opt =
             AdamW::new([("w".to_string(), w.shallow_clone()), ("norm.weight".to_string(), b.shallow_clone())], cfg);
         let (mut wd, mut bd) = (w.to_kind(Kind::Double).detach(), b.to_kind(Kind::Double).detach());
@@ -230,6 +275,42 @@ mod tests {
         let dw = (w.to_kind(Kind::Double) - wd).abs().max().double_value(&[]);
         let db = (b.to_kind(Kind::Double) - bd).abs().max().double_value(&[]);
         assert!(dw < 1e-6 && db < 1e-6, "{dw} {db}");
+    }
+
+    /// On the hypersphere: three steps against the projected update written out in float64;
+    /// every row of the matrix stays at unit norm, the vector is an ordinary AdamW parameter.
+    #[test]
+    fn hypersphere_steps_keep_unit_rows_and_match_the_equations() {
+        tch::manual_seed(3);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let w = Tensor::randn([5, 8], opts).set_requires_grad(true);
+        let b = Tensor::randn([8], opts).set_requires_grad(true);
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, hypersphere: true };
+        let mut opt = AdamW::new([("w".to_string(), w.shallow_clone()), ("b".to_string(), b.shallow_clone())], cfg);
+        let norms = |t: &Tensor| t.to_kind(Kind::Double).square().sum_dim_intlist(-1, false, Kind::Double).sqrt();
+        let unit = |t: &Tensor| (norms(t) - 1.0).abs().max().double_value(&[]);
+        assert!(unit(&w) < 1e-6, "rows normalised at the start");
+        let x = Tensor::randn([8, 3], opts);
+        let mut wd = w.to_kind(Kind::Double).detach();
+        let (mut m, mut v) = (wd.zeros_like(), wd.zeros_like());
+        let proj = |u: &Tensor, w: &Tensor| u - (u * w).sum_dim_intlist(-1, true, Kind::Double) * w;
+        for t in 1..=3 {
+            let lr = 0.05 * t as f64;
+            opt.zero_grad();
+            ((w.matmul(&x) * &b.narrow(0, 0, 3)).sin().sum(Kind::Float) + b.square().sum(Kind::Float)).backward();
+            let g = proj(&w.grad().to_kind(Kind::Double), &wd);
+            opt.step(lr);
+            let (b1, b2) = (1.0 - 0.9f64.powi(t), 1.0 - 0.99f64.powi(t));
+            m = &m * 0.9 + &g * 0.1;
+            v = &v * 0.99 + g.square() * 0.01;
+            let u = proj(&((&m / b1) / ((&v / b2).sqrt() + 1e-8)), &wd);
+            let moved = &wd - u * lr;
+            wd = &moved / norms(&moved).unsqueeze(-1);
+            assert!(unit(&w) < 1e-6, "step {t}: rows off the sphere by {}", unit(&w));
+            let diff = (w.to_kind(Kind::Double) - &wd).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "step {t}: {diff} from the float64 equations");
+        }
+        assert!(norms(&b.unsqueeze(0)).double_value(&[0]) > 1.5, "vectors are not normalised");
     }
 
     #[test]

@@ -205,6 +205,29 @@ fn time_limit_stops_with_a_checkpoint_and_resumes_exactly() {
     assert!(all.completed && !all.timed_out);
 }
 
+/// On the hypersphere every matrix row is at unit norm after training, the loss falls, and a
+/// run stopped midway resumes bit for bit.
+#[test]
+fn hypersphere_runs_keep_unit_rows_and_resume_exactly() {
+    let data = Synthetic::new();
+    let sphere = TrainConfig { optimizer: stlm_train::config::Optimizer::Hypersphere, lr: 2e-2, ..settings(6) };
+    let m = model();
+    let full = train(&m, &data, &sphere, &quiet(), tempfile::tempdir().unwrap().path(), false).unwrap().logs;
+    assert!(full[5].loss < full[0].loss, "training lowers the loss: {} -> {}", full[0].loss, full[5].loss);
+    for (name, t) in m.var_store().variables() {
+        if t.dim() == 2 {
+            let norms = t.to_kind(tch::Kind::Double).square().sum_dim_intlist(-1, false, tch::Kind::Double).sqrt();
+            let off = (norms - 1.0).abs().max().double_value(&[]);
+            assert!(off < 1e-5, "{name}: rows off the unit sphere by {off}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let stopped = RunControl { time_limit: Some(0.0), ..quiet() };
+    train(&model(), &data, &sphere, &stopped, dir.path(), false).unwrap();
+    let rest = train(&model(), &data, &sphere, &quiet(), dir.path(), true).unwrap().logs;
+    assert_eq!(losses(&rest), losses(&full[1..]));
+}
+
 #[test]
 fn resume_without_checkpoints_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
