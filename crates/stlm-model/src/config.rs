@@ -1,7 +1,7 @@
 //! One `ModelConfig` describes a whole decoder; Llama and GPT-2 are presets of it.
 
 use crate::bytes::BytesConfig;
-use crate::sharing::{schedule, LayerSharing};
+use crate::sharing::{block_of, LayerSharing};
 use crate::{ModelError, Result};
 use serde::{Deserialize, Serialize};
 use stlm_attention::{AttentionKind, RopeScaling};
@@ -368,10 +368,14 @@ impl ModelConfig {
     /// The stored block of every applied layer (`0..num_hidden_layers` without sharing; see
     /// [`LayerSharing`]).
     pub fn applied_layers(&self) -> Vec<usize> {
-        let blocks = self.num_hidden_layers.max(0) as usize;
+        (0..self.depth().max(0) as usize).map(|i| self.applied_block(i)).collect()
+    }
+
+    /// The stored block that applied layer `i` runs.
+    pub fn applied_block(&self, i: usize) -> usize {
         match &self.layer_sharing {
-            Some(s) => schedule(s.scheme, blocks, s.repeats.max(1) as usize),
-            None => (0..blocks).collect(),
+            Some(s) => block_of(s.scheme, self.num_hidden_layers.max(0) as usize, s.repeats.max(1) as usize, i),
+            None => i,
         }
     }
 

@@ -125,7 +125,7 @@ pub struct FastDecoder<'m> {
     rotary_dim: usize,
     blocks: Vec<Block<'m>>,
     /// The block of every applied layer.
-    schedule: &'m [usize],
+    schedule: Vec<usize>,
     norm: NormRow<'m>,
     head: Rows<'m>,
     act: Activation,

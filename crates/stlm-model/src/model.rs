@@ -6,7 +6,7 @@
 //! `tests/tests/hf_parity.rs` compare logits with them both ways.
 
 use crate::config::{ModelConfig, PositionKind};
-use crate::layers::{DecoderLayer, FeedForward, Linear, Norm, RotaryAngles};
+use crate::layers::{DecoderLayer, FeedForward, Linear, Mlp, Norm, RotaryAngles};
 use crate::{ModelError, Result};
 use stlm_attention::{sinusoidal_positions, AttentionMask, KvCache, Rope};
 use stlm_core::kernels::small_batch_linear;
@@ -52,8 +52,6 @@ pub struct DecoderModel {
     /// Output head (`lm_head`); `None` when tied to `embed_tokens`.
     pub lm_head: Option<Linear>,
     pub(crate) rope: Option<Rope>,
-    /// The stored block of every applied layer (see [`ModelConfig::applied_layers`]).
-    schedule: Vec<usize>,
     vs: nn::VarStore,
 }
 
@@ -89,23 +87,22 @@ impl DecoderModel {
             let (dim, theta, max) = (config.rotary_dim(), config.rope_theta, config.max_position_embeddings);
             Rope::with_scaling(dim, theta, config.rope_scaling.as_ref(), max, device)
         });
-        let schedule = config.applied_layers();
-        Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, rope, schedule, vs })
+        Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, rope, vs })
     }
 
     /// Number of applied layers (stored blocks times their repeats).
     pub fn depth(&self) -> usize {
-        self.schedule.len()
+        self.config.depth() as usize
     }
 
     /// The block applied as layer `i` (`i < depth()`).
     pub fn applied(&self, i: usize) -> &DecoderLayer {
-        &self.layers[self.schedule[i]]
+        &self.layers[self.config.applied_block(i)]
     }
 
-    /// The stored block of every applied layer.
-    pub fn schedule(&self) -> &[usize] {
-        &self.schedule
+    /// The stored block of every applied layer (see [`ModelConfig::applied_layers`]).
+    pub fn schedule(&self) -> Vec<usize> {
+        self.config.applied_layers()
     }
 
     /// Applies every stored block `repeats` times from now on (a recursion depth chosen at run
@@ -118,7 +115,6 @@ impl DecoderModel {
             return Err(ModelError::Input(format!("repeats must be at least 1, got {repeats}")));
         }
         sharing.repeats = repeats;
-        self.schedule = self.config.applied_layers();
         Ok(())
     }
 
@@ -154,16 +150,16 @@ impl DecoderModel {
     /// a later dtype or device change would separate the views from the fused copy.
     pub fn optimize_for_decoding(&mut self) {
         let _guard = tch::no_grad_guard();
+        // A tied FFN is fused once, in block 0, and shared again with the others.
         let tied_mlp = self.config.layer_sharing.as_ref().is_some_and(|s| s.mlp);
         for (i, layer) in self.layers.iter_mut().enumerate() {
             layer.self_attn.prepare_for_decoding();
-            if let FeedForward::Dense(mlp) = &mut layer.mlp {
-                if i == 0 || !tied_mlp {
-                    mlp.prepare_for_decoding();
-                }
+            match (&mut layer.mlp, tied_mlp && i > 0) {
+                (FeedForward::Dense(mlp), false) => mlp.prepare_for_decoding(),
+                (FeedForward::Dense(_), true) | (FeedForward::Moe(_) | FeedForward::CdMoe(_), _) => {}
             }
         }
-        if let (true, Some(first)) = (tied_mlp, self.layers.first().and_then(|l| l.mlp.dense()).map(|m| m.share())) {
+        if let Some(first) = self.layers.first().and_then(|l| l.mlp.dense()).filter(|_| tied_mlp).map(Mlp::share) {
             for layer in self.layers.iter_mut().skip(1) {
                 layer.mlp = FeedForward::Dense(first.share());
             }
@@ -193,7 +189,7 @@ impl DecoderModel {
             tied += under("model.layers.0.self_attn.o_proj.");
         }
         let own: Vec<i64> = (0..self.layers.len()).map(|j| under(&format!("model.layers.{j}.")) - if j == 0 { tied } else { 0 }).collect();
-        let applied: i64 = self.schedule.iter().map(|&j| own[j] + tied).sum();
+        let applied: i64 = self.schedule().iter().map(|&j| own[j] + tied).sum();
         applied - (own.iter().sum::<i64>() + tied)
     }
 
@@ -303,8 +299,8 @@ impl DecoderModel {
         moe: &mut Vec<(usize, MoeStats)>,
     ) -> Tensor {
         let (mut x, rotary) = self.embed(input_ids, positions);
-        for (i, &block) in self.schedule.iter().enumerate() {
-            let layer = &self.layers[block];
+        for i in 0..self.depth() {
+            let layer = self.applied(i);
             let (y, stats) = layer.forward_mode(&x, rotary.as_ref(), positions, mask, cache.as_deref().map(|c| (c, i)), mode);
             x = y;
             moe.extend(stats.map(|s| (i, s)));
@@ -395,10 +391,8 @@ impl DecoderModel {
     /// tokens are.
     pub fn new_cache_padded(&self, batch: i64, capacity: i64, padding: i64) -> KvCache {
         let c = &self.config;
-        let windows: Vec<_> = self
-            .schedule
-            .iter()
-            .map(|&j| &self.layers[j])
+        let windows: Vec<_> = (0..self.depth())
+            .map(|i| self.applied(i))
             .map(|l| l.self_attn.attention.rolling_window().map(|(w, g)| (w, if g > 0 { g + padding } else { 0 })))
             .collect();
         KvCache::with_windows(

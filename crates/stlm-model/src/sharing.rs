@@ -59,12 +59,17 @@ impl LayerSharing {
     }
 }
 
+/// The stored block that applied layer `i` runs (of `blocks · repeats`, in `scheme`'s order).
+pub fn block_of(scheme: ShareScheme, blocks: usize, repeats: usize, i: usize) -> usize {
+    match scheme {
+        ShareScheme::Immediate => i / repeats.max(1),
+        ShareScheme::Cycle => i % blocks.max(1),
+    }
+}
+
 /// The stored block of every applied layer: `blocks · repeats` entries in `scheme`'s order.
 pub fn schedule(scheme: ShareScheme, blocks: usize, repeats: usize) -> Vec<usize> {
-    match scheme {
-        ShareScheme::Immediate => (0..blocks).flat_map(|b| std::iter::repeat_n(b, repeats)).collect(),
-        ShareScheme::Cycle => (0..repeats).flat_map(|_| 0..blocks).collect(),
-    }
+    (0..blocks * repeats).map(|i| block_of(scheme, blocks, repeats, i)).collect()
 }
 
 #[cfg(test)]
