@@ -52,12 +52,26 @@ impl KvCache {
         kind: Kind,
         device: Device,
     ) -> Self {
+        let layers: Vec<_> = windows.iter().map(|&w| (w, kv_heads)).collect();
+        Self::with_layers(&layers, batch, head_dim, capacity, kind, device)
+    }
+
+    /// [`KvCache::with_windows`] where layer `i` also has its own number of key/value heads:
+    /// `layers[i] = (window, kv_heads)`.
+    pub fn with_layers(
+        layers: &[(Option<(i64, i64)>, i64)],
+        batch: i64,
+        head_dim: i64,
+        capacity: i64,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
         let slots = |w: &Option<(i64, i64)>| w.map_or(capacity, |(w, g)| (w + g).min(capacity));
-        let alloc = |w| Tensor::zeros([batch, kv_heads, slots(w), head_dim], (kind, device));
+        let alloc = |(w, heads): &(Option<(i64, i64)>, i64)| Tensor::zeros([batch, *heads, slots(w), head_dim], (kind, device));
         KvCache {
-            keys: windows.iter().map(alloc).collect(),
-            values: windows.iter().map(alloc).collect(),
-            windows: windows.to_vec(),
+            keys: layers.iter().map(alloc).collect(),
+            values: layers.iter().map(alloc).collect(),
+            windows: layers.iter().map(|(w, _)| *w).collect(),
             len: 0,
             capacity,
         }
@@ -76,6 +90,20 @@ impl KvCache {
     /// Number of layers it holds keys and values for.
     pub fn num_layers(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Forgets every position from `len` on (speculative decoding drops rejected drafts), so the
+    /// next write goes to position `len`. Refused (`Err` with the reason) when a layer keeps a
+    /// rolling window, whose slots the forgotten positions may have overwritten.
+    pub fn rewind(&mut self, len: i64) -> Result<(), String> {
+        if self.windows.iter().any(Option::is_some) {
+            return Err("a sliding-window layer's rolling cache cannot forget positions".into());
+        }
+        if !(0..=self.len).contains(&len) {
+            return Err(format!("cannot rewind a cache of {} positions to {len}", self.len));
+        }
+        self.len = len;
+        Ok(())
     }
 
     /// Positions the cache can hold.

@@ -217,9 +217,9 @@ fn losses_if_any(run: &Path) -> Vec<(u64, String)> {
     }
 }
 
-/// Every example config of an attention kind, position encoding, MoE router, Doge shape or layer
-/// sharing (`configs/attn-*.toml`, `configs/pos-*.toml`, `configs/moe-*.toml`, `configs/doge-*.toml`,
-/// `configs/share-*.toml`) trains a few steps with `stlm train`, and the saved model keeps its
+/// Every example config of an attention kind, position encoding, MoE router, Doge shape, layer
+/// sharing or per-layer shape (`configs/attn-*.toml`, `configs/pos-*.toml`, `configs/moe-*.toml`,
+/// `configs/doge-*.toml`, `configs/share-*.toml`, `configs/shape-*.toml`) trains a few steps with `stlm train`, and the saved model keeps its
 /// setting and generates (cached decoding; shared layers also at another recursion depth).
 #[test]
 fn every_attention_config_trains_and_generates() {
@@ -227,10 +227,10 @@ fn every_attention_config_trains_and_generates() {
     let mut names: Vec<_> = std::fs::read_dir(&configs)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| ["attn-", "pos-", "moe-", "doge-", "bytes-", "share-"].iter().any(|p| n.starts_with(p)) && n.ends_with(".toml"))
+        .filter(|n| ["attn-", "pos-", "moe-", "doge-", "bytes-", "share-", "shape-"].iter().any(|p| n.starts_with(p)) && n.ends_with(".toml"))
         .collect();
     names.sort();
-    assert!(names.len() >= 21, "{names:?}");
+    assert!(names.len() >= 24, "{names:?}");
     let dir = tempfile::tempdir().unwrap();
     for name in names {
         let text = std::fs::read_to_string(configs.join(&name)).unwrap();
@@ -259,10 +259,12 @@ fn every_attention_config_trains_and_generates() {
                 assert_eq!(layer["load"].as_array().map(|l| l.len() as u64), Some(experts), "{name}: {layer}");
             }
         } else {
-            let kind = match ["doge-", "bytes-", "share-"].iter().find(|p| name.starts_with(*p)) {
+            let kind = match ["doge-", "bytes-", "share-", "shape-root"].iter().find(|p| name.starts_with(*p)) {
                 Some(&"doge-") => "doge",
                 Some(&"bytes-") => "bytes",
-                Some(_) => "layer_sharing",
+                Some(&"share-") => "layer_sharing",
+                Some(_) => "residual_root",
+                None if name.starts_with("shape-") => "layer_shapes",
                 None => kind,
             };
             assert!(saved.contains(&format!("\"{kind}\"")), "{name}: attention kept in config.json");

@@ -51,6 +51,11 @@ impl FeatureLoss {
             }
         }
         let (ls, lt) = (student.depth(), teacher.depth());
+        let shaped = |m: &DecoderModel| m.config.layer_shapes.is_some() || m.config.residual_root.is_some();
+        if (hidden_weight > 0.0 || attention_weight > 0.0) && (shaped(student) || shaped(teacher)) {
+            let why = "feature losses compare states of one width and head count; a model here has per-layer shapes or a residual root";
+            return Err(OptionError::new("hidden_weight/attention_weight", format!("{hidden_weight}/{attention_weight}"), why).into());
+        }
         if let Some(&(s, t)) = map.iter().find(|&&(s, t)| s > ls || t > lt) {
             let why = format!("states go up to {ls} in the student and {lt} in the teacher");
             return Err(OptionError::new("layer_map", format!("{s}:{t}"), why).into());

@@ -1,6 +1,7 @@
 //! One `ModelConfig` describes a whole decoder; Llama and GPT-2 are presets of it.
 
 use crate::bytes::BytesConfig;
+use crate::shapes::{entry, LayerShape, LayerShapes, ResidualRoot};
 use crate::sharing::{block_of, LayerSharing};
 use crate::{ModelError, Result};
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,7 @@ fn one() -> f64 {
 fn is_one(v: &f64) -> bool {
     *v == 1.0
 }
+use std::borrow::Cow;
 use std::path::Path;
 
 /// The normalisation layer.
@@ -181,6 +183,13 @@ pub struct ModelConfig {
     /// none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_sharing: Option<LayerSharing>,
+    /// Stream width, feed-forward width, heads and windows that differ per layer (see
+    /// [`LayerShapes`]); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_shapes: Option<LayerShapes>,
+    /// A learned vector the residual stream starts from (see [`ResidualRoot`]); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_root: Option<ResidualRoot>,
     /// Attention of each layer: one entry for every layer, or a pattern repeated over the layers
     /// (its length must divide `num_hidden_layers`); empty means dense everywhere. Last, because
     /// TOML writes arrays of tables after plain values.
@@ -226,6 +235,8 @@ impl ModelConfig {
             moe: None,
             bytes: None,
             layer_sharing: None,
+            layer_shapes: None,
+            residual_root: None,
             attention: Vec::new(),
         }
     }
@@ -315,12 +326,80 @@ impl ModelConfig {
         toml::to_string(self).expect("a ModelConfig always serializes")
     }
 
-    /// The attention of layer `i` (see [`ModelConfig::attention`]).
+    /// The attention of layer `i` (see [`ModelConfig::attention`]; a sliding window from the
+    /// context pattern of `layer_shapes` when it has one).
     pub fn layer_attention(&self, i: usize) -> AttentionKind {
+        if let Some(c) = self.layer_shapes.as_ref().and_then(|s| s.context.as_ref()) {
+            let window = c.window(i, self.num_hidden_layers.max(1) as usize);
+            return match window >= self.max_position_embeddings {
+                true => AttentionKind::Dense,
+                false => AttentionKind::SlidingWindow { window, global_tokens: 0 },
+            };
+        }
         match self.attention.len() {
             0 => AttentionKind::Dense,
             n => self.attention[i % n].clone(),
         }
+    }
+
+    /// The shape of layer `i` (the model's own without `layer_shapes`; see [`LayerShapes`]).
+    pub fn layer_shape(&self, i: usize) -> LayerShape {
+        let (h, nh, nkv) = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads);
+        let Some(s) = &self.layer_shapes else {
+            return LayerShape { hidden_size: h, intermediate_size: self.intermediate_size, num_attention_heads: nh, num_key_value_heads: nkv };
+        };
+        let (d, group) = (self.head_dim(), (nh / nkv.max(1)).max(1));
+        let layers = self.num_hidden_layers.max(1) as usize;
+        let width = match &s.diamond {
+            Some(diamond) => diamond.width(h, d * group, i, layers),
+            None => entry(&s.hidden_size, i).unwrap_or(h),
+        };
+        let heads = entry(&s.num_attention_heads, i).unwrap_or(width / d.max(1));
+        LayerShape {
+            hidden_size: width,
+            intermediate_size: entry(&s.intermediate_size, i).unwrap_or((self.intermediate_size * width + h / 2) / h.max(1)),
+            num_attention_heads: heads,
+            num_key_value_heads: entry(&s.num_key_value_heads, i).unwrap_or(heads / group),
+        }
+    }
+
+    /// The config layer `i` is built from: this one with the layer's shape and attention (the
+    /// head width stays the model's).
+    pub fn layer_config(&self, i: usize) -> Cow<'_, ModelConfig> {
+        if self.layer_shapes.is_none() {
+            return Cow::Borrowed(self);
+        }
+        let shape = self.layer_shape(i);
+        Cow::Owned(ModelConfig {
+            hidden_size: shape.hidden_size,
+            intermediate_size: shape.intermediate_size,
+            num_attention_heads: shape.num_attention_heads,
+            num_key_value_heads: shape.num_key_value_heads,
+            head_dim: Some(self.head_dim()),
+            attention: vec![self.layer_attention(i)],
+            layer_shapes: None,
+            ..self.clone()
+        })
+    }
+
+    /// Width of the residual stream the model starts: the root's when it has its own, else
+    /// `hidden_size`.
+    pub fn root_width(&self) -> i64 {
+        self.residual_root.as_ref().and_then(|r| r.width).unwrap_or(self.hidden_size)
+    }
+
+    /// Width of the stream layer `i` receives (the root's for layer 0, else layer `i - 1`'s).
+    pub fn stream_width_before(&self, i: usize) -> i64 {
+        match i {
+            0 => self.root_width(),
+            _ => self.layer_shape(i - 1).hidden_size,
+        }
+    }
+
+    /// True when the residual stream keeps `hidden_size` everywhere (no projections needed).
+    pub fn uniform_width(&self) -> bool {
+        let layers = self.num_hidden_layers.max(0) as usize;
+        self.root_width() == self.hidden_size && (0..layers).all(|i| self.layer_shape(i).hidden_size == self.hidden_size)
     }
 
     /// The `sliding_window` of a transformers export: `None` for dense attention everywhere, the
@@ -347,7 +426,7 @@ impl ModelConfig {
 
     /// True when every layer uses dense attention.
     pub fn all_dense(&self) -> bool {
-        self.attention.iter().all(|a| *a == AttentionKind::Dense)
+        (0..self.num_hidden_layers.max(0) as usize).all(|i| self.layer_attention(i) == AttentionKind::Dense)
     }
 
     /// Dimensions of each head that RoPE rotates (`head_dim · partial_rotary_factor`).
@@ -484,6 +563,9 @@ impl ModelConfig {
                 return err("field `layer_sharing.mlp`: only a dense feed-forward block is tied across blocks (not `moe` or `cdmoe`)".into());
             }
         }
+        if let Err(e) = self.validate_shapes() {
+            return err(e);
+        }
         if let Some(moe) = &self.moe {
             if let Err(e) = moe.validate() {
                 return err(format!("field `moe`: {e}"));
@@ -518,6 +600,49 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Checks `layer_shapes` and `residual_root` against the rest of the model; the error names
+    /// the field.
+    fn validate_shapes(&self) -> std::result::Result<(), String> {
+        if let Some(s) = &self.layer_shapes {
+            s.validate(self.num_hidden_layers).map_err(|e| format!("field `layer_shapes`: {e}"))?;
+            if s.context.is_some() && !self.attention.is_empty() {
+                return Err("fields `layer_shapes.context` and `attention`: the context pattern sets every layer's attention; give one".into());
+            }
+            let d = self.head_dim();
+            for i in 0..self.num_hidden_layers.max(0) as usize {
+                let l = self.layer_shape(i);
+                let at = |field: &str| format!("field `layer_shapes.{field}` (layer {i})");
+                if l.num_attention_heads < 1 || (s.num_attention_heads.is_empty() && l.hidden_size % d != 0) {
+                    return Err(format!("{}: a width of {} is not a whole number of {d}-wide heads; give `num_attention_heads`", at("hidden_size"), l.hidden_size));
+                }
+                if l.num_key_value_heads < 1 || l.num_attention_heads % l.num_key_value_heads != 0 {
+                    return Err(format!(
+                        "{}: {} key/value heads must divide the layer's {} query heads",
+                        at("num_key_value_heads"),
+                        l.num_key_value_heads,
+                        l.num_attention_heads
+                    ));
+                }
+                if l.intermediate_size < 1 {
+                    return Err(format!("{}: must be positive, got {}", at("intermediate_size"), l.intermediate_size));
+                }
+            }
+        }
+        if let Some(w) = self.residual_root.as_ref().and_then(|r| r.width) {
+            if w < 1 {
+                return Err(format!("field `residual_root.width` must be positive, got {w}"));
+            }
+        }
+        let shaped = self.layer_shapes.is_some() || self.residual_root.is_some();
+        if shaped && self.bytes.is_some() {
+            return Err("fields `layer_shapes` and `residual_root`: byte-pooled models do not take them yet".into());
+        }
+        if shaped && self.shares_layers() {
+            return Err("fields `layer_shapes`/`residual_root` and `layer_sharing`: shared blocks keep one shape; choose one".into());
+        }
+        Ok(())
+    }
+
     /// Why this config cannot be saved as its `model_type` in transformers, if it cannot: the
     /// attention [`ModelConfig::mistral_window`] refuses, then the family's own checks (in
     /// `hf/<family>.rs`).
@@ -527,6 +652,12 @@ impl ModelConfig {
         }
         if self.shares_layers() && self.model_type != ModelType::Stlm {
             return Some("shared layers (`layer_sharing`) have no counterpart there: it holds one copy of the weights per layer".into());
+        }
+        if self.layer_shapes.is_some() && self.model_type != ModelType::Stlm {
+            return Some("per-layer shapes (`layer_shapes`) have no counterpart there: every layer has the same width and heads".into());
+        }
+        if self.residual_root.is_some() && self.model_type != ModelType::Stlm {
+            return Some("a learned residual root (`residual_root`) has no counterpart there: the stream starts from the embedding".into());
         }
         crate::hf::family(self.model_type).export_mismatch(self)
     }

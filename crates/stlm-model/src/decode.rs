@@ -8,6 +8,7 @@
 //! prefilled by libtorch and continued here. [`crate::generate`] uses it whenever
 //! [`FastDecoder::new`] accepts the model. Tests compare its logits with the libtorch path.
 
+use crate::dynamic::Depth;
 use crate::config::{Activation, MlpKind, NormKind, PositionKind};
 use crate::layers::{DecoderLayer, Linear, Norm};
 use crate::DecoderModel;
@@ -141,11 +142,15 @@ pub struct FastDecoder<'m> {
 impl<'m> FastDecoder<'m> {
     /// The fused step for `model`, or `None` when it does not apply: weights not float32 on the
     /// CPU or not row-major, an activation without a kernel (exact GELU), or a layer whose attention
-    /// is not dense, q/k norms, a mixture of experts, or sinusoidal or ALiBi positions; then decode with
-    /// libtorch. The model's weights must not change while the decoder is alive.
+    /// is not dense, q/k norms, a mixture of experts, sinusoidal or ALiBi positions, per-layer
+    /// shapes or a residual root; then decode with libtorch. The model's weights must not change while the decoder is alive.
     pub fn new(model: &'m DecoderModel) -> Option<Self> {
         let cfg = &model.config;
         if model.device() != Device::Cpu || model.kind() != Kind::Float || cfg.hidden_act == Activation::Gelu {
+            return None;
+        }
+        // One width and head count everywhere, the stream starting from the embedding.
+        if cfg.layer_shapes.is_some() || model.residual_root.is_some() {
             return None;
         }
         let plain = |l: &DecoderLayer| {
@@ -220,7 +225,12 @@ impl<'m> FastDecoder<'m> {
     /// When `token` is outside the vocabulary, `position` outside a learned position table, or
     /// the cache is full, not batch 1, or not of this model's shape.
     pub fn step(&mut self, token: i64, position: i64, cache: &mut KvCache) -> Tensor {
-        let (nh, nkv, d) = (self.heads, self.kv_heads, self.head_dim);
+        self.step_depth(token, position, cache, Depth::Full).0
+    }
+
+    /// [`FastDecoder::step`] through the layers `depth` chooses, with the number it applied (as
+    /// [`DecoderModel::step_depth`]).
+    pub fn step_depth(&mut self, token: i64, position: i64, cache: &mut KvCache, depth: Depth) -> (Tensor, usize) {
         let hidden = self.embed.cols();
         let len = cache.len() as usize; // positions already cached
         assert!((len as i64) < cache.capacity(), "KV cache full ({} positions)", cache.capacity());
@@ -236,68 +246,127 @@ impl<'m> FastDecoder<'m> {
             let f = self.rope_factor;
             (s.cos, s.sin) = angles.map(|a| (a.cos() * f, a.sin() * f)).unzip();
         }
-        let group = nh / nkv;
-        let scale = 1.0 / (d as f32).sqrt();
-        for (layer, &b) in self.schedule.iter().enumerate() {
-            let block = &self.blocks[b];
-            // Attention: [hidden] -> q [nh, d], k and v [nkv, d].
-            resize(&mut s.normed, hidden);
-            block.input_norm.apply(&s.x, &mut s.normed);
-            resize(&mut s.qkv, (nh + 2 * nkv) * d);
-            block.qkv.apply(&s.normed, &mut s.qkv, pool);
-            if self.inv_freq.is_some() {
-                for head in s.qkv[..(nh + nkv) * d].chunks_exact_mut(d) {
-                    rotate_half(&mut head[..self.rotary_dim], &s.cos, &s.sin);
+        let shape = Shape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            rotary_dim: self.inv_freq.is_some().then_some(self.rotary_dim),
+        };
+        let total = self.schedule.len();
+        let applied = match depth {
+            Depth::Draft(n) => n.clamp(1, total),
+            Depth::Full | Depth::Exit(_) => total,
+        };
+        let mut exited = None;
+        for layer in 0..applied {
+            let block = &self.blocks[self.schedule[layer]];
+            write_qkv(block, s, pool, &shape, cache, layer, len);
+            attend(block, s, pool, &shape, cache, layer, len);
+            feed_forward(block, s, pool, self.act, self.gated);
+            if let Depth::Exit(rule) = depth {
+                if layer + 1 < total && layer + 1 >= rule.min_layers {
+                    let logits = head_logits(&self.norm, &self.head, s, pool);
+                    if rule.confident(&logits) {
+                        // The skipped layers' keys and values come from the exited state (CALM).
+                        for skipped in layer + 1..total {
+                            write_qkv(&self.blocks[self.schedule[skipped]], s, pool, &shape, cache, skipped, len);
+                        }
+                        exited = Some((logits, layer + 1));
+                        break;
+                    }
                 }
             }
-            let (keys, values) = cache_slices(cache, layer, nkv, d);
-            let capacity = keys.len() / (nkv * d);
-            let (q, kv) = s.qkv.split_at(nh * d);
-            for g in 0..nkv {
-                let at = (g * capacity + len) * d;
-                keys[at..at + d].copy_from_slice(&kv[g * d..(g + 1) * d]);
-                values[at..at + d].copy_from_slice(&kv[(nkv + g) * d..(nkv + g + 1) * d]);
-            }
-            resize(&mut s.attn, nh * d);
-            s.attn.fill(0.0);
-            resize(&mut s.scores, len + 1);
-            for h in 0..nh {
-                let g = h / group;
-                let k = Rows::new(&keys[g * capacity * d..], len + 1, d, d).expect("inside the cache");
-                s.scores.fill(0.0);
-                k.matvec_add(&q[h * d..(h + 1) * d], &mut s.scores);
-                softmax_scaled(&mut s.scores, scale);
-                let out = &mut s.attn[h * d..(h + 1) * d];
-                for (t, &p) in s.scores.iter().enumerate() {
-                    let v = &values[(g * capacity + t) * d..][..d];
-                    out.iter_mut().zip(v).for_each(|(o, &v)| *o += p * v);
-                }
-            }
-            resize(&mut s.out, hidden);
-            block.o_proj.apply(&s.attn, &mut s.out, pool);
-            s.x.iter_mut().zip(&s.out).for_each(|(x, o)| *x += o);
-
-            // MLP: [hidden] -> [intermediate] -> [hidden].
-            block.post_norm.apply(&s.x, &mut s.normed);
-            let width = block.down.weight.cols();
-            resize(&mut s.up, if self.gated { 2 * width } else { width });
-            block.up.apply(&s.normed, &mut s.up, pool);
-            resize(&mut s.act, width);
-            if self.gated {
-                let (gate, up) = s.up.split_at(width);
-                s.act.iter_mut().zip(gate.iter().zip(up)).for_each(|(a, (&g, &u))| *a = activate(self.act, g) * u);
-            } else {
-                s.act.iter_mut().zip(&s.up).for_each(|(a, &u)| *a = activate(self.act, u));
-            }
-            block.down.apply(&s.act, &mut s.out, pool);
-            s.x.iter_mut().zip(&s.out).for_each(|(x, o)| *x += o);
         }
         cache.advance(1);
-        self.norm.apply(&s.x, &mut s.normed);
-        let mut logits = vec![0f32; self.head.rows()];
-        self.head.matvec_add_split(&s.normed, &mut logits, pool);
-        Tensor::from_slice(&logits).view([1, 1, -1])
+        let (logits, used) = exited.unwrap_or_else(|| (head_logits(&self.norm, &self.head, s, pool), applied));
+        (Tensor::from_slice(&logits).view([1, 1, -1]), used)
     }
+}
+
+/// Head layout of a model, for the step's pieces.
+struct Shape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// Leading dimensions of each head that rotate, with RoPE.
+    rotary_dim: Option<usize>,
+}
+
+/// q, k and v of the stream `s.x` for `block` into `s.qkv` (rotated), with k and v written to
+/// `layer`'s cache at slot `len`.
+fn write_qkv(block: &Block, s: &mut Scratch, pool: &SpinPool, shape: &Shape, cache: &mut KvCache, layer: usize, len: usize) {
+    let (nh, nkv, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    resize(&mut s.normed, s.x.len());
+    block.input_norm.apply(&s.x, &mut s.normed);
+    resize(&mut s.qkv, (nh + 2 * nkv) * d);
+    block.qkv.apply(&s.normed, &mut s.qkv, pool);
+    if let Some(rotary) = shape.rotary_dim {
+        for head in s.qkv[..(nh + nkv) * d].chunks_exact_mut(d) {
+            rotate_half(&mut head[..rotary], &s.cos, &s.sin);
+        }
+    }
+    let (keys, values) = cache_slices(cache, layer, nkv, d);
+    let capacity = keys.len() / (nkv * d);
+    let kv = &s.qkv[nh * d..];
+    for g in 0..nkv {
+        let at = (g * capacity + len) * d;
+        keys[at..at + d].copy_from_slice(&kv[g * d..(g + 1) * d]);
+        values[at..at + d].copy_from_slice(&kv[(nkv + g) * d..(nkv + g + 1) * d]);
+    }
+}
+
+/// Attention of the queries in `s.qkv` over `layer`'s cached positions `0..=len`, then the
+/// output projection added to the stream `s.x`.
+fn attend(block: &Block, s: &mut Scratch, pool: &SpinPool, shape: &Shape, cache: &mut KvCache, layer: usize, len: usize) {
+    let (nh, nkv, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let (group, scale) = (nh / nkv, 1.0 / (d as f32).sqrt());
+    let (keys, values) = cache_slices(cache, layer, nkv, d);
+    let capacity = keys.len() / (nkv * d);
+    let q = &s.qkv[..nh * d];
+    resize(&mut s.attn, nh * d);
+    s.attn.fill(0.0);
+    resize(&mut s.scores, len + 1);
+    for h in 0..nh {
+        let g = h / group;
+        let k = Rows::new(&keys[g * capacity * d..], len + 1, d, d).expect("inside the cache");
+        s.scores.fill(0.0);
+        k.matvec_add(&q[h * d..(h + 1) * d], &mut s.scores);
+        softmax_scaled(&mut s.scores, scale);
+        let out = &mut s.attn[h * d..(h + 1) * d];
+        for (t, &p) in s.scores.iter().enumerate() {
+            let v = &values[(g * capacity + t) * d..][..d];
+            out.iter_mut().zip(v).for_each(|(o, &v)| *o += p * v);
+        }
+    }
+    resize(&mut s.out, s.x.len());
+    block.o_proj.apply(&s.attn, &mut s.out, pool);
+    s.x.iter_mut().zip(&s.out).for_each(|(x, o)| *x += o);
+}
+
+/// The MLP `[hidden] -> [intermediate] -> [hidden]` of `block` added to the stream `s.x`.
+fn feed_forward(block: &Block, s: &mut Scratch, pool: &SpinPool, act: Activation, gated: bool) {
+    block.post_norm.apply(&s.x, &mut s.normed);
+    let width = block.down.weight.cols();
+    resize(&mut s.up, if gated { 2 * width } else { width });
+    block.up.apply(&s.normed, &mut s.up, pool);
+    resize(&mut s.act, width);
+    if gated {
+        let (gate, up) = s.up.split_at(width);
+        s.act.iter_mut().zip(gate.iter().zip(up)).for_each(|(a, (&g, &u))| *a = activate(act, g) * u);
+    } else {
+        s.act.iter_mut().zip(&s.up).for_each(|(a, &u)| *a = activate(act, u));
+    }
+    block.down.apply(&s.act, &mut s.out, pool);
+    s.x.iter_mut().zip(&s.out).for_each(|(x, o)| *x += o);
+}
+
+/// Logits of the stream `s.x` through the final norm and the head.
+fn head_logits(norm: &NormRow, head: &Rows, s: &mut Scratch, pool: &SpinPool) -> Vec<f32> {
+    resize(&mut s.normed, s.x.len());
+    norm.apply(&s.x, &mut s.normed);
+    let mut logits = vec![0f32; head.rows()];
+    head.matvec_add_split(&s.normed, &mut logits, pool);
+    logits
 }
 
 fn resize(v: &mut Vec<f32>, n: usize) {

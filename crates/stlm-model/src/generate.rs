@@ -52,7 +52,7 @@ impl Default for GenerationConfig {
 
 impl GenerationConfig {
     #[allow(clippy::neg_cmp_op_on_partial_ord)] // the negations reject NaN
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let bad = |name, value: &dyn std::fmt::Display, why: &str| Err(OptionError::new(name, value, why).into());
         if self.max_new_tokens < 0 {
             return bad("max_new_tokens", &self.max_new_tokens, "must be >= 0");
@@ -78,7 +78,7 @@ impl GenerationConfig {
 }
 
 /// Applies the repetition penalty to `logits` `[b, vocab]` for the ids in `seen` `[b, n]`.
-fn penalize(logits: &Tensor, seen: &Tensor, penalty: f64) -> Tensor {
+pub(crate) fn penalize(logits: &Tensor, seen: &Tensor, penalty: f64) -> Tensor {
     let picked = logits.gather(1, seen, false);
     let scaled = (&picked * penalty).where_self(&picked.lt(0.0), &(&picked / penalty));
     logits.scatter(1, seen, &scaled)

@@ -531,6 +531,14 @@ impl SelfAttention {
         (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv), all.narrow(1, nh + nkv, nkv))
     }
 
+    /// Writes the keys and values of `x` (the block's normed input `[b, s, hidden]`) into
+    /// `cache` as layer `layer` without attending: an early exit's copied state for the layers
+    /// it skips. Call [`KvCache::advance`] after.
+    pub fn write_kv(&self, x: &Tensor, rotary: Option<&RotaryAngles>, cache: &KvCache, layer: usize) {
+        let (_, k, v) = self.project(x, rotary);
+        let _ = cache.update(layer, &k, &v);
+    }
+
     /// True when [`SelfAttention::attention_log_probs`] can give this layer's attention: dense
     /// softmax attention without ALiBi biases.
     pub fn has_attention_probs(&self) -> bool {
@@ -594,9 +602,13 @@ impl SelfAttention {
     }
 }
 
-/// One pre-norm decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+/// One pre-norm decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))` (after projecting
+/// a stream of another width to its own).
 #[derive(Debug)]
 pub struct DecoderLayer {
+    /// Projection of the incoming stream to this block's width `[hidden, incoming]`
+    /// (`in_proj`), when the widths differ (`layer_shapes`).
+    pub in_proj: Option<Linear>,
     /// Norm before attention.
     pub input_layernorm: Norm,
     /// Self-attention.
@@ -732,6 +744,7 @@ impl DecoderLayer {
         let tied_o = first.filter(|_| sharing.is_some_and(|s| s.o_proj)).map(|f| f.self_attn.o_proj.share());
         let tied_mlp = first.filter(|_| sharing.is_some_and(|s| s.mlp)).and_then(|f| f.mlp.dense()).map(Mlp::share);
         DecoderLayer {
+            in_proj: None,
             input_layernorm: Norm::new(&path / "input_layernorm", cfg.norm, cfg.hidden_size, cfg.norm_eps),
             self_attn: SelfAttention::with_o_proj(&path / "self_attn", cfg, layer, resid_std, tied_o),
             post_attention_layernorm: Norm::new(
@@ -796,10 +809,24 @@ impl DecoderLayer {
             Some(r) => x * r,
             None => x.shallow_clone(),
         };
+        let x = &self.project_in(x);
         let attended = self.self_attn.forward(&self.input_layernorm.forward(x), rotary, positions, mask, cache);
         let x = skip(x, &self.input_residual) + attended;
         let (y, stats) = self.mlp.forward_mode(&self.post_attention_layernorm.forward(&x), mode);
         (skip(&x, &self.post_attention_residual) + y, stats)
+    }
+
+    /// [`SelfAttention::write_kv`] of this block for its input `x` (the stream it would receive).
+    pub fn write_kv(&self, x: &Tensor, rotary: Option<&RotaryAngles>, cache: &KvCache, layer: usize) {
+        self.self_attn.write_kv(&self.input_layernorm.forward(&self.project_in(x)), rotary, cache, layer);
+    }
+
+    /// The stream `x` at this block's width (through `in_proj` when it has one).
+    pub fn project_in(&self, x: &Tensor) -> Tensor {
+        match &self.in_proj {
+            Some(p) => p.forward(x),
+            None => x.shallow_clone(),
+        }
     }
 
     /// The aux-free bias move of this block's MoE layer for `stats` of its forward, if any.

@@ -5,10 +5,12 @@
 //! - [`model`]: `DecoderModel`, its forward pass and KV cache.
 //! - [`hf`] and [`io`]: Hugging Face `config.json` and weight names; model directories.
 //! - [`generate`]: sampling and batched generation; [`decode`]: the fused batch-1 CPU step it uses.
+//! - [`sharing`], [`shapes`], [`dynamic`]: shared layers, per-layer shapes, dynamic depth.
 
 pub mod bytes;
 pub mod config;
 pub mod decode;
+pub mod dynamic;
 pub mod error;
 pub mod generate;
 pub mod hf;
@@ -16,10 +18,12 @@ pub mod io;
 pub mod layers;
 pub mod lm;
 pub mod model;
+pub mod shapes;
 pub mod sharing;
 
 pub use bytes::{BytePooledModel, BytesConfig, ByteDecoder, ChunkGrid, Pooling};
 pub use decode::FastDecoder;
+pub use dynamic::{generate_early_exit, generate_self_speculative, Depth, DepthReport, EarlyExit, ExitMeasure, LayerSkip, LayerSkipModel};
 pub use lm::{load_any_model, AnyModel, Batch, Extras, LanguageModel, StepOutput, StepStats};
 pub use stlm_core::Mode;
 pub use config::{Activation, MlpKind, ModelConfig, ModelType, NormKind, PositionKind};
@@ -27,4 +31,5 @@ pub use error::{ModelError, Result};
 pub use generate::{generate, GenerationConfig};
 pub use io::{load_config, load_model, tokenizer_path, PRUNING_FILE};
 pub use model::{BlockPass, DecoderModel, ResidualStream};
+pub use shapes::{ContextPattern, Diamond, LayerShape, LayerShapes, ResidualRoot, RootMix};
 pub use sharing::{LayerSharing, ShareScheme};

@@ -35,6 +35,32 @@ pub struct ResidualStream {
     pub moe: Vec<(usize, MoeStats)>,
 }
 
+/// The learned start of the residual stream (`model.residual_root`, see [`crate::ResidualRoot`]).
+#[derive(Debug)]
+pub struct Root {
+    /// The root vector `[width]` (`model.residual_root.weight`).
+    pub weight: Tensor,
+    /// Per-channel mixing logits `[width]` (`model.residual_root.gate`), for the `gate` mix.
+    pub gate: Option<Tensor>,
+    /// Projection of the embedding to the root's width `[width, hidden]`
+    /// (`model.residual_root.embed_proj`), when the widths differ.
+    pub embed_proj: Option<Linear>,
+}
+
+impl Root {
+    /// The first block's input from the embedded tokens `e` `[b, s, hidden]`.
+    pub fn forward(&self, e: &Tensor) -> Tensor {
+        let e = self.embed_proj.as_ref().map_or_else(|| e.shallow_clone(), |p| p.forward(e));
+        match &self.gate {
+            Some(g) => {
+                let g = g.sigmoid();
+                (1.0 - &g) * &self.weight + g * e
+            }
+            None => e + &self.weight,
+        }
+    }
+}
+
 /// A decoder-only language model and the variable store that owns its weights.
 #[derive(Debug)]
 pub struct DecoderModel {
@@ -51,6 +77,11 @@ pub struct DecoderModel {
     pub norm: Norm,
     /// Output head (`lm_head`); `None` when tied to `embed_tokens`.
     pub lm_head: Option<Linear>,
+    /// The learned start of the residual stream (`residual_root`), if any.
+    pub residual_root: Option<Root>,
+    /// Projection of the last block's stream back to `hidden_size` `[hidden, last]`
+    /// (`model.out_proj`), when `layer_shapes` ends at another width.
+    pub out_proj: Option<Linear>,
     pub(crate) rope: Option<Rope>,
     vs: nn::VarStore,
 }
@@ -76,18 +107,31 @@ impl DecoderModel {
                 Init::Randn { mean: 0.0, stdev: std },
             )
         });
+        let residual_root = config.residual_root.as_ref().map(|r| {
+            let (w, path) = (config.root_width(), &model / "residual_root");
+            Root {
+                weight: path.var("weight", &[w], Init::Randn { mean: 0.0, stdev: std }),
+                gate: (r.mix == crate::RootMix::Gate).then(|| path.var("gate", &[w], Init::Const(0.0))),
+                embed_proj: (w != h).then(|| width_projection(&path / "embed_proj", h, w)),
+            }
+        });
         let mut layers: Vec<DecoderLayer> = Vec::new();
         for i in 0..config.num_hidden_layers {
-            let layer = DecoderLayer::tied_to(&model / "layers" / i, &config, i as usize, layers.first());
+            let path = &model / "layers" / i;
+            let (incoming, cfg) = (config.stream_width_before(i as usize), config.layer_config(i as usize));
+            let in_proj = (incoming != cfg.hidden_size).then(|| width_projection(&path / "in_proj", incoming, cfg.hidden_size));
+            let layer = DecoderLayer { in_proj, ..DecoderLayer::tied_to(path, &cfg, i as usize, layers.first()) };
             layers.push(layer);
         }
+        let last = config.stream_width_before(config.num_hidden_layers as usize);
+        let out_proj = (last != h).then(|| width_projection(&model / "out_proj", last, h));
         let norm = Norm::new(&model / "norm", config.norm, h, config.norm_eps);
         let lm_head = (!config.tie_word_embeddings).then(|| Linear::new(&root / "lm_head", h, v, false, std));
         let rope = (config.position == PositionKind::Rope).then(|| {
             let (dim, theta, max) = (config.rotary_dim(), config.rope_theta, config.max_position_embeddings);
             Rope::with_scaling(dim, theta, config.rope_scaling.as_ref(), max, device)
         });
-        Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, rope, vs })
+        Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, residual_root, out_proj, rope, vs })
     }
 
     /// Number of applied layers (stored blocks times their repeats).
@@ -173,7 +217,9 @@ impl DecoderModel {
         let vars = self.vs.variables();
         let head = if c.tie_word_embeddings { c.vocab_size * c.hidden_size } else { 0 };
         let matmul = stlm_core::flops::matmul_parameters(&vars) + head + self.repeated_matmul_parameters(&vars);
-        stlm_core::flops::training_flops_per_token(matmul, self.depth() as i64, c.hidden_size, seq)
+        // Attention's products scale with each applied layer's width.
+        let widths: i64 = (0..self.depth()).map(|i| c.layer_shape(c.applied_block(i)).hidden_size).sum();
+        stlm_core::flops::training_flops_per_token(matmul, 1, widths, seq)
     }
 
     /// Matmul weights applied more than once, counted once more per extra application: a
@@ -199,6 +245,9 @@ impl DecoderModel {
     pub fn keep_into(&self, into: &DecoderModel, blocks: &[(usize, crate::layers::KeepUnits)]) -> Result<()> {
         if self.config.shares_layers() {
             return Err(ModelError::Input("structured pruning of shared layers (`layer_sharing`) is not supported".into()));
+        }
+        if self.config.layer_shapes.is_some() || self.config.residual_root.is_some() {
+            return Err(ModelError::Input("structured pruning of per-layer shapes (`layer_shapes`, `residual_root`) is not supported".into()));
         }
         if blocks.len() != into.layers.len() || blocks.iter().any(|(i, _)| *i >= self.layers.len()) {
             return Err(ModelError::Input(format!("{} blocks to keep for a model of {} (from {})", blocks.len(), into.layers.len(), self.layers.len())));
@@ -308,18 +357,30 @@ impl DecoderModel {
         if let Some(c) = cache.as_mut() {
             c.advance(input_ids.size()[1]);
         }
-        self.norm.forward(&x)
+        self.final_norm(&x)
+    }
+
+    /// The final norm of the last block's output `[.., last width]` (projected back to
+    /// `hidden_size` first when the widths differ).
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        match &self.out_proj {
+            Some(p) => self.norm.forward(&p.forward(x)),
+            None => self.norm.forward(x),
+        }
     }
 
     /// The input of the first block `[b, s, hidden]` (token and absolute position embeddings)
     /// and the rotary angles of `positions` `[b, s]`.
-    fn embed(&self, input_ids: &Tensor, positions: &Tensor) -> (Tensor, Option<RotaryAngles>) {
+    pub(crate) fn embed(&self, input_ids: &Tensor, positions: &Tensor) -> (Tensor, Option<RotaryAngles>) {
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false); // [b, s, hidden]
         if let Some(pos) = &self.embed_positions {
             x = &x + Tensor::embedding(pos, positions, -1, false, false);
         }
         if self.config.position == PositionKind::Sinusoidal {
             x = &x + sinusoidal_positions(positions, self.config.hidden_size, x.kind());
+        }
+        if let Some(root) = &self.residual_root {
+            x = root.forward(&x);
         }
         let rotary = self.rope.as_ref().map(|rope| {
             let (cos, sin) = rope.cos_sin(positions, x.kind());
@@ -377,7 +438,7 @@ impl DecoderModel {
     /// [`DecoderModel::residual_stream`]); `None` unless the block has dense softmax attention.
     pub fn attention_log_probs(&self, i: usize, pass: &BlockPass, x: &Tensor) -> Option<Tensor> {
         let layer = self.applied(i);
-        layer.self_attn.attention_log_probs(&layer.input_layernorm.forward(x), pass.rotary.as_ref())
+        layer.self_attn.attention_log_probs(&layer.input_layernorm.forward(&layer.project_in(x)), pass.rotary.as_ref())
     }
 
     /// A KV cache for `batch` sequences of up to `capacity` positions, in the model's dtype
@@ -390,19 +451,19 @@ impl DecoderModel {
     /// layers with global tokens keep `padding` more leading slots, where a padded row's global
     /// tokens are.
     pub fn new_cache_padded(&self, batch: i64, capacity: i64, padding: i64) -> KvCache {
-        let c = &self.config;
-        let windows: Vec<_> = (0..self.depth())
+        let layers: Vec<_> = (0..self.depth())
             .map(|i| self.applied(i))
-            .map(|l| l.self_attn.attention.rolling_window().map(|(w, g)| (w, if g > 0 { g + padding } else { 0 })))
+            .map(|l| {
+                let window = l.self_attn.attention.rolling_window().map(|(w, g)| (w, if g > 0 { g + padding } else { 0 }));
+                (window, l.self_attn.num_kv_heads)
+            })
             .collect();
-        KvCache::with_windows(
-            &windows,
-            batch,
-            c.num_key_value_heads,
-            c.head_dim(),
-            capacity,
-            self.kind(),
-            self.device(),
-        )
+        KvCache::with_layers(&layers, batch, self.config.head_dim(), capacity, self.kind(), self.device())
     }
+}
+
+/// A learned projection between stream widths `[out, in]`, initialised to keep the stream's
+/// scale (normal with std `1/sqrt(in)`), without bias.
+fn width_projection(path: nn::Path, in_dim: i64, out_dim: i64) -> Linear {
+    Linear::new(path, in_dim, out_dim, false, 1.0 / (in_dim as f64).sqrt())
 }

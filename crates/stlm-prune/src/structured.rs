@@ -223,6 +223,9 @@ fn importance_name(i: Importance) -> &'static str {
 pub fn prune_structured(model: &mut DecoderModel, calib: &[Tensor], opts: &StructuredOptions, progress: bool) -> Result<(DecoderModel, StructuredReport)> {
     let started = Instant::now();
     crate::refuse_shared_layers(&model.config)?;
+    if model.config.layer_shapes.is_some() || model.config.residual_root.is_some() {
+        return Err(PruneError::Input("structured pruning of per-layer shapes (`layer_shapes`, `residual_root`) is not supported".into()));
+    }
     let total = units_of(&model.config, opts.unit)?;
     if !(0.0..1.0).contains(&opts.amount) {
         return Err(OptionError::new("amount", opts.amount, "must be at least 0 and below 1").into());

@@ -220,6 +220,8 @@ fn gpt2_config(c: Gpt2Hf, path: &Path) -> Result<ModelConfig> {
         moe: None,
         bytes: None,
         layer_sharing: None,
+        layer_shapes: None,
+        residual_root: None,
         mlp: MlpKind::Plain,
         hidden_act: activation(c.activation_function.as_deref().unwrap_or("gelu_new"), "activation_function", path)?,
         attention_bias: true,

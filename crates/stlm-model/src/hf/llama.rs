@@ -167,6 +167,8 @@ fn llama_config(c: LlamaHf, path: &Path) -> Result<ModelConfig> {
         moe: None,
         bytes: None,
         layer_sharing: None,
+        layer_shapes: None,
+        residual_root: None,
         mlp: MlpKind::Gated,
         hidden_act: activation(c.hidden_act.as_deref().unwrap_or("silu"), "hidden_act", path)?,
         attention_bias: c.attention_bias.unwrap_or(false),
