@@ -11,7 +11,7 @@ use stlm_eval::position::{position_loss, PositionLoss};
 use stlm_eval::score::scorer;
 use stlm_eval::suite::{find_data, Suite, SuiteReport};
 use stlm_eval::tasks::{evaluate, load_docs, ItemResult, Task, TaskOptions, TaskReport};
-use stlm_eval::{byte_perplexity, perplexity, PplReport, WindowOptions};
+use stlm_eval::{byte_perplexity, early_exit_perplexity, perplexity, PplReport, WindowOptions};
 use stlm_model::AnyModel;
 use stlm_tokenizers::Tokenizer;
 
@@ -39,7 +39,19 @@ pub enum EvalJob {
         /// other than the trained one).
         #[arg(long)]
         repeats: Option<i64>,
-        /// Print one JSON object: tokens, bytes, loss, ppl, bits_per_byte.
+        /// Score with early exit: each position leaves the stack at the first layer whose exit
+        /// is this confident (`stlm generate --early-exit`), decoded one position at a time;
+        /// adds the average depth and positions/s.
+        #[arg(long, value_name = "THRESHOLD")]
+        early_exit: Option<f64>,
+        /// With --early-exit: softmax, margin or entropy.
+        #[arg(long, default_value = "softmax", value_parser = ["softmax", "margin", "entropy"], requires = "early_exit")]
+        exit_measure: String,
+        /// With --early-exit: layers every position runs before it may exit.
+        #[arg(long, default_value_t = 1, requires = "early_exit")]
+        exit_min_layers: usize,
+        /// Print one JSON object: tokens, bytes, loss, ppl, bits_per_byte (and average_depth,
+        /// depth, tokens_per_s with --early-exit).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -167,8 +179,9 @@ pub struct BenchOptions {
 
 pub fn run(job: EvalJob) -> Result<()> {
     match job {
-        EvalJob::Ppl { model, data, max_length, stride, tokenizer, repeats, json, device } => {
-            ppl(&model, &data, (max_length, stride, repeats), tokenizer, json, &device)
+        EvalJob::Ppl { model, data, max_length, stride, tokenizer, repeats, early_exit, exit_measure, exit_min_layers, json, device } => {
+            let exit = early_exit.map(|threshold| stlm_model::EarlyExit { measure: crate::model::exit_measure(&exit_measure), threshold, min_layers: exit_min_layers });
+            ppl(&model, &data, (max_length, stride, repeats), exit, tokenizer, json, &device)
         }
         EvalJob::Mc { model, task, data, opts, log_samples, json } => {
             let task = Task::parse(&task)?;
@@ -381,7 +394,7 @@ fn position_losses(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ppl(dir: &Path, data: &Path, shape: (Option<i64>, Option<i64>, Option<i64>), tokenizer: Option<PathBuf>, json: bool, device: &DeviceArgs) -> Result<()> {
+fn ppl(dir: &Path, data: &Path, shape: (Option<i64>, Option<i64>, Option<i64>), exit: Option<stlm_model::EarlyExit>, tokenizer: Option<PathBuf>, json: bool, device: &DeviceArgs) -> Result<()> {
     let (max_length, stride, repeats) = shape;
     let text = std::fs::read_to_string(data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
     if text.is_empty() {
@@ -391,6 +404,7 @@ fn ppl(dir: &Path, data: &Path, shape: (Option<i64>, Option<i64>, Option<i64>), 
     let mut model = match device.load_any(dir)? {
         AnyModel::Tokens(m) => *m,
         AnyModel::Bytes(_) if repeats.is_some() => bail!("--repeats {}: a byte-pooled model has no `layer_sharing`", repeats.unwrap_or_default()),
+        AnyModel::Bytes(_) if exit.is_some() => bail!("--early-exit: byte-pooled models run at full depth"),
         AnyModel::Bytes(m) => {
             if !tok.is_bytes() {
                 bail!("{}: a byte model reads the byte tokenizer, not this tokenizer.json", dir.display());
@@ -414,7 +428,14 @@ fn ppl(dir: &Path, data: &Path, shape: (Option<i64>, Option<i64>, Option<i64>), 
         );
     }
     let window = WindowOptions { max_length, stride: stride.unwrap_or((max_length / 2).max(1)) };
-    let report = perplexity(&model, &ids, text.len() as u64, window, std::io::stderr().is_terminal())?;
+    let progress = std::io::stderr().is_terminal();
+    let report = match &exit {
+        Some(rule) => {
+            model.optimize_for_decoding();
+            early_exit_perplexity(&model, &ids, text.len() as u64, window, rule, progress).context("--early-exit")?
+        }
+        None => perplexity(&model, &ids, text.len() as u64, window, progress)?,
+    };
     print_report(data, &report, json, "token")
 }
 
@@ -431,6 +452,9 @@ fn print_report(data: &std::path::Path, report: &PplReport, json: bool, unit: &s
             report.ppl,
             report.bits_per_byte
         );
+        if let (Some(avg), Some(depth), Some(speed)) = (report.average_depth, report.depth, report.tokens_per_s) {
+            println!("early exit: average depth {avg:.2} of {depth} layers, {speed:.1} positions/s");
+        }
         Ok(())
     }
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use stlm_model::{DecoderModel, GenerationConfig, ModelConfig};
+use stlm_model::{DecoderModel, EarlyExit, ExitMeasure, GenerationConfig, ModelConfig};
 use stlm_tokenizers::Tokenizer;
 use tch::{Device, Tensor};
 
@@ -204,6 +204,25 @@ pub struct GenerateArgs {
     /// than the trained one).
     #[arg(long)]
     repeats: Option<i64>,
+    /// Early exit (CALM): each token leaves the stack at the first layer whose exit through the
+    /// shared final norm and head is this confident (see --exit-measure); one prompt; prints
+    /// tokens/s and the average depth.
+    #[arg(long, value_name = "THRESHOLD", conflicts_with_all = ["corpus", "self_speculative"])]
+    early_exit: Option<f64>,
+    /// With --early-exit: `softmax` (top probability >= threshold), `margin` (top two
+    /// probabilities differ by >= threshold) or `entropy` (at most threshold nats).
+    #[arg(long, default_value = "softmax", value_parser = ["softmax", "margin", "entropy"], requires = "early_exit")]
+    exit_measure: String,
+    /// With --early-exit: layers every token runs before it may exit.
+    #[arg(long, default_value_t = 1, requires = "early_exit")]
+    exit_min_layers: usize,
+    /// Self-speculative greedy decoding (LayerSkip): draft with the first LAYERS layers, verify
+    /// with all; the text is greedy decoding's. One prompt; prints tokens/s and the acceptance.
+    #[arg(long, value_name = "LAYERS", conflicts_with = "corpus")]
+    self_speculative: Option<usize>,
+    /// With --self-speculative: tokens drafted per verification.
+    #[arg(long, default_value_t = 4, requires = "self_speculative")]
+    draft_tokens: usize,
     /// tokenizer.json (default: the model directory's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -212,6 +231,12 @@ pub struct GenerateArgs {
 }
 
 impl GenerateArgs {
+    /// The early-exit rule of `--early-exit`, if given.
+    fn exit_rule(&self) -> Option<EarlyExit> {
+        let measure = exit_measure(&self.exit_measure);
+        self.early_exit.map(|threshold| EarlyExit { measure, threshold, min_layers: self.exit_min_layers })
+    }
+
     /// The sampling settings of these options, stopping at `eos` (unless `--ignore-eos`) and
     /// padding with `pad`.
     fn generation_config(&self, eos: Vec<i64>, pad: i64) -> GenerationConfig {
@@ -238,6 +263,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         stlm_model::AnyModel::Tokens(m) => *m,
         stlm_model::AnyModel::Bytes(_) if a.corpus.is_some() => bail!("--corpus: byte-pooled models are not supported; use a token model"),
         stlm_model::AnyModel::Bytes(_) if a.repeats.is_some() => bail!("--repeats {}: a byte-pooled model has no `layer_sharing`", a.repeats.unwrap_or_default()),
+        stlm_model::AnyModel::Bytes(_) if a.early_exit.is_some() || a.self_speculative.is_some() => {
+            bail!("--early-exit and --self-speculative: byte-pooled models decode at full depth")
+        }
         stlm_model::AnyModel::Bytes(m) => return generate_bytes(&a, &m, &tok),
     };
     if let Some(k) = a.repeats {
@@ -258,15 +286,51 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         tok.decode(&ids, true).unwrap_or_default()
     };
     let mut stdout = std::io::stdout().lock();
+    let dynamic = a.early_exit.is_some() || a.self_speculative.is_some();
+    if dynamic && prompts.len() != 1 {
+        bail!("--early-exit and --self-speculative decode one sequence: give one --prompt");
+    }
+    // Checked before the prompt is printed.
+    if let Some(rule) = a.exit_rule() {
+        rule.validate(model.depth())?;
+    }
+    if let Some(layers) = a.self_speculative {
+        stlm_model::check_self_speculative(&model, &cfg, layers, a.draft_tokens)?;
+    }
     if prompts.len() == 1 {
         // Stream: print the prompt, then each new piece of text once it is valid UTF-8.
         let mut all = prompts[0].clone();
         let mut stream = TextStream::start(&mut stdout, &decode(&all));
-        stlm_model::generate(&model, &prompts, &cfg, |_, id| {
+        let mut on_token = |id| {
             all.push(id);
             stream.update(&mut stdout, &decode(&all));
-        })?;
+        };
+        let started = std::time::Instant::now();
+        let report = match (a.exit_rule(), a.self_speculative) {
+            (Some(rule), _) => Some(stlm_model::generate_early_exit(&model, &prompts[0], &cfg, &rule, on_token)?.1),
+            (None, Some(layers)) => Some(stlm_model::generate_self_speculative(&model, &prompts[0], &cfg, layers, a.draft_tokens, on_token)?.1),
+            (None, None) => {
+                stlm_model::generate(&model, &prompts, &cfg, |_, id| on_token(id))?;
+                None
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64();
         writeln!(stdout)?;
+        if let Some(r) = report {
+            let speed = format!("{} tokens in {seconds:.2} s ({:.1} tokens/s)", r.tokens, r.tokens as f64 / seconds.max(1e-9));
+            match a.self_speculative {
+                Some(layers) => eprintln!(
+                    "self-speculative ({layers} of {} layers, {} drafted per pass): {speed}, {} of {} drafts accepted ({:.1}%), {} verification passes",
+                    r.depth,
+                    a.draft_tokens,
+                    r.accepted,
+                    r.drafted,
+                    100.0 * r.acceptance(),
+                    r.verifications
+                ),
+                None => eprintln!("early exit: {speed}, average depth {:.2} of {} layers", r.average_depth(), r.depth),
+            }
+        }
     } else {
         let outs = stlm_model::generate(&model, &prompts, &cfg, |_, _| {})?;
         for (i, (p, o)) in prompts.iter().zip(outs).enumerate() {
@@ -277,6 +341,15 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The measure an `--exit-measure` value names (clap admits only these).
+pub fn exit_measure(name: &str) -> ExitMeasure {
+    match name {
+        "margin" => ExitMeasure::Margin,
+        "entropy" => ExitMeasure::Entropy,
+        _ => ExitMeasure::Softmax,
+    }
+}
+
 /// The sampling settings of `a` for a token model, stopping at the config's and the tokenizer's
 /// end-of-text ids and choosing only ids the tokenizer has (a head may be wider).
 fn token_generation_config(a: &GenerateArgs, model: &DecoderModel, tok: &Tokenizer) -> GenerationConfig {
@@ -285,7 +358,8 @@ fn token_generation_config(a: &GenerateArgs, model: &DecoderModel, tok: &Tokeniz
     let mut eos = model.config.eos_token_id.clone();
     eos.extend(tok.eos_id().map(i64::from).filter(in_vocab));
     let pad = model.config.pad_token_id.or(tok.pad_id().map(i64::from).filter(in_vocab)).unwrap_or(0);
-    GenerationConfig { vocab_limit: Some(tok.vocab_size() as i64), ..a.generation_config(eos, pad) }
+    let temperature = if a.self_speculative.is_some() { 0.0 } else { a.temperature };
+    GenerationConfig { vocab_limit: Some(tok.vocab_size() as i64), temperature, ..a.generation_config(eos, pad) }
 }
 
 /// `stlm generate --corpus`: `--documents` texts sampled in batches (seed + batch index), each

@@ -363,6 +363,9 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
         student.tokenizer.save(&tok_path)?;
     }
     let (train, seq) = (&student.train, student.train.seq_len);
+    if train.layer_skip.is_some() {
+        return Err(bad_option("train.layer_skip", "LayerSkip trains with `stlm train`; distillation has its own loss"));
+    }
     let (batches, teacher): (Box<dyn BatchSource>, Teacher) = match (cache, teacher, &o.cache) {
         (Some(cache), _, Some(cache_dir)) => {
             let h = &cache.header;

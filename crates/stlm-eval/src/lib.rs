@@ -68,6 +68,15 @@ pub struct PplReport {
     pub ppl: f64,
     /// Total loss in bits divided by the bytes of text.
     pub bits_per_byte: f64,
+    /// With early exit: layers applied per position, on average.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub average_depth: Option<f64>,
+    /// With early exit: the model's full depth.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub depth: Option<usize>,
+    /// With early exit: positions scored per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
 }
 
 /// Scores every token of `ids` after the first (so put a BOS/EOS token first to score the whole
@@ -78,6 +87,43 @@ pub fn perplexity(
     bytes: u64,
     window: WindowOptions,
     progress: bool,
+) -> Result<PplReport> {
+    windowed_perplexity(model, ids, bytes, window, progress, |input| Ok(model.forward(input).squeeze_dim(0)))
+}
+
+/// [`perplexity`] when every position exits early as `rule` says (decoded one position at a
+/// time with a cache, each window from a fresh one), with the average depth and positions/s.
+pub fn early_exit_perplexity(
+    model: &DecoderModel,
+    ids: &[i64],
+    bytes: u64,
+    window: WindowOptions,
+    rule: &stlm_model::EarlyExit,
+    progress: bool,
+) -> Result<PplReport> {
+    let (mut layers, mut positions) = (0u64, 0u64);
+    let started = std::time::Instant::now();
+    let mut report = windowed_perplexity(model, ids, bytes, window, progress, |input| {
+        let window: Vec<i64> = Vec::try_from(input.reshape([-1]).to_device(tch::Device::Cpu))?;
+        let (logits, used) = stlm_model::early_exit_logits(model, &window, rule)?;
+        layers += used;
+        positions += window.len() as u64;
+        Ok(logits)
+    })?;
+    report.average_depth = Some(layers as f64 / positions.max(1) as f64);
+    report.depth = Some(model.depth());
+    report.tokens_per_s = Some(positions as f64 / started.elapsed().as_secs_f64().max(1e-9));
+    Ok(report)
+}
+
+/// [`perplexity`] with the logits `[L, vocab]` of each window `[1, L]` from `logits_of`.
+fn windowed_perplexity(
+    model: &DecoderModel,
+    ids: &[i64],
+    bytes: u64,
+    window: WindowOptions,
+    progress: bool,
+    mut logits_of: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<PplReport> {
     let n = ids.len() as i64;
     if n < 2 {
@@ -114,8 +160,8 @@ pub fn perplexity(
     for begin in starts {
         let end = (begin + window.max_length).min(n);
         let input = all.narrow(0, begin, end - begin).unsqueeze(0); // [1, L]
-        let logits = model.forward(&input).squeeze_dim(0); // [L, vocab]
-                                                           // Position p predicts token p + 1; score the targets in [scored_until, end).
+        let logits = logits_of(&input)?; // [L, vocab]
+        // Position p predicts token p + 1; score the targets in [scored_until, end).
         let first = scored_until - begin - 1;
         let len = end - scored_until;
         let logp = logits.narrow(0, first, len).log_softmax(-1, Kind::Float);
@@ -135,6 +181,9 @@ pub fn perplexity(
         loss,
         ppl: loss.exp(),
         bits_per_byte: if bytes > 0 { total / std::f64::consts::LN_2 / bytes as f64 } else { f64::NAN },
+        average_depth: None,
+        depth: None,
+        tokens_per_s: None,
     })
 }
 
@@ -178,7 +227,7 @@ pub fn byte_perplexity(model: &BytePooledModel, bytes: &[u32], text_bytes: u64, 
     let count = bytes.len() as i64;
     let loss = total / count as f64;
     let bits_per_byte = total / std::f64::consts::LN_2 / text_bytes.max(1) as f64;
-    Ok(PplReport { tokens: count, bytes: text_bytes, loss, ppl: loss.exp(), bits_per_byte })
+    Ok(PplReport { tokens: count, bytes: text_bytes, loss, ppl: loss.exp(), bits_per_byte, average_depth: None, depth: None, tokens_per_s: None })
 }
 
 #[cfg(test)]

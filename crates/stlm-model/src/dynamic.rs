@@ -47,7 +47,8 @@ impl EarlyExit {
             return Err(OptionError::new("early_exit", self.threshold, "must be a finite number (probabilities: >= 0)").into());
         }
         if self.min_layers < 1 || self.min_layers > depth {
-            return Err(OptionError::new("exit_min_layers", self.min_layers, format!("must be between 1 and the model's {depth} layers")).into());
+            let why = format!("must be between 1 and the model's {depth} layers");
+            return Err(OptionError::new("exit_min_layers", self.min_layers, why).into());
         }
         Ok(())
     }
@@ -227,6 +228,50 @@ pub fn generate_early_exit(
     Ok((out, report))
 }
 
+/// Logits `[n, vocab]` of every position of `ids` (one window from position 0, teacher forced)
+/// when each position exits as `rule` says, and the layers applied, summed over positions: the
+/// quality side of early exit, for perplexity.
+pub fn early_exit_logits(model: &DecoderModel, ids: &[i64], rule: &EarlyExit) -> Result<(Tensor, u64)> {
+    check_uniform(&model.config, "early exit")?;
+    rule.validate(model.depth())?;
+    model.check_ids(ids)?;
+    let _guard = tch::no_grad_guard();
+    let mut cache = model.new_cache(1, ids.len() as i64);
+    let mut fast = crate::FastDecoder::new(model);
+    let (mut rows, mut layers) = (Vec::with_capacity(ids.len()), 0);
+    for (position, &id) in ids.iter().enumerate() {
+        let (logits, used) = match fast.as_mut() {
+            Some(f) => f.step_depth(id, position as i64, &mut cache, Depth::Exit(rule)),
+            None => model.step_depth(id, position as i64, &mut cache, Depth::Exit(rule)),
+        };
+        rows.push(logits.reshape([1, -1]).to_device(model.device()));
+        layers += used as u64;
+    }
+    Ok((Tensor::cat(&rows, 0), layers))
+}
+
+/// Checks what [`generate_self_speculative`] needs: greedy settings, `1 <= draft_layers <
+/// depth`, at least one draft token, one stream width and no rolling (sliding-window) cache.
+pub fn check_self_speculative(model: &DecoderModel, cfg: &GenerationConfig, draft_layers: usize, draft_tokens: usize) -> Result<()> {
+    cfg.validate()?;
+    check_uniform(&model.config, "self-speculative decoding")?;
+    let depth = model.depth();
+    if cfg.temperature != 0.0 || cfg.repetition_penalty != 1.0 {
+        return Err(OptionError::new("temperature", cfg.temperature, "self-speculative decoding is greedy (temperature 0, no repetition penalty)").into());
+    }
+    if draft_layers < 1 || draft_layers >= depth {
+        let why = format!("the draft layers must be between 1 and {} (the model has {depth} layers)", depth.saturating_sub(1));
+        return Err(OptionError::new("self_speculative", draft_layers, why).into());
+    }
+    if draft_tokens < 1 {
+        return Err(OptionError::new("draft_tokens", draft_tokens, "must be at least 1").into());
+    }
+    if let Some(i) = (0..depth).find(|&i| model.applied(i).self_attn.attention.rolling_window().is_some()) {
+        return Err(ModelError::Input(format!("self-speculative decoding: layer {i} is a sliding-window layer, whose rolling cache cannot forget rejected drafts")));
+    }
+    Ok(())
+}
+
 /// Greedy generation by self-speculative decoding: the first `draft_layers` layers (and the
 /// shared head) propose up to `draft_tokens` tokens, all layers verify them in one pass, and the
 /// longest agreeing prefix plus the full model's next token are kept, so the output is full-depth
@@ -239,24 +284,12 @@ pub fn generate_self_speculative(
     draft_tokens: usize,
     mut on_token: impl FnMut(i64),
 ) -> Result<(Vec<i64>, DepthReport)> {
-    cfg.validate()?;
-    check_uniform(&model.config, "self-speculative decoding")?;
+    check_self_speculative(model, cfg, draft_layers, draft_tokens)?;
     let depth = model.depth();
-    if cfg.temperature != 0.0 || cfg.repetition_penalty != 1.0 {
-        return Err(OptionError::new("temperature", cfg.temperature, "self-speculative decoding is greedy (temperature 0, no repetition penalty)").into());
-    }
-    if draft_layers < 1 || draft_layers >= depth {
-        return Err(OptionError::new("draft_layers", draft_layers, format!("must be between 1 and {} (the model has {depth} layers)", depth - 1)).into());
-    }
-    if draft_tokens < 1 {
-        return Err(OptionError::new("draft_tokens", draft_tokens, "must be at least 1").into());
-    }
     let _guard = tch::no_grad_guard();
     let device = model.device();
     let (mut cache, logits) = model.prefill(prompt, prompt.len(), cfg.max_new_tokens + draft_tokens as i64)?;
     let logits = logits.expect("a prompt of at least one token");
-    // Rewinding to where it is fails only for a rolling cache: refuse those up front.
-    cache.rewind(cache.len()).map_err(|why| ModelError::Input(format!("self-speculative decoding: {why}")))?;
     let mut fast = crate::FastDecoder::new(model);
     let mut sampler = Sampler::new(cfg.seed);
     let mut report = DepthReport { depth, ..Default::default() };

@@ -23,7 +23,7 @@ pub mod sharing;
 
 pub use bytes::{BytePooledModel, BytesConfig, ByteDecoder, ChunkGrid, Pooling};
 pub use decode::FastDecoder;
-pub use dynamic::{generate_early_exit, generate_self_speculative, Depth, DepthReport, EarlyExit, ExitMeasure, LayerSkip, LayerSkipModel};
+pub use dynamic::{check_self_speculative, early_exit_logits, generate_early_exit, generate_self_speculative, Depth, DepthReport, EarlyExit, ExitMeasure, LayerSkip, LayerSkipModel};
 pub use lm::{load_any_model, AnyModel, Batch, Extras, LanguageModel, StepOutput, StepStats};
 pub use stlm_core::Mode;
 pub use config::{Activation, MlpKind, ModelConfig, ModelType, NormKind, PositionKind};

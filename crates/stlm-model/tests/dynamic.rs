@@ -72,12 +72,12 @@ fn self_speculative_greedy_equals_full_depth_greedy() {
 fn self_speculative_refusals_name_the_option() {
     let m = model(LLAMA, 1);
     let err = |r: stlm_model::Result<(Vec<i64>, stlm_model::DepthReport)>| r.unwrap_err().to_string();
-    assert!(err(generate_self_speculative(&m, &[1], &greedy(4), 4, 2, |_| {})).contains("draft_layers"));
+    assert!(err(generate_self_speculative(&m, &[1], &greedy(4), 4, 2, |_| {})).contains("self_speculative"));
     assert!(err(generate_self_speculative(&m, &[1], &greedy(4), 2, 0, |_| {})).contains("draft_tokens"));
     let sampled = GenerationConfig { temperature: 0.8, ..greedy(4) };
     assert!(err(generate_self_speculative(&m, &[1], &sampled, 2, 2, |_| {})).contains("greedy"));
     let windowed = model(&format!("model_type = \"stlm\"\n{LLAMA}attention = [{{ kind = \"sliding-window\", window = 8 }}]\n"), 1);
-    assert!(err(generate_self_speculative(&windowed, &[1], &greedy(4), 2, 2, |_| {})).contains("sliding-window"));
+    assert!(err(generate_self_speculative(&windowed, &[1], &greedy(4), 2, 2, |_| {})).contains("sliding-window layer"));
     let diamond = model(&format!("model_type = \"stlm\"\n{LLAMA}layer_shapes = {{ diamond = {{ max_hidden_size = 64 }} }}\n"), 1);
     assert!(err(generate_self_speculative(&diamond, &[1], &greedy(4), 2, 2, |_| {})).contains("stream width"));
 }

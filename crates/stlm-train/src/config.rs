@@ -77,6 +77,11 @@ pub struct TrainConfig {
     pub keep_last: usize,
     /// Seed of initialisation, data split and batch order.
     pub seed: u64,
+    /// LayerSkip training: layer dropout rising with depth and early-exit losses through the
+    /// shared head (`{ max_dropout = 0.2, exit_loss = 0.2 }`, see [`stlm_model::LayerSkip`]);
+    /// none by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_skip: Option<stlm_model::LayerSkip>,
 }
 
 impl Default for TrainConfig {
@@ -103,6 +108,7 @@ impl Default for TrainConfig {
             save_every: 200,
             keep_last: 3,
             seed: 0,
+            layer_skip: None,
         }
     }
 }
@@ -126,6 +132,9 @@ impl TrainConfig {
                 "fields `train.lr` ({}) and `train.min_lr` ({}) need 0 <= min_lr <= lr, lr > 0",
                 t.lr, t.min_lr
             ));
+        }
+        if let Some(Err(e)) = t.layer_skip.as_ref().map(stlm_model::LayerSkip::validate) {
+            return Err(format!("field `train.layer_skip`: {e}"));
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use crate::{Result, TrainError};
 use std::path::{Path, PathBuf};
 use stlm_core::CoreError;
 use stlm_data::{sample_documents, tokenize_corpus, DataConfig, ShardOptions, Source, TokenBatches, TokenizedCorpus};
-use stlm_model::{AnyModel, Batch, BytePooledModel, DecoderModel, ModelConfig, PRUNING_FILE};
+use stlm_model::{AnyModel, Batch, BytePooledModel, DecoderModel, LayerSkipModel, ModelConfig, PRUNING_FILE};
 use stlm_tokenizers::{BpeOptions, Tokenizer};
 use tch::{Device, Tensor};
 
@@ -458,7 +458,12 @@ impl PreparedRun {
 
     /// Trains the model (resuming when `resume`) until `train.max_steps`, a stop or a time limit.
     pub fn train(&self, resume: bool) -> Result<TrainReport> {
-        train(self.model.as_lm(), &self.batches, &self.config.train, &self.control, &self.out, resume)
+        let (t, control, out) = (&self.config.train, &self.control, &self.out);
+        match (&t.layer_skip, &self.model) {
+            (None, model) => train(model.as_lm(), &self.batches, t, control, out, resume),
+            (Some(skip), AnyModel::Tokens(m)) => train(&LayerSkipModel::new(m, skip.clone())?, &self.batches, t, control, out, resume),
+            (Some(_), AnyModel::Bytes(_)) => Err(TrainError::Config("field `train.layer_skip`: byte-pooled models do not take LayerSkip".into())),
+        }
     }
 
     /// Saves the model directory `out/model` with the run's tokenizer; a model that started from
