@@ -23,6 +23,12 @@ pub struct SweepArgs {
     /// repeatable, and every combination is trained. A single value sets the field for all.
     #[arg(long = "set", value_name = "KEY=V1,V2")]
     set: Vec<String>,
+    /// A named variant: `NAME:KEY=V;KEY=V;...` (overrides as for `stlm train --set`, separated
+    /// by `;`; `data=FILE[+FILE]` gives its training text). Repeat for a list of variants that are
+    /// not a grid (an architecture comparison); `NAME:` alone is the base config. Combined with
+    /// `--set` and `--data` like another axis.
+    #[arg(long = "variant", value_name = "NAME:KEY=V;...")]
+    variant: Vec<String>,
     /// Training text of the variants: one file (several joined by `+`) per value; repeat to
     /// compare datasets (one variant per value). Default: the built-in stories.
     #[arg(long = "data", value_name = "FILE[+FILE]")]
@@ -37,6 +43,11 @@ pub struct SweepArgs {
     /// whose validation splits differ (a dataset comparison).
     #[arg(long, value_name = "FILE")]
     eval_data: Option<PathBuf>,
+    /// With --eval-data: also score every variant with early exit at this softmax threshold
+    /// (`stlm eval ppl --early-exit`), and at full depth through the same one-position-at-a-time
+    /// step, for the average depth and both decoding speeds.
+    #[arg(long, value_name = "THRESHOLD", requires = "eval_data")]
+    early_exit: Option<f64>,
     /// Sweep directory (default: runs/sweep-<config name>): one run per variant, sweep.json,
     /// sweep.csv, sweep.md and sweep.svg.
     #[arg(long)]
@@ -69,6 +80,8 @@ struct Manifest {
     budget_minutes: f64,
     max_steps: Option<u64>,
     eval_data: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    early_exit: Option<f64>,
     variants: Vec<Variant>,
 }
 
@@ -85,6 +98,23 @@ struct Row {
     val_loss: Option<f64>,
     val_bpb: Option<f64>,
     eval_bpb: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exit: Option<ExitRow>,
+}
+
+/// A variant scored on the eval text with early exit (`--early-exit`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ExitRow {
+    /// Bits per byte when positions exit early.
+    bpb: f64,
+    /// Layers per position, on average.
+    average_depth: f64,
+    /// The model's depth.
+    depth: u64,
+    /// Positions per second, decoding with exits.
+    tokens_per_s: f64,
+    /// Positions per second, decoding at full depth with the same step.
+    full_tokens_per_s: f64,
 }
 
 const RESULT_FILE: &str = "sweep-result.json";
@@ -94,7 +124,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         bail!("--budget-minutes {}: must be a positive number of minutes", a.budget_minutes);
     }
     let config_text = std::fs::read_to_string(&a.config).with_context(|| format!("--config {}: cannot read", a.config.display()))?;
-    let variants = grid(&a.set, &a.data)?;
+    let variants = grid(&a.variant, &a.set, &a.data)?;
     let stem = a.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "sweep".into());
     let out = a.out.clone().unwrap_or_else(|| Path::new("runs").join(format!("sweep-{stem}")));
     let manifest = Manifest {
@@ -103,6 +133,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         budget_minutes: a.budget_minutes,
         max_steps: a.max_steps,
         eval_data: a.eval_data.as_ref().map(|p| p.display().to_string()),
+        early_exit: a.early_exit,
         variants,
     };
     claim(&out, &manifest)?;
@@ -135,7 +166,21 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         }
         let mut row = measure(v, &run)?;
         if let Some(text) = &a.eval_data {
-            row.eval_bpb = Some(eval_bpb(&exe, &a, &run.join("model"), text)?);
+            let model = run.join("model");
+            row.eval_bpb = Some(eval_ppl(&exe, &a, &model, text, None)?["bits_per_byte"].as_f64().context("stlm eval ppl printed no bits_per_byte")?);
+            if let Some(threshold) = a.early_exit {
+                let exit = eval_ppl(&exe, &a, &model, text, Some(threshold))?;
+                // A softmax threshold above 1 never fires: full depth, the same step.
+                let full = eval_ppl(&exe, &a, &model, text, Some(2.0))?;
+                let num = |v: &serde_json::Value, k: &str| v[k].as_f64().with_context(|| format!("stlm eval ppl --early-exit printed no {k}"));
+                row.exit = Some(ExitRow {
+                    bpb: num(&exit, "bits_per_byte")?,
+                    average_depth: num(&exit, "average_depth")?,
+                    depth: num(&exit, "depth")? as u64,
+                    tokens_per_s: num(&exit, "tokens_per_s")?,
+                    full_tokens_per_s: num(&full, "tokens_per_s")?,
+                });
+            }
         }
         stlm_core::atomic_write_bytes(&run.join(RESULT_FILE), serde_json::to_string_pretty(&row)?.as_bytes())?;
         rows.push(row);
@@ -152,8 +197,29 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     Ok(())
 }
 
-/// Every combination of the `--set` axes (first axis slowest) and the `--data` values.
-fn grid(sets: &[String], data: &[String]) -> Result<Vec<Variant>> {
+/// A `--variant NAME:KEY=V;...`: its name, overrides and training files (if it names them).
+fn named_variant(spec: &str) -> Result<(String, Vec<String>, Option<Vec<String>>)> {
+    let Some((name, rest)) = spec.split_once(':') else {
+        bail!("--variant {spec}: expected NAME:KEY=V;KEY=V (e.g. share-x2:model.layer_sharing.repeats=2)");
+    };
+    let name = name.trim();
+    if name.is_empty() {
+        bail!("--variant {spec}: the name before `:` is empty");
+    }
+    let (mut sets, mut data) = (Vec::new(), None);
+    for item in split_top_level(rest, ';').into_iter().filter(|i| !i.is_empty()) {
+        match item.split_once('=') {
+            Some((key, files)) if key.trim() == "data" => data = Some(files.split('+').map(|f| f.trim().to_string()).collect()),
+            Some((key, value)) if key.contains('.') && !value.trim().is_empty() => sets.push(format!("{}={}", key.trim(), value.trim())),
+            _ => bail!("--variant {spec}: `{item}` is not TABLE.FIELD=VALUE or data=FILE"),
+        }
+    }
+    Ok((name.to_string(), sets, data))
+}
+
+/// Every combination of the named `--variant`s, the `--set` axes (first axis slowest) and the
+/// `--data` values.
+fn grid(named: &[String], sets: &[String], data: &[String]) -> Result<Vec<Variant>> {
     let mut axes: Vec<(String, Vec<Option<String>>)> = Vec::new();
     for item in sets {
         let Some((key, values)) = item.split_once('=') else {
@@ -170,6 +236,20 @@ fn grid(sets: &[String], data: &[String]) -> Result<Vec<Variant>> {
         }
         axes.push((key.to_string(), values));
     }
+    let mut bases: Vec<(Option<String>, Vec<String>, Option<Vec<String>>)> = Vec::new();
+    for spec in named {
+        let (name, sets, files) = named_variant(spec)?;
+        if bases.iter().any(|(n, _, _)| n.as_deref() == Some(name.as_str())) {
+            bail!("--variant {spec}: the name `{name}` is used twice");
+        }
+        if files.is_some() && data.len() > 1 {
+            bail!("--variant {spec}: names its data while --data gives several; use one of the two");
+        }
+        bases.push((Some(name), sets, files));
+    }
+    if bases.is_empty() {
+        bases.push((None, Vec::new(), None));
+    }
     let datas: Vec<Vec<String>> = match data.len() {
         0 => vec![Vec::new()],
         _ => data.iter().map(|d| d.split('+').map(str::to_string).collect()).collect(),
@@ -182,18 +262,26 @@ fn grid(sets: &[String], data: &[String]) -> Result<Vec<Variant>> {
             .collect();
     }
     let mut variants = Vec::new();
-    for combo in &combos {
-        for files in &datas {
-            let varied: Vec<String> = combo
-                .iter()
-                .filter(|(key, _)| axes.iter().any(|(k, vs)| k == key && vs.len() > 1))
-                .map(|(key, v)| format!("{}={}", key.rsplit('.').next().unwrap_or(key), v.as_deref().unwrap_or("base")))
-                .chain((datas.len() > 1).then(|| format!("data={}", short_names(files))))
-                .collect();
-            let label = if varied.is_empty() { "base".to_string() } else { varied.join(", ") };
-            let dir = format!("{:02}-{}", variants.len(), slug(&label));
-            let sets = combo.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}"))).collect();
-            variants.push(Variant { label, dir, sets, data: files.clone() });
+    for (name, named_sets, named_files) in &bases {
+        for combo in &combos {
+            for files in &datas {
+                let varied: Vec<String> = name
+                    .iter()
+                    .cloned()
+                    .chain(
+                        combo
+                            .iter()
+                            .filter(|(key, _)| axes.iter().any(|(k, vs)| k == key && vs.len() > 1))
+                            .map(|(key, v)| format!("{}={}", key.rsplit('.').next().unwrap_or(key), v.as_deref().unwrap_or("base"))),
+                    )
+                    .chain((datas.len() > 1).then(|| format!("data={}", short_names(files))))
+                    .collect();
+                let label = if varied.is_empty() { "base".to_string() } else { varied.join(", ") };
+                let dir = format!("{:02}-{}", variants.len(), slug(&label));
+                let sets = named_sets.iter().cloned().chain(combo.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))).collect();
+                let data = named_files.clone().unwrap_or_else(|| files.clone());
+                variants.push(Variant { label, dir, sets, data });
+            }
         }
     }
     Ok(variants)
@@ -201,6 +289,11 @@ fn grid(sets: &[String], data: &[String]) -> Result<Vec<Variant>> {
 
 /// The values of `V1,V2,...`, split at commas outside brackets, braces and quotes, trimmed.
 fn split_values(text: &str) -> Vec<String> {
+    split_top_level(text, ',')
+}
+
+/// `text` split at `sep` outside brackets, braces and quotes, trimmed.
+fn split_top_level(text: &str, sep: char) -> Vec<String> {
     let (mut out, mut current, mut depth, mut quote) = (Vec::new(), String::new(), 0i32, None::<char>);
     for c in text.chars() {
         match (quote, c) {
@@ -209,7 +302,7 @@ fn split_values(text: &str) -> Vec<String> {
             (None, '"' | '\'') => quote = Some(c),
             (None, '[' | '{') => depth += 1,
             (None, ']' | '}') => depth -= 1,
-            (None, ',') if depth == 0 => {
+            (None, c) if c == sep && depth == 0 => {
                 out.push(current.trim().to_string());
                 current.clear();
                 continue;
@@ -332,39 +425,40 @@ fn measure(v: &Variant, run: &Path) -> Result<Row> {
         val_loss: final_val.and_then(|l| num(l, "val_loss")),
         val_bpb: final_val.and_then(|l| num(l, "val_bpb")),
         eval_bpb: None,
+        exit: None,
     })
 }
 
-/// Bits per byte of the model in `model` on `text` (`stlm eval ppl --json`).
-fn eval_bpb(exe: &Path, a: &SweepArgs, model: &Path, text: &Path) -> Result<f64> {
-    let out = Command::new(exe)
-        .arg("--threads")
-        .arg(tch::get_num_threads().to_string())
-        .args(["eval", "ppl", "--json", "--device", &a.device.device])
-        .arg("--model")
-        .arg(model)
-        .arg("--data")
-        .arg(text)
-        .stderr(Stdio::inherit())
-        .output()
-        .context("cannot start stlm eval ppl")?;
+/// `stlm eval ppl --json` of the model in `model` on `text` (with `--early-exit` when given).
+fn eval_ppl(exe: &Path, a: &SweepArgs, model: &Path, text: &Path, early_exit: Option<f64>) -> Result<serde_json::Value> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("--threads").arg(tch::get_num_threads().to_string());
+    cmd.args(["eval", "ppl", "--json", "--device", &a.device.device]).arg("--model").arg(model).arg("--data").arg(text);
+    if let Some(t) = early_exit {
+        cmd.arg("--early-exit").arg(t.to_string());
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().context("cannot start stlm eval ppl")?;
     if !out.status.success() {
         bail!("--eval-data {}: stlm eval ppl failed for {} ({})", text.display(), model.display(), out.status);
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("stlm eval ppl printed no JSON")?;
-    v.get("bits_per_byte").and_then(serde_json::Value::as_f64).context("stlm eval ppl printed no bits_per_byte")
+    serde_json::from_slice(&out.stdout).context("stlm eval ppl printed no JSON")
 }
 
 /// The markdown table of `rows` (the best validation bits per byte in bold).
 fn table(rows: &[Row], eval: Option<&Path>) -> String {
     let best = rows.iter().filter_map(|r| r.val_bpb).fold(f64::INFINITY, f64::min);
     let eval_name = eval.map(|p| p.file_name().map_or(p.display().to_string(), |n| n.to_string_lossy().into_owned()));
+    let exits = rows.iter().any(|r| r.exit.is_some());
     let mut s = String::from("| variant | parameters | steps | tokens/s | train loss | val loss | val bits/byte |");
     if let Some(n) = &eval_name {
         s.push_str(&format!(" bits/byte on {n} |"));
     }
+    if exits {
+        s.push_str(" early-exit bits/byte | average depth | decode tokens/s, exit / full |");
+    }
     s.push_str("\n|---|---|---|---|---|---|---|");
-    s.push_str(if eval_name.is_some() { "---|\n" } else { "\n" });
+    s.push_str(if eval_name.is_some() { "---|" } else { "" });
+    s.push_str(if exits { "---|---|---|\n" } else { "\n" });
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
     for r in rows {
         let bpb = match r.val_bpb {
@@ -374,6 +468,12 @@ fn table(rows: &[Row], eval: Option<&Path>) -> String {
         s.push_str(&format!("| {} | {} | {} | {:.0} | {:.4} | {} | {bpb} |", r.variant, r.parameters, r.steps, r.tokens_per_s, r.loss, opt(r.val_loss)));
         if eval_name.is_some() {
             s.push_str(&format!(" {} |", opt(r.eval_bpb)));
+        }
+        if exits {
+            match &r.exit {
+                Some(e) => s.push_str(&format!(" {:.4} | {:.2} of {} | {:.0} / {:.0} |", e.bpb, e.average_depth, e.depth, e.tokens_per_s, e.full_tokens_per_s)),
+                None => s.push_str(" - | - | - |"),
+            }
         }
         s.push('\n');
     }
@@ -389,11 +489,11 @@ fn write_reports(out: &Path, rows: &[Row], a: &SweepArgs) -> Result<()> {
         a.budget_minutes
     );
     stlm_core::atomic_write_bytes(&out.join("sweep.md"), format!("{header}{}", table(rows, a.eval_data.as_deref())).as_bytes())?;
-    let mut csv = String::from("variant,dir,parameters,steps,train_seconds,tokens_per_s,loss,val_loss,val_bpb,eval_bpb\n");
+    let mut csv = String::from("variant,dir,parameters,steps,train_seconds,tokens_per_s,loss,val_loss,val_bpb,eval_bpb,exit_bpb,exit_average_depth,exit_tokens_per_s,full_tokens_per_s\n");
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
     for r in rows {
         csv.push_str(&format!(
-            "\"{}\",{},{},{},{},{},{},{},{},{}\n",
+            "\"{}\",{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             r.variant.replace('"', "\"\""),
             r.dir,
             r.parameters,
@@ -403,7 +503,11 @@ fn write_reports(out: &Path, rows: &[Row], a: &SweepArgs) -> Result<()> {
             r.loss,
             opt(r.val_loss),
             opt(r.val_bpb),
-            opt(r.eval_bpb)
+            opt(r.eval_bpb),
+            opt(r.exit.as_ref().map(|e| e.bpb)),
+            opt(r.exit.as_ref().map(|e| e.average_depth)),
+            opt(r.exit.as_ref().map(|e| e.tokens_per_s)),
+            opt(r.exit.as_ref().map(|e| e.full_tokens_per_s))
         ));
     }
     stlm_core::atomic_write_bytes(&out.join("sweep.csv"), csv.as_bytes())?;
@@ -449,7 +553,7 @@ mod tests {
     #[test]
     fn the_grid_is_every_combination() {
         let sets = ["model.hidden_act=silu,relu2".to_string(), "model.layer_sharing=-,{ repeats = 2 }".to_string(), "train.lr=1e-3".to_string()];
-        let g = grid(&sets, &["a.txt".into(), "b.txt+c.txt".into()]).unwrap();
+        let g = grid(&[], &sets, &["a.txt".into(), "b.txt+c.txt".into()]).unwrap();
         assert_eq!(g.len(), 8);
         assert_eq!(g[0].label, "hidden_act=silu, layer_sharing=base, data=a.txt");
         assert_eq!(g[0].sets, vec!["model.hidden_act=silu", "train.lr=1e-3"]);
@@ -458,9 +562,31 @@ mod tests {
         assert_eq!(g[3].dir, "03-hidden_act=silu_layer_sharing=_repeats_=_2_data=b.txt_c.txt");
         let dirs: std::collections::HashSet<_> = g.iter().map(|v| v.dir.clone()).collect();
         assert_eq!(dirs.len(), 8, "distinct run directories");
-        assert_eq!(grid(&[], &[]).unwrap()[0].label, "base");
-        assert!(grid(&["model.x".into()], &[]).unwrap_err().to_string().contains("TABLE.FIELD=V1,V2"));
-        assert!(grid(&["a.b=1".into(), "a.b=2".into()], &[]).unwrap_err().to_string().contains("twice"));
-        assert!(grid(&["a.b=1,,2".into()], &[]).unwrap_err().to_string().contains("empty value"));
+        assert_eq!(grid(&[], &[], &[]).unwrap()[0].label, "base");
+        assert!(grid(&[], &["model.x".into()], &[]).unwrap_err().to_string().contains("TABLE.FIELD=V1,V2"));
+        assert!(grid(&[], &["a.b=1".into(), "a.b=2".into()], &[]).unwrap_err().to_string().contains("twice"));
+        assert!(grid(&[], &["a.b=1,,2".into()], &[]).unwrap_err().to_string().contains("empty value"));
+    }
+
+    #[test]
+    fn named_variants_are_a_list_with_their_own_data() {
+        let named = [
+            "base:".to_string(),
+            "share:model.layer_sharing.repeats=2".to_string(),
+            "ctx:model.layer_shapes.context = { min_window = 8, max_window = 64 };train.lr=1e-3".to_string(),
+            "wiki:data=w.txt+x.txt".to_string(),
+        ];
+        let g = grid(&named, &[], &["s.txt".into()]).unwrap();
+        assert_eq!(g.iter().map(|v| v.label.as_str()).collect::<Vec<_>>(), ["base", "share", "ctx", "wiki"]);
+        assert!(g[0].sets.is_empty() && g[0].data == ["s.txt"]);
+        assert_eq!(g[2].sets, ["model.layer_shapes.context={ min_window = 8, max_window = 64 }", "train.lr=1e-3"]);
+        assert_eq!(g[3].data, ["w.txt", "x.txt"], "a variant's own data");
+        let g = grid(&named[..2], &["model.hidden_act=silu,relu".into()], &[]).unwrap();
+        assert_eq!(g[3].label, "share, hidden_act=relu");
+        assert_eq!(g[3].sets, ["model.layer_sharing.repeats=2", "model.hidden_act=relu"]);
+        assert!(grid(&["x".into()], &[], &[]).unwrap_err().to_string().contains("NAME:KEY=V"));
+        assert!(grid(&["a:b".into()], &[], &[]).unwrap_err().to_string().contains("not TABLE.FIELD=VALUE"));
+        assert!(grid(&["a:".into(), "a:".into()], &[], &[]).unwrap_err().to_string().contains("twice"));
+        assert!(grid(&["w:data=a"].map(String::from), &[], &["b".into(), "c".into()]).unwrap_err().to_string().contains("several"));
     }
 }

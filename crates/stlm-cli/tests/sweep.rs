@@ -71,3 +71,38 @@ fn a_grid_trains_every_variant_and_a_rerun_continues() {
     assert!(e.contains("--budget-minutes"), "{e}");
     assert!(!Path::new(&dir.path().join("x")).exists(), "nothing written for bad input");
 }
+
+/// Named variants (`--variant NAME:KEY=V;...`) are a list, not a grid, may name their own data,
+/// and `--early-exit` adds each model's early-exit bits per byte, average depth and decoding
+/// speeds (full depth through the same step: the exit that never fires has the full bits/byte).
+#[test]
+fn named_variants_train_as_a_list_and_report_early_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("base.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let stories = common::write_stories(dir.path());
+    let other = dir.path().join("other.txt");
+    std::fs::write(&other, "The rain fell on the old town. People ran home.\n\n".repeat(60)).unwrap();
+    let out = dir.path().join("sweep");
+    let other_data = format!("other:data={}", other.display());
+    let args = [
+        "sweep", "--config", p(&config), "--data", p(&stories), "--budget-minutes", "2", "--eval-data", p(&stories), "--early-exit", "0.0",
+        "--variant", "base:", "--variant", "layerskip:train.layer_skip.max_dropout=0.2;train.layer_skip.exit_loss=0.5",
+        "--variant", &other_data, "--out", p(&out), "--json",
+    ];
+    let report = json(&args);
+    let rows = report["variants"].as_array().unwrap();
+    let labels: Vec<&str> = rows.iter().map(|r| r["variant"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["base", "layerskip", "other"], "{report}");
+    let cfg = std::fs::read_to_string(out.join(rows[1]["dir"].as_str().unwrap()).join("config.toml")).unwrap();
+    assert!(cfg.contains("exit_loss = 0.5"), "{cfg}");
+    for r in rows {
+        let e = &r["exit"];
+        assert_eq!(e["average_depth"].as_f64(), Some(1.0), "a threshold of 0 exits after the first layer: {r}");
+        assert_eq!(e["depth"].as_u64(), Some(2), "{r}");
+        assert!(e["bpb"].as_f64().unwrap() > 0.0 && e["tokens_per_s"].as_f64().unwrap() > 0.0 && e["full_tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_ne!(rows[2]["val_bpb"], rows[0]["val_bpb"], "the variant trained on its own data");
+    let md = std::fs::read_to_string(out.join("sweep.md")).unwrap();
+    assert!(md.contains("early-exit bits/byte") && md.contains("1.00 of 2"), "{md}");
+}
