@@ -197,8 +197,11 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     Ok(())
 }
 
+/// A `--variant`'s name, overrides and training files (if it names them).
+type Named = (String, Vec<String>, Option<Vec<String>>);
+
 /// A `--variant NAME:KEY=V;...`: its name, overrides and training files (if it names them).
-fn named_variant(spec: &str) -> Result<(String, Vec<String>, Option<Vec<String>>)> {
+fn named_variant(spec: &str) -> Result<Named> {
     let Some((name, rest)) = spec.split_once(':') else {
         bail!("--variant {spec}: expected NAME:KEY=V;KEY=V (e.g. share-x2:model.layer_sharing.repeats=2)");
     };
@@ -236,19 +239,21 @@ fn grid(named: &[String], sets: &[String], data: &[String]) -> Result<Vec<Varian
         }
         axes.push((key.to_string(), values));
     }
-    let mut bases: Vec<(Option<String>, Vec<String>, Option<Vec<String>>)> = Vec::new();
+    let mut bases: Vec<Named> = Vec::new();
     for spec in named {
         let (name, sets, files) = named_variant(spec)?;
-        if bases.iter().any(|(n, _, _)| n.as_deref() == Some(name.as_str())) {
+        if bases.iter().any(|(n, _, _)| *n == name) {
             bail!("--variant {spec}: the name `{name}` is used twice");
         }
         if files.is_some() && data.len() > 1 {
             bail!("--variant {spec}: names its data while --data gives several; use one of the two");
         }
-        bases.push((Some(name), sets, files));
+        bases.push((name, sets, files));
     }
-    if bases.is_empty() {
-        bases.push((None, Vec::new(), None));
+    // Without named variants, one unnamed one: the base config.
+    let unnamed = bases.is_empty();
+    if unnamed {
+        bases.push((String::new(), Vec::new(), None));
     }
     let datas: Vec<Vec<String>> = match data.len() {
         0 => vec![Vec::new()],
@@ -265,9 +270,9 @@ fn grid(named: &[String], sets: &[String], data: &[String]) -> Result<Vec<Varian
     for (name, named_sets, named_files) in &bases {
         for combo in &combos {
             for files in &datas {
-                let varied: Vec<String> = name
-                    .iter()
-                    .cloned()
+                let varied: Vec<String> = (!unnamed)
+                    .then(|| name.clone())
+                    .into_iter()
                     .chain(
                         combo
                             .iter()

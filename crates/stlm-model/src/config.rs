@@ -562,6 +562,9 @@ impl ModelConfig {
             if share.mlp && (self.moe.is_some() || self.cdmoe.is_some()) {
                 return err("field `layer_sharing.mlp`: only a dense feed-forward block is tied across blocks (not `moe` or `cdmoe`)".into());
             }
+            if share.lora_rank > 0 && (self.moe.is_some() || self.cdmoe.is_some()) {
+                return err("field `layer_sharing.lora_rank`: LoRA deltas are for dense feed-forward blocks (not `moe` or `cdmoe`)".into());
+            }
         }
         if let Err(e) = self.validate_shapes() {
             return err(e);

@@ -143,14 +143,14 @@ impl<'m> FastDecoder<'m> {
     /// The fused step for `model`, or `None` when it does not apply: weights not float32 on the
     /// CPU or not row-major, an activation without a kernel (exact GELU), or a layer whose attention
     /// is not dense, q/k norms, a mixture of experts, sinusoidal or ALiBi positions, per-layer
-    /// shapes or a residual root; then decode with libtorch. The model's weights must not change while the decoder is alive.
+    /// shapes, a residual root or LoRA deltas; then decode with libtorch. The model's weights must not change while the decoder is alive.
     pub fn new(model: &'m DecoderModel) -> Option<Self> {
         let cfg = &model.config;
         if model.device() != Device::Cpu || model.kind() != Kind::Float || cfg.hidden_act == Activation::Gelu {
             return None;
         }
         // One width and head count everywhere, the stream starting from the embedding.
-        if cfg.layer_shapes.is_some() || model.residual_root.is_some() {
+        if cfg.layer_shapes.is_some() || model.residual_root.is_some() || !model.lora.is_empty() {
             return None;
         }
         let plain = |l: &DecoderLayer| {

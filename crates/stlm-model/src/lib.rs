@@ -17,6 +17,7 @@ pub mod hf;
 pub mod io;
 pub mod layers;
 pub mod lm;
+pub mod lora;
 pub mod model;
 pub mod shapes;
 pub mod sharing;
@@ -30,6 +31,6 @@ pub use config::{Activation, MlpKind, ModelConfig, ModelType, NormKind, Position
 pub use error::{ModelError, Result};
 pub use generate::{generate, GenerationConfig};
 pub use io::{load_config, load_model, tokenizer_path, PRUNING_FILE};
-pub use model::{BlockPass, DecoderModel, ResidualStream};
+pub use model::{Applied, BlockPass, DecoderModel, ResidualStream};
 pub use shapes::{ContextPattern, Diamond, LayerShape, LayerShapes, ResidualRoot, RootMix};
 pub use sharing::{LayerSharing, ShareScheme};

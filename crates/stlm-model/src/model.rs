@@ -7,6 +7,7 @@
 
 use crate::config::{ModelConfig, PositionKind};
 use crate::layers::{DecoderLayer, FeedForward, Linear, Mlp, Norm, RotaryAngles};
+use crate::lora::LayerLora;
 use crate::{ModelError, Result};
 use stlm_attention::{sinusoidal_positions, AttentionMask, KvCache, Rope};
 use stlm_core::kernels::small_batch_linear;
@@ -61,6 +62,24 @@ impl Root {
     }
 }
 
+/// The block applied as one layer (see [`DecoderModel::applied`]).
+pub enum Applied<'m> {
+    /// A stored block as it is.
+    Stored(&'m DecoderLayer),
+    /// A stored block with its applied layer's LoRA deltas merged in.
+    Merged(Box<DecoderLayer>),
+}
+
+impl std::ops::Deref for Applied<'_> {
+    type Target = DecoderLayer;
+    fn deref(&self) -> &DecoderLayer {
+        match self {
+            Applied::Stored(l) => l,
+            Applied::Merged(l) => l,
+        }
+    }
+}
+
 /// A decoder-only language model and the variable store that owns its weights.
 #[derive(Debug)]
 pub struct DecoderModel {
@@ -82,6 +101,8 @@ pub struct DecoderModel {
     /// Projection of the last block's stream back to `hidden_size` `[hidden, last]`
     /// (`model.out_proj`), when `layer_shapes` ends at another width.
     pub out_proj: Option<Linear>,
+    /// The LoRA deltas of every applied layer (`layer_sharing.lora_rank`); empty without.
+    pub lora: Vec<LayerLora>,
     pub(crate) rope: Option<Rope>,
     vs: nn::VarStore,
 }
@@ -123,6 +144,14 @@ impl DecoderModel {
             let layer = DecoderLayer { in_proj, ..DecoderLayer::tied_to(path, &cfg, i as usize, layers.first()) };
             layers.push(layer);
         }
+        let rank = config.layer_sharing.as_ref().map_or(0, |s| s.lora_rank);
+        let lora = match rank > 0 {
+            true => (0..config.depth().max(0) as usize)
+                .map(|i| LayerLora::new(&model / "lora" / i, &layers[config.applied_block(i)], rank))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| ModelError::Input("layer_sharing.lora_rank: LoRA deltas need dense feed-forward blocks".into()))?,
+            false => Vec::new(),
+        };
         let last = config.stream_width_before(config.num_hidden_layers as usize);
         let out_proj = (last != h).then(|| width_projection(&model / "out_proj", last, h));
         let norm = Norm::new(&model / "norm", config.norm, h, config.norm_eps);
@@ -131,7 +160,7 @@ impl DecoderModel {
             let (dim, theta, max) = (config.rotary_dim(), config.rope_theta, config.max_position_embeddings);
             Rope::with_scaling(dim, theta, config.rope_scaling.as_ref(), max, device)
         });
-        Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, residual_root, out_proj, rope, vs })
+        Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, residual_root, out_proj, lora, rope, vs })
     }
 
     /// Number of applied layers (stored blocks times their repeats).
@@ -139,9 +168,14 @@ impl DecoderModel {
         self.config.depth() as usize
     }
 
-    /// The block applied as layer `i` (`i < depth()`).
-    pub fn applied(&self, i: usize) -> &DecoderLayer {
-        &self.layers[self.config.applied_block(i)]
+    /// The block applied as layer `i` (`i < depth()`): the stored block, or with per-layer LoRA
+    /// deltas the block with layer `i`'s deltas merged in.
+    pub fn applied(&self, i: usize) -> Applied<'_> {
+        let block = &self.layers[self.config.applied_block(i)];
+        match self.lora.get(i) {
+            Some(lora) => Applied::Merged(Box::new(lora.apply(block))),
+            None => Applied::Stored(block),
+        }
     }
 
     /// The stored block of every applied layer (see [`ModelConfig::applied_layers`]).
@@ -157,6 +191,9 @@ impl DecoderModel {
         };
         if repeats < 1 {
             return Err(ModelError::Input(format!("repeats must be at least 1, got {repeats}")));
+        }
+        if sharing.lora_rank > 0 && repeats != sharing.repeats {
+            return Err(ModelError::Input(format!("the model has LoRA deltas for its {} applied layers (`layer_sharing.lora_rank`), so its depth is fixed", self.lora.len())));
         }
         sharing.repeats = repeats;
         Ok(())

@@ -38,6 +38,14 @@ pub struct LayerSharing {
     /// Every block uses block 0's attention output projection (`model.layers.0.self_attn.o_proj`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub o_proj: bool,
+    /// Rank of a LoRA delta every applied layer adds to the projections of its block
+    /// (`model.lora.{i}`, see [`crate::lora`]); 0: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lora_rank: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
 }
 
 fn one() -> i64 {
@@ -50,12 +58,15 @@ impl LayerSharing {
         if self.repeats < 1 {
             return Err(format!("`repeats` must be at least 1, got {}", self.repeats));
         }
+        if self.lora_rank < 0 {
+            return Err(format!("`lora_rank` must be at least 0, got {}", self.lora_rank));
+        }
         Ok(())
     }
 
-    /// True when some weights are applied more than once.
+    /// True when some weights are applied more than once (or carry per-layer deltas).
     pub fn shares(&self) -> bool {
-        self.repeats > 1 || self.mlp || self.o_proj
+        self.repeats > 1 || self.mlp || self.o_proj || self.lora_rank > 0
     }
 }
 
@@ -86,7 +97,7 @@ mod tests {
 
     #[test]
     fn repeats_below_one_are_refused() {
-        let s = LayerSharing { scheme: ShareScheme::Cycle, repeats: 0, mlp: false, o_proj: false };
+        let s = LayerSharing { scheme: ShareScheme::Cycle, repeats: 0, mlp: false, o_proj: false, lora_rank: 0 };
         assert!(s.validate().unwrap_err().contains("repeats"));
     }
 }

@@ -1,7 +1,8 @@
 //! Shared and repeated layers (`layer_sharing`): the weights are stored once, the model equals
 //! the unrolled model that holds a copy per applied layer (logits, gradients, FLOPs), cached
 //! decoding equals the full forward with one cache slot per applied layer, the recursion depth
-//! changes at run time, and what transformers cannot hold is refused there and saved as stlm.
+//! changes at run time, per-repeat LoRA deltas equal the unrolled model with merged weights, and
+//! what transformers cannot hold is refused there and saved as stlm.
 
 use stlm_attention::AttentionMask;
 use stlm_model::{DecoderModel, ModelConfig};
@@ -185,4 +186,87 @@ fn squared_relu_is_relu_squared() {
     assert_eq!(Vec::<f32>::try_from(&y).unwrap(), vec![0.0, 0.0, 0.0, 0.25, 9.0]);
     let c = config("hidden_act = \"swish\"\n");
     assert_eq!(c.hidden_act, stlm_model::Activation::Silu, "swish is SiLU");
+}
+
+/// Per-repeat LoRA deltas: every applied layer adds its own `B A` to the projections of its
+/// block; B starts at zero (the model equals the one without deltas), and with deltas the model
+/// equals the unrolled model whose layer `i` holds `W + B_i A_i`, in logits, cached decoding and
+/// gradients (which reach the deltas and the shared weights).
+#[test]
+fn per_repeat_lora_deltas_equal_the_unrolled_model_with_merged_weights() {
+    let x = ids(2, 10);
+    let lora = model("layer_sharing = { scheme = \"cycle\", repeats = 2, lora_rank = 3 }\n");
+    let plain = model("layer_sharing = { scheme = \"cycle\", repeats = 2 }\n");
+    let targets = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+    let vars = lora.var_store().variables();
+    let extra: i64 = (0..4)
+        .flat_map(|i| targets.iter().map(move |t| (i, t)))
+        .map(|(i, t)| {
+            let (a, b) = (&vars[&format!("model.lora.{i}.{t}.lora_A.weight")], &vars[&format!("model.lora.{i}.{t}.lora_B.weight")]);
+            assert_eq!((a.size()[0], b.size()[1]), (3, 3), "{t}: rank 3");
+            (a.numel() + b.numel()) as i64
+        })
+        .sum();
+    assert_eq!(lora.num_parameters(), plain.num_parameters() + extra, "the shared weights once, a delta per applied layer");
+    {
+        let _g = tch::no_grad_guard();
+        for (n, mut v) in plain.var_store().variables() {
+            v.copy_(&vars[&n]);
+        }
+        let diff = max_diff(&lora.forward(&x), &plain.forward(&x));
+        assert!(diff == 0.0, "B = 0 at the start: the model without deltas ({diff})");
+        // Random deltas, then the unrolled model with every applied layer's merged weights.
+        for (n, mut v) in lora.var_store().variables() {
+            if n.contains(".lora_B.") {
+                v.copy_(&(Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.3));
+            }
+        }
+    }
+    let full = unrolled(&plain);
+    {
+        let _g = tch::no_grad_guard();
+        let fv = full.var_store().variables();
+        for i in 0..4 {
+            for t in targets {
+                let (a, b) = (&vars[&format!("model.lora.{i}.{t}.lora_A.weight")], &vars[&format!("model.lora.{i}.{t}.lora_B.weight")]);
+                let mut w = fv[&format!("model.layers.{i}.{t}.weight")].shallow_clone();
+                let merged = &w + b.matmul(a);
+                w.copy_(&merged);
+            }
+        }
+    }
+    let (a, b) = (lora.forward(&x), full.forward(&x));
+    assert!(max_diff(&a, &b) < 1e-5, "logits differ from the merged unrolled model by {}", max_diff(&a, &b));
+    {
+        let _g = tch::no_grad_guard();
+        let row = x.narrow(0, 0, 1);
+        let mut cache = lora.new_cache(1, 10);
+        let positions = Tensor::arange(6, (Kind::Int64, Device::Cpu)).view([1, 6]);
+        let mut pieces = vec![lora.forward_ext(&row.narrow(1, 0, 6), &positions, &AttentionMask::Causal, Some(&mut cache))];
+        for t in 6..10 {
+            let mask = AttentionMask::causal(1, t, None, Device::Cpu);
+            pieces.push(lora.forward_ext(&row.narrow(1, t, 1), &Tensor::from_slice(&[t]).view([1, 1]), &mask, Some(&mut cache)));
+        }
+        let diff = max_diff(&Tensor::cat(&pieces, 1), &lora.forward(&row));
+        assert!(diff < 1e-5, "cached decoding differs from the full forward by {diff}");
+    }
+    lora.forward(&x).log_softmax(-1, Kind::Float).select(-1, 3).mean(Kind::Float).backward();
+    for (n, v) in lora.var_store().variables() {
+        assert!(v.grad().defined() && v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "no gradient reaches {n}");
+    }
+
+    let mut fixed = model("layer_sharing = { scheme = \"cycle\", repeats = 2, lora_rank = 3 }\n");
+    let e = fixed.set_repeats(3).unwrap_err().to_string();
+    assert!(e.contains("lora_rank") && e.contains("fixed"), "{e}");
+    let e = ModelConfig::from_toml_str(
+        &format!("{BASE}layer_sharing = {{ repeats = 2, lora_rank = 2 }}\nmoe = {{ num_experts = 4, router = {{ kind = \"top-k\", k = 2 }} }}\n"),
+        std::path::Path::new("s.toml"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("lora_rank") && e.contains("moe"), "{e}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    lora.save(dir.path(), None).expect("save");
+    let back = stlm_model::load_model(dir.path(), Device::Cpu, stlm_core::DType::Float32).expect("load");
+    assert!(max_diff(&back.forward(&x), &lora.forward(&x)) == 0.0, "the deltas are saved and loaded");
 }
