@@ -45,7 +45,7 @@ pub struct SweepArgs {
     eval_data: Option<PathBuf>,
     /// With --eval-data: also score every variant with early exit at this softmax threshold
     /// (`stlm eval ppl --early-exit`), and at full depth through the same one-position-at-a-time
-    /// step, for the average depth and both decoding speeds.
+    /// step without exit checks, for the average depth and both decoding speeds.
     #[arg(long, value_name = "THRESHOLD", requires = "eval_data")]
     early_exit: Option<f64>,
     /// Sweep directory (default: runs/sweep-<config name>): one run per variant, sweep.json,
@@ -144,8 +144,13 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     let mut failed = Vec::new();
     for (i, v) in manifest.variants.iter().enumerate() {
         let run = out.join(&v.dir);
-        if let Some(row) = read_result(&run)? {
+        if let Some(mut row) = read_result(&run)? {
             eprintln!("[{}/{n}] {}: trained earlier", i + 1, v.label);
+            if let (Some(threshold), Some(text), None) = (a.early_exit, &a.eval_data, &row.exit) {
+                // Trained by a sweep without the exit columns (or before they were measured).
+                row.exit = Some(exit_row(&exe, &a, &run.join("model"), text, threshold)?);
+                stlm_core::atomic_write_bytes(&run.join(RESULT_FILE), serde_json::to_string_pretty(&row)?.as_bytes())?;
+            }
             rows.push(row);
             continue;
         }
@@ -169,17 +174,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
             let model = run.join("model");
             row.eval_bpb = Some(eval_ppl(&exe, &a, &model, text, None)?["bits_per_byte"].as_f64().context("stlm eval ppl printed no bits_per_byte")?);
             if let Some(threshold) = a.early_exit {
-                let exit = eval_ppl(&exe, &a, &model, text, Some(threshold))?;
-                // A softmax threshold above 1 never fires: full depth, the same step.
-                let full = eval_ppl(&exe, &a, &model, text, Some(2.0))?;
-                let num = |v: &serde_json::Value, k: &str| v[k].as_f64().with_context(|| format!("stlm eval ppl --early-exit printed no {k}"));
-                row.exit = Some(ExitRow {
-                    bpb: num(&exit, "bits_per_byte")?,
-                    average_depth: num(&exit, "average_depth")?,
-                    depth: num(&exit, "depth")? as u64,
-                    tokens_per_s: num(&exit, "tokens_per_s")?,
-                    full_tokens_per_s: num(&full, "tokens_per_s")?,
-                });
+                row.exit = Some(exit_row(&exe, &a, &model, text, threshold)?);
             }
         }
         stlm_core::atomic_write_bytes(&run.join(RESULT_FILE), serde_json::to_string_pretty(&row)?.as_bytes())?;
@@ -434,13 +429,37 @@ fn measure(v: &Variant, run: &Path) -> Result<Row> {
     })
 }
 
-/// `stlm eval ppl --json` of the model in `model` on `text` (with `--early-exit` when given).
-fn eval_ppl(exe: &Path, a: &SweepArgs, model: &Path, text: &Path, early_exit: Option<f64>) -> Result<serde_json::Value> {
+/// The model in `model` scored on `text` with early exit at `threshold`, and at full depth
+/// through the same one-position-at-a-time step (an exit allowed only after the last layer,
+/// so no exit is ever checked) for the speed to compare with.
+fn exit_row(exe: &Path, a: &SweepArgs, model: &Path, text: &Path, threshold: f64) -> Result<ExitRow> {
+    let exit = eval_ppl(exe, a, model, text, Some((threshold, 1)))?;
+    let num = |v: &serde_json::Value, k: &str| v[k].as_f64().with_context(|| format!("stlm eval ppl --early-exit printed no {k}"));
+    let depth = num(&exit, "depth")? as u64;
+    let full = eval_ppl(exe, a, model, text, Some((threshold, depth)))?;
+    Ok(ExitRow {
+        bpb: num(&exit, "bits_per_byte")?,
+        average_depth: num(&exit, "average_depth")?,
+        depth,
+        tokens_per_s: num(&exit, "tokens_per_s")?,
+        full_tokens_per_s: num(&full, "tokens_per_s")?,
+    })
+}
+
+/// `stlm eval ppl --json` of the model in `model` on `text` (with `--early-exit THRESHOLD
+/// --exit-min-layers N` when given, over disjoint windows of the model's context: decoding one
+/// position at a time costs a step per position, and each position is decoded once).
+fn eval_ppl(exe: &Path, a: &SweepArgs, model: &Path, text: &Path, early_exit: Option<(f64, u64)>) -> Result<serde_json::Value> {
     let mut cmd = Command::new(exe);
     cmd.arg("--threads").arg(tch::get_num_threads().to_string());
     cmd.args(["eval", "ppl", "--json", "--device", &a.device.device]).arg("--model").arg(model).arg("--data").arg(text);
-    if let Some(t) = early_exit {
-        cmd.arg("--early-exit").arg(t.to_string());
+    if let Some((t, min_layers)) = early_exit {
+        cmd.arg("--early-exit").arg(t.to_string()).arg("--exit-min-layers").arg(min_layers.to_string());
+        let path = model.join("config.json");
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?)
+            .with_context(|| format!("{}: not JSON", path.display()))?;
+        let window = config["max_position_embeddings"].as_i64().with_context(|| format!("{}: no max_position_embeddings", path.display()))?.min(1024);
+        cmd.arg("--max-length").arg(window.to_string()).arg("--stride").arg(window.to_string());
     }
     let out = cmd.stderr(Stdio::inherit()).output().context("cannot start stlm eval ppl")?;
     if !out.status.success() {
