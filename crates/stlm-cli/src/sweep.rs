@@ -146,9 +146,10 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         let run = out.join(&v.dir);
         if let Some(mut row) = read_result(&run)? {
             eprintln!("[{}/{n}] {}: trained earlier", i + 1, v.label);
-            if let (Some(threshold), Some(text), None) = (a.early_exit, &a.eval_data, &row.exit) {
-                // Trained by a sweep without the exit columns (or before they were measured).
-                row.exit = Some(exit_row(&exe, &a, &run.join("model"), text, threshold)?);
+            // Scores an earlier run lacks (measured after it trained) are filled in.
+            let missing = (a.eval_data.is_some() && row.eval_bpb.is_none()) || (a.early_exit.is_some() && row.exit.is_none());
+            if missing {
+                score(&exe, &a, &run.join("model"), &mut row)?;
                 stlm_core::atomic_write_bytes(&run.join(RESULT_FILE), serde_json::to_string_pretty(&row)?.as_bytes())?;
             }
             rows.push(row);
@@ -170,13 +171,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
             continue;
         }
         let mut row = measure(v, &run)?;
-        if let Some(text) = &a.eval_data {
-            let model = run.join("model");
-            row.eval_bpb = Some(eval_ppl(&exe, &a, &model, text, None)?["bits_per_byte"].as_f64().context("stlm eval ppl printed no bits_per_byte")?);
-            if let Some(threshold) = a.early_exit {
-                row.exit = Some(exit_row(&exe, &a, &model, text, threshold)?);
-            }
-        }
+        score(&exe, &a, &run.join("model"), &mut row)?;
         stlm_core::atomic_write_bytes(&run.join(RESULT_FILE), serde_json::to_string_pretty(&row)?.as_bytes())?;
         rows.push(row);
     }
@@ -427,6 +422,17 @@ fn measure(v: &Variant, run: &Path) -> Result<Row> {
         eval_bpb: None,
         exit: None,
     })
+}
+
+/// Fills in `row`'s scores on `--eval-data` (bits per byte, and with `--early-exit` the exit row)
+/// for the model in `model`.
+fn score(exe: &Path, a: &SweepArgs, model: &Path, row: &mut Row) -> Result<()> {
+    let Some(text) = &a.eval_data else { return Ok(()) };
+    row.eval_bpb = Some(eval_ppl(exe, a, model, text, None)?["bits_per_byte"].as_f64().context("stlm eval ppl printed no bits_per_byte")?);
+    if let Some(threshold) = a.early_exit {
+        row.exit = Some(exit_row(exe, a, model, text, threshold)?);
+    }
+    Ok(())
 }
 
 /// The model in `model` scored on `text` with early exit at `threshold`, and at full depth
