@@ -147,7 +147,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
         if let Some(mut row) = read_result(&run)? {
             eprintln!("[{}/{n}] {}: trained earlier", i + 1, v.label);
             // Scores an earlier run lacks (measured after it trained) are filled in.
-            let missing = (a.eval_data.is_some() && row.eval_bpb.is_none()) || (a.early_exit.is_some() && row.exit.is_none());
+            let missing = a.eval_data.is_some() && row.eval_bpb.is_none();
             if missing {
                 score(&exe, &a, &run.join("model"), &mut row)?;
                 stlm_core::atomic_write_bytes(&run.join(RESULT_FILE), serde_json::to_string_pretty(&row)?.as_bytes())?;
@@ -430,7 +430,14 @@ fn score(exe: &Path, a: &SweepArgs, model: &Path, row: &mut Row) -> Result<()> {
     let Some(text) = &a.eval_data else { return Ok(()) };
     row.eval_bpb = Some(eval_ppl(exe, a, model, text, None)?["bits_per_byte"].as_f64().context("stlm eval ppl printed no bits_per_byte")?);
     if let Some(threshold) = a.early_exit {
-        row.exit = Some(exit_row(exe, a, model, text, threshold)?);
+        // A model that cannot exit early (its width changes with depth) has no exit columns.
+        row.exit = match exit_row(exe, a, model, text, threshold) {
+            Ok(exit) => Some(exit),
+            Err(e) => {
+                eprintln!("{}: no early-exit scores: {e:#}", row.variant);
+                None
+            }
+        };
     }
     Ok(())
 }
