@@ -6,18 +6,24 @@
 mod common;
 
 use common::{fails, json, p};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const CONFIG: &str = "[model]\nmodel_type = \"stlm\"\nvocab_size = 320\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\nnum_attention_heads = 4\nmax_position_embeddings = 64\n\n[train]\nmax_steps = 4\nbatch_size = 2\nseq_len = 32\nlog_every = 2\neval_every = 0\neval_batches = 2\nsave_every = 0\nkeep_last = 0\nwarmup_steps = 1\n\n[data]\nval_fraction = 0.1\n";
 
-#[test]
-fn a_grid_trains_every_variant_and_a_rerun_continues() {
+/// A temporary directory with the base config, the stories and another text.
+fn setup() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("base.toml");
     std::fs::write(&config, CONFIG).unwrap();
     let stories = common::write_stories(dir.path());
     let other = dir.path().join("other.txt");
     std::fs::write(&other, "The rain fell on the old town. People ran home.\n\n".repeat(60)).unwrap();
+    (dir, config, stories, other)
+}
+
+#[test]
+fn a_grid_trains_every_variant_and_a_rerun_continues() {
+    let (dir, config, stories, other) = setup();
     let out = dir.path().join("sweep");
     let data = format!("{}", stories.display());
     let args = [
@@ -77,12 +83,7 @@ fn a_grid_trains_every_variant_and_a_rerun_continues() {
 /// speeds (full depth through the same step: the exit that never fires has the full bits/byte).
 #[test]
 fn named_variants_train_as_a_list_and_report_early_exit() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("base.toml");
-    std::fs::write(&config, CONFIG).unwrap();
-    let stories = common::write_stories(dir.path());
-    let other = dir.path().join("other.txt");
-    std::fs::write(&other, "The rain fell on the old town. People ran home.\n\n".repeat(60)).unwrap();
+    let (dir, config, stories, other) = setup();
     let out = dir.path().join("sweep");
     let other_data = format!("other:data={}", other.display());
     let args = [
