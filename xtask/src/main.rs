@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 mod gloo;
+mod llama2c;
 mod vs_pytorch;
 
 /// The torch version tch 0.26 is built against.
@@ -37,7 +38,8 @@ environment:
   LIBTORCH      use this libtorch instead of the pip wheel (parity tests then need STLM_PYTHON)
   STLM_PYTHON   use this Python (must have torch==2.13.0 and setuptools)
   STLM_HOME     cache folder for the virtual environment and gloo's headers (default ~/.cache/stlm)
-  STLM_GLOO_INCLUDE  gloo's headers for stlm-dist (default: Debian's libgloo-dev, fetched into STLM_HOME)";
+  STLM_GLOO_INCLUDE  gloo's headers for stlm-dist (default: Debian's libgloo-dev, fetched into STLM_HOME)
+  STLM_LLAMA2C_RUN_C llama2.c's run.c for the interop test (default: from PyPI's llamac2py, fetched into STLM_HOME)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -135,13 +137,23 @@ struct TorchEnv {
     libtorch: Option<PathBuf>,
     python: Option<PathBuf>,
     gloo: PathBuf,
+    /// llama2.c's run.c for the interop test (`None`: no Python to fetch it with, or the fetch failed).
+    run_c: Option<PathBuf>,
 }
 
 impl TorchEnv {
     fn ensure() -> Result<Self, String> {
         let (libtorch, python) = Self::torch()?;
         let gloo = gloo::ensure(&stlm_home()?)?;
-        Ok(TorchEnv { libtorch, python, gloo })
+        let python3 = PathBuf::from("python3");
+        let run_c = match llama2c::ensure(&stlm_home()?, python.as_deref().unwrap_or(&python3)) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("xtask: warning: {e} (the run.c interop test will skip)");
+                None
+            }
+        };
+        Ok(TorchEnv { libtorch, python, gloo, run_c })
     }
 
     fn torch() -> Result<(Option<PathBuf>, Option<PathBuf>), String> {
@@ -182,6 +194,8 @@ impl TorchEnv {
         let status = Command::new(&python)
             .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-r"])
             .arg(&reqs)
+            // pip reports on stdout; `cargo xtask env` keeps stdout for the exports.
+            .stdout(std::io::stderr())
             .status()
             .map_err(|e| format!("could not run pip with {}: {e}", python.display()))?;
         if !status.success() {
@@ -214,6 +228,9 @@ impl TorchEnv {
             vars.push(("STLM_PYTHON".into(), py.clone().into_os_string()));
         }
         vars.push(("STLM_GLOO_INCLUDE".into(), self.gloo.clone().into_os_string()));
+        if let Some(p) = &self.run_c {
+            vars.push(("STLM_LLAMA2C_RUN_C".into(), p.clone().into_os_string()));
+        }
         vars
     }
 }

@@ -8,6 +8,7 @@ mod data;
 mod dist;
 mod distill;
 mod eval;
+mod interop;
 mod model;
 mod plot;
 mod prune;
@@ -36,6 +37,12 @@ enum Job {
     /// Corpora: write the built-in stories.
     #[command(subcommand)]
     Data(data::DataJob),
+    /// Convert another tool's model files into a model directory (llama2.c).
+    #[command(subcommand)]
+    Import(interop::ImportJob),
+    /// Write a model directory in another tool's format (llama2.c).
+    #[command(subcommand)]
+    Export(interop::ExportJob),
     /// Create a randomly initialised model directory from a TOML config.
     Init(model::InitArgs),
     /// Parameter count and per-layer table of a model directory.
@@ -88,6 +95,8 @@ fn main() -> ExitCode {
     let result = match cli.job {
         Job::Train(a) => train::train(a),
         Job::Data(j) => data::run(j),
+        Job::Import(j) => interop::import(j),
+        Job::Export(j) => interop::export(j),
         Job::Init(a) => model::init(a),
         Job::Inspect(a) => model::inspect(a),
         Job::Generate(a) => model::generate(a),

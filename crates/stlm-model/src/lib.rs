@@ -5,6 +5,7 @@
 //! - [`model`]: `DecoderModel`, its forward pass and KV cache.
 //! - [`hf`] and [`io`]: Hugging Face `config.json` and weight names; model directories.
 //! - [`generate`]: sampling and batched generation; [`decode`]: the fused batch-1 CPU step it uses.
+//! - [`llama2c`]: llama2.c checkpoints (versions 0, 1, 2) in and out.
 //! - [`sharing`], [`shapes`], [`dynamic`]: shared layers, per-layer shapes, dynamic depth.
 
 pub mod bytes;
@@ -16,6 +17,7 @@ pub mod generate;
 pub mod hf;
 pub mod io;
 pub mod layers;
+pub mod llama2c;
 pub mod lm;
 pub mod lora;
 pub mod model;

@@ -8,9 +8,11 @@
 
 pub mod bytes;
 pub mod chunk;
+pub mod llama2c;
 
 pub use bytes::{byte_char, char_byte, BYTE_EOT, BYTE_IDS, BYTE_PAD};
 pub use chunk::{Chunker, ChunkerKind};
+pub use llama2c::Llama2cVocab;
 
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
@@ -154,16 +156,7 @@ impl Tokenizer {
     /// Writes `tokenizer.json` atomically (temporary name, then rename).
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = self.to_json().map_err(|e| file_err(path, e))?;
-        let tmp = path.with_file_name(format!(
-            ".{}.tmp-{}",
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            std::process::id()
-        ));
-        std::fs::write(&tmp, json).map_err(|e| file_err(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            file_err(path, e)
-        })
+        write_atomic(path, json.as_bytes())
     }
 
     /// Token ids of `text`, without added special tokens (BOS/EOS templates) unless asked.
@@ -225,6 +218,20 @@ impl Tokenizer {
     pub fn pad_id(&self) -> Option<u32> {
         [PAD, "<pad>", "<|padding|>"].iter().find_map(|t| self.token_to_id(t))
     }
+}
+
+/// Writes `bytes` to a temporary name beside `path`, then renames it to `path`.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).map_err(|e| file_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        file_err(path, e)
+    })
 }
 
 fn file_err(path: &Path, e: impl std::fmt::Display) -> TokenizerError {
