@@ -421,3 +421,38 @@ mod tests {
         }
     }
 }
+
+/// On a real sentencepiece-converted vocabulary (Mistral's 32000 tokens, when
+/// `../shared/data` has it): tokenizer.json -> tokenizer.bin -> tokenizer.json encodes story text
+/// as run.c's algorithm does on that tokenizer.bin, and as the original tokenizer.json.
+#[cfg(test)]
+mod real {
+    use super::*;
+
+    #[test]
+    fn a_real_vocabulary_converts_both_ways() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+        let (tok_path, text_path) = (root.join("tokenizers/mistral-7b-tokenizer.json"), root.join("tinystories/valid_1000.txt"));
+        if !tok_path.is_file() || !text_path.is_file() {
+            eprintln!("skipping: {} or {} is missing", tok_path.display(), text_path.display());
+            return;
+        }
+        let original = Tokenizer::from_file(&tok_path).unwrap();
+        let vocab = Llama2cVocab::from_tokenizer(&original).unwrap();
+        assert_eq!(vocab.len(), 32000);
+        assert_eq!(vocab.piece(1), Some(&b"\n<s>\n"[..]));
+        assert_eq!(vocab.piece(3 + 0x41), Some(&b"<0x41>"[..]));
+        let converted = vocab.to_tokenizer().unwrap();
+        let text = std::fs::read_to_string(&text_path).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).take(300).collect();
+        let (mut same_as_original, mut n) = (0, 0);
+        for line in &lines {
+            let ids = converted.encode(line, true).unwrap();
+            assert_eq!(ids, vocab.encode(line, true), "{line:?}");
+            assert_eq!(converted.decode(&ids, true).unwrap(), *line);
+            same_as_original += (original.encode(line, true).unwrap() == ids) as usize;
+            n += 1;
+        }
+        assert_eq!(same_as_original, n, "the converted tokenizer encodes as the original");
+    }
+}
