@@ -108,6 +108,7 @@ pub fn export(job: ExportJob) -> Result<()> {
                 return print_json(&json!({
                     "out": out, "bytes": r.bytes, "version": r.header.format.version(), "group_size": group_size,
                     "max_quant_error": r.max_quant_error, "tokenizer_out": a.tokenizer_out, "warnings": warnings,
+                    "swapped_ids": r.swapped_ids,
                     "checkpoint": header_json(&r.header),
                 }));
             }
@@ -125,6 +126,9 @@ pub fn export(job: ExportJob) -> Result<()> {
             );
             if let Some(t) = &a.tokenizer_out {
                 println!("tokenizer -> {}", t.display());
+            }
+            if let Some((one, s)) = r.swapped_ids {
+                println!("ids {one} and {s} swapped in the checkpoint and tokenizer.bin: run.c starts and ends texts at id 1, this model at {s}");
             }
             Ok(())
         }

@@ -227,3 +227,32 @@ fn bad_input_is_one_error_line() {
     assert!(e.contains("no tokenizer.json"), "{e}");
     assert!(stlm(&["export", "llama2c", "--model", p(&model_dir), "--out", p(&bin), "--version", "3"]).status.code() == Some(2));
 }
+
+#[test]
+fn an_stlm_tokenizer_exports_with_its_document_start_at_run_cs_bos() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = common::write_stories(dir.path());
+    let tok = dir.path().join("tokenizer.json");
+    ok(&["tokenizer", "train", "--files", p(&data), "--vocab-size", "300", "--out", p(&tok)]);
+    tch::manual_seed(2);
+    let m = DecoderModel::new(ModelConfig { tie_word_embeddings: false, ..model_config(300) }, Device::Cpu).unwrap();
+    let model_dir = dir.path().join("model");
+    save(&m, &model_dir, Some(&tok));
+    let (bin, tok_bin) = (dir.path().join("m.bin"), dir.path().join("tokenizer.bin"));
+    let r = json(&["export", "llama2c", "--model", p(&model_dir), "--out", p(&bin), "--tokenizer-out", p(&tok_bin), "--json"]);
+    assert_eq!(r["swapped_ids"], serde_json::json!([1, 0]), "<|endoftext|> (0) goes to run.c's BOS (1)");
+    let vocab = Llama2cVocab::read(&tok_bin).unwrap();
+    assert_eq!((vocab.piece(1), vocab.piece(0)), (Some(&b"<|endoftext|>"[..]), Some(&b"<|pad|>"[..])));
+    // Byte-level pieces become the bytes they stand for: a space-prefixed word is " Once"-like.
+    assert!((0..vocab.len() as u32).any(|i| vocab.piece(i).is_some_and(|p| p.starts_with(b" ") && p.len() > 2)));
+    let back = dir.path().join("back");
+    ok(&["import", "llama2c", "--checkpoint", p(&bin), "--out", p(&back)]);
+    let b = stlm_model::load_model(&back, Device::Cpu, stlm_core::DType::Float32).unwrap();
+    let (ours, theirs) = (m.var_store().variables(), b.var_store().variables());
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let (o, t) = (&ours[name], &theirs[name]);
+        assert_eq!(o.get(0), t.get(1), "{name}");
+        assert_eq!(o.get(1), t.get(0), "{name}");
+        assert_eq!(o.narrow(0, 2, 298), t.narrow(0, 2, 298), "{name}");
+    }
+}

@@ -384,6 +384,8 @@ pub struct ExportReport {
     pub bytes: usize,
     /// Version 2: the largest difference between a weight and its int8 value times its scale.
     pub max_quant_error: Option<f64>,
+    /// Token ids exchanged so that the model's document-start token is run.c's id 1.
+    pub swapped_ids: Option<(i64, i64)>,
 }
 
 /// Writes the weights `vars` (stlm / Hugging Face Llama names) of a model with config `c` as a
@@ -441,7 +443,7 @@ pub fn write_checkpoint(c: &ModelConfig, vars: &HashMap<String, Tensor>, format:
         }
     }
     atomic_write_bytes(path, &out)?;
-    Ok(ExportReport { header, bytes: out.len(), max_quant_error: max_err })
+    Ok(ExportReport { header, bytes: out.len(), max_quant_error: max_err, swapped_ids: None })
 }
 
 /// Symmetric int8 quantisation in groups (export.py's `quantize_q80`): per group scale =
@@ -530,12 +532,17 @@ pub fn import(checkpoint: &Path, tokenizer: Option<&Path>, out: &Path) -> Result
 
 /// Writes the Llama model directory `model` as a llama2.c checkpoint at `out`, and when
 /// `tokenizer_out` is given its `tokenizer.json` as a `tokenizer.bin` (padded with unused pieces
-/// up to the model's vocabulary, which run.c reads in full).
+/// up to the model's vocabulary, which run.c reads in full). run.c starts every text with id 1 and
+/// ends it there; a model whose document-start token (its `bos_token_id`, else the tokenizer's
+/// end-of-text token, e.g. stlm's `<|endoftext|>`) is another id has that id and 1 swapped, in the
+/// tokenizer.bin and in the embedding and head rows (reported in `swapped_ids`).
 pub fn export(model: &Path, out: &Path, format: Format, tokenizer_out: Option<&Path>) -> Result<ExportReport> {
     let m = crate::load_model(model, tch::Device::Cpu, stlm_core::DType::Float32)?;
     if let Some(why) = export_mismatch(&m.config) {
         return Err(ModelError::Unsupported { path: model.to_path_buf(), message: format!("not a llama2.c model: {why}") });
     }
+    let mut vars = m.var_store().variables();
+    let mut swapped = None;
     let vocab = match tokenizer_out {
         Some(_) => {
             let path = crate::tokenizer_path(model)
@@ -546,14 +553,28 @@ pub fn export(model: &Path, out: &Path, format: Format, tokenizer_out: Option<&P
             if v.len() > n {
                 return Err(ModelError::config(&path, format!("{} tokens, more than the model's vocab_size {n}", v.len())));
             }
-            Some(v.padded(n).map_err(|e| ModelError::config(&path, e.to_string()))?)
+            let mut v = v.padded(n).map_err(|e| ModelError::config(&path, e.to_string()))?;
+            let start = m.config.bos_token_id.or(tok.eos_id().map(i64::from)).filter(|&s| s != 1 && (s as usize) < n);
+            if let Some(s) = start {
+                v = v.swapped(1, s as u32).map_err(|e| ModelError::config(&path, e.to_string()))?;
+                for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+                    if let Some(w) = vars.get(name) {
+                        let order: Vec<i64> = (0..n as i64).map(|i| if i == 1 { s } else if i == s { 1 } else { i }).collect();
+                        let w = w.index_select(0, &Tensor::from_slice(&order));
+                        vars.insert(name.to_string(), w);
+                    }
+                }
+                swapped = Some((1, s));
+            }
+            Some(v)
         }
         None => None,
     };
-    let report = write_checkpoint(&m.config, &m.var_store().variables(), format, out)?;
+    let mut report = write_checkpoint(&m.config, &vars, format, out)?;
     if let (Some(v), Some(path)) = (vocab, tokenizer_out) {
         v.write(path).map_err(|e| CoreError::Invalid(e.to_string()))?;
     }
+    report.swapped_ids = swapped;
     Ok(report)
 }
 

@@ -118,6 +118,19 @@ impl Llama2cVocab {
         Ok(v)
     }
 
+    /// This vocabulary with the pieces (and scores) of ids `a` and `b` exchanged.
+    pub fn swapped(&self, a: u32, b: u32) -> Result<Self> {
+        let (mut pieces, mut scores) = (self.pieces.clone(), self.scores.clone());
+        if a as usize >= pieces.len() || b as usize >= pieces.len() {
+            return Err(TokenizerError::Invalid(format!("ids {a} and {b}: the vocabulary has {}", pieces.len())));
+        }
+        pieces.swap(a as usize, b as usize);
+        scores.swap(a as usize, b as usize);
+        let mut v = Self::new(pieces, scores)?;
+        v.max_token_length = self.max_token_length;
+        Ok(v)
+    }
+
     /// Number of pieces.
     pub fn len(&self) -> usize {
         self.pieces.len()
