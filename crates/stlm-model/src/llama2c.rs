@@ -173,7 +173,7 @@ impl Header {
     }
 
     /// The header of a model with config `c` in `format` (the model must be llama2.c's shape:
-    /// [`exportable`]).
+    /// [`export_mismatch`] finds nothing).
     pub fn of_config(c: &ModelConfig, format: Format) -> Header {
         Header {
             format,
