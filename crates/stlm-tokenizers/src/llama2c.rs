@@ -220,7 +220,12 @@ impl Llama2cVocab {
             let name = match SPECIALS.get(id) {
                 Some(s) => s.to_string(),
                 None => std::str::from_utf8(p)
-                    .map_err(|_| TokenizerError::Invalid(format!("token {id} ({p:?}) is not UTF-8 text")))?
+                    .map_err(|_| {
+                        TokenizerError::Invalid(format!(
+                            "token {id} (`{}`) is not UTF-8 text, as byte-level BPE pieces are not: convert only sentencepiece-style vocabularies",
+                            String::from_utf8_lossy(p)
+                        ))
+                    })?
                     .replace(' ', "▁"),
             };
             if let Some(first) = vocab.insert(name.clone(), json!(id)) {
@@ -407,6 +412,15 @@ mod tests {
         v.pieces[300] = b" a".to_vec();
         let e = Llama2cVocab::new(v.pieces.clone(), v.scores.clone()).unwrap().to_tokenizer_json().unwrap_err();
         assert!(e.to_string().contains("both `▁a`"), "{e}");
+    }
+
+    #[test]
+    fn pieces_that_are_not_text_are_refused_by_id() {
+        let mut pieces = stories().pieces.clone();
+        pieces[290] = vec![b'a', 0xE2];
+        let v = Llama2cVocab::new(pieces, stories().scores.clone()).unwrap();
+        let e = v.to_tokenizer_json().unwrap_err().to_string();
+        assert!(e.contains("token 290") && e.contains("not UTF-8"), "{e}");
     }
 
     #[test]
