@@ -94,10 +94,8 @@ pub fn export(job: ExportJob) -> Result<()> {
             if let Some(t) = &a.tokenizer_out {
                 output_path(t)?;
             }
-            let config = stlm_model::load_config(&a.model)?;
-            let warnings = llama2c::export_warnings(&config);
             let r = llama2c::export(&a.model, &out, format, a.tokenizer_out.as_deref())?;
-            for w in &warnings {
+            for w in &r.warnings {
                 eprintln!("warning: {w}");
             }
             let group_size = match r.header.format {
@@ -107,7 +105,7 @@ pub fn export(job: ExportJob) -> Result<()> {
             if a.json {
                 return print_json(&json!({
                     "out": out, "bytes": r.bytes, "version": r.header.format.version(), "group_size": group_size,
-                    "max_quant_error": r.max_quant_error, "tokenizer_out": a.tokenizer_out, "warnings": warnings,
+                    "max_quant_error": r.max_quant_error, "tokenizer_out": a.tokenizer_out, "warnings": r.warnings,
                     "swapped_ids": r.swapped_ids,
                     "checkpoint": header_json(&r.header),
                 }));

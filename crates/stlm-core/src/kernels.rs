@@ -90,7 +90,7 @@ impl<'a> Rows<'a> {
         if parts == 1 {
             return self.matvec_add(x, y);
         }
-        // Row blocks in multiples of four (cache-line friendly chunks of y); each worker locks its own.
+        // Row blocks of equal size (rounded to four rows); each worker locks its own.
         let block = self.rows.div_ceil(parts).div_ceil(4) * 4;
         let chunks: Vec<Mutex<&mut [f32]>> = y.chunks_mut(block).map(Mutex::new).collect();
         pool.run(&|i| {
@@ -134,8 +134,8 @@ mod avx2 {
     /// `y[r] += dot(row r, x)` one row at a time with four accumulators over 32 floats, the
     /// tail in scalar code: one sequential stream through the matrix. Decoding reads every
     /// weight once per token, from memory rather than cache; four rows read at a time (this
-    /// kernel's first version) are four short streams that starve the hardware prefetcher and
-    /// decoded a 15M-parameter model at half the speed (docs/results/generation.md).
+    /// kernel's first version) are four short streams that starve the hardware prefetcher: a
+    /// 15M-parameter model decoded at two thirds of this kernel's speed (docs/results/generation.md).
     ///
     /// # Safety
     /// AVX2 and FMA must be available; `w` must point to `y.len()` rows of `x.len()` readable

@@ -190,21 +190,18 @@ impl Header {
 
     /// The header's bytes.
     fn to_bytes(&self) -> Vec<u8> {
-        let vocab = if matches!(self.format, Format::V0) && !self.shared_classifier {
-            -(self.vocab_size as i32)
-        } else {
-            self.vocab_size as i32
+        // Version 0 marks an untied classifier with a negative vocabulary size.
+        let vocab = match self.format {
+            Format::V0 if !self.shared_classifier => -(self.vocab_size as i32),
+            _ => self.vocab_size as i32,
         };
-        let fields = [self.dim, self.hidden_dim, self.n_layers, self.n_heads, self.n_kv_heads, 0, self.seq_len];
+        let fields = [self.dim as i32, self.hidden_dim as i32, self.n_layers as i32, self.n_heads as i32, self.n_kv_heads as i32, vocab, self.seq_len as i32];
         let mut out = Vec::with_capacity(HEADER_BYTES);
         if !matches!(self.format, Format::V0) {
             out.extend(MAGIC.to_le_bytes());
             out.extend((self.format.version() as i32).to_le_bytes());
         }
-        for (i, v) in fields.iter().enumerate() {
-            let v = if i == 5 { vocab } else { *v as i32 };
-            out.extend(v.to_le_bytes());
-        }
+        fields.iter().for_each(|v| out.extend(v.to_le_bytes()));
         if !matches!(self.format, Format::V0) {
             out.push(self.shared_classifier as u8);
             if let Format::V2 { group_size } = self.format {
@@ -386,6 +383,8 @@ pub struct ExportReport {
     pub max_quant_error: Option<f64>,
     /// Token ids exchanged so that the model's document-start token is run.c's id 1.
     pub swapped_ids: Option<(i64, i64)>,
+    /// What run.c will compute differently ([`export_warnings`]).
+    pub warnings: Vec<String>,
 }
 
 /// Writes the weights `vars` (stlm / Hugging Face Llama names) of a model with config `c` as a
@@ -443,7 +442,7 @@ pub fn write_checkpoint(c: &ModelConfig, vars: &HashMap<String, Tensor>, format:
         }
     }
     atomic_write_bytes(path, &out)?;
-    Ok(ExportReport { header, bytes: out.len(), max_quant_error: max_err, swapped_ids: None })
+    Ok(ExportReport { header, bytes: out.len(), max_quant_error: max_err, swapped_ids: None, warnings: export_warnings(c) })
 }
 
 /// Symmetric int8 quantisation in groups (export.py's `quantize_q80`): per group scale =
@@ -557,10 +556,11 @@ pub fn export(model: &Path, out: &Path, format: Format, tokenizer_out: Option<&P
             let start = m.config.bos_token_id.or(tok.eos_id().map(i64::from)).filter(|&s| s != 1 && (s as usize) < n);
             if let Some(s) = start {
                 v = v.swapped(1, s as u32).map_err(|e| ModelError::config(&path, e.to_string()))?;
+                let order: Vec<i64> = (0..n as i64).map(|i| if i == 1 { s } else if i == s { 1 } else { i }).collect();
+                let order = Tensor::from_slice(&order);
                 for name in ["model.embed_tokens.weight", "lm_head.weight"] {
                     if let Some(w) = vars.get(name) {
-                        let order: Vec<i64> = (0..n as i64).map(|i| if i == 1 { s } else if i == s { 1 } else { i }).collect();
-                        let w = w.index_select(0, &Tensor::from_slice(&order));
+                        let w = w.index_select(0, &order);
                         vars.insert(name.to_string(), w);
                     }
                 }
