@@ -15,6 +15,7 @@ mod prune;
 mod sweep;
 mod tokenizer;
 mod train;
+mod weightgen;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -69,6 +70,10 @@ enum Job {
     /// Train variants of a config (a grid of `--set` values and `--data` files) with the same
     /// time budget and compare them in a table and a plot.
     Sweep(Box<sweep::SweepArgs>),
+    /// Weight generation by diffusion: collect training weights of chosen layers, train a VAE and
+    /// a latent diffusion model on them, sample new models, and compare them with honest baselines.
+    #[command(subcommand)]
+    Weightgen(weightgen::WeightgenJob),
 }
 
 /// The error chain of `e` joined by ": ", an option error in its command-line form (the
@@ -108,6 +113,7 @@ fn main() -> ExitCode {
         Job::Prune(a) => prune::run(*a),
         Job::Distill(a) => distill::run(*a),
         Job::Sweep(a) => sweep::sweep(*a),
+        Job::Weightgen(j) => weightgen::run(j),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -129,10 +129,18 @@ impl NoiseSchedule {
     }
 
     /// One deterministic DDIM step (eta = 0) from `x_t` to `x_{t_prev}` (`None`: to x_0).
-    pub fn ddim_step(&self, xt: &Tensor, t: usize, t_prev: Option<usize>, eps: &Tensor) -> Result<Tensor, ScheduleError> {
+    pub fn ddim_step(
+        &self,
+        xt: &Tensor,
+        t: usize,
+        t_prev: Option<usize>,
+        eps: &Tensor,
+    ) -> Result<Tensor, ScheduleError> {
         let x0 = self.predict_x0(xt, t, eps)?;
         let prev = match t_prev {
-            Some(p) if p >= t => return Err(ScheduleError::Invalid(format!("DDIM from step {t} to {p}: must go down"))),
+            Some(p) if p >= t => {
+                return Err(ScheduleError::Invalid(format!("DDIM from step {t} to {p}: must go down")))
+            }
             Some(p) => self.abar[p],
             None => 1.0,
         };
@@ -170,8 +178,17 @@ mod tests {
         }
         assert!(c.beta(99) <= 0.999);
         assert!(NoiseSchedule::new(BetaSchedule::Cosine, 0).is_err());
-        assert!(NoiseSchedule::new(BetaSchedule::Linear { start: 0.5, end: 0.1 }, 10).unwrap_err().to_string().contains("0.5"));
-        assert!(s.q_sample(&Tensor::zeros([2], (Kind::Float, Device::Cpu)), 1000, &Tensor::zeros([2], (Kind::Float, Device::Cpu))).is_err());
+        assert!(NoiseSchedule::new(BetaSchedule::Linear { start: 0.5, end: 0.1 }, 10)
+            .unwrap_err()
+            .to_string()
+            .contains("0.5"));
+        assert!(s
+            .q_sample(
+                &Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+                1000,
+                &Tensor::zeros([2], (Kind::Float, Device::Cpu))
+            )
+            .is_err());
     }
 
     proptest! {
@@ -180,6 +197,7 @@ mod tests {
         /// Every step against the equations in float64, on float32 tensors.
         #[test]
         fn steps_match_float64_equations(seed in 0i64..1000, t in 0usize..50, cosine: bool) {
+        let _rng = crate::rng_lock();
             let s = NoiseSchedule::new(if cosine { BetaSchedule::Cosine } else { BetaSchedule::Linear { start: 1e-4, end: 0.05 } }, 50).unwrap();
             tch::manual_seed(seed);
             let o = (Kind::Float, Device::Cpu);
@@ -209,6 +227,7 @@ mod tests {
     /// and the ancestral sampler's last step lands on x_0 too.
     #[test]
     fn an_oracle_noise_predictor_recovers_x0() {
+        let _rng = crate::rng_lock();
         let s = NoiseSchedule::new(BetaSchedule::Cosine, 40).unwrap();
         tch::manual_seed(3);
         let o = (Kind::Double, Device::Cpu);

@@ -1,0 +1,548 @@
+//! `stlm weightgen collect | train | sample | compare`: weight generation by diffusion (see
+//! docs/stlm-weightgen.md), thin over stlm-weightgen.
+
+use crate::common::{load_tokenizer, print_json, DeviceArgs};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use stlm_core::parse_device;
+use stlm_eval::tasks::{load_docs, Task};
+use stlm_model::{tokenizer_path, AnyModel};
+use stlm_train::run::{prepare, RunConfig, RunInputs};
+use stlm_train::trainer::RunControl;
+use stlm_weightgen::collect::{self, ContinueOptions};
+use stlm_weightgen::compare::{self, best_on_validation, Candidate, EvalSplits, Family, Row};
+use stlm_weightgen::{Collection, DenoiserConfig, GenConfig, LayerSelector, Normalize, Sampler, WeightGen};
+
+#[derive(Subcommand)]
+pub enum WeightgenJob {
+    /// Collect the selected layers' weights of many checkpoints: p-diff's continued training of
+    /// those layers (the rest frozen) from --model, and/or the checkpoints of other runs.
+    Collect(Box<CollectArgs>),
+    /// Train the VAE and the latent diffusion model on a collection (resumable).
+    Train(Box<TrainGenArgs>),
+    /// Sample new weights for the selected layers: complete model directories.
+    Sample(SampleArgs),
+    /// Score the original, the samples and the baselines: selection on validation, report on test.
+    Compare(Box<CompareArgs>),
+}
+
+#[derive(Args)]
+pub struct CollectArgs {
+    /// The trained model directory every generated model starts from (its other weights are kept).
+    #[arg(long)]
+    model: PathBuf,
+    /// Which parameters: comma-separated patterns (`norm`, `last`, name segments such as
+    /// `layers.3.mlp`, `*` for one segment).
+    #[arg(long)]
+    layers: String,
+    /// Output folder (collection.json, weights.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Run directories (every checkpoint) or model directories (fine-tunes, other seeds) of the
+    /// same architecture to add; repeatable.
+    #[arg(long, num_args = 1..)]
+    runs: Vec<PathBuf>,
+    /// p-diff's protocol: train only the selected layers of --model for this many steps (0: none).
+    #[arg(long, default_value_t = 0)]
+    steps: u64,
+    /// With --steps: keep the weights every this many steps.
+    #[arg(long, default_value_t = 1)]
+    every: u64,
+    /// With --steps: constant learning rate (p-diff trains on at a small one).
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// With --steps: the run config whose [train] and [data] tables give batch size, window,
+    /// clipping and how to read the data (e.g. the base run's config.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// With --steps: override a config field, TABLE.FIELD=VALUE; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// With --steps: training text files (default: the built-in stories); repeatable.
+    #[arg(long = "data")]
+    data: Vec<PathBuf>,
+    /// With --steps: seed of the data order (another than the base run's, so the batches differ).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
+pub struct TrainGenArgs {
+    /// A collection folder (`stlm weightgen collect`).
+    #[arg(long)]
+    collection: PathBuf,
+    /// The generator folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the generator in --out (same settings; step counts may grow).
+    #[arg(long)]
+    resume: bool,
+    /// `layer` (each layer by its mean and deviation over the checkpoints, p-diff's) or
+    /// `element` (each value minus its mean over the checkpoints).
+    #[arg(long, default_value = "layer", value_parser = ["layer", "element"])]
+    normalize: String,
+    /// Values per chunk.
+    #[arg(long, default_value_t = 256)]
+    chunk: i64,
+    /// Latent values per chunk.
+    #[arg(long, default_value_t = 64)]
+    latent: i64,
+    /// VAE MLP width.
+    #[arg(long, default_value_t = 512)]
+    vae_hidden: i64,
+    /// VAE steps.
+    #[arg(long, default_value_t = 2000)]
+    vae_steps: u64,
+    /// Chunks per VAE step.
+    #[arg(long, default_value_t = 512)]
+    vae_batch: i64,
+    /// VAE learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    vae_lr: f64,
+    /// Denoiser width.
+    #[arg(long, default_value_t = 128)]
+    hidden: i64,
+    /// Denoiser mixing blocks.
+    #[arg(long, default_value_t = 2)]
+    depth: i64,
+    /// Diffusion steps T.
+    #[arg(long, default_value_t = 1000)]
+    timesteps: usize,
+    /// Noise schedule.
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "linear"])]
+    schedule: String,
+    /// Denoiser training steps.
+    #[arg(long, default_value_t = 2000)]
+    diffusion_steps: u64,
+    /// Checkpoints per denoiser step.
+    #[arg(long, default_value_t = 16)]
+    diffusion_batch: i64,
+    /// Denoiser learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    diffusion_lr: f64,
+    /// Seed of every draw.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Save every this many steps (0: at the end of each stage).
+    #[arg(long, default_value_t = 500)]
+    save_every: u64,
+    /// Print one JSON object with the final losses.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// A generator folder (`stlm weightgen train`).
+    #[arg(long)]
+    generator: PathBuf,
+    /// Number of models to sample.
+    #[arg(long)]
+    n: usize,
+    /// Output folder: one model directory per sample (sample-000, ...).
+    #[arg(long)]
+    out: PathBuf,
+    /// `ddim` (deterministic, --ddim-steps) or `ddpm` (ancestral, all T steps).
+    #[arg(long, default_value = "ddim", value_parser = ["ddim", "ddpm"])]
+    sampler: String,
+    /// DDIM steps.
+    #[arg(long, default_value_t = 100)]
+    ddim_steps: usize,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object (each sample's directory and distance to the training weights).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// The collection the generator learned from (training checkpoints, soup, distances).
+    #[arg(long)]
+    collection: PathBuf,
+    /// The sampled model directories (`stlm weightgen sample --out`).
+    #[arg(long)]
+    samples: PathBuf,
+    /// Evaluation text: its first half of documents is the validation split, the rest the test split.
+    #[arg(long)]
+    data: PathBuf,
+    /// A benchmark task (`stlm eval mc`'s names); its items alternate between validation and test.
+    #[arg(long, requires = "task_data")]
+    task: Option<String>,
+    /// The benchmark's data file.
+    #[arg(long)]
+    task_data: Option<PathBuf>,
+    /// Benchmark items at most (BLiMP: per paradigm).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Noise samples and training checkpoints compared (default: as many as the diffusion samples).
+    #[arg(long)]
+    budget: Option<usize>,
+    /// Seed of the noise baseline.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write every row as CSV here too.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Print one JSON object (every row, each family's choice) instead of the table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn run(job: WeightgenJob) -> Result<()> {
+    match job {
+        WeightgenJob::Collect(a) => collect(*a),
+        WeightgenJob::Train(a) => train(*a),
+        WeightgenJob::Sample(a) => sample(a),
+        WeightgenJob::Compare(a) => compare(*a),
+    }
+}
+
+fn progress() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+fn collect(a: CollectArgs) -> Result<()> {
+    if a.steps == 0 && a.runs.is_empty() {
+        bail!("nothing to collect: pass --steps K (continued training of --model) and/or --runs DIR...");
+    }
+    let selector = LayerSelector::parse(&a.layers)?;
+    let device = parse_device(&a.device.device)?;
+    let base = stlm_model::load_any_model(&a.model, device, stlm_core::DType::Float32)
+        .with_context(|| format!("--model {}", a.model.display()))?;
+    let units = collect::model_units(base.as_lm(), &selector)?;
+    let values: i64 = units.iter().map(|u| u.numel()).sum();
+    eprintln!("selected {} parameters ({values} values) of {}", units.len(), a.model.display());
+    let mut coll = Collection::new(a.model.clone(), a.layers.clone(), units);
+    if !a.runs.is_empty() {
+        collect::from_runs(base.as_lm(), &a.runs, &mut coll, progress())?;
+        eprintln!("{} checkpoints from --runs", coll.len());
+    }
+    drop(base);
+    if a.steps > 0 {
+        let Some(config) = &a.config else {
+            bail!("--steps needs --config: the run config whose [train] table gives batch size and window (e.g. the base run's config.toml)");
+        };
+        let mut run = RunConfig::load(config, &a.set)?;
+        run.train.seed = a.seed;
+        let control = RunControl { progress: progress(), stop: crate::train::ctrl_c()?, ..Default::default() };
+        let inputs = RunInputs {
+            data: a.data.clone(),
+            out: a.out.join("run"),
+            resume: false,
+            init: Some(a.model.clone()),
+            device,
+            control,
+        };
+        let prepared = prepare(run, inputs)?;
+        let t = &prepared.config.train;
+        let opts = ContinueOptions {
+            steps: a.steps,
+            every: a.every,
+            lr: a.lr,
+            grad_clip: t.grad_clip,
+            grad_accum: t.grad_accum,
+            first_batch: 0,
+            adamw: stlm_train::optim::AdamWConfig { weight_decay: 0.0, ..t.adamw() },
+        };
+        let before = coll.len();
+        let losses =
+            collect::continue_training(prepared.model.as_lm(), &prepared.batches, &opts, &mut coll, progress())?;
+        eprintln!(
+            "continued training: {} steps, loss {:.4} -> {:.4}; {} checkpoints kept",
+            losses.len(),
+            losses.first().copied().unwrap_or(f64::NAN),
+            losses.last().copied().unwrap_or(f64::NAN),
+            coll.len() - before
+        );
+    }
+    coll.save(&a.out)?;
+    eprintln!("wrote {} ({} checkpoints)", a.out.display(), coll.len());
+    Ok(())
+}
+
+fn train(a: TrainGenArgs) -> Result<()> {
+    let device = parse_device(&a.device.device)?;
+    let collection =
+        Collection::load(&a.collection).with_context(|| format!("--collection {}", a.collection.display()))?;
+    let config = GenConfig {
+        normalize: a.normalize.parse::<Normalize>()?,
+        chunk: a.chunk,
+        vae_hidden: a.vae_hidden,
+        latent: a.latent,
+        vae_steps: a.vae_steps,
+        vae_batch: a.vae_batch,
+        vae_lr: a.vae_lr,
+        denoiser: DenoiserConfig { hidden: a.hidden, depth: a.depth },
+        timesteps: a.timesteps,
+        schedule: a.schedule.clone(),
+        diffusion_steps: a.diffusion_steps,
+        diffusion_batch: a.diffusion_batch,
+        diffusion_lr: a.diffusion_lr,
+        seed: a.seed,
+        save_every: a.save_every,
+        ..Default::default()
+    };
+    let mut g = stlm_weightgen::gen::open_for_training(&a.out, &collection, &a.collection, config, a.resume, device)?;
+    let l = g.layout();
+    eprintln!(
+        "{} checkpoints x {} chunks of {} values -> latents of {}",
+        collection.len(),
+        l.total(),
+        l.chunk,
+        g.file.config.latent
+    );
+    let stop = crate::train::ctrl_c()?;
+    let finished = g.train(&collection, &a.out, progress(), &|| stop.load(Ordering::SeqCst))?;
+    if !finished {
+        bail!("stopped; {} holds the progress. Continue with the same command plus --resume", a.out.display());
+    }
+    let p = &g.file.progress;
+    if a.json {
+        return print_json(&serde_json::json!({
+            "vae_steps": p.vae_step,
+            "vae_reconstruction": p.vae_reconstruction,
+            "diffusion_steps": p.diffusion_step,
+            "diffusion_loss": p.diffusion_loss,
+            "out": a.out,
+        }));
+    }
+    eprintln!(
+        "VAE reconstruction error {:.5} (normalised units), last denoiser loss {:.4}; wrote {}",
+        p.vae_reconstruction.unwrap_or(f64::NAN),
+        p.diffusion_loss.unwrap_or(f64::NAN),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn sample(a: SampleArgs) -> Result<()> {
+    if a.n == 0 {
+        bail!("--n 0: sample at least one model");
+    }
+    let device = parse_device(&a.device.device)?;
+    let g = WeightGen::load(&a.generator, device).with_context(|| format!("--generator {}", a.generator.display()))?;
+    let base_dir = g.file.manifest.base_model.clone();
+    let base = stlm_model::load_any_model(&base_dir, device, stlm_core::DType::Float32)
+        .with_context(|| format!("the generator's base model {} (from its collection)", base_dir.display()))?;
+    let collection = Collection::load(&g.file.collection).ok();
+    let sampler = match a.sampler.as_str() {
+        "ddpm" => Sampler::Ddpm,
+        _ => Sampler::Ddim(a.ddim_steps),
+    };
+    let samples = g.sample(a.n as i64, sampler, a.seed)?;
+    let tokenizer = tokenizer_path(&base_dir);
+    let units = &g.file.manifest.units;
+    let mut written = Vec::new();
+    for (i, s) in samples.iter().enumerate() {
+        let dir = a.out.join(format!("sample-{i:03}"));
+        collect::set_units(base.as_lm(), units, s)?;
+        base.as_lm().save(&dir, tokenizer.as_deref())?;
+        let nearest = collection.as_ref().map(|c| compare::nearest(c, s));
+        let info = serde_json::json!({
+            "generator": a.generator,
+            "index": i, "seed": a.seed, "sampler": a.sampler,
+            "nearest_checkpoint": nearest.map(|n| n.0), "distance_to_nearest": nearest.map(|n| n.1),
+        });
+        stlm_core::atomic_write_bytes(
+            &dir.join("weightgen_sample.json"),
+            serde_json::to_string_pretty(&info)?.as_bytes(),
+        )?;
+        if !a.json {
+            let d = nearest.map(|(k, d)| format!(", {d:.4} from training checkpoint {k}")).unwrap_or_default();
+            eprintln!("wrote {}{d}", dir.display());
+        }
+        written.push(serde_json::json!({"dir": dir, "nearest_checkpoint": nearest.map(|n| n.0), "distance_to_nearest": nearest.map(|n| n.1)}));
+    }
+    if a.json {
+        print_json(&serde_json::json!({ "samples": written }))?;
+    }
+    Ok(())
+}
+
+/// The selected weights of every `sample-*` model directory under `dir`, in name order.
+fn read_samples(
+    model: &AnyModel,
+    units: &[stlm_weightgen::Unit],
+    dir: &Path,
+) -> Result<Vec<(String, Vec<tch::Tensor>)>> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("--samples {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("sample-"))
+                && p.join("model.safetensors").is_file()
+        })
+        .collect();
+    dirs.sort();
+    if dirs.is_empty() {
+        bail!("--samples {}: no sample-*/model.safetensors (made by `stlm weightgen sample`)", dir.display());
+    }
+    let mut out = Vec::new();
+    for d in dirs {
+        model.as_lm().load_weights(&d.join("model.safetensors")).with_context(|| d.display().to_string())?;
+        let name = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        out.push((name, collect::snapshot(model.as_lm(), units)?));
+    }
+    Ok(out)
+}
+
+fn compare(a: CompareArgs) -> Result<()> {
+    let collection =
+        Collection::load(&a.collection).with_context(|| format!("--collection {}", a.collection.display()))?;
+    let base_dir = collection.manifest.base_model.clone();
+    let model =
+        a.device.load_any(&base_dir).with_context(|| format!("the collection's base model {}", base_dir.display()))?;
+    let AnyModel::Tokens(decoder) = &model else {
+        bail!("{}: a byte-pooled base model; weightgen compare scores token models", base_dir.display());
+    };
+    let tok = load_tokenizer(None, &base_dir)?;
+    let units = collection.manifest.units.clone();
+    let original = collect::snapshot(model.as_lm(), &units)?;
+    let samples = read_samples(&model, &units, &a.samples)?;
+    collect::set_units(model.as_lm(), &units, &original)?;
+    let text = std::fs::read_to_string(&a.data)
+        .with_context(|| format!("--data {}: cannot read as UTF-8 text", a.data.display()))?;
+    let task = match (&a.task, &a.task_data) {
+        (Some(name), Some(path)) => {
+            let task = Task::parse(name)?;
+            Some((
+                task,
+                load_docs(task, path, a.limit.unwrap_or(usize::MAX))
+                    .with_context(|| format!("--task-data {}", path.display()))?,
+            ))
+        }
+        _ => None,
+    };
+    let splits = EvalSplits::new(decoder, &tok, &text, task).with_context(|| format!("--data {}", a.data.display()))?;
+    let budget = a.budget.unwrap_or(samples.len()).max(1);
+
+    let mut candidates = vec![Candidate {
+        label: "original".into(),
+        family: Family::Original,
+        weights: original.iter().map(|t| t.shallow_clone()).collect(),
+    }];
+    let sample_weights: Vec<Vec<tch::Tensor>> =
+        samples.iter().map(|(_, w)| w.iter().map(|t| t.shallow_clone()).collect()).collect();
+    let scale = compare::perturbation_scale(&original, &sample_weights);
+    for (name, w) in samples {
+        candidates.push(Candidate { label: format!("diffusion {name}"), family: Family::Diffusion, weights: w });
+    }
+    for (i, w) in compare::matched_noise(&original, &scale, budget, a.seed).into_iter().enumerate() {
+        candidates.push(Candidate { label: format!("noise {i:03}"), family: Family::Noise, weights: w });
+    }
+    candidates.push(Candidate {
+        label: "uniform soup".into(),
+        family: Family::Soup,
+        weights: compare::soup(&collection),
+    });
+    let k = collection.len();
+    let mut picks: Vec<usize> =
+        (0..budget.min(k)).map(|i| if budget >= k { i } else { i * (k - 1) / (budget - 1).max(1) }).collect();
+    picks.dedup();
+    for i in picks {
+        let step = collection.manifest.checkpoints[i].step.map(|s| format!(" (step {s})")).unwrap_or_default();
+        candidates.push(Candidate {
+            label: format!("checkpoint {i}{step}"),
+            family: Family::Checkpoint,
+            weights: collection.checkpoint(i),
+        });
+    }
+    let mut rows = compare::score_all(&model, &tok, &collection, &original, &candidates, &splits, progress())?;
+    // The training checkpoint nearest to the chosen diffusion sample.
+    if let Some((i, label)) =
+        best_on_validation(&rows, Family::Diffusion).map(|b| (b.nearest_checkpoint, b.label.clone()))
+    {
+        let c = Candidate {
+            label: format!("nearest to {label}: checkpoint {i}"),
+            family: Family::Nearest,
+            weights: collection.checkpoint(i),
+        };
+        rows.extend(compare::score_all(&model, &tok, &collection, &original, &[c], &splits, false)?);
+    }
+    let chosen: Vec<&Row> =
+        [Family::Original, Family::Diffusion, Family::Noise, Family::Soup, Family::Checkpoint, Family::Nearest]
+            .into_iter()
+            .filter_map(|f| best_on_validation(&rows, f))
+            .collect();
+    if let Some(path) = &a.csv {
+        stlm_core::atomic_write_bytes(path, csv(&rows).as_bytes())?;
+    }
+    let spacing = compare::checkpoint_spacing(&collection);
+    if a.json {
+        return print_json(&serde_json::json!({
+            "checkpoints": collection.len(),
+            "checkpoint_spacing": spacing,
+            "budget": budget,
+            "noise_scale": scale,
+            "chosen": chosen,
+            "rows": rows,
+        }));
+    }
+    println!("{}", table(&chosen, splits.task.as_ref().map(|t| t.0.name())));
+    eprintln!(
+        "{} training checkpoints, mean spacing {spacing:.4}; each family's best chosen on validation from {budget} candidates (diffusion: {}); noise scale per layer {:?}",
+        collection.len(),
+        rows.iter().filter(|r| r.family == Family::Diffusion).count(),
+        scale.iter().map(|s| format!("{s:.2e}")).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// The markdown table of each family's choice.
+fn table(rows: &[&Row], task: Option<&str>) -> String {
+    let task = task.unwrap_or("benchmark");
+    let mut s = format!(
+        "| candidate (chosen on validation) | val loss | test loss | test bits/byte | {task} val acc | {task} test acc | distance to nearest training weights | relative to checkpoint spacing | distance to original |\n|---|---|---|---|---|---|---|---|---|\n"
+    );
+    let acc = |v: Option<f64>| v.map(|v| format!("{:.2}", 100.0 * v)).unwrap_or_else(|| "-".into());
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {:.4} | {:.4} | {:.4} | {} | {} | {:.4} | {:.2} | {:.4} |\n",
+            r.label,
+            r.scores.val_loss,
+            r.scores.test_loss,
+            r.scores.test_bits_per_byte,
+            acc(r.scores.val_acc),
+            acc(r.scores.test_acc),
+            r.distance_to_nearest,
+            r.relative_distance,
+            r.distance_to_original
+        ));
+    }
+    s
+}
+
+fn csv(rows: &[Row]) -> String {
+    let mut s = String::from("label,family,val_loss,test_loss,test_bits_per_byte,val_acc,test_acc,distance_to_nearest,relative_distance,distance_to_original,nearest_checkpoint\n");
+    let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+    for r in rows {
+        let family = serde_json::to_value(r.family).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        s.push_str(&format!(
+            "{},{family},{},{},{},{},{},{},{},{},{}\n",
+            r.label.replace(',', ";"),
+            r.scores.val_loss,
+            r.scores.test_loss,
+            r.scores.test_bits_per_byte,
+            opt(r.scores.val_acc),
+            opt(r.scores.test_acc),
+            r.distance_to_nearest,
+            r.relative_distance,
+            r.distance_to_original,
+            r.nearest_checkpoint
+        ));
+    }
+    s
+}

@@ -1,0 +1,180 @@
+//! Which parameters weight generation learns: `--layers 'norm,layers.3.mlp'`.
+//!
+//! A spec is a comma-separated list of patterns; a parameter is selected when any pattern matches
+//! its name (the model's variable name, Hugging Face's: `model.layers.3.mlp.up_proj.weight`):
+//! - `norm`: every normalisation layer (a module whose name ends in `norm`, e.g.
+//!   `input_layernorm`, `post_attention_layernorm`, the final `model.norm`, or GPT-2's `ln_*`);
+//! - `last`: the last block (`layers.{L-1}`);
+//! - anything else: a run of whole dot-separated name segments, e.g. `layers.3.mlp` selects
+//!   `model.layers.3.mlp.gate_proj.weight` but not `model.layers.13.mlp...`; `*` stands for any
+//!   one segment (`layers.*.mlp.down_proj`).
+//!
+//! Every pattern must select something, so a typo is an error, not an empty selection.
+
+use crate::WeightgenError;
+
+/// A parsed `--layers` spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerSelector {
+    spec: String,
+    patterns: Vec<Pattern>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Pattern {
+    Norm,
+    Last,
+    Segments(Vec<String>),
+}
+
+impl LayerSelector {
+    /// Parses `spec`; an empty spec or an empty pattern is an error naming it.
+    pub fn parse(spec: &str) -> Result<Self, WeightgenError> {
+        let mut patterns = Vec::new();
+        for raw in spec.split(',') {
+            let p = raw.trim();
+            if p.is_empty() {
+                return Err(WeightgenError::Input(format!("--layers `{spec}`: an empty pattern (between commas)")));
+            }
+            patterns.push(match p {
+                "norm" => Pattern::Norm,
+                "last" => Pattern::Last,
+                _ => {
+                    let segs: Vec<String> = p.split('.').map(str::to_string).collect();
+                    if segs.iter().any(String::is_empty) {
+                        return Err(WeightgenError::Input(format!("--layers pattern `{p}`: an empty name segment")));
+                    }
+                    Pattern::Segments(segs)
+                }
+            });
+        }
+        Ok(LayerSelector { spec: spec.to_string(), patterns })
+    }
+
+    /// The spec as given.
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+
+    /// The selected names among `names` (a model's parameters, whose blocks number
+    /// `num_layers`), in the order given. Errors when a pattern selects nothing.
+    pub fn select<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+        num_layers: usize,
+    ) -> Result<Vec<String>, WeightgenError> {
+        let names: Vec<&str> = names.into_iter().collect();
+        let mut used = vec![false; self.patterns.len()];
+        let mut out = Vec::new();
+        for name in &names {
+            let mut hit = false;
+            for (i, p) in self.patterns.iter().enumerate() {
+                if p.matches(name, num_layers) {
+                    used[i] = true;
+                    hit = true;
+                }
+            }
+            if hit {
+                out.push(name.to_string());
+            }
+        }
+        if let Some(i) = used.iter().position(|u| !u) {
+            let pattern = self.spec.split(',').nth(i).unwrap_or_default().trim();
+            return Err(WeightgenError::Input(format!(
+                "--layers pattern `{pattern}` selects no parameter of the model (names look like `{}`)",
+                names.iter().find(|n| n.contains("layers.")).or(names.first()).copied().unwrap_or("")
+            )));
+        }
+        Ok(out)
+    }
+}
+
+impl Pattern {
+    fn matches(&self, name: &str, num_layers: usize) -> bool {
+        let segs: Vec<&str> = name.split('.').collect();
+        match self {
+            Pattern::Norm => segs.iter().rev().skip(1).take(1).any(|m| m.ends_with("norm") || m.starts_with("ln_")),
+            Pattern::Last => {
+                num_layers > 0 && contains_run(&segs, &["layers".to_string(), (num_layers - 1).to_string()])
+            }
+            Pattern::Segments(want) => contains_run(&segs, want),
+        }
+    }
+}
+
+/// Whether `want` appears as consecutive whole segments of `segs` (`*` matches any segment).
+fn contains_run(segs: &[&str], want: &[String]) -> bool {
+    want.len() <= segs.len() && segs.windows(want.len()).any(|w| w.iter().zip(want).all(|(s, p)| p == "*" || s == p))
+}
+
+/// The block index of a parameter name (`...layers.{i}...`), if it is inside a block.
+pub fn block_index(name: &str) -> Option<usize> {
+    let segs: Vec<&str> = name.split('.').collect();
+    segs.windows(2).find(|w| w[0] == "layers" || w[0] == "h").and_then(|w| w[1].parse().ok())
+}
+
+/// A parameter's type: its name with the block index replaced by `*`
+/// (`model.layers.*.mlp.up_proj.weight`), shared by the same parameter of every block.
+pub fn layer_type(name: &str) -> String {
+    let segs: Vec<&str> = name.split('.').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segs.len());
+    for (i, s) in segs.iter().enumerate() {
+        let in_block = i > 0 && (segs[i - 1] == "layers" || segs[i - 1] == "h") && s.parse::<usize>().is_ok();
+        out.push(if in_block { "*" } else { s });
+    }
+    out.join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NAMES: [&str; 9] = [
+        "model.embed_tokens.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.11.mlp.up_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.norm.weight",
+    ];
+
+    fn pick(spec: &str) -> Vec<String> {
+        LayerSelector::parse(spec).unwrap().select(NAMES, 12).unwrap()
+    }
+
+    #[test]
+    fn patterns_match_whole_segments() {
+        assert_eq!(
+            pick("norm"),
+            ["model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight", "model.norm.weight"]
+        );
+        assert_eq!(pick("layers.1.mlp"), ["model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]);
+        assert_eq!(pick("layers.*.mlp.up_proj").len(), 3);
+        assert_eq!(pick("last"), ["model.layers.11.mlp.up_proj.weight"]);
+        // A name selected by two patterns appears once, in model order.
+        assert_eq!(pick("layers.1.mlp.down_proj,norm").len(), 4);
+        assert_eq!(
+            pick("norm,layers.1.mlp")[..2],
+            ["model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"]
+        );
+    }
+
+    #[test]
+    fn a_pattern_that_selects_nothing_is_an_error() {
+        let err = LayerSelector::parse("norm,layers.3.mpl").unwrap().select(NAMES, 12).unwrap_err().to_string();
+        assert!(err.contains("layers.3.mpl") && err.contains("model.layers.0"), "{err}");
+        assert!(LayerSelector::parse("norm,,x").unwrap_err().to_string().contains("empty pattern"));
+        assert!(LayerSelector::parse("layers..mlp").is_err());
+    }
+
+    #[test]
+    fn block_index_and_type() {
+        assert_eq!(block_index("model.layers.11.mlp.up_proj.weight"), Some(11));
+        assert_eq!(block_index("model.norm.weight"), None);
+        assert_eq!(layer_type("model.layers.11.mlp.up_proj.weight"), "model.layers.*.mlp.up_proj.weight");
+        assert_eq!(layer_type("transformer.h.2.ln_1.weight"), "transformer.h.*.ln_1.weight");
+    }
+}
