@@ -95,6 +95,16 @@ pub struct TrainGenArgs {
     /// VAE MLP width.
     #[arg(long, default_value_t = 512)]
     vae_hidden: i64,
+    /// p-diff's plain autoencoder: the VAE does not see where a chunk sits (by default its
+    /// encoder and decoder embed each chunk's layer and position).
+    #[arg(long)]
+    vae_no_positions: bool,
+    /// Standard deviation of the noise on the VAE's latents while training (p-diff: 0.1).
+    #[arg(long, default_value_t = 0.1)]
+    latent_noise: f64,
+    /// Standard deviation of the noise on the VAE's normalised inputs while training (p-diff: 0.001).
+    #[arg(long, default_value_t = 0.001)]
+    input_noise: f64,
     /// VAE steps.
     #[arg(long, default_value_t = 2000)]
     vae_steps: u64,
@@ -281,6 +291,9 @@ fn train(a: TrainGenArgs) -> Result<()> {
         normalize: a.normalize.parse::<Normalize>()?,
         chunk: a.chunk,
         vae_hidden: a.vae_hidden,
+        vae_positions: !a.vae_no_positions,
+        latent_noise: a.latent_noise,
+        input_noise: a.input_noise,
         latent: a.latent,
         vae_steps: a.vae_steps,
         vae_batch: a.vae_batch,

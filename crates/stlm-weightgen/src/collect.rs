@@ -6,7 +6,7 @@
 use crate::collection::{CheckpointInfo, Collection, Unit};
 use crate::select::{block_index, LayerSelector};
 use crate::WeightgenError;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
 use stlm_model::LanguageModel;
 use stlm_train::optim::{AdamW, AdamWConfig};
@@ -111,7 +111,7 @@ pub fn from_runs(
         model.load_weights(&file).map_err(|e| WeightgenError::Input(format!("{}: {e}", file.display())))?;
         let units = collection.manifest.units.clone();
         collection.push(CheckpointInfo { source, step }, &snapshot(model, &units)?)?;
-        bar.inc(1);
+        tick(&bar, String::new());
     }
     bar.finish_and_clear();
     Ok(())
@@ -178,8 +178,7 @@ pub fn continue_training(
                 None,
             )?;
             losses.push(out.loss);
-            bar.set_message(format!("loss {:.4}", out.loss));
-            bar.inc(1);
+            tick(&bar, format!("loss {:.4}", out.loss));
             if (step + 1) % opts.every == 0 {
                 let info = CheckpointInfo { source: "continue".into(), step: Some(step + 1) };
                 collection.push(info, &snapshot(model, &units)?)?;
@@ -194,15 +193,27 @@ pub fn continue_training(
     result.map(|()| losses)
 }
 
+/// Advances `bar` by one with `msg`; without a terminal (a hidden bar), prints a plain line at
+/// every tenth of the way instead.
+pub(crate) fn tick(bar: &ProgressBar, msg: String) {
+    bar.inc(1);
+    let (pos, len) = (bar.position(), bar.length().unwrap_or(0));
+    if bar.is_hidden() && len > 0 && (pos == len || pos % (len / 10).max(1) == 0) {
+        eprintln!("{pos}/{len} {} {msg}", bar.prefix());
+    } else {
+        bar.set_message(msg);
+    }
+}
+
 /// A progress bar of `len` items on stderr (hidden without a terminal).
 pub(crate) fn bar(len: u64, progress: bool, what: &str) -> ProgressBar {
-    let bar = if progress { ProgressBar::new(len) } else { ProgressBar::hidden() };
+    let target = if progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+    let bar = ProgressBar::with_draw_target(Some(len), target);
     bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{bar:30}} {{pos}}/{{len}} {what} {{msg}} [{{elapsed_precise}}<{{eta_precise}}]"
-        ))
-        .expect("valid template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {prefix} {msg} [{elapsed_precise}<{eta_precise}]")
+            .expect("valid template"),
     );
+    bar.set_prefix(what.to_string());
     bar
 }
 

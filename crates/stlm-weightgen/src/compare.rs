@@ -4,7 +4,7 @@
 //! each family's best is chosen on validation only, at the same selection budget, and reported on
 //! test, with its distance to the nearest training weights.
 
-use crate::collect::{bar, set_units};
+use crate::collect::{bar, set_units, tick};
 use crate::collection::{Collection, Unit};
 use crate::{Result, WeightgenError};
 use serde::Serialize;
@@ -251,7 +251,6 @@ pub fn score_all(
     let bar = bar(candidates.len() as u64, progress, "candidates scored");
     let mut rows = Vec::with_capacity(candidates.len());
     for c in candidates {
-        bar.set_message(c.label.clone());
         let scores = score(model, tok, &collection.manifest.units, &c.weights, splits)?;
         let (k, d) = nearest(collection, &c.weights);
         let to_orig = (flatten(&c.weights) - &orig).square().sum(Kind::Double).sqrt().double_value(&[]);
@@ -264,7 +263,7 @@ pub fn score_all(
             distance_to_original: to_orig,
             nearest_checkpoint: k,
         });
-        bar.inc(1);
+        tick(&bar, c.label.clone());
     }
     bar.finish_and_clear();
     set_units(model.as_lm(), &collection.manifest.units, original)?;

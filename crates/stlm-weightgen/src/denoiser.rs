@@ -7,6 +7,7 @@
 //! weights, not independent chunks.
 
 use crate::collection::Unit;
+use crate::vae::torch_linear;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -114,16 +115,16 @@ impl Denoiser {
     /// A denoiser for `layout` with latents of `latent` values, its variables under `path`.
     pub fn new(path: &nn::Path, layout: &Layout, latent: i64, cfg: DenoiserConfig) -> Self {
         let h = cfg.hidden;
-        let lin = |name: &str, i, o| nn::linear(path / name, i, o, Default::default());
+        let lin = |name: &str, i, o| torch_linear(&(path / name), i, o);
         let emb = |name: &str, n| nn::embedding(path / name, n, h, Default::default());
         let blocks = (0..cfg.depth)
             .map(|i| {
                 let p = path / "blocks" / i;
                 Block {
                     norm: nn::layer_norm(&p / "norm", vec![h], Default::default()),
-                    fc1: nn::linear(&p / "fc1", 3 * h, 2 * h, Default::default()),
-                    time: nn::linear(&p / "time", h, 2 * h, Default::default()),
-                    fc2: nn::linear(&p / "fc2", 2 * h, h, Default::default()),
+                    fc1: torch_linear(&(&p / "fc1"), 3 * h, 2 * h),
+                    time: torch_linear(&(&p / "time"), h, 2 * h),
+                    fc2: torch_linear(&(&p / "fc2"), 2 * h, h),
                 }
             })
             .collect();

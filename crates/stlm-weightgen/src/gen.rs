@@ -11,7 +11,7 @@
 //! Every training step reseeds the RNG from (seed, stage, step), so a resumed run draws the same
 //! batches, noise and diffusion steps as an uninterrupted one and ends with the same weights.
 
-use crate::collect::bar;
+use crate::collect::{bar, tick};
 use crate::collection::{Collection, Manifest};
 use crate::denoiser::{Denoiser, DenoiserConfig, Layout};
 use crate::schedule::{BetaSchedule, NoiseSchedule};
@@ -65,6 +65,10 @@ pub struct GenConfig {
     pub latent_noise: f64,
     /// Weight of the VAE's KL term.
     pub kl_weight: f64,
+    /// The VAE's encoder and decoder see a learned embedding of each chunk's position (which
+    /// layer, which part of it); without it (p-diff's plain autoencoder) every chunk is encoded
+    /// alone.
+    pub vae_positions: bool,
     /// VAE training steps.
     pub vae_steps: u64,
     /// Chunks per VAE step.
@@ -100,6 +104,7 @@ impl Default for GenConfig {
             input_noise: v.input_noise,
             latent_noise: v.latent_noise,
             kl_weight: v.kl_weight,
+            vae_positions: true,
             vae_steps: 2000,
             vae_batch: 512,
             vae_lr: 1e-3,
@@ -143,7 +148,7 @@ impl GenConfig {
         Ok(())
     }
 
-    fn vae(&self) -> VaeConfig {
+    fn vae(&self, positions: i64) -> VaeConfig {
         VaeConfig {
             chunk: self.chunk,
             hidden: self.vae_hidden,
@@ -151,6 +156,7 @@ impl GenConfig {
             input_noise: self.input_noise,
             latent_noise: self.latent_noise,
             kl_weight: self.kl_weight,
+            positions: if self.vae_positions { positions } else { 0 },
         }
     }
 
@@ -252,7 +258,7 @@ impl WeightGen {
         let schedule = c.beta_schedule()?;
         tch::manual_seed(c.seed as i64);
         let vae_vs = nn::VarStore::new(device);
-        let vae = ParamVae::new(&vae_vs.root(), c.vae());
+        let vae = ParamVae::new(&vae_vs.root(), c.vae(layout.total()));
         let den_vs = nn::VarStore::new(device);
         let den = Denoiser::new(&den_vs.root(), &layout, c.latent, c.denoiser);
         Ok(WeightGen { file, layout, schedule, norm_mean, norm_std, vae_vs, vae, den_vs, den })
@@ -406,13 +412,12 @@ impl WeightGen {
                 let step = self.file.progress.vae_step;
                 reseed(c.seed, 1, step);
                 let idx = Tensor::randint(k * n, [c.vae_batch.min(k * n)], (Kind::Int64, device));
-                let (loss, l) = self.vae.loss(&flat.index_select(0, &idx));
+                let (loss, l) = self.vae.loss(&flat.index_select(0, &idx), Some(&idx.remainder(n)));
                 loss.backward();
                 opt.step(cosine_lr(c.vae_lr, step, c.vae_steps));
                 opt.zero_grad();
                 self.file.progress.vae_step += 1;
-                bar.inc(1);
-                bar.set_message(format!("reconstruction {:.5} KL {:.3}", l.reconstruction, l.kl));
+                tick(&bar, format!("reconstruction {:.5} KL {:.3}", l.reconstruction, l.kl));
                 let done = self.file.progress.vae_step == c.vae_steps;
                 if done {
                     self.file.progress.vae_reconstruction = Some(self.reconstruction_error(&flat));
@@ -460,8 +465,7 @@ impl WeightGen {
                 let value = loss.double_value(&[]);
                 self.file.progress.diffusion_step += 1;
                 self.file.progress.diffusion_loss = Some(value);
-                bar.inc(1);
-                bar.set_message(format!("loss {value:.4}"));
+                tick(&bar, format!("loss {value:.4}"));
                 let done = self.file.progress.diffusion_step == c.diffusion_steps;
                 let stopping = !done && stop();
                 if done || stopping || (c.save_every > 0 && self.file.progress.diffusion_step % c.save_every == 0) {
@@ -487,16 +491,25 @@ impl WeightGen {
         Ok(())
     }
 
+    /// The position in the checkpoint of each of `rows` consecutive chunks `[rows]` (int64).
+    fn positions(&self, rows: i64) -> Tensor {
+        Tensor::arange(rows, (Kind::Int64, self.vae_vs.device())).remainder(self.layout.total())
+    }
+
     /// Mean squared error (normalised units) of encoding and decoding `flat` chunks, no noise.
     fn reconstruction_error(&self, flat: &Tensor) -> f64 {
         let _guard = tch::no_grad_guard();
-        (self.vae.decode(&self.vae.encode(flat)) - flat).square().mean(Kind::Float).double_value(&[])
+        let pos = self.positions(flat.size()[0]);
+        (self.vae.decode(&self.vae.encode(flat, Some(&pos)), Some(&pos)) - flat)
+            .square()
+            .mean(Kind::Float)
+            .double_value(&[])
     }
 
     /// The VAE's latent means of every chunk: `[K, N, latent]`.
     fn latents(&self, flat: &Tensor, k: i64, n: i64) -> Tensor {
         let _guard = tch::no_grad_guard();
-        self.vae.encode(flat).view([k, n, self.file.config.latent])
+        self.vae.encode(flat, Some(&self.positions(k * n))).view([k, n, self.file.config.latent])
     }
 
     /// Encodes and decodes checkpoint chunks `[K, N, chunk]` (no noise): the VAE's reconstruction.
@@ -504,7 +517,8 @@ impl WeightGen {
         let _guard = tch::no_grad_guard();
         let s = chunks.size();
         let flat = chunks.to_device(self.vae_vs.device()).view([-1, s[2]]);
-        self.vae.decode(&self.vae.encode(&flat)).view(s.as_slice())
+        let pos = self.positions(flat.size()[0]);
+        self.vae.decode(&self.vae.encode(&flat, Some(&pos)), Some(&pos)).view(s.as_slice())
     }
 
     /// `n` new sets of weights (per sample, per unit) drawn with `sampler` from `seed`.
@@ -549,7 +563,11 @@ impl WeightGen {
             };
         }
         let latents = (x * std + mean).view([-1, self.file.config.latent]);
-        let chunks = self.vae.decode(&latents).view([n, self.layout.total(), self.file.config.chunk]);
+        let chunks = self.vae.decode(&latents, Some(&self.positions(n * self.layout.total()))).view([
+            n,
+            self.layout.total(),
+            self.file.config.chunk,
+        ]);
         Ok(self.unchunk(&chunks))
     }
 }
