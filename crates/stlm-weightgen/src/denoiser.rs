@@ -6,6 +6,9 @@
 //! mean over the whole checkpoint (cost linear in N), so a sample is one coherent set of
 //! weights, not independent chunks.
 
+// tch's `+=` and `*=` on tensors are in-place, which autograd refuses on saved activations.
+#![allow(clippy::assign_op_pattern)]
+
 use crate::collection::Unit;
 use crate::vae::torch_linear;
 use tch::nn::{self, Module};

@@ -423,7 +423,7 @@ impl WeightGen {
                     self.file.progress.vae_reconstruction = Some(self.reconstruction_error(&flat));
                 }
                 let stopping = !done && stop();
-                if done || stopping || (c.save_every > 0 && self.file.progress.vae_step % c.save_every == 0) {
+                if done || stopping || (c.save_every > 0 && self.file.progress.vae_step.is_multiple_of(c.save_every)) {
                     self.save(dir, Some(&opt))?;
                 }
                 if stopping {
@@ -468,7 +468,7 @@ impl WeightGen {
                 tick(&bar, format!("loss {value:.4}"));
                 let done = self.file.progress.diffusion_step == c.diffusion_steps;
                 let stopping = !done && stop();
-                if done || stopping || (c.save_every > 0 && self.file.progress.diffusion_step % c.save_every == 0) {
+                if done || stopping || (c.save_every > 0 && self.file.progress.diffusion_step.is_multiple_of(c.save_every)) {
                     self.save(dir, (!done).then_some(&opt))?;
                 }
                 if stopping {

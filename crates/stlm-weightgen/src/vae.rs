@@ -4,6 +4,9 @@
 //! `latent` values. Training adds Gaussian noise to the inputs and to the latents, as p-diff does,
 //! so that the decoder is robust to the latents a diffusion model samples.
 
+// tch's `+=` and `*=` on tensors are in-place, which autograd refuses on saved activations.
+#![allow(clippy::assign_op_pattern)]
+
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Kind, Tensor};
 
