@@ -48,13 +48,6 @@ pub fn load_tokenizer(explicit: Option<&Path>, model_dir: &Path) -> Result<Token
     Ok(Tokenizer::from_file(&path)?)
 }
 
-/// The ids of `text` for perplexity, after the model's BOS (or the tokenizer's end-of-text) token
-/// so that the text's first token is scored too.
-pub fn scored_ids(model: &DecoderModel, tok: &Tokenizer, text: &str) -> Result<Vec<i64>> {
-    let start = model.config.bos_token_id.or(tok.eos_id().map(i64::from)).filter(|&id| id < model.config.vocab_size);
-    Ok(start.into_iter().chain(tok.encode(text, false)?.into_iter().map(i64::from)).collect())
-}
-
 /// Parses `1,2,3` into token ids.
 pub fn parse_ids(s: &str) -> Result<Vec<i64>> {
     let ids: Vec<i64> = s

@@ -419,7 +419,7 @@ fn ppl(dir: &Path, data: &Path, shape: (Option<i64>, Option<i64>, Option<i64>), 
     if let Some(k) = repeats {
         model.set_repeats(k).with_context(|| format!("--repeats {k}"))?;
     }
-    let ids = crate::common::scored_ids(&model, &tok, &text)?;
+    let ids = stlm_eval::scored_ids(&model, &tok, &text)?;
     let max_length = max_length.unwrap_or(model.config.max_position_embeddings.min(1024));
     if max_length > model.config.max_position_embeddings {
         bail!(

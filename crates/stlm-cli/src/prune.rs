@@ -310,7 +310,7 @@ struct ValText {
 impl ValText {
     fn load(path: &Path, model: &DecoderModel, tok: &Tokenizer, len: i64) -> Result<Self> {
         let text = read_text(path)?;
-        let ids = crate::common::scored_ids(model, tok, &text)?;
+        let ids = stlm_eval::scored_ids(model, tok, &text)?;
         let max_length = len.min(model.config.max_position_embeddings);
         Ok(ValText { ids, bytes: text.len() as u64, window: WindowOptions { max_length, stride: max_length } })
     }

@@ -13,7 +13,7 @@ use stlm_model::{tokenizer_path, AnyModel};
 use stlm_train::run::{prepare, RunConfig, RunInputs};
 use stlm_train::trainer::RunControl;
 use stlm_weightgen::collect::{self, ContinueOptions};
-use stlm_weightgen::compare::{self, best_on_validation, Candidate, EvalSplits, Family, Row};
+use stlm_weightgen::compare::{self, best_on_validation, Candidate, EvalSplits, Family, Row, SelectBy};
 use stlm_weightgen::{Collection, DenoiserConfig, GenConfig, LayerSelector, Normalize, Sampler, WeightGen};
 
 #[derive(Subcommand)]
@@ -195,6 +195,10 @@ pub struct CompareArgs {
     /// Benchmark items at most (BLiMP: per paradigm).
     #[arg(long)]
     limit: Option<usize>,
+    /// What each family's best is chosen by on the validation split: `loss`, or `benchmark`
+    /// (accuracy on the validation items of --task; ties go to the lower loss).
+    #[arg(long, default_value = "loss", value_parser = ["loss", "benchmark"])]
+    select_by: String,
     /// Noise samples and training checkpoints compared (default: as many as the diffusion samples).
     #[arg(long)]
     budget: Option<usize>,
@@ -350,7 +354,14 @@ fn sample(a: SampleArgs) -> Result<()> {
     let base_dir = g.file.manifest.base_model.clone();
     let base = stlm_model::load_any_model(&base_dir, device, stlm_core::DType::Float32)
         .with_context(|| format!("the generator's base model {} (from its collection)", base_dir.display()))?;
-    let collection = Collection::load(&g.file.collection).ok();
+    // Distances to the training weights need the collection; without it the samples are still written.
+    let neighbours = match Collection::load(&g.file.collection) {
+        Ok(c) => Some(compare::Neighbours::new(&c)),
+        Err(e) => {
+            eprintln!("warning: no distances to the training weights: the generator's collection: {e}");
+            None
+        }
+    };
     let sampler = match a.sampler.as_str() {
         "ddpm" => Sampler::Ddpm,
         _ => Sampler::Ddim(a.ddim_steps),
@@ -363,7 +374,7 @@ fn sample(a: SampleArgs) -> Result<()> {
         let dir = a.out.join(format!("sample-{i:03}"));
         collect::set_units(base.as_lm(), units, s)?;
         base.as_lm().save(&dir, tokenizer.as_deref())?;
-        let nearest = collection.as_ref().map(|c| compare::nearest(c, s));
+        let nearest = neighbours.as_ref().map(|n| n.nearest(s));
         let info = serde_json::json!({
             "generator": a.generator,
             "index": i, "seed": a.seed, "sampler": a.sampler,
@@ -441,6 +452,13 @@ fn compare(a: CompareArgs) -> Result<()> {
     };
     let splits = EvalSplits::new(decoder, &tok, &text, task).with_context(|| format!("--data {}", a.data.display()))?;
     let budget = a.budget.unwrap_or(samples.len()).max(1);
+    let select_by = match a.select_by.as_str() {
+        "benchmark" if a.task.is_none() => bail!("--select-by benchmark needs --task and --task-data"),
+        "benchmark" => SelectBy::Benchmark,
+        _ => SelectBy::Loss,
+    };
+    let neighbours = compare::Neighbours::new(&collection);
+    let base = compare::Base { model: &model, tok: &tok, units: &units, original: &original };
 
     let mut candidates = vec![Candidate {
         label: "original".into(),
@@ -473,32 +491,33 @@ fn compare(a: CompareArgs) -> Result<()> {
             weights: collection.checkpoint(i),
         });
     }
-    let mut rows = compare::score_all(&model, &tok, &collection, &original, &candidates, &splits, progress())?;
+    let mut rows = compare::score_all(&base, &neighbours, &candidates, &splits, progress())?;
     // The training checkpoint nearest to the chosen diffusion sample.
     if let Some((i, label)) =
-        best_on_validation(&rows, Family::Diffusion).map(|b| (b.nearest_checkpoint, b.label.clone()))
+        best_on_validation(&rows, Family::Diffusion, select_by).map(|b| (b.nearest_checkpoint, b.label.clone()))
     {
         let c = Candidate {
             label: format!("nearest to {label}: checkpoint {i}"),
             family: Family::Nearest,
             weights: collection.checkpoint(i),
         };
-        rows.extend(compare::score_all(&model, &tok, &collection, &original, &[c], &splits, false)?);
+        rows.extend(compare::score_all(&base, &neighbours, &[c], &splits, false)?);
     }
     let chosen: Vec<&Row> =
         [Family::Original, Family::Diffusion, Family::Noise, Family::Soup, Family::Checkpoint, Family::Nearest]
             .into_iter()
-            .filter_map(|f| best_on_validation(&rows, f))
+            .filter_map(|f| best_on_validation(&rows, f, select_by))
             .collect();
     if let Some(path) = &a.csv {
         stlm_core::atomic_write_bytes(path, csv(&rows).as_bytes())?;
     }
-    let spacing = compare::checkpoint_spacing(&collection);
+    let spacing = neighbours.spacing();
     if a.json {
         return print_json(&serde_json::json!({
             "checkpoints": collection.len(),
             "checkpoint_spacing": spacing,
             "budget": budget,
+            "select_by": a.select_by,
             "noise_scale": scale,
             "chosen": chosen,
             "rows": rows,

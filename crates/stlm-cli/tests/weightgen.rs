@@ -175,6 +175,23 @@ fn collects_trains_samples_and_compares() {
     let table = ok(&["weightgen", "compare", "--collection", p(&coll), "--samples", p(&samples), "--data", p(&data)]);
     assert!(table.contains("| uniform soup |") && table.contains("distance to nearest training weights"), "{table}");
 
+    // Selection by benchmark accuracy on the validation items (a four-pair BLiMP file).
+    let blimp = root.join("blimp.jsonl");
+    let pairs = [("the dog runs.", "the dog run."), ("a fox is red.", "a fox are red."), ("tom sees it.", "tom see it."), ("they go home.", "they goes home.")];
+    let lines: Vec<String> = pairs.iter().map(|(g, b)| serde_json::json!({"sentence_good": g, "sentence_bad": b}).to_string()).collect();
+    std::fs::write(&blimp, lines.join("\n")).unwrap();
+    let r = json(&[
+        "weightgen", "compare", "--collection", p(&coll), "--samples", p(&samples), "--data", p(&data), "--task", "blimp",
+        "--task-data", p(&blimp), "--select-by", "benchmark", "--json",
+    ]);
+    assert_eq!(r["select_by"], "benchmark");
+    let rows = r["rows"].as_array().unwrap();
+    let best_acc = rows.iter().filter(|x| x["family"] == "diffusion").map(|x| x["scores"]["val_acc"].as_f64().unwrap()).fold(f64::MIN, f64::max);
+    let chosen = r["chosen"].as_array().unwrap().iter().find(|c| c["family"] == "diffusion").unwrap();
+    assert_eq!(chosen["scores"]["val_acc"].as_f64().unwrap(), best_acc, "{r}");
+    let err = fails(&["weightgen", "compare", "--collection", p(&coll), "--samples", p(&samples), "--data", p(&data), "--select-by", "benchmark"]);
+    assert!(err.contains("--select-by benchmark needs --task"), "{err}");
+
     // Bad input: one line naming the value.
     let err = fails(&[
         "weightgen",

@@ -79,6 +79,14 @@ pub struct PplReport {
     pub tokens_per_s: Option<f64>,
 }
 
+/// The ids of `text` for [`perplexity`], after the model's BOS (or the tokenizer's end-of-text)
+/// token so that the text's first token is scored too.
+pub fn scored_ids(model: &DecoderModel, tok: &stlm_tokenizers::Tokenizer, text: &str) -> Result<Vec<i64>> {
+    let start = model.config.bos_token_id.or(tok.eos_id().map(i64::from)).filter(|&id| id < model.config.vocab_size);
+    let ids = tok.encode(text, false).map_err(|e| EvalError::Input(e.to_string()))?;
+    Ok(start.into_iter().chain(ids.into_iter().map(i64::from)).collect())
+}
+
 /// Scores every token of `ids` after the first (so put a BOS/EOS token first to score the whole
 /// text); `bytes` is the UTF-8 length of the text the ids encode.
 pub fn perplexity(

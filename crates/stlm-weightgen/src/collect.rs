@@ -60,7 +60,8 @@ pub fn set_units(model: &dyn LanguageModel, units: &[Unit], tensors: &[Tensor]) 
 }
 
 /// The weight files a `--runs` entry stands for, with their steps: every checkpoint of a run
-/// directory (`checkpoints/step-*/model.safetensors`, oldest first) plus its final `model/`, or a
+/// directory (`checkpoints/step-*/model.safetensors`, oldest first; its final `model/` only when
+/// it kept no checkpoint, since the last checkpoint holds the same weights), or a
 /// model directory's `model.safetensors`.
 pub fn weight_files(path: &Path) -> Result<Vec<(Option<u64>, PathBuf)>, WeightgenError> {
     let file = stlm_model::io::WEIGHTS_FILE;
@@ -107,14 +108,15 @@ pub fn from_runs(
         files.extend(weight_files(p)?.into_iter().map(|(step, f)| (p.display().to_string(), step, f)));
     }
     let bar = bar(files.len() as u64, progress, "checkpoints read");
+    let units = collection.manifest.units.clone();
+    let mut read = Vec::with_capacity(files.len());
     for (source, step, file) in files {
         model.load_weights(&file).map_err(|e| WeightgenError::Input(format!("{}: {e}", file.display())))?;
-        let units = collection.manifest.units.clone();
-        collection.push(CheckpointInfo { source, step }, &snapshot(model, &units)?)?;
+        read.push((CheckpointInfo { source, step }, snapshot(model, &units)?));
         tick(&bar, String::new());
     }
     bar.finish_and_clear();
-    Ok(())
+    collection.extend(read)
 }
 
 /// p-diff's continued training.
@@ -165,6 +167,7 @@ pub fn continue_training(
     let mut opt = AdamW::new(chosen, opts.adamw);
     let bar = bar(opts.steps, progress, "steps (selected layers only)");
     let mut losses = Vec::with_capacity(opts.steps as usize);
+    let mut kept = Vec::new();
     let result = (|| -> Result<(), WeightgenError> {
         for step in 0..opts.steps {
             let out = train_step(
@@ -179,9 +182,9 @@ pub fn continue_training(
             )?;
             losses.push(out.loss);
             tick(&bar, format!("loss {:.4}", out.loss));
-            if (step + 1) % opts.every == 0 {
+            if (step + 1).is_multiple_of(opts.every) {
                 let info = CheckpointInfo { source: "continue".into(), step: Some(step + 1) };
-                collection.push(info, &snapshot(model, &units)?)?;
+                kept.push((info, snapshot(model, &units)?));
             }
         }
         Ok(())
@@ -190,7 +193,9 @@ pub fn continue_training(
         let _ = t.set_requires_grad(true);
     }
     bar.finish_and_clear();
-    result.map(|()| losses)
+    result?;
+    collection.extend(kept)?;
+    Ok(losses)
 }
 
 /// Advances `bar` by one with `msg`; without a terminal (a hidden bar), prints a plain line at

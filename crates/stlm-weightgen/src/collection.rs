@@ -93,29 +93,46 @@ impl Collection {
 
     /// Appends one checkpoint: `tensors` in unit order, of the units' shapes.
     pub fn push(&mut self, info: CheckpointInfo, tensors: &[Tensor]) -> Result<(), WeightgenError> {
-        if tensors.len() != self.manifest.units.len() {
-            return Err(WeightgenError::Input(format!(
-                "a checkpoint of {} tensors for {} units",
-                tensors.len(),
-                self.manifest.units.len()
-            )));
-        }
-        for (u, t) in self.manifest.units.iter().zip(tensors) {
-            if t.size() != u.shape {
+        self.extend(vec![(info, tensors.iter().map(Tensor::shallow_clone).collect())])
+    }
+
+    /// Appends checkpoints (each: its source and its tensors in unit order), checked first, then
+    /// copied in with one concatenation per unit (appending one at a time would copy the whole
+    /// collection for every checkpoint).
+    pub fn extend(&mut self, items: Vec<(CheckpointInfo, Vec<Tensor>)>) -> Result<(), WeightgenError> {
+        let units = &self.manifest.units;
+        for (info, tensors) in &items {
+            if tensors.len() != units.len() {
                 return Err(WeightgenError::Input(format!(
-                    "{}: `{}` has shape {:?}, the collection's is {:?}",
+                    "{}: a checkpoint of {} tensors for {} units",
                     info.source,
-                    u.name,
-                    t.size(),
-                    u.shape
+                    tensors.len(),
+                    units.len()
                 )));
             }
+            for (u, t) in units.iter().zip(tensors) {
+                if t.size() != u.shape {
+                    return Err(WeightgenError::Input(format!(
+                        "{}: `{}` has shape {:?}, the collection's is {:?}",
+                        info.source,
+                        u.name,
+                        t.size(),
+                        u.shape
+                    )));
+                }
+            }
         }
-        for (w, t) in self.weights.iter_mut().zip(tensors) {
-            let row = t.detach().to_device(tch::Device::Cpu).to_kind(Kind::Float).reshape([1, -1]);
-            *w = Tensor::cat(&[w.shallow_clone(), row], 0);
+        if items.is_empty() {
+            return Ok(());
         }
-        self.manifest.checkpoints.push(info);
+        for (i, w) in self.weights.iter_mut().enumerate() {
+            let rows: Vec<Tensor> = items
+                .iter()
+                .map(|(_, ts)| ts[i].detach().to_device(tch::Device::Cpu).to_kind(Kind::Float).reshape([-1]))
+                .collect();
+            *w = Tensor::cat(&[w.shallow_clone(), Tensor::stack(&rows, 0)], 0);
+        }
+        self.manifest.checkpoints.extend(items.into_iter().map(|(info, _)| info));
         Ok(())
     }
 

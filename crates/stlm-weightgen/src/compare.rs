@@ -80,19 +80,42 @@ pub fn flatten(weights: &[Tensor]) -> Tensor {
     )
 }
 
-/// The training checkpoint nearest to `weights` (L2 over every selected value): its index and
-/// the distance.
-pub fn nearest(collection: &Collection, weights: &[Tensor]) -> (usize, f64) {
-    let x = flatten(weights);
-    let d = (collection.matrix() - x.unsqueeze(0)).square().sum_dim_intlist(1, false, Kind::Double).sqrt();
-    let i = d.argmin(0, false).int64_value(&[]) as usize;
-    (i, d.double_value(&[i as i64]))
+/// The training checkpoints as one matrix, built once, for distances: the nearest checkpoint to
+/// a set of weights, and the checkpoints' own spacing.
+pub struct Neighbours {
+    /// `[K, D]`: every checkpoint's selected values.
+    matrix: Tensor,
+    /// Mean distance from each checkpoint to its nearest other one (0 for a collection of one).
+    spacing: f64,
 }
 
-/// Mean distance from each training checkpoint to its nearest other one: the scale against which
-/// "close to the training weights" is judged (0 for a collection of one).
-pub fn checkpoint_spacing(collection: &Collection) -> f64 {
-    let m = collection.matrix().to_kind(Kind::Double);
+impl Neighbours {
+    /// The checkpoints of `collection`.
+    pub fn new(collection: &Collection) -> Self {
+        let matrix = collection.matrix();
+        let spacing = spacing(&matrix);
+        Neighbours { matrix, spacing }
+    }
+
+    /// The training checkpoint nearest to `weights` (L2 over every selected value): its index and
+    /// the distance.
+    pub fn nearest(&self, weights: &[Tensor]) -> (usize, f64) {
+        let x = flatten(weights);
+        let d = (&self.matrix - x.unsqueeze(0)).square().sum_dim_intlist(1, false, Kind::Double).sqrt();
+        let i = d.argmin(0, false).int64_value(&[]) as usize;
+        (i, d.double_value(&[i as i64]))
+    }
+
+    /// Mean distance from each training checkpoint to its nearest other one: the scale against
+    /// which "close to the training weights" is judged.
+    pub fn spacing(&self) -> f64 {
+        self.spacing
+    }
+}
+
+/// Mean nearest-neighbour distance between the rows of `matrix` `[K, D]`.
+fn spacing(matrix: &Tensor) -> f64 {
+    let m = matrix.to_kind(Kind::Double);
     let k = m.size()[0];
     if k < 2 {
         return 0.0;
@@ -138,12 +161,7 @@ impl EvalSplits {
         let half = docs.len() / 2;
         let ids = |part: &[&str]| -> Result<(Vec<i64>, u64)> {
             let joined = part.join("\n\n");
-            let start =
-                model.config.bos_token_id.or(tok.eos_id().map(i64::from)).filter(|&id| id < model.config.vocab_size);
-            let ids = tok
-                .encode(&joined, false)
-                .map_err(|e| WeightgenError::Input(format!("tokenizing the evaluation text: {e}")))?;
-            Ok((start.into_iter().chain(ids.into_iter().map(i64::from)).collect(), joined.len() as u64))
+            Ok((stlm_eval::scored_ids(model, tok, &joined)?, joined.len() as u64))
         };
         let max_length = model.config.max_position_embeddings.min(1024);
         let task = match task {
@@ -191,14 +209,22 @@ pub struct Scores {
     pub test_acc: Option<f64>,
 }
 
-/// Scores `weights` (written into the base `model`'s selected `units`) on `splits`.
-pub fn score(
-    model: &AnyModel,
-    tok: &Tokenizer,
-    units: &[Unit],
-    weights: &[Tensor],
-    splits: &EvalSplits,
-) -> Result<Scores> {
+/// The base model every candidate is scored in: its tokenizer, the selected units and their
+/// original values.
+pub struct Base<'a> {
+    /// The loaded base model (its selected units are overwritten while scoring).
+    pub model: &'a AnyModel,
+    /// Its tokenizer.
+    pub tok: &'a Tokenizer,
+    /// The selected parameters.
+    pub units: &'a [Unit],
+    /// Their original values, in unit order.
+    pub original: &'a [Tensor],
+}
+
+/// Scores `weights` (written into the base model's selected units) on `splits`.
+pub fn score(base: &Base, weights: &[Tensor], splits: &EvalSplits) -> Result<Scores> {
+    let (model, tok, units) = (base.model, base.tok, base.units);
     let AnyModel::Tokens(m) = model else {
         return Err(WeightgenError::Input(
             "weight generation compares token models (a byte-pooled base model is not supported)".into(),
@@ -236,23 +262,22 @@ pub struct Row {
     pub nearest_checkpoint: usize,
 }
 
-/// Scores every candidate (progress on stderr) and returns the rows in the given order.
+/// Scores every candidate in `base` (progress on stderr) and returns the rows in the given order;
+/// the base model holds its original values again afterwards.
 pub fn score_all(
-    model: &AnyModel,
-    tok: &Tokenizer,
-    collection: &Collection,
-    original: &[Tensor],
+    base: &Base,
+    neighbours: &Neighbours,
     candidates: &[Candidate],
     splits: &EvalSplits,
     progress: bool,
 ) -> Result<Vec<Row>> {
-    let spacing = checkpoint_spacing(collection);
-    let orig = flatten(original);
+    let spacing = neighbours.spacing();
+    let orig = flatten(base.original);
     let bar = bar(candidates.len() as u64, progress, "candidates scored");
     let mut rows = Vec::with_capacity(candidates.len());
     for c in candidates {
-        let scores = score(model, tok, &collection.manifest.units, &c.weights, splits)?;
-        let (k, d) = nearest(collection, &c.weights);
+        let scores = score(base, &c.weights, splits)?;
+        let (k, d) = neighbours.nearest(&c.weights);
         let to_orig = (flatten(&c.weights) - &orig).square().sum(Kind::Double).sqrt().double_value(&[]);
         rows.push(Row {
             label: c.label.clone(),
@@ -266,13 +291,29 @@ pub fn score_all(
         tick(&bar, c.label.clone());
     }
     bar.finish_and_clear();
-    set_units(model.as_lm(), &collection.manifest.units, original)?;
+    set_units(base.model.as_lm(), base.units, base.original)?;
     Ok(rows)
 }
 
-/// The row of `family` with the lowest validation loss (ties: the first).
-pub fn best_on_validation(rows: &[Row], family: Family) -> Option<&Row> {
-    rows.iter().filter(|r| r.family == family).min_by(|a, b| a.scores.val_loss.total_cmp(&b.scores.val_loss))
+/// What a family's best candidate is chosen by, on the validation split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelectBy {
+    /// The lowest validation loss.
+    Loss,
+    /// The highest benchmark accuracy on the validation items (ties: the lower validation loss).
+    Benchmark,
+}
+
+/// The row of `family` that `by` ranks best on validation (ties: the first).
+pub fn best_on_validation(rows: &[Row], family: Family, by: SelectBy) -> Option<&Row> {
+    let key = |r: &Row| match by {
+        SelectBy::Loss => (0.0, r.scores.val_loss),
+        SelectBy::Benchmark => (-r.scores.val_acc.unwrap_or(f64::NEG_INFINITY), r.scores.val_loss),
+    };
+    rows.iter().filter(|r| r.family == family).min_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        ka.0.total_cmp(&kb.0).then(ka.1.total_cmp(&kb.1))
+    })
 }
 
 #[cfg(test)]
@@ -288,12 +329,32 @@ mod tests {
         c
     }
 
+    fn row(label: &str, family: Family, val_loss: f64, val_acc: Option<f64>) -> Row {
+        let scores = Scores { val_loss, test_loss: 0.0, test_bits_per_byte: 0.0, val_acc, test_acc: None };
+        Row { label: label.into(), family, scores, distance_to_nearest: 0.0, relative_distance: 0.0, distance_to_original: 0.0, nearest_checkpoint: 0 }
+    }
+
+    #[test]
+    fn selection_by_loss_or_benchmark() {
+        let rows = [
+            row("a", Family::Diffusion, 3.0, Some(0.5)),
+            row("b", Family::Diffusion, 2.9, Some(0.4)),
+            row("c", Family::Diffusion, 3.1, Some(0.5)),
+            row("n", Family::Noise, 1.0, Some(0.9)),
+        ];
+        assert_eq!(best_on_validation(&rows, Family::Diffusion, SelectBy::Loss).unwrap().label, "b");
+        // Equal accuracy: the lower loss wins.
+        assert_eq!(best_on_validation(&rows, Family::Diffusion, SelectBy::Benchmark).unwrap().label, "a");
+        assert!(best_on_validation(&rows, Family::Soup, SelectBy::Loss).is_none());
+    }
+
     #[test]
     fn distances_soup_and_noise() {
         let _rng = crate::rng_lock();
         let c = line(4); // points (0,0), (1,0), (2,0), (3,0)
-        assert!((checkpoint_spacing(&c) - 1.0).abs() < 1e-9);
-        let (i, d) = nearest(&c, &[Tensor::from_slice(&[2.2f32, 0.0])]);
+        let n = Neighbours::new(&c);
+        assert!((n.spacing() - 1.0).abs() < 1e-9);
+        let (i, d) = n.nearest(&[Tensor::from_slice(&[2.2f32, 0.0])]);
         assert_eq!(i, 2);
         assert!((d - 0.2).abs() < 1e-6);
         assert!(soup(&c)[0].allclose(&Tensor::from_slice(&[1.5f32, 0.0]), 1e-6, 1e-6, false));

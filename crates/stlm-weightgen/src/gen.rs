@@ -212,6 +212,23 @@ pub enum Sampler {
     Ddim(usize),
 }
 
+/// The two training stages (their number seeds the RNG).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Vae = 1,
+    Diffusion = 2,
+}
+
+impl Stage {
+    /// Steps of this stage done so far.
+    fn step(self, p: &Progress) -> u64 {
+        match self {
+            Stage::Vae => p.vae_step,
+            Stage::Diffusion => p.diffusion_step,
+        }
+    }
+}
+
 /// A generator: its settings, layout, normalisation, VAE and denoiser.
 pub struct WeightGen {
     /// What the folder's `weightgen.json` says.
@@ -403,37 +420,16 @@ impl WeightGen {
         let (k, n) = (data.size()[0], data.size()[1]);
         let flat = data.view([k * n, c.chunk]).to_device(device);
         // Stage 1: the VAE.
-        if self.file.progress.vae_step < c.vae_steps {
-            let mut opt = AdamW::new(named(&self.vae_vs), adam());
-            self.resume_optimizer(&mut opt, dir, self.file.progress.vae_step)?;
-            let bar = bar(c.vae_steps, progress, "VAE steps");
-            bar.set_position(self.file.progress.vae_step);
-            while self.file.progress.vae_step < c.vae_steps {
-                let step = self.file.progress.vae_step;
-                reseed(c.seed, 1, step);
-                let idx = Tensor::randint(k * n, [c.vae_batch.min(k * n)], (Kind::Int64, device));
-                let (loss, l) = self.vae.loss(&flat.index_select(0, &idx), Some(&idx.remainder(n)));
-                loss.backward();
-                opt.step(cosine_lr(c.vae_lr, step, c.vae_steps));
-                opt.zero_grad();
-                self.file.progress.vae_step += 1;
-                tick(&bar, format!("reconstruction {:.5} KL {:.3}", l.reconstruction, l.kl));
-                let done = self.file.progress.vae_step == c.vae_steps;
-                if done {
-                    self.file.progress.vae_reconstruction = Some(self.reconstruction_error(&flat));
-                }
-                let stopping = !done && stop();
-                if done || stopping || (c.save_every > 0 && self.file.progress.vae_step.is_multiple_of(c.save_every)) {
-                    self.save(dir, Some(&opt))?;
-                }
-                if stopping {
-                    bar.abandon();
-                    return Ok(false);
-                }
-            }
-            bar.finish_and_clear();
-            // The next stage starts with fresh moments.
-            let _ = std::fs::remove_file(dir.join("optimizer.safetensors"));
+        let vae_step = |g: &Self| {
+            let idx = Tensor::randint(k * n, [c.vae_batch.min(k * n)], (Kind::Int64, device));
+            let (loss, l) = g.vae.loss(&flat.index_select(0, &idx), Some(&idx.remainder(n)));
+            (loss, l.reconstruction, format!("reconstruction {:.5} KL {:.3}", l.reconstruction, l.kl))
+        };
+        if !self.run_stage(Stage::Vae, dir, progress, stop, vae_step)? {
+            return Ok(false);
+        }
+        if self.file.progress.vae_reconstruction.is_none() {
+            self.file.progress.vae_reconstruction = Some(self.reconstruction_error(&flat));
         }
         // Stage 2: the denoiser on standardised latents.
         let latents = self.latents(&flat, k, n);
@@ -443,43 +439,84 @@ impl WeightGen {
         let x0_all = (latents - mean) / std;
         let abar: Vec<f64> = (0..self.schedule.steps()).map(|t| self.schedule.alpha_bar(t as isize)).collect();
         let abar = Tensor::from_slice(&abar).to_kind(Kind::Float).to_device(device);
-        if self.file.progress.diffusion_step < c.diffusion_steps {
-            let mut opt = AdamW::new(named(&self.den_vs), adam());
-            self.resume_optimizer(&mut opt, dir, self.file.progress.diffusion_step)?;
-            let bar = bar(c.diffusion_steps, progress, "diffusion steps");
-            bar.set_position(self.file.progress.diffusion_step);
-            while self.file.progress.diffusion_step < c.diffusion_steps {
-                let step = self.file.progress.diffusion_step;
-                reseed(c.seed, 2, step);
-                let b = c.diffusion_batch;
-                let idx = Tensor::randint(k, [b], (Kind::Int64, device));
-                let t = Tensor::randint(self.schedule.steps() as i64, [b], (Kind::Int64, device));
-                let x0 = x0_all.index_select(0, &idx);
-                let eps = x0.randn_like();
-                let a = abar.index_select(0, &t).view([b, 1, 1]);
-                let xt = &x0 * a.sqrt() + &eps * (a.ones_like() - &a).sqrt();
-                let loss = (self.den.forward(&xt, &t) - &eps).square().mean(Kind::Float);
-                loss.backward();
-                opt.step(cosine_lr(c.diffusion_lr, step, c.diffusion_steps));
-                opt.zero_grad();
-                let value = loss.double_value(&[]);
-                self.file.progress.diffusion_step += 1;
-                self.file.progress.diffusion_loss = Some(value);
-                tick(&bar, format!("loss {value:.4}"));
-                let done = self.file.progress.diffusion_step == c.diffusion_steps;
-                let stopping = !done && stop();
-                if done || stopping || (c.save_every > 0 && self.file.progress.diffusion_step.is_multiple_of(c.save_every)) {
-                    self.save(dir, (!done).then_some(&opt))?;
-                }
-                if stopping {
-                    bar.abandon();
-                    return Ok(false);
-                }
-            }
-            bar.finish_and_clear();
-        } else {
+        let diffusion_step = |g: &Self| {
+            let b = c.diffusion_batch;
+            let idx = Tensor::randint(k, [b], (Kind::Int64, device));
+            let t = Tensor::randint(g.schedule.steps() as i64, [b], (Kind::Int64, device));
+            let x0 = x0_all.index_select(0, &idx);
+            let eps = x0.randn_like();
+            let a = abar.index_select(0, &t).view([b, 1, 1]);
+            let xt = &x0 * a.sqrt() + &eps * (a.ones_like() - &a).sqrt();
+            let loss = (g.den.forward(&xt, &t) - &eps).square().mean(Kind::Float);
+            let value = loss.double_value(&[]);
+            (loss, value, format!("loss {value:.4}"))
+        };
+        let already_done = self.file.progress.diffusion_step >= c.diffusion_steps;
+        if !self.run_stage(Stage::Diffusion, dir, progress, stop, diffusion_step)? {
+            return Ok(false);
+        }
+        if already_done {
+            // Nothing trained: still record the latent statistics in the folder.
             self.save(dir, None)?;
         }
+        Ok(true)
+    }
+
+    /// Runs `stage` from its saved step to its configured length: per step, the RNG reseeded
+    /// from (seed, stage, step), `step_loss` (the loss, its value and a progress message), backward, AdamW
+    /// at the stage's cosine learning rate; the folder saved every `save_every` steps, at the end
+    /// (without optimizer moments: the next stage starts fresh) and when `stop` says so (then
+    /// `Ok(false)`).
+    fn run_stage(
+        &mut self,
+        stage: Stage,
+        dir: &Path,
+        progress: bool,
+        stop: &dyn Fn() -> bool,
+        step_loss: impl Fn(&Self) -> (Tensor, f64, String),
+    ) -> Result<bool> {
+        let c = self.file.config.clone();
+        let (total, lr, name) = match stage {
+            Stage::Vae => (c.vae_steps, c.vae_lr, "VAE steps"),
+            Stage::Diffusion => (c.diffusion_steps, c.diffusion_lr, "diffusion steps"),
+        };
+        if stage.step(&self.file.progress) >= total {
+            return Ok(true);
+        }
+        let vs = match stage {
+            Stage::Vae => &self.vae_vs,
+            Stage::Diffusion => &self.den_vs,
+        };
+        let mut opt = AdamW::new(named(vs), adam());
+        self.resume_optimizer(&mut opt, dir, stage.step(&self.file.progress))?;
+        let bar = bar(total, progress, name);
+        bar.set_position(stage.step(&self.file.progress));
+        while stage.step(&self.file.progress) < total {
+            let step = stage.step(&self.file.progress);
+            reseed(c.seed, stage as u64, step);
+            let (loss, value, message) = step_loss(self);
+            loss.backward();
+            opt.step(cosine_lr(lr, step, total));
+            opt.zero_grad();
+            let done = step + 1 == total;
+            match stage {
+                Stage::Vae => self.file.progress.vae_step += 1,
+                Stage::Diffusion => {
+                    self.file.progress.diffusion_step += 1;
+                    self.file.progress.diffusion_loss = Some(value);
+                }
+            }
+            tick(&bar, message);
+            let stopping = !done && stop();
+            if done || stopping || (c.save_every > 0 && (step + 1).is_multiple_of(c.save_every)) {
+                self.save(dir, (!done).then_some(&opt))?;
+            }
+            if stopping {
+                bar.abandon();
+                return Ok(false);
+            }
+        }
+        bar.finish_and_clear();
         Ok(true)
     }
 
