@@ -5,7 +5,8 @@
 #   diff before.txt after.txt
 # Jobs: a dense run (grad_accum 2), Switch and aux-free MoE runs, a teacher cache and a student
 # distilled from it, a cubic prune schedule (2 stages of magnitude pruning + fine-tuning), and the
-# attention kinds that learn tensors (ssmax, temperature, doge-dma). Printed: every metrics line's
+# attention kinds that learn tensors (ssmax, temperature, doge-dma), a shared block with per-layer
+# LoRA deltas, a diamond of per-layer widths and a byte-pooled model. Printed: every metrics line's
 # step, loss, validation loss, gradient norm and MoE aux losses (full precision), and the sha256
 # of every model directory's weights.
 set -euo pipefail
@@ -20,6 +21,12 @@ run auxfree train --config "$C/moe-aux-free.toml" --data "$O/stories.txt" --out 
 for k in ssmax temperature doge-dma; do
   run "$k" train --config "$C/attn-$k.toml" --data "$O/stories.txt" --out "$O/$k" --max-steps 12 $small --samples 0
 done
+run lora train --config "$C/share-albert.toml" --data "$O/stories.txt" --out "$O/lora" --max-steps 12 $small --samples 0 \
+  --set model.layer_sharing.lora_rank=4 --set model.layer_sharing.repeats=3
+run diamond train --config "$C/shape-diamond.toml" --data "$O/stories.txt" --out "$O/diamond" --max-steps 12 $small --samples 0
+run bytes train --config "$C/bytes-5m.toml" --data "$O/stories.txt" --out "$O/bytes" --max-steps 12 $small --samples 0 \
+  --set model.hidden_size=64 --set model.intermediate_size=172 --set model.num_hidden_layers=2 --set model.num_attention_heads=4 \
+  --set model.num_key_value_heads=4
 run cache distill cache --teacher "$O/dense/model" --data "$O/stories.txt" --out "$O/cache" --seq-len 64 --max-windows 96 --top-k 16
 run student distill --cache "$O/cache" --student "$C/default.toml" --set model.hidden_size=64 --set model.intermediate_size=172 \
   --set model.num_hidden_layers=2 $small --max-steps 20 --out "$O/student" --loss srkl --alpha 0.7

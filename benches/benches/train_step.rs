@@ -31,7 +31,7 @@ fn step(c: &mut Criterion) {
     let model = DecoderModel::new(run.model.clone(), Device::Cpu).expect("model");
     let data =
         Fixed(Tensor::randint(run.model.vocab_size, [train.batch_size, train.seq_len + 1], (Kind::Int64, Device::Cpu)));
-    let mut opt = AdamW::new(model.var_store().variables(), train.adamw());
+    let mut opt = AdamW::new(model.parameters(), train.adamw());
     let mut group = c.benchmark_group("train_step");
     group.bench_function("default_config", |b| {
         b.iter(|| train_step(&model, &mut opt, &data, 0, 1e-4, 1, train.grad_clip, None).expect("step"))

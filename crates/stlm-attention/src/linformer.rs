@@ -152,3 +152,10 @@ mod tests {
         assert!(!out.narrow(2, 0, 1).allclose(&out2.narrow(2, 0, 1), 1e-6, 1e-6, false));
     }
 }
+
+impl stlm_core::Layer for LinformerProjection {
+    fn visit(&self, walk: &mut stlm_core::Walk<'_>) {
+        walk.param("e", &self.e, stlm_core::Role::KindParameter);
+        walk.param_opt("f", self.f.as_ref(), stlm_core::Role::KindParameter);
+    }
+}

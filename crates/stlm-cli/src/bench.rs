@@ -364,8 +364,7 @@ fn bench_train(config: &Path, steps: u64, warmup: u64, json: bool, device: &Devi
     let model = DecoderModel::new(run.model.clone(), dev)?;
     let (batch, seq, accum) = (run.train.batch_size, run.train.seq_len, run.train.grad_accum);
     let data = RandomTokens { vocab: run.model.vocab_size, batch, seq, device: dev };
-    let params: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
-    let mut opt = AdamW::new(params, run.train.adamw());
+    let mut opt = AdamW::new(model.parameters(), run.train.adamw());
     let (lr, clip) = (run.train.lr, run.train.grad_clip);
     for step in 0..warmup {
         train_step(&model, &mut opt, &data, step, lr, accum, clip, None)?;

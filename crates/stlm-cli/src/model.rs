@@ -4,7 +4,6 @@ use crate::common::{load_tokenizer, output_path, parse_ids, print_json, DeviceAr
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
-use std::collections::BTreeMap;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -59,52 +58,19 @@ pub struct InspectArgs {
     json: bool,
 }
 
-#[derive(Serialize, Default)]
-struct ModuleRow {
-    name: String,
-    attention: i64,
-    mlp: i64,
-    norms: i64,
-    other: i64,
-    total: i64,
-}
-
 #[derive(Serialize)]
 struct InspectReport {
     parameters: i64,
     embedding_parameters: i64,
     non_embedding_parameters: i64,
     config: ModelConfig,
-    modules: Vec<ModuleRow>,
+    modules: Vec<stlm_model::inspect::ModuleCount>,
 }
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
     let model = stlm_model::load_model(&a.model, Device::Cpu, stlm_core::DType::Float32)?;
-    let mut rows: BTreeMap<(usize, i64, String), ModuleRow> = BTreeMap::new();
-    for (name, t) in model.var_store().variables() {
-        let n = t.numel() as i64;
-        let parts: Vec<&str> = name.split('.').collect();
-        let (key, module) = match parts.as_slice() {
-            ["model", "layers", i, rest @ ..] => {
-                let idx: i64 = i.parse().unwrap_or(0);
-                ((1, idx, format!("model.layers.{i}")), rest.first().copied().unwrap_or(""))
-            }
-            ["model", "embed_tokens" | "embed_positions", ..] => ((0, 0, parts[..2].join(".")), "other"),
-            ["model", "norm", ..] => ((2, 0, "model.norm".into()), "norm"),
-            _ => ((3, 0, parts[0].to_string()), "other"),
-        };
-        let row = rows.entry(key.clone()).or_insert_with(|| ModuleRow { name: key.2.clone(), ..Default::default() });
-        match module {
-            "self_attn" => row.attention += n,
-            "mlp" => row.mlp += n,
-            m if m.contains("norm") => row.norms += n,
-            _ => row.other += n,
-        }
-        row.total += n;
-    }
-    let modules: Vec<ModuleRow> = rows.into_values().collect();
-    let embedding: i64 = modules.iter().filter(|r| r.name.starts_with("model.embed")).map(|r| r.total).sum::<i64>()
-        + modules.iter().filter(|r| r.name == "lm_head").map(|r| r.total).sum::<i64>();
+    let modules = stlm_model::inspect::module_counts(&model);
+    let embedding = stlm_model::inspect::embedding_parameters(&model);
     let total = model.num_parameters();
     let report = InspectReport {
         parameters: total,

@@ -526,28 +526,32 @@ fn write_reports(out: &Path, rows: &[Row], a: &SweepArgs) -> Result<()> {
         a.budget_minutes
     );
     stlm_core::atomic_write_bytes(&out.join("sweep.md"), format!("{header}{}", table(rows, a.eval_data.as_deref())).as_bytes())?;
-    let mut csv = String::from("variant,dir,parameters,steps,train_seconds,tokens_per_s,loss,val_loss,val_bpb,eval_bpb,exit_bpb,exit_average_depth,exit_tokens_per_s,full_tokens_per_s\n");
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    csv.write_record([
+        "variant", "dir", "parameters", "steps", "train_seconds", "tokens_per_s", "loss", "val_loss", "val_bpb", "eval_bpb", "exit_bpb",
+        "exit_average_depth", "exit_tokens_per_s", "full_tokens_per_s",
+    ])?;
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
     for r in rows {
-        csv.push_str(&format!(
-            "\"{}\",{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
-            r.variant.replace('"', "\"\""),
-            r.dir,
-            r.parameters,
-            r.steps,
-            r.train_seconds,
-            r.tokens_per_s,
-            r.loss,
+        csv.write_record([
+            r.variant.clone(),
+            r.dir.clone(),
+            r.parameters.to_string(),
+            r.steps.to_string(),
+            r.train_seconds.to_string(),
+            r.tokens_per_s.to_string(),
+            r.loss.to_string(),
             opt(r.val_loss),
             opt(r.val_bpb),
             opt(r.eval_bpb),
             opt(r.exit.as_ref().map(|e| e.bpb)),
             opt(r.exit.as_ref().map(|e| e.average_depth)),
             opt(r.exit.as_ref().map(|e| e.tokens_per_s)),
-            opt(r.exit.as_ref().map(|e| e.full_tokens_per_s))
-        ));
+            opt(r.exit.as_ref().map(|e| e.full_tokens_per_s)),
+        ])?;
     }
-    stlm_core::atomic_write_bytes(&out.join("sweep.csv"), csv.as_bytes())?;
+    let csv = csv.into_inner().map_err(|e| anyhow::anyhow!("sweep.csv: {e}"))?;
+    stlm_core::atomic_write_bytes(&out.join("sweep.csv"), &csv)?;
     let mut val = Vec::new();
     let mut train = Vec::new();
     for r in rows {

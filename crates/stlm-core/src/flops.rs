@@ -5,15 +5,11 @@
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-/// Weights that enter a matrix product: every 2-D tensor but the embedding tables (lookups).
-pub fn matmul_parameters<'a>(vars: impl IntoIterator<Item = (&'a String, &'a Tensor)>) -> i64 {
-    vars.into_iter().filter(|(name, t)| t.dim() == 2 && !name.contains("embed")).map(|(_, t)| t.numel() as i64).sum()
-}
-
-/// FLOPs of one trained token (forward and backward): 6 per matmul weight plus
+/// FLOPs of one trained token (forward and backward): 6 per weight a token multiplies with
+/// ([`crate::module::matmul_weights`]: matrices, a routed token's share of the experts) plus
 /// `12 · layers · hidden · seq` for the attention scores and weighted sums.
-pub fn training_flops_per_token(matmul_params: i64, layers: i64, hidden: i64, seq: i64) -> f64 {
-    6.0 * matmul_params as f64 + 12.0 * (layers * hidden * seq) as f64
+pub fn training_flops_per_token(matmul_weights: f64, layers: i64, hidden: i64, seq: i64) -> f64 {
+    6.0 * matmul_weights + 12.0 * (layers * hidden * seq) as f64
 }
 
 /// Float32 matmul GFLOP/s on `device`: the best of eight 1024x1024 products.
@@ -37,12 +33,17 @@ mod tests {
 
     #[test]
     fn counts_matmul_weights_and_attention() {
-        let vars: Vec<(String, Tensor)> = [("model.embed_tokens.weight", vec![10, 4]), ("q.weight", vec![4, 4]), ("norm.weight", vec![4])]
-            .into_iter()
-            .map(|(n, s)| (n.to_string(), Tensor::zeros(s.as_slice(), (Kind::Float, Device::Cpu))))
-            .collect();
-        let p = matmul_parameters(vars.iter().map(|(n, t)| (n, t)));
-        assert_eq!(p, 16, "the embedding and the norm are not matmul weights");
+        use crate::module::{matmul_weights, Layer, Role, Walk};
+        struct Tiny(Vec<(Tensor, Role)>);
+        impl Layer for Tiny {
+            fn visit(&self, walk: &mut Walk<'_>) {
+                self.0.iter().enumerate().for_each(|(i, (t, role))| walk.param(&i.to_string(), t, *role));
+            }
+        }
+        let z = |s: &[i64]| Tensor::zeros(s, (Kind::Float, Device::Cpu));
+        let tiny = Tiny(vec![(z(&[10, 4]), Role::Embedding), (z(&[4, 4]), Role::Matrix), (z(&[4]), Role::Norm)]);
+        let p = matmul_weights(&tiny);
+        assert_eq!(p, 16.0, "the embedding and the norm are not matmul weights");
         assert_eq!(training_flops_per_token(p, 2, 4, 8), 6.0 * 16.0 + 12.0 * 64.0);
         assert!(matmul_peak_gflops(Device::Cpu) > 0.0);
     }

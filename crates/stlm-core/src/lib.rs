@@ -10,12 +10,14 @@ pub mod flops;
 pub mod io;
 pub mod kernels;
 pub mod memory;
+pub mod module;
 pub mod spin;
 pub mod step;
 
 pub use device::{parse_device, seed_all, DType};
 pub use error::{CoreError, OptionError, Result};
 pub use step::{BufferUpdate, Mode};
+pub use module::{Layer, Parameter, Role, Walk, WalkKind};
 pub use io::{
     atomic_write, atomic_write_bytes, read_json, read_safetensors, temporary_path, toml_known_tables, toml_table,
     write_safetensors,

@@ -39,6 +39,14 @@ struct TeacherFeatures {
     attention: Vec<Option<Tensor>>,
 }
 
+impl stlm_core::Layer for FeatureLoss {
+    fn visit(&self, walk: &mut stlm_core::Walk<'_>) {
+        for (k, p) in self.projections.iter().enumerate() {
+            walk.param_opt(&format!("distill.hidden_proj.{k}.weight"), p.as_ref(), stlm_core::Role::Matrix);
+        }
+    }
+}
+
 impl FeatureLoss {
     /// The terms for `map` between `student` and `teacher`; projections start as the identity on
     /// the leading dimensions. The attention term needs dense softmax attention in the paired
@@ -264,12 +272,12 @@ impl LanguageModel for Distiller {
     fn model_config(&self) -> &ModelConfig {
         &self.student.config
     }
-    fn trainable_variables(&self) -> Vec<(String, Tensor)> {
-        let mut vars: Vec<(String, Tensor)> = self.student.var_store().variables().into_iter().collect();
+    fn parameters(&self) -> Vec<stlm_core::Parameter> {
+        let mut params = self.student.parameters();
         if let Some(f) = &self.features {
-            vars.extend(f.vs.variables());
+            params.extend(stlm_core::module::parameters(f));
         }
-        vars
+        params
     }
     fn step(&self, batch: &Batch, mode: Mode) -> stlm_model::Result<StepOutput> {
         if !mode.is_train() {
@@ -416,9 +424,9 @@ mod tests {
         // Gradients reach the projection; the teacher gets none.
         let (ce, extra) = train_loss(&d, &x, &y).unwrap();
         (ce + extra.unwrap()).backward();
-        let vars = d.trainable_variables();
-        let proj = vars.iter().find(|(n, _)| n.starts_with("distill.hidden_proj.0")).expect("projection is trainable");
-        assert!(proj.1.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        let vars = d.parameters();
+        let proj = vars.iter().find(|p| p.name.starts_with("distill.hidden_proj.0")).expect("projection is trainable");
+        assert!(proj.tensor.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
         assert!(t.var_store().variables().values().all(|v| !v.grad().defined()));
         let _guard = tch::no_grad_guard();
         let (val, extra) = losses_of(&d, &Batch::new(x.shallow_clone(), y.shallow_clone()), Mode::Eval).unwrap();
@@ -512,9 +520,7 @@ mod tests {
         let cfg = ModelConfig { vocab_size: 258, ..tiny(1, 16) };
         let teacher = DecoderModel::new(cfg.clone(), Device::Cpu).unwrap();
         let student = DecoderModel::new(cfg, Device::Cpu).unwrap();
-        let tv: std::collections::HashMap<String, Tensor> = teacher.var_store().variables();
-        let sv: Vec<(String, Tensor)> = student.var_store().variables().into_iter().collect();
-        crate::copy_from_teacher(&sv, &tv, &[0]).unwrap();
+        crate::copy_from_teacher(&student, &teacher, &[0]).unwrap();
         let align = ByteAlignment::new(&bytes, 258, stlm_tokenizers::Tokenizer::bytes(), 258, 16, Device::Cpu).unwrap();
         let d = Distiller::new(student, Teacher::Live(Box::new(teacher)), fkl(), 1.0, None, Some(align)).unwrap();
         let x = Tensor::from_slice(&b"the fox".map(i64::from)).view([1, 7]);

@@ -4,8 +4,9 @@
 
 use crate::{DistillError, Result};
 use std::collections::HashMap;
-use stlm_core::OptionError;
-use tch::Tensor;
+use stlm_core::module::parameters;
+use stlm_core::{OptionError, Parameter};
+use stlm_model::DecoderModel;
 
 /// Which teacher blocks the student's blocks start from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,39 +68,39 @@ impl LayerChoice {
     }
 }
 
-/// The name of a student parameter in the teacher: `model.layers.{j}.` becomes
-/// `model.layers.{layers[j]}.`; other names stay.
-fn teacher_name(name: &str, layers: &[usize]) -> String {
-    let Some(rest) = name.strip_prefix("model.layers.") else { return name.to_string() };
-    let Some((index, tail)) = rest.split_once('.') else { return name.to_string() };
-    match index.parse::<usize>().ok().and_then(|j| layers.get(j)) {
-        Some(t) => format!("model.layers.{t}.{tail}"),
-        None => name.to_string(),
-    }
-}
-
-/// Copies into every `student` variable the teacher variable it maps to through `layers`
-/// (student block j <- teacher block `layers[j]`), cut to the student's leading dimensions.
-/// Errors name the parameter when the teacher lacks it or the student is larger in a dimension.
-/// Returns how many tensors were cut.
-pub fn copy_from_teacher(student: &[(String, Tensor)], teacher: &HashMap<String, Tensor>, layers: &[usize]) -> Result<usize> {
+/// Copies into every `student` tensor its counterpart in `teacher` (student block j <- teacher
+/// block `layers[j]`, paired through the layer walk; the rest by its place outside the blocks),
+/// cut to the student's leading dimensions. Errors name the parameter when the teacher lacks it
+/// or the student is larger in a dimension. Returns how many tensors were cut.
+pub fn copy_from_teacher(student: &DecoderModel, teacher: &DecoderModel, layers: &[usize]) -> Result<usize> {
     let _guard = tch::no_grad_guard();
-    let mut plan = Vec::with_capacity(student.len());
-    for (name, var) in student {
-        let source = teacher_name(name, layers);
-        let t = teacher.get(&source).ok_or_else(|| {
-            let why = format!(
-                "student parameter `{name}` has no teacher counterpart `{source}`: the architectures differ; start from a random initialisation (init random)"
-            );
-            DistillError::from(OptionError::no_value("init", why))
-        })?;
-        let (want, have) = (var.size(), t.size());
-        if want.len() != have.len() || want.iter().zip(&have).any(|(w, h)| w > h) {
-            return Err(DistillError::Input(format!(
-                "student parameter `{name}` {want:?} does not fit in teacher `{source}` {have:?}: a student may only be narrower"
-            )));
+    // Each part of the student (outside the blocks, block j) with the teacher's part it copies
+    // (outside the blocks, block `layers[j]`), tensors named by their place in the part.
+    let named = |ps: Vec<Parameter>| ps.into_iter().map(|p| (p.name, p.tensor)).collect::<HashMap<_, _>>();
+    let mut parts = vec![(String::new(), String::new(), student.outside_blocks(), named(teacher.outside_blocks()))];
+    for (j, l) in student.layers.iter().enumerate() {
+        let t = layers.get(j).copied().unwrap_or(j);
+        let theirs = teacher.layers.get(t).map_or_else(HashMap::new, |b| named(parameters(b)));
+        parts.push((format!("model.layers.{j}."), format!("model.layers.{t}."), parameters(l), theirs));
+    }
+    let mut plan = Vec::new();
+    for (prefix, teacher_prefix, ours, theirs) in &parts {
+        for Parameter { name: place, tensor: var, .. } in ours {
+            let (name, source) = (format!("{prefix}{place}"), format!("{teacher_prefix}{place}"));
+            let t = theirs.get(place).ok_or_else(|| {
+                let why = format!(
+                    "student parameter `{name}` has no teacher counterpart `{source}`: the architectures differ; start from a random initialisation (init random)"
+                );
+                DistillError::from(OptionError::no_value("init", why))
+            })?;
+            let (want, have) = (var.size(), t.size());
+            if want.len() != have.len() || want.iter().zip(&have).any(|(w, h)| w > h) {
+                return Err(DistillError::Input(format!(
+                    "student parameter `{name}` {want:?} does not fit in teacher `{source}` {have:?}: a student may only be narrower"
+                )));
+            }
+            plan.push((var, t, want != have));
         }
-        plan.push((var, t, want != have));
     }
     let mut cut = 0;
     for (var, t, narrower) in plan {
@@ -117,7 +118,7 @@ pub fn copy_from_teacher(student: &[(String, Tensor)], teacher: &HashMap<String,
 mod tests {
     use super::*;
     use stlm_model::{DecoderModel, ModelConfig};
-    use tch::{Device, Kind};
+    use tch::{Device, Kind, Tensor};
 
     fn tiny(layers: i64, hidden: i64, inter: i64, heads: i64) -> ModelConfig {
         ModelConfig {
@@ -156,9 +157,8 @@ mod tests {
         tch::manual_seed(1);
         let teacher = DecoderModel::new(tiny(4, 32, 64, 4), Device::Cpu).unwrap();
         let student = DecoderModel::new(tiny(2, 32, 64, 4), Device::Cpu).unwrap();
-        let t: HashMap<String, Tensor> = vars(&teacher).into_iter().collect();
         let layers = LayerChoice::Every(2).teacher_layers(4, 2).unwrap();
-        assert_eq!(copy_from_teacher(&vars(&student), &t, &layers).unwrap(), 0);
+        assert_eq!(copy_from_teacher(&student, &teacher, &layers).unwrap(), 0);
         // The student computes exactly blocks 0 and 2 of the teacher.
         let ids = Tensor::from_slice(&[3i64, 9, 1, 30, 7]).view([1, 5]);
         let tp = teacher.block_pass(&ids);
@@ -175,7 +175,7 @@ mod tests {
         let teacher = DecoderModel::new(tiny(2, 32, 64, 4), Device::Cpu).unwrap();
         let t: HashMap<String, Tensor> = vars(&teacher).into_iter().collect();
         let student = DecoderModel::new(tiny(1, 16, 24, 2), Device::Cpu).unwrap();
-        let cut = copy_from_teacher(&vars(&student), &t, &[1]).unwrap();
+        let cut = copy_from_teacher(&student, &teacher, &[1]).unwrap();
         assert!(cut > 0);
         let s: HashMap<String, Tensor> = vars(&student).into_iter().collect();
         let q = &s["model.layers.0.self_attn.q_proj.weight"];
@@ -184,7 +184,7 @@ mod tests {
         assert!(q.equal(&tq));
         assert!(s["model.embed_tokens.weight"].equal(&t["model.embed_tokens.weight"].narrow(1, 0, 16)));
         let wide = DecoderModel::new(tiny(1, 48, 64, 4), Device::Cpu).unwrap();
-        let e = copy_from_teacher(&vars(&wide), &t, &[0]).unwrap_err().to_string();
+        let e = copy_from_teacher(&wide, &teacher, &[0]).unwrap_err().to_string();
         assert!(e.contains("only be narrower"), "{e}");
         let _ = Kind::Float;
     }

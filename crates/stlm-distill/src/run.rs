@@ -6,7 +6,6 @@
 use crate::{CacheHeader, CacheWriter, DistillError, Distiller, Divergence, FeatureLoss, LayerChoice, LogitLoss, Result, Teacher, TeacherCache};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use stlm_core::OptionError;
 use stlm_data::{window_picks, DataConfig, Source, TokenizedCorpus};
@@ -307,9 +306,7 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
         (_, None) => return Err(bad_value("init", &o.init, "copies the teacher's weights: give a teacher directory")),
         (choice, Some(t)) => {
             let layers = choice.teacher_layers(t.layers.len(), student.model.layers.len())?;
-            let tv: HashMap<String, Tensor> = t.var_store().variables();
-            let sv: Vec<(String, Tensor)> = student.model.var_store().variables().into_iter().collect();
-            let cut = crate::copy_from_teacher(&sv, &tv, &layers)?;
+            let cut = crate::copy_from_teacher(&student.model, t, &layers)?;
             eprintln!("student starts from teacher blocks {layers:?} ({cut} tensors cut to the student's width)");
             layers
         }

@@ -38,20 +38,27 @@ pub struct Panel {
     pub markers: bool,
 }
 
-/// Lines of `rows` (a CSV table with a header) grouped by column `group` (one line per distinct
-/// value, in order of appearance; all rows in one line without it), `y` against `x`. The error
-/// names the missing column or the row whose value is not a number.
+/// Lines of `rows` (a CSV table with a header; quoted cells may hold commas) grouped by column
+/// `group` (one line per distinct value, in order of appearance; all rows in one line without
+/// it), `y` against `x`. The error names the missing column or the row whose value is not a number.
 pub fn series_from_csv(text: &str, x: &str, y: &str, group: Option<&str>) -> Result<Vec<Series>> {
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines.next().ok_or_else(|| EvalError::Input("the CSV is empty".into()))?.split(',').map(str::trim).collect();
+    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(text.as_bytes());
+    let bad = |e: csv::Error| EvalError::Input(format!("not a valid CSV: {e}"));
+    let header: Vec<String> = reader.headers().map_err(bad)?.iter().map(str::to_string).collect();
+    if header.iter().all(String::is_empty) {
+        return Err(EvalError::Input("the CSV is empty".into()));
+    }
     let col = |name: &str| {
-        header.iter().position(|h| *h == name).ok_or_else(|| EvalError::Input(format!("no column `{name}` (columns: {})", header.join(", "))))
+        header.iter().position(|h| h == name).ok_or_else(|| EvalError::Input(format!("no column `{name}` (columns: {})", header.join(", "))))
     };
     let (xi, yi) = (col(x)?, col(y)?);
     let gi = group.map(col).transpose()?;
     let mut out: Vec<Series> = Vec::new();
-    for (n, line) in lines.enumerate() {
-        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+    for (n, record) in reader.records().enumerate() {
+        let cells = record.map_err(bad)?;
+        if cells.iter().all(str::is_empty) {
+            continue;
+        }
         let num = |i: usize, name: &str| {
             cells.get(i).and_then(|c| c.parse::<f64>().ok()).ok_or_else(|| EvalError::Input(format!("row {}: `{name}` is not a number", n + 2)))
         };
@@ -247,6 +254,12 @@ mod tests {
         assert_eq!(s[0], Series::new("a", vec![(1.0, 3.0), (2.0, 2.0)]));
         let e = series_from_csv(csv, "time", "bpb", None).unwrap_err().to_string();
         assert!(e.contains("`time`") && e.contains("model, step, bpb"), "{e}");
+        // A sweep's labels are quoted and may hold commas (`lr=1e-3, wd=0.1`).
+        let quoted = "variant,steps,loss\n\"lr=0.001, wd=0.1\",10,3.5\n\"lr=0.002, wd=0\",10,3.25\n\"lr=0.001, wd=0.1\",20,3.0\n";
+        let s = series_from_csv(quoted, "steps", "loss", Some("variant")).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].name.as_str(), s[0].points.clone()), ("lr=0.001, wd=0.1", vec![(10.0, 3.5), (20.0, 3.0)]));
+        assert_eq!((s[1].name.as_str(), s[1].points.clone()), ("lr=0.002, wd=0", vec![(10.0, 3.25)]));
         let e = series_from_csv("x,y\n1,oops\n", "x", "y", None).unwrap_err().to_string();
         assert!(e.contains("row 2") && e.contains("`y`"), "{e}");
         let dir = tempfile::tempdir().unwrap();

@@ -24,7 +24,7 @@ use crate::{DecoderModel, ModelError, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use stlm_attention::{AttentionMask, Rope};
-use stlm_core::{Mode, OptionError};
+use stlm_core::{Layer, Mode, OptionError, Role, Walk};
 use stlm_moe::MoeStats;
 use stlm_tokenizers::{Chunker, ChunkerKind, BYTE_PAD};
 use tch::nn::{self, Init};
@@ -219,6 +219,36 @@ impl Stack {
     }
 }
 
+impl Layer for Stack {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        for (i, l) in self.layers.iter().enumerate() {
+            walk.layer(&format!("layers.{i}"), l);
+        }
+        walk.layer("norm", &self.norm);
+    }
+}
+
+impl Layer for BytePooledModel {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        walk.param("model.byte_embed.weight", &self.byte_embed, Role::Embedding);
+        // Slot positions are added to every chunk whole, not looked up by id.
+        walk.param("model.encoder.positions", &self.encoder_positions, Role::Scale);
+        walk.param("model.decoder.positions", &self.decoder_positions, Role::Scale);
+        walk.param_opt("model.pool_query", self.pool_query.as_ref(), Role::Scale);
+        walk.layer("model.pool_proj", &self.pool_proj);
+        walk.param("model.start_chunk", &self.start_chunk, Role::Scale);
+        walk.layer("model.encoder", &self.encoder);
+        for (i, l) in self.layers.iter().enumerate() {
+            walk.layer(&format!("model.layers.{i}"), l);
+        }
+        walk.layer("model.norm", &self.norm);
+        walk.layer("model.decoder", &self.decoder);
+        walk.layer("model.cond_proj", &self.cond_proj);
+        walk.layer_opt("model.reconstruct_proj", self.reconstruct_proj.as_ref());
+        walk.layer("lm_head", &self.lm_head);
+    }
+}
+
 /// A byte model's pass: the logged loss (nats per target byte), the weighted reconstruction loss
 /// (if on), and the global decoder's MoE stats (`(layer index, stats)`).
 pub type ByteLoss = (Tensor, Option<Tensor>, Vec<(usize, MoeStats)>);
@@ -332,8 +362,8 @@ impl BytePooledModel {
     /// Parameters of the byte path (embedding, encoder, pooling, conditioning, decoder, head)
     /// and of the global decoder, for comparisons with token models' embeddings and heads.
     pub fn parameter_split(&self) -> (i64, i64) {
-        let vars = self.vs.variables();
-        let global: i64 = vars.iter().filter(|(k, _)| k.starts_with("model.layers.") || k.starts_with("model.norm.") || *k == "model.start_chunk").map(|(_, v)| v.numel() as i64).sum();
+        let count = |l: &dyn Layer| stlm_core::module::count_by_role(l, |_| true);
+        let global = self.layers.iter().map(|l| count(l)).sum::<i64>() + count(&self.norm) + self.start_chunk.numel() as i64;
         (self.num_parameters() - global, global)
     }
 

@@ -424,6 +424,9 @@ impl LanguageModel for LayerSkipModel<'_> {
     fn model_config(&self) -> &ModelConfig {
         &self.model.config
     }
+    fn parameters(&self) -> Vec<stlm_core::Parameter> {
+        self.model.parameters()
+    }
     fn step(&self, batch: &Batch, mode: Mode) -> Result<StepOutput> {
         if !mode.is_train() {
             return LanguageModel::step(self.model, batch, mode);

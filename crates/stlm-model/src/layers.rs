@@ -9,7 +9,7 @@ use stlm_attention::{
     alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, AttentionKind, AttentionMask, KernelInput, KvCache, LinformerProjection,
 };
 use stlm_core::kernels::{small_batch_linear, small_batch_rms_norm};
-use stlm_core::Mode;
+use stlm_core::{Layer, Mode, Role, Walk};
 use stlm_moe::{CdMoe, MoeLayer, MoeStats};
 use std::sync::{Arc, Mutex};
 use tch::nn::{self, Init};
@@ -82,17 +82,37 @@ impl Linear {
     /// `[.., in] -> [.., out]`; a few rows of float32 on the CPU without gradients (decoding) go
     /// through stlm-core's small-batch kernel, everything else through libtorch.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_with(x, None)
+    }
+
+    /// [`Linear::forward`] of one application with its low-rank update `delta` merged into the
+    /// weight (per-layer LoRA on a shared block).
+    pub fn forward_with(&self, x: &Tensor, delta: Option<LowRank<'_>>) -> Tensor {
         Linear::record(&[self], x);
-        small_batch_linear(x, &self.weight, self.bias.as_ref())
-            .unwrap_or_else(|| x.linear(&self.weight, self.bias.as_ref()))
+        let weight = self.weight_with(delta);
+        small_batch_linear(x, &weight, self.bias.as_ref()).unwrap_or_else(|| x.linear(&weight, self.bias.as_ref()))
+    }
+
+    /// The weight one application multiplies with: this layer's, plus `B A` of `delta`.
+    fn weight_with(&self, delta: Option<LowRank<'_>>) -> Tensor {
+        match delta {
+            Some(d) => &self.weight + d.b.matmul(d.a),
+            None => self.weight.shallow_clone(),
+        }
     }
 
     /// `parts` (which read the same input `x`) applied in one product of their concatenated
     /// weights, `[.., in] -> [.., sum of out]`: one larger GEMM forward and backward instead of
     /// several small ones (the training path; decoding fuses once, see [`Linear::fuse`]).
     pub fn forward_concat(parts: &[&Linear], x: &Tensor) -> Tensor {
+        Linear::forward_concat_with(parts, &vec![None; parts.len()], x)
+    }
+
+    /// [`Linear::forward_concat`] with each part's low-rank update `deltas[i]` merged in.
+    pub fn forward_concat_with(parts: &[&Linear], deltas: &[Option<LowRank<'_>>], x: &Tensor) -> Tensor {
         Linear::record(parts, x);
-        let weight = Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0);
+        let weights: Vec<Tensor> = parts.iter().zip(deltas).map(|(p, d)| p.weight_with(*d)).collect();
+        let weight = Tensor::cat(&weights, 0);
         let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0));
         small_batch_linear(x, &weight, bias.as_ref()).unwrap_or_else(|| x.linear(&weight, bias.as_ref()))
@@ -116,6 +136,25 @@ impl Linear {
         }
         Linear { weight, bias, tap: None }
     }
+}
+
+/// A low-rank update `B A` of one projection's weight in one application of a shared block
+/// (per-layer LoRA, see [`crate::lora`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    /// `[rank, in]`.
+    pub a: &'a Tensor,
+    /// `[out, rank]`.
+    pub b: &'a Tensor,
+}
+
+/// The low-rank updates of one application of a block with a dense MLP: one per projection.
+#[derive(Debug, Clone, Copy)]
+pub struct Adapter<'a> {
+    /// q, k, v and o.
+    pub attention: [LowRank<'a>; 4],
+    /// The gate (gated MLPs only), up and down projections.
+    pub mlp: (Option<LowRank<'a>>, LowRank<'a>, LowRank<'a>),
 }
 
 /// Copies `src` into the weight `dst` (of a smaller layer), refusing another shape by `name`.
@@ -283,6 +322,24 @@ impl Mlp {
 
     /// `[b, s, hidden] -> [b, s, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_with(x, None)
+    }
+
+    /// [`Mlp::forward`] of one application with its low-rank updates (gate, up, down).
+    pub fn forward_with(&self, x: &Tensor, adapter: Option<&Adapter<'_>>) -> Tensor {
+        let Some(&Adapter { mlp: (gate_delta, up_delta, down_delta), .. }) = adapter else { return self.forward_plain(x) };
+        let width = self.up_proj.weight.size()[0];
+        let hidden = match &self.gate_proj {
+            Some(gate) => {
+                let both = Linear::forward_concat_with(&[gate, &self.up_proj], &[gate_delta, Some(up_delta)], x);
+                self.act.forward(&both.narrow(-1, 0, width)) * both.narrow(-1, width, width)
+            }
+            None => self.act.forward(&self.up_proj.forward_with(x, Some(up_delta))),
+        };
+        self.down_proj.forward_with(&hidden, Some(down_delta))
+    }
+
+    fn forward_plain(&self, x: &Tensor) -> Tensor {
         let hidden = match (&self.gate_up, &self.gate_proj) {
             (Some(fused), _) => {
                 let width = self.up_proj.weight.size()[0];
@@ -335,6 +392,8 @@ pub struct SelfAttention {
     pub qk_norm: Option<QkNorm>,
     /// ALiBi slopes `[heads]` (fixed, not trained) when positions are ALiBi biases.
     pub alibi_slopes: Option<Tensor>,
+    /// True when `o_proj` is block 0's (`layer_sharing.o_proj`), which lists it.
+    pub o_proj_tied: bool,
 }
 
 /// The tensors a layer's attention kind learns, built for the kind and held by the layer.
@@ -458,6 +517,7 @@ impl SelfAttention {
             q_proj: Linear::new(&path / "q_proj", h, nh * d, b, std),
             k_proj: Linear::new(&path / "k_proj", h, nkv * d, b, std),
             v_proj: Linear::new(&path / "v_proj", h, nkv * d, b, std),
+            o_proj_tied: o_proj.is_some(),
             o_proj: o_proj.unwrap_or_else(|| Linear::new(&path / "o_proj", nh * d, h, cfg.o_proj_bias(), resid_std)),
             num_heads: nh,
             num_kv_heads: nkv,
@@ -509,12 +569,14 @@ impl SelfAttention {
 
     /// Queries `[b, heads, s, d]`, keys and values `[b, kv_heads, s, d]` of `x` `[b, s, hidden]`
     /// (q/k norms and rotary angles applied).
-    fn project(&self, x: &Tensor, rotary: Option<&RotaryAngles>) -> (Tensor, Tensor, Tensor) {
+    fn project(&self, x: &Tensor, rotary: Option<&RotaryAngles>, adapter: Option<&Adapter<'_>>) -> (Tensor, Tensor, Tensor) {
         let (b, s) = (x.size()[0], x.size()[1]);
         let (nh, nkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let projected = match &self.qkv {
-            Some(qkv) => qkv.forward(x),
-            None => Linear::forward_concat(&[&self.q_proj, &self.k_proj, &self.v_proj], x),
+        let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let projected = match (adapter, &self.qkv) {
+            (Some(a), _) => Linear::forward_concat_with(&parts, &[Some(a.attention[0]), Some(a.attention[1]), Some(a.attention[2])], x),
+            (None, Some(qkv)) => qkv.forward(x),
+            (None, None) => Linear::forward_concat(&parts, x),
         };
         let all = projected.view([b, s, nh + 2 * nkv, d]).transpose(1, 2); // [b, h + 2 kvh, s, d]
         let qk = match &self.qk_norm {
@@ -535,7 +597,12 @@ impl SelfAttention {
     /// `cache` as layer `layer` without attending: an early exit's copied state for the layers
     /// it skips. Call [`KvCache::advance`] after.
     pub fn write_kv(&self, x: &Tensor, rotary: Option<&RotaryAngles>, cache: &KvCache, layer: usize) {
-        let (_, k, v) = self.project(x, rotary);
+        self.write_kv_with(x, rotary, cache, layer, None)
+    }
+
+    /// [`SelfAttention::write_kv`] of one application with its low-rank updates.
+    pub fn write_kv_with(&self, x: &Tensor, rotary: Option<&RotaryAngles>, cache: &KvCache, layer: usize, adapter: Option<&Adapter<'_>>) {
+        let (_, k, v) = self.project(x, rotary, adapter);
         let _ = cache.update(layer, &k, &v);
     }
 
@@ -549,10 +616,15 @@ impl SelfAttention {
     /// causal pass from position 0 over `x` `[b, s, hidden]` (the block's normed input), for
     /// layers where [`SelfAttention::has_attention_probs`]; `None` for other kinds.
     pub fn attention_log_probs(&self, x: &Tensor, rotary: Option<&RotaryAngles>) -> Option<Tensor> {
+        self.attention_log_probs_with(x, rotary, None)
+    }
+
+    /// [`SelfAttention::attention_log_probs`] of one application with its low-rank updates.
+    pub fn attention_log_probs_with(&self, x: &Tensor, rotary: Option<&RotaryAngles>, adapter: Option<&Adapter<'_>>) -> Option<Tensor> {
         if !self.has_attention_probs() {
             return None;
         }
-        let (q, k, _) = self.project(x, rotary);
+        let (q, k, _) = self.project(x, rotary, adapter);
         let (s, group) = (q.size()[2], self.num_heads / self.num_kv_heads);
         let k = if group > 1 { k.repeat_interleave_self_int(group, 1, None) } else { k };
         let scores = q.matmul(&k.transpose(-2, -1)) / (self.head_dim as f64).sqrt(); // [b, h, s, s]
@@ -570,8 +642,21 @@ impl SelfAttention {
         mask: &AttentionMask,
         cache: Option<(&KvCache, usize)>,
     ) -> Tensor {
+        self.forward_with(x, rotary, positions, mask, cache, None)
+    }
+
+    /// [`SelfAttention::forward`] of one application with its low-rank updates.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        rotary: Option<&RotaryAngles>,
+        positions: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<(&KvCache, usize)>,
+        adapter: Option<&Adapter<'_>>,
+    ) -> Tensor {
         let (b, s) = (x.size()[0], x.size()[1]);
-        let (q, k, v) = self.project(x, rotary);
+        let (q, k, v) = self.project(x, rotary, adapter);
         let past = cache.map_or(0, |(c, _)| c.len());
         let (k, v, key_positions) = match cache {
             Some((cache, layer)) => {
@@ -598,7 +683,8 @@ impl SelfAttention {
             let mask = self.attention.mask(past, s, key_positions.as_ref(), Some(&offsets), mask, x.device());
             self.params.attend(&self.attention, &q, &k, &v, &mask)
         }; // [b, h, s, d]
-        self.o_proj.forward(&out.transpose(1, 2).reshape([b, s, self.num_heads * self.head_dim]))
+        let out = out.transpose(1, 2).reshape([b, s, self.num_heads * self.head_dim]);
+        self.o_proj.forward_with(&out, adapter.map(|a| a.attention[3]))
     }
 }
 
@@ -621,6 +707,8 @@ pub struct DecoderLayer {
     pub input_residual: Option<Tensor>,
     /// Scale of the skip path around the feed-forward block `[hidden]` (`post_attention_residual`).
     pub post_attention_residual: Option<Tensor>,
+    /// True when `mlp` is block 0's (`layer_sharing.mlp`), which lists it.
+    pub mlp_tied: bool,
 }
 
 /// The feed-forward block of a layer: dense, or a mixture of experts.
@@ -642,8 +730,13 @@ impl FeedForward {
 
     /// `[b, s, hidden] -> [b, s, hidden]` in `mode`, with a mixture of experts' stats.
     pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> (Tensor, Option<MoeStats>) {
+        self.forward_with(x, mode, None)
+    }
+
+    /// [`FeedForward::forward_mode`] of one application with its low-rank updates (dense MLPs).
+    pub fn forward_with(&self, x: &Tensor, mode: Mode, adapter: Option<&Adapter<'_>>) -> (Tensor, Option<MoeStats>) {
         match self {
-            FeedForward::Dense(m) => (m.forward(x), None),
+            FeedForward::Dense(m) => (m.forward_with(x, adapter), None),
             FeedForward::Moe(m) => {
                 let (y, stats) = m.forward(x, mode);
                 (y, Some(stats))
@@ -745,6 +838,7 @@ impl DecoderLayer {
         let tied_mlp = first.filter(|_| sharing.is_some_and(|s| s.mlp)).and_then(|f| f.mlp.dense()).map(Mlp::share);
         DecoderLayer {
             in_proj: None,
+            mlp_tied: tied_mlp.is_some(),
             input_layernorm: Norm::new(&path / "input_layernorm", cfg.norm, cfg.hidden_size, cfg.norm_eps),
             self_attn: SelfAttention::with_o_proj(&path / "self_attn", cfg, layer, resid_std, tied_o),
             post_attention_layernorm: Norm::new(
@@ -805,20 +899,40 @@ impl DecoderLayer {
         cache: Option<(&KvCache, usize)>,
         mode: Mode,
     ) -> (Tensor, Option<MoeStats>) {
+        self.forward_with(x, rotary, positions, mask, cache, mode, None)
+    }
+
+    /// [`DecoderLayer::forward_mode`] of one application with its low-rank updates.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        rotary: Option<&RotaryAngles>,
+        positions: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<(&KvCache, usize)>,
+        mode: Mode,
+        adapter: Option<&Adapter<'_>>,
+    ) -> (Tensor, Option<MoeStats>) {
         let skip = |x: &Tensor, scale: &Option<Tensor>| match scale {
             Some(r) => x * r,
             None => x.shallow_clone(),
         };
         let x = &self.project_in(x);
-        let attended = self.self_attn.forward(&self.input_layernorm.forward(x), rotary, positions, mask, cache);
+        let attended = self.self_attn.forward_with(&self.input_layernorm.forward(x), rotary, positions, mask, cache, adapter);
         let x = skip(x, &self.input_residual) + attended;
-        let (y, stats) = self.mlp.forward_mode(&self.post_attention_layernorm.forward(&x), mode);
+        let (y, stats) = self.mlp.forward_with(&self.post_attention_layernorm.forward(&x), mode, adapter);
         (skip(&x, &self.post_attention_residual) + y, stats)
     }
 
     /// [`SelfAttention::write_kv`] of this block for its input `x` (the stream it would receive).
     pub fn write_kv(&self, x: &Tensor, rotary: Option<&RotaryAngles>, cache: &KvCache, layer: usize) {
-        self.self_attn.write_kv(&self.input_layernorm.forward(&self.project_in(x)), rotary, cache, layer);
+        self.write_kv_with(x, rotary, cache, layer, None)
+    }
+
+    /// [`DecoderLayer::write_kv`] of one application with its low-rank updates.
+    pub fn write_kv_with(&self, x: &Tensor, rotary: Option<&RotaryAngles>, cache: &KvCache, layer: usize, adapter: Option<&Adapter<'_>>) {
+        self.self_attn.write_kv_with(&self.input_layernorm.forward(&self.project_in(x)), rotary, cache, layer, adapter);
     }
 
     /// The stream `x` at this block's width (through `in_proj` when it has one).
@@ -835,5 +949,87 @@ impl DecoderLayer {
             FeedForward::Moe(m) => m.balance_update(stats),
             FeedForward::Dense(_) | FeedForward::CdMoe(_) => None,
         }
+    }
+}
+
+impl Layer for Linear {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        walk.param("weight", &self.weight, Role::Matrix);
+        walk.param_opt("bias", self.bias.as_ref(), Role::Bias);
+    }
+}
+
+impl Layer for Norm {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        walk.param("weight", &self.weight, Role::Norm);
+        walk.param_opt("bias", self.bias.as_ref(), Role::Norm);
+    }
+}
+
+impl Layer for Mlp {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        // `gate_up` is a fused view of these for decoding, not a tensor of its own.
+        walk.layer_opt("gate_proj", self.gate_proj.as_ref());
+        walk.layer("up_proj", &self.up_proj);
+        walk.layer("down_proj", &self.down_proj);
+    }
+}
+
+impl Layer for KindParams {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        match self {
+            KindParams::None => {}
+            KindParams::HeadScale(_) => {} // named by the kind: see SelfAttention's walk
+            KindParams::DynamicMask(dm) => {
+                walk.param("A", &dm.a, Role::KindParameter);
+                walk.layer("dt_proj", &dm.dt_proj);
+            }
+            KindParams::Linformer(p) => walk.layer("linformer", p),
+        }
+    }
+}
+
+impl Layer for SelfAttention {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        walk.layer("q_proj", &self.q_proj);
+        walk.layer("k_proj", &self.k_proj);
+        walk.layer("v_proj", &self.v_proj);
+        match self.o_proj_tied {
+            true => walk.tied("o_proj", &self.o_proj),
+            false => walk.layer("o_proj", &self.o_proj),
+        }
+        if let (KindParams::HeadScale(scale), Some((name, _))) = (&self.params, self.attention.head_parameter(0)) {
+            walk.param(name, scale, Role::KindParameter);
+        }
+        self.params.visit(walk);
+        if let Some(n) = &self.qk_norm {
+            walk.layer("q_norm", &n.q_norm);
+            walk.layer("k_norm", &n.k_norm);
+        }
+    }
+}
+
+impl Layer for FeedForward {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        match self {
+            FeedForward::Dense(m) => m.visit(walk),
+            FeedForward::Moe(m) => m.visit(walk),
+            FeedForward::CdMoe(m) => m.visit(walk),
+        }
+    }
+}
+
+impl Layer for DecoderLayer {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        walk.layer_opt("in_proj", self.in_proj.as_ref());
+        walk.layer("input_layernorm", &self.input_layernorm);
+        walk.layer("self_attn", &self.self_attn);
+        walk.layer("post_attention_layernorm", &self.post_attention_layernorm);
+        match self.mlp_tied {
+            true => walk.tied("mlp", &self.mlp),
+            false => walk.layer("mlp", &self.mlp),
+        }
+        walk.param_opt("input_residual", self.input_residual.as_ref(), Role::Scale);
+        walk.param_opt("post_attention_residual", self.post_attention_residual.as_ref(), Role::Scale);
     }
 }

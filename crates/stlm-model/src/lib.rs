@@ -15,6 +15,7 @@ pub mod dynamic;
 pub mod error;
 pub mod generate;
 pub mod hf;
+pub mod inspect;
 pub mod io;
 pub mod layers;
 pub mod llama2c;

@@ -6,7 +6,7 @@ use crate::io::{copy_weights, save_dir, WEIGHTS_FILE};
 use crate::{load_config, BytePooledModel, DecoderModel, ModelConfig, ModelError, Result};
 use std::path::Path;
 use std::collections::BTreeMap;
-use stlm_core::{read_safetensors, BufferUpdate, DType, Mode};
+use stlm_core::{read_safetensors, BufferUpdate, DType, Mode, Parameter};
 use stlm_moe::MoeStats;
 use tch::{nn, Device, Tensor};
 
@@ -86,11 +86,10 @@ pub trait LanguageModel {
     fn var_store(&self) -> &nn::VarStore;
     /// The model config.
     fn model_config(&self) -> &ModelConfig;
-    /// Every tensor the optimizer updates, by name: the variable store's, plus whatever else a
-    /// wrapper trains alongside (distillation's projections).
-    fn trainable_variables(&self) -> Vec<(String, Tensor)> {
-        self.var_store().variables().into_iter().collect()
-    }
+    /// Every tensor the optimizer updates, with its saved name and role: the model's stored
+    /// walk ([`stlm_core::module::parameters`]), plus whatever else a wrapper trains alongside
+    /// (distillation's projections).
+    fn parameters(&self) -> Vec<Parameter>;
     /// The pass over `batch` in `mode`: the logged loss, the terms that only train, and stats.
     fn step(&self, batch: &Batch, mode: Mode) -> Result<StepOutput>;
     /// Nats of each target `[b, s]` of windows `inputs` with next-id `targets` (byte models: of
@@ -122,6 +121,9 @@ impl LanguageModel for DecoderModel {
     fn model_config(&self) -> &ModelConfig {
         &self.config
     }
+    fn parameters(&self) -> Vec<Parameter> {
+        stlm_core::module::parameters(self)
+    }
     fn step(&self, batch: &Batch, mode: Mode) -> Result<StepOutput> {
         let (logits, moe) = self.forward_mode(&batch.inputs, mode); // [b, s, vocab]
         let vocab = logits.size()[2];
@@ -150,6 +152,9 @@ impl LanguageModel for BytePooledModel {
     }
     fn model_config(&self) -> &ModelConfig {
         &self.config
+    }
+    fn parameters(&self) -> Vec<Parameter> {
+        stlm_core::module::parameters(self)
     }
     fn step(&self, batch: &Batch, mode: Mode) -> Result<StepOutput> {
         let (loss, reconstruction, moe) = self.loss(&batch.inputs, &batch.targets, mode)?;

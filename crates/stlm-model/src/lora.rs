@@ -7,8 +7,8 @@
 //! `...lora_B.weight` `[out, rank]` for applied layer `i`. `B` starts at zero, so a new model
 //! equals the same model without deltas.
 
-use crate::layers::{DecoderLayer, FeedForward, KindParams, Linear, Mlp, Norm, QkNorm, SelfAttention};
-use stlm_attention::LinformerProjection;
+use crate::layers::{Adapter, DecoderLayer, Linear, LowRank};
+use stlm_core::{Layer, Role, Walk};
 use tch::nn::{self, Init};
 use tch::Tensor;
 
@@ -29,9 +29,9 @@ impl LoraDelta {
         LoraDelta { a, b }
     }
 
-    /// `base` with this update added to its weight (the bias shared).
-    fn merged(&self, base: &Linear) -> Linear {
-        Linear { weight: &base.weight + self.b.matmul(&self.a), bias: base.bias.as_ref().map(Tensor::shallow_clone), tap: None }
+    /// This update as the projection's forward takes it.
+    fn low_rank(&self) -> LowRank<'_> {
+        LowRank { a: &self.a, b: &self.b }
     }
 }
 
@@ -65,55 +65,31 @@ impl LayerLora {
         })
     }
 
-    /// `block` with these deltas merged into its projections; every other tensor is the
-    /// block's own (the same handles, so gradients reach the shared weights).
-    pub fn apply(&self, block: &DecoderLayer) -> DecoderLayer {
-        let a = &block.self_attn;
+    /// The updates as a block's forward takes them: each projection multiplies with its weight
+    /// plus its `B A` (the block itself is shared and unchanged, so gradients reach both).
+    pub fn adapter(&self) -> Adapter<'_> {
         let [q, k, v, o] = &self.attention;
-        let mlp = match block.mlp.dense() {
-            Some(m) => FeedForward::Dense(Mlp {
-                gate_proj: m.gate_proj.as_ref().zip(self.mlp.0.as_ref()).map(|(g, d)| d.merged(g)),
-                up_proj: self.mlp.1.merged(&m.up_proj),
-                down_proj: self.mlp.2.merged(&m.down_proj),
-                act: m.act,
-                gate_up: None,
-            }),
-            None => unreachable!("deltas are built for dense MLPs only"),
-        };
-        DecoderLayer {
-            in_proj: block.in_proj.as_ref().map(Linear::share),
-            input_layernorm: share_norm(&block.input_layernorm),
-            self_attn: SelfAttention {
-                q_proj: q.merged(&a.q_proj),
-                k_proj: k.merged(&a.k_proj),
-                v_proj: v.merged(&a.v_proj),
-                o_proj: o.merged(&a.o_proj),
-                num_heads: a.num_heads,
-                num_kv_heads: a.num_kv_heads,
-                head_dim: a.head_dim,
-                qkv: None,
-                attention: a.attention.clone(),
-                params: share_params(&a.params),
-                qk_norm: a.qk_norm.as_ref().map(|n| QkNorm { q_norm: share_norm(&n.q_norm), k_norm: share_norm(&n.k_norm) }),
-                alibi_slopes: a.alibi_slopes.as_ref().map(Tensor::shallow_clone),
-            },
-            post_attention_layernorm: share_norm(&block.post_attention_layernorm),
-            mlp,
-            input_residual: block.input_residual.as_ref().map(Tensor::shallow_clone),
-            post_attention_residual: block.post_attention_residual.as_ref().map(Tensor::shallow_clone),
+        Adapter {
+            attention: [q.low_rank(), k.low_rank(), v.low_rank(), o.low_rank()],
+            mlp: (self.mlp.0.as_ref().map(LoraDelta::low_rank), self.mlp.1.low_rank(), self.mlp.2.low_rank()),
         }
     }
 }
 
-fn share_norm(n: &Norm) -> Norm {
-    Norm { kind: n.kind, weight: n.weight.shallow_clone(), bias: n.bias.as_ref().map(Tensor::shallow_clone), eps: n.eps }
+impl Layer for LoraDelta {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        walk.param("lora_A.weight", &self.a, Role::Matrix);
+        walk.param("lora_B.weight", &self.b, Role::Matrix);
+    }
 }
 
-fn share_params(p: &KindParams) -> KindParams {
-    match p {
-        KindParams::None => KindParams::None,
-        KindParams::HeadScale(t) => KindParams::HeadScale(t.shallow_clone()),
-        KindParams::DynamicMask(dm) => KindParams::DynamicMask(crate::layers::DynamicMask { a: dm.a.shallow_clone(), dt_proj: dm.dt_proj.share() }),
-        KindParams::Linformer(l) => KindParams::Linformer(LinformerProjection { e: l.e.shallow_clone(), f: l.f.as_ref().map(Tensor::shallow_clone) }),
+impl Layer for LayerLora {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        for (name, delta) in ["q_proj", "k_proj", "v_proj", "o_proj"].iter().zip(&self.attention) {
+            walk.layer(&format!("self_attn.{name}"), delta);
+        }
+        walk.layer_opt("mlp.gate_proj", self.mlp.0.as_ref());
+        walk.layer("mlp.up_proj", &self.mlp.1);
+        walk.layer("mlp.down_proj", &self.mlp.2);
     }
 }

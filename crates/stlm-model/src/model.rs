@@ -6,12 +6,12 @@
 //! `tests/tests/hf_parity.rs` compare logits with them both ways.
 
 use crate::config::{ModelConfig, PositionKind};
-use crate::layers::{DecoderLayer, FeedForward, Linear, Mlp, Norm, RotaryAngles};
+use crate::layers::{Adapter, DecoderLayer, FeedForward, Linear, Mlp, Norm, RotaryAngles};
 use crate::lora::LayerLora;
 use crate::{ModelError, Result};
 use stlm_attention::{sinusoidal_positions, AttentionMask, KvCache, Rope};
 use stlm_core::kernels::small_batch_linear;
-use stlm_core::Mode;
+use stlm_core::{Layer, Mode, Role, Walk, WalkKind};
 use stlm_moe::MoeStats;
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
@@ -62,21 +62,47 @@ impl Root {
     }
 }
 
-/// The block applied as one layer (see [`DecoderModel::applied`]).
-pub enum Applied<'m> {
-    /// A stored block as it is.
-    Stored(&'m DecoderLayer),
-    /// A stored block with its applied layer's LoRA deltas merged in.
-    Merged(Box<DecoderLayer>),
+/// The block applied as one layer (see [`DecoderModel::applied`]): a stored block and, with
+/// per-layer LoRA, the low-rank updates its projections add in this application. It reads as
+/// the block ([`std::ops::Deref`]); its passes apply the updates.
+pub struct Applied<'m> {
+    /// The stored block.
+    pub block: &'m DecoderLayer,
+    /// This application's LoRA updates (`layer_sharing.lora_rank`), if any.
+    pub adapter: Option<Adapter<'m>>,
 }
 
 impl std::ops::Deref for Applied<'_> {
     type Target = DecoderLayer;
     fn deref(&self) -> &DecoderLayer {
-        match self {
-            Applied::Stored(l) => l,
-            Applied::Merged(l) => l,
-        }
+        self.block
+    }
+}
+
+impl Applied<'_> {
+    /// [`DecoderLayer::forward_mode`] with this application's updates.
+    pub fn forward_mode(
+        &self,
+        x: &Tensor,
+        rotary: Option<&RotaryAngles>,
+        positions: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<(&KvCache, usize)>,
+        mode: Mode,
+    ) -> (Tensor, Option<MoeStats>) {
+        self.block.forward_with(x, rotary, positions, mask, cache, mode, self.adapter.as_ref())
+    }
+
+    /// [`DecoderLayer::write_kv`] with this application's updates.
+    pub fn write_kv(&self, x: &Tensor, rotary: Option<&RotaryAngles>, cache: &KvCache, layer: usize) {
+        self.block.write_kv_with(x, rotary, cache, layer, self.adapter.as_ref())
+    }
+
+    /// [`SelfAttention::attention_log_probs`](crate::layers::SelfAttention::attention_log_probs)
+    /// of the block's normed input for its input `x`, with this application's updates.
+    pub fn attention_log_probs(&self, x: &Tensor, rotary: Option<&RotaryAngles>) -> Option<Tensor> {
+        let normed = self.block.input_layernorm.forward(&self.block.project_in(x));
+        self.block.self_attn.attention_log_probs_with(&normed, rotary, self.adapter.as_ref())
     }
 }
 
@@ -168,14 +194,9 @@ impl DecoderModel {
         self.config.depth() as usize
     }
 
-    /// The block applied as layer `i` (`i < depth()`): the stored block, or with per-layer LoRA
-    /// deltas the block with layer `i`'s deltas merged in.
+    /// The block applied as layer `i` (`i < depth()`), with layer `i`'s per-layer LoRA updates.
     pub fn applied(&self, i: usize) -> Applied<'_> {
-        let block = &self.layers[self.config.applied_block(i)];
-        match self.lora.get(i) {
-            Some(lora) => Applied::Merged(Box::new(lora.apply(block))),
-            None => Applied::Stored(block),
-        }
+        Applied { block: &self.layers[self.config.applied_block(i)], adapter: self.lora.get(i).map(LayerLora::adapter) }
     }
 
     /// The stored block of every applied layer (see [`ModelConfig::applied_layers`]).
@@ -248,32 +269,19 @@ impl DecoderModel {
     }
 
     /// Model FLOPs of one trained token in windows of `seq` (see [`stlm_core::flops`]): the
-    /// matmul weights, the tied head once more (it is an embedding and a product), attention.
+    /// weights of the applied walk (every application of a shared block, a routed token's share
+    /// of the experts, the tied head as a product), then attention over each applied layer.
     pub fn flops_per_token(&self, seq: i64) -> f64 {
         let c = &self.config;
-        let vars = self.vs.variables();
-        let head = if c.tie_word_embeddings { c.vocab_size * c.hidden_size } else { 0 };
-        let matmul = stlm_core::flops::matmul_parameters(&vars) + head + self.repeated_matmul_parameters(&vars);
+        let matmul = stlm_core::module::matmul_weights(self);
         // Attention's products scale with each applied layer's width.
         let widths: i64 = (0..self.depth()).map(|i| c.layer_shape(c.applied_block(i)).hidden_size).sum();
         stlm_core::flops::training_flops_per_token(matmul, 1, widths, seq)
     }
 
-    /// Matmul weights applied more than once, counted once more per extra application: a
-    /// repeated block's own weights, and block 0's tied FFN and output projection in every block.
-    fn repeated_matmul_parameters(&self, vars: &std::collections::HashMap<String, Tensor>) -> i64 {
-        let Some(sharing) = self.config.layer_sharing.as_ref().filter(|s| s.shares()) else { return 0 };
-        let under = |prefix: &str| stlm_core::flops::matmul_parameters(vars.iter().filter(|(k, _)| k.starts_with(prefix)));
-        let mut tied = 0;
-        if sharing.mlp {
-            tied += under("model.layers.0.mlp.");
-        }
-        if sharing.o_proj {
-            tied += under("model.layers.0.self_attn.o_proj.");
-        }
-        let own: Vec<i64> = (0..self.layers.len()).map(|j| under(&format!("model.layers.{j}.")) - if j == 0 { tied } else { 0 }).collect();
-        let applied: i64 = self.schedule().iter().map(|&j| own[j] + tied).sum();
-        applied - (own.iter().sum::<i64>() + tied)
+    /// Every tensor the model owns, once, with its saved name and role (see [`stlm_core::module`]).
+    pub fn parameters(&self) -> Vec<stlm_core::Parameter> {
+        stlm_core::module::parameters(self)
     }
 
     /// Copies this model into the smaller `into` (same vocabulary and width): embeddings, final
@@ -474,8 +482,7 @@ impl DecoderModel {
     /// Log attention probabilities `[b, heads, s, s]` of block `i` given its input `x` (a state of
     /// [`DecoderModel::residual_stream`]); `None` unless the block has dense softmax attention.
     pub fn attention_log_probs(&self, i: usize, pass: &BlockPass, x: &Tensor) -> Option<Tensor> {
-        let layer = self.applied(i);
-        layer.self_attn.attention_log_probs(&layer.input_layernorm.forward(&layer.project_in(x)), pass.rotary.as_ref())
+        self.applied(i).attention_log_probs(x, pass.rotary.as_ref())
     }
 
     /// A KV cache for `batch` sequences of up to `capacity` positions, in the model's dtype
@@ -496,6 +503,59 @@ impl DecoderModel {
             })
             .collect();
         KvCache::with_layers(&layers, batch, self.config.head_dim(), capacity, self.kind(), self.device())
+    }
+}
+
+impl Layer for Root {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        walk.param("weight", &self.weight, Role::Scale);
+        walk.param_opt("gate", self.gate.as_ref(), Role::Scale);
+        walk.layer_opt("embed_proj", self.embed_proj.as_ref());
+    }
+}
+
+impl Layer for DecoderModel {
+    /// Stored walks list the blocks in order; applied walks follow the schedule, so a shared
+    /// block is counted at each application (under its stored name).
+    fn visit(&self, walk: &mut Walk<'_>) {
+        self.visit_parts(walk, true);
+    }
+}
+
+/// A model's tensors outside its blocks (see [`DecoderModel::outside_blocks`]).
+struct OutsideBlocks<'m>(&'m DecoderModel);
+
+impl Layer for OutsideBlocks<'_> {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        self.0.visit_parts(walk, false);
+    }
+}
+
+impl DecoderModel {
+    /// The stored walk's tensors that are not in a block (`model.layers.{j}`): embeddings, root,
+    /// LoRA deltas, projections, final norm, head; blocks are walked one by one (`layers[j]`).
+    pub fn outside_blocks(&self) -> Vec<stlm_core::Parameter> {
+        stlm_core::module::parameters(&OutsideBlocks(self))
+    }
+
+    fn visit_parts(&self, walk: &mut Walk<'_>, blocks: bool) {
+        walk.param("model.embed_tokens.weight", &self.embed_tokens, Role::Embedding);
+        walk.param_opt("model.embed_positions.weight", self.embed_positions.as_ref(), Role::Embedding);
+        walk.layer_opt("model.residual_root", self.residual_root.as_ref());
+        match (blocks, walk.kind()) {
+            (false, _) => {}
+            (true, WalkKind::Stored) => (0..self.layers.len()).for_each(|j| walk.layer(&format!("model.layers.{j}"), &self.layers[j])),
+            (true, WalkKind::Applied) => self.schedule().into_iter().for_each(|j| walk.layer(&format!("model.layers.{j}"), &self.layers[j])),
+        }
+        for (i, lora) in self.lora.iter().enumerate() {
+            walk.layer(&format!("model.lora.{i}"), lora);
+        }
+        walk.layer_opt("model.out_proj", self.out_proj.as_ref());
+        walk.layer("model.norm", &self.norm);
+        match &self.lm_head {
+            Some(head) => walk.layer("lm_head", head),
+            None => walk.tied_param("lm_head.weight", &self.embed_tokens, Role::Matrix),
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 use crate::SwiGlu;
+use stlm_core::{Layer, Role, Walk};
 use tch::nn::{self, Init};
 use tch::Tensor;
 
@@ -84,6 +85,16 @@ pub struct CdMoe {
     pub norm_topk_prob: bool,
     /// Router split.
     pub routing: CdmoeRouting,
+}
+
+impl Layer for CdMoe {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        self.shared.visit(walk); // directly under the layer's path, as transformers names it
+        walk.param("router_gate.weight", &self.router_gate, Role::Matrix);
+        let rows = Role::RoutedRows { experts: self.down_embed.size()[0], per_token: self.top_k as f64 };
+        walk.param("down_embed.weight", &self.down_embed, rows);
+        walk.param("up_embed.weight", &self.up_embed, rows);
+    }
 }
 
 impl CdMoe {

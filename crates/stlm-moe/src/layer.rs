@@ -4,7 +4,7 @@
 
 use crate::{balance_bias_step, expert_load, load_balancing_loss_with, moe_forward, z_loss, Experts, RouterKind, SwiGlu};
 use serde::{Deserialize, Serialize};
-use stlm_core::{BufferUpdate, Mode};
+use stlm_core::{BufferUpdate, Layer, Mode, Role, Walk};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
@@ -136,6 +136,18 @@ pub struct MoeLayer {
     pub shared_expert_gate: Option<Tensor>,
     /// The settings.
     pub config: MoeConfig,
+}
+
+impl Layer for MoeLayer {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        walk.param("gate.weight", &self.gate, Role::Matrix);
+        walk.param_opt("gate.e_score_correction_bias", self.bias.as_ref(), Role::Buffer);
+        let role = Role::RoutedExperts { experts: self.config.num_experts, per_token: self.config.router.experts_per_token() };
+        walk.param("experts.gate_up_proj", &self.experts.gate_up_proj, role);
+        walk.param("experts.down_proj", &self.experts.down_proj, role);
+        walk.layer_opt("shared_expert", self.shared_expert.as_ref());
+        walk.param_opt("shared_expert_gate.weight", self.shared_expert_gate.as_ref(), Role::Matrix);
+    }
 }
 
 impl MoeLayer {

@@ -100,6 +100,16 @@ pub struct Routing {
 }
 
 impl RouterKind {
+    /// Experts a token runs on average: `k` for top-k routers, 1 for Switch (before tokens over
+    /// capacity are dropped), the capacity factor for expert choice.
+    pub fn experts_per_token(&self) -> f64 {
+        match self {
+            RouterKind::TopK { k, .. } | RouterKind::AuxFree { k, .. } => *k as f64,
+            RouterKind::Switch { .. } => 1.0,
+            RouterKind::ExpertChoice { capacity_factor } => *capacity_factor,
+        }
+    }
+
     /// The config name.
     pub fn name(&self) -> &'static str {
         match self {

@@ -1,6 +1,7 @@
 //! The SwiGLU MLP `down(silu(gate x) * up x)` without biases: the shared expert beside routed
 //! experts (Qwen-MoE, DeepSeek) and the shared MLP of Doge's cross-domain MoE.
 
+use stlm_core::{Layer, Role, Walk};
 use tch::nn::{self, Init};
 use tch::Tensor;
 
@@ -39,5 +40,13 @@ impl SwiGlu {
             up_proj: self.up_proj.shallow_clone(),
             down_proj: self.down_proj.shallow_clone(),
         }
+    }
+}
+
+impl Layer for SwiGlu {
+    fn visit(&self, walk: &mut Walk<'_>) {
+        walk.param("gate_proj.weight", &self.gate_proj, Role::Matrix);
+        walk.param("up_proj.weight", &self.up_proj, Role::Matrix);
+        walk.param("down_proj.weight", &self.down_proj, Role::Matrix);
     }
 }

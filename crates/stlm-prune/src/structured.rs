@@ -20,14 +20,13 @@ use crate::report::Perplexity;
 use crate::{PruneError, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use stlm_attention::AttentionKind;
 use stlm_core::OptionError;
 use stlm_moe::RouterKind;
 use stlm_model::config::{ModelType, PositionKind};
-use stlm_model::layers::{FeedForward, InputGram, KeepUnits};
+use stlm_model::layers::{DecoderLayer, FeedForward, InputGram, KeepUnits};
 use stlm_model::{DecoderModel, Mode, ModelConfig};
 use tch::{Kind, Tensor};
 
@@ -300,29 +299,32 @@ fn score(model: &mut DecoderModel, calib: &[Tensor], opts: &StructuredOptions) -
     match (opts.unit, opts.importance) {
         (Unit::Layers, Importance::Activation) => Ok(vec![block_influence(model, calib)]),
         (Unit::Layers, _) => {
-            let grads = taylor_products(model, calib)?;
-            let per_block = (0..model.layers.len()).map(|i| {
-                let prefix = format!("model.layers.{i}.");
-                grads.iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(_, p)| p.sum(Kind::Double)).fold(Tensor::from(0.0f64), |a, b| a + b).abs()
+            taylor_backward(model, calib);
+            let per_block = model.layers.iter().map(|l| {
+                let sums = stlm_core::module::parameters(l).into_iter().map(|p| taylor_product(&p.tensor).sum(Kind::Double));
+                sums.fold(Tensor::from(0.0f64), |a, b| a + b).abs()
             });
-            Ok(vec![Tensor::stack(&per_block.collect::<Vec<_>>(), 0)])
+            let scores = vec![Tensor::stack(&per_block.collect::<Vec<_>>(), 0)];
+            zero_grads(model);
+            Ok(scores)
         }
         (unit, Importance::Magnitude) => {
-            let squares: HashMap<String, Tensor> = model.var_store().variables().into_iter().map(|(n, w)| (n, w.detach().to_kind(Kind::Double).square())).collect();
-            (0..model.layers.len()).map(|i| Ok(group_sums(model, unit, i, &squares)?.sqrt())).collect()
+            let square = |w: &Tensor| w.detach().to_kind(Kind::Double).square();
+            model.layers.iter().map(|l| Ok(group_sums(&model.config, l, unit, &square)?.sqrt())).collect()
         }
         (unit, Importance::Taylor) => {
-            let products = taylor_products(model, calib)?;
-            (0..model.layers.len()).map(|i| Ok(group_sums(model, unit, i, &products)?.abs())).collect()
+            taylor_backward(model, calib);
+            let scores = model.layers.iter().map(|l| Ok(group_sums(&model.config, l, unit, &taylor_product)?.abs())).collect();
+            zero_grads(model);
+            scores
         }
         (Unit::Experts, Importance::Activation) => expert_load(model, calib),
         (unit, Importance::Activation) => contribution_norms(model, calib, unit),
     }
 }
 
-/// `w * dL/dw` of every weight (float64), with the gradient of the summed next-token loss over `calib`.
-fn taylor_products(model: &DecoderModel, calib: &[Tensor]) -> Result<HashMap<String, Tensor>> {
-    let vars = model.var_store().variables();
+/// Accumulates in every weight the gradient of the summed next-token loss over `calib`.
+fn taylor_backward(model: &DecoderModel, calib: &[Tensor]) {
     for batch in calib {
         let s = batch.size()[1];
         let (x, y) = (batch.narrow(1, 0, s - 1), batch.narrow(1, 1, s - 1));
@@ -331,41 +333,39 @@ fn taylor_products(model: &DecoderModel, calib: &[Tensor]) -> Result<HashMap<Str
         let loss = logits.reshape([-1, logits.size()[2]]).cross_entropy_for_logits(&y.reshape([-1]));
         loss.backward();
     }
-    let _guard = tch::no_grad_guard();
-    let products = vars
-        .into_iter()
-        .map(|(name, mut w)| {
-            let g = w.grad();
-            let p = if g.defined() { (&w * &g).to_kind(Kind::Double) } else { w.zeros_like().to_kind(Kind::Double) };
-            w.zero_grad();
-            (name, p)
-        })
-        .collect();
-    Ok(products)
 }
 
-/// Per-unit sums over block `layer` of `per_weight` (an elementwise value of each weight, by
-/// variable name): the entries of a head's q/k/v rows and o columns, a neuron's gate/up rows and
-/// down column, an expert's slices and router row.
-fn group_sums(model: &DecoderModel, unit: Unit, layer: usize, per_weight: &HashMap<String, Tensor>) -> Result<Tensor> {
-    let cfg = &model.config;
-    let get = |suffix: &str| -> Result<&Tensor> {
-        let name = format!("model.layers.{layer}.{suffix}");
-        per_weight.get(&name).ok_or_else(|| PruneError::Input(format!("the model has no weight `{name}`")))
-    };
-    let opt = |suffix: &str| per_weight.get(&format!("model.layers.{layer}.{suffix}"));
-    let rows = |t: &Tensor, n: i64| t.reshape([n, -1]).sum_dim_intlist(1, false, Kind::Double); // [n]
+/// `w * dL/dw` (float64) of a weight after [`taylor_backward`] (zero without a gradient).
+fn taylor_product(w: &Tensor) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let g = w.grad();
+    if g.defined() { (w * &g).to_kind(Kind::Double) } else { w.zeros_like().to_kind(Kind::Double) }
+}
+
+/// Clears the gradients [`taylor_backward`] left.
+fn zero_grads(model: &DecoderModel) {
+    for mut p in model.parameters().into_iter().map(|p| p.tensor) {
+        p.zero_grad();
+    }
+}
+
+/// Per-unit sums over `layer` of `value` (an elementwise float64 value of a weight): the entries
+/// of a head's q/k/v rows and o columns, a neuron's gate/up rows and down column, an expert's
+/// slices and router row.
+fn group_sums(cfg: &ModelConfig, layer: &DecoderLayer, unit: Unit, value: &dyn Fn(&Tensor) -> Tensor) -> Result<Tensor> {
+    let rows = |t: &Tensor, n: i64| value(t).reshape([n, -1]).sum_dim_intlist(1, false, Kind::Double); // [n]
     match unit {
         Unit::Heads => {
+            let a = &layer.self_attn;
             let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
             let hidden = cfg.hidden_size;
-            let mut q = rows(get("self_attn.q_proj.weight")?, nh);
-            q += get("self_attn.o_proj.weight")?.view([hidden, nh, d]).sum_dim_intlist([0i64, 2].as_slice(), false, Kind::Double);
-            if let Some(b) = opt("self_attn.q_proj.bias") {
+            let mut q = rows(&a.q_proj.weight, nh);
+            q += value(&a.o_proj.weight).view([hidden, nh, d]).sum_dim_intlist([0i64, 2].as_slice(), false, Kind::Double);
+            if let Some(b) = &a.q_proj.bias {
                 q += rows(b, nh);
             }
-            let mut kv = rows(get("self_attn.k_proj.weight")?, nkv) + rows(get("self_attn.v_proj.weight")?, nkv);
-            for b in ["self_attn.k_proj.bias", "self_attn.v_proj.bias"].iter().filter_map(|s| opt(s)) {
+            let mut kv = rows(&a.k_proj.weight, nkv) + rows(&a.v_proj.weight, nkv);
+            for b in [&a.k_proj.bias, &a.v_proj.bias].into_iter().flatten() {
                 kv += rows(b, nkv);
             }
             let hu = HeadUnits::of(cfg);
@@ -375,16 +375,19 @@ fn group_sums(model: &DecoderModel, unit: Unit, layer: usize, per_weight: &HashM
             })
         }
         Unit::Neurons => {
+            let Some(m) = layer.mlp.dense() else { return Err(PruneError::Input("neurons are pruned in dense MLPs only".into())) };
             let i = cfg.intermediate_size;
-            let mut s = rows(get("mlp.up_proj.weight")?, i) + get("mlp.down_proj.weight")?.sum_dim_intlist(0, false, Kind::Double);
-            for t in ["mlp.gate_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias"].iter().filter_map(|s| opt(s)) {
+            let mut s = rows(&m.up_proj.weight, i) + value(&m.down_proj.weight).sum_dim_intlist(0, false, Kind::Double);
+            let gate = m.gate_proj.as_ref();
+            for t in [gate.map(|g| &g.weight), gate.and_then(|g| g.bias.as_ref()), m.up_proj.bias.as_ref()].into_iter().flatten() {
                 s += rows(t, i);
             }
             Ok(s)
         }
         Unit::Experts => {
-            let e = cfg.moe.as_ref().map_or(0, |m| m.num_experts);
-            Ok(rows(get("mlp.gate.weight")?, e) + rows(get("mlp.experts.gate_up_proj")?, e) + rows(get("mlp.experts.down_proj")?, e))
+            let FeedForward::Moe(m) = &layer.mlp else { return Err(PruneError::Input("experts are pruned in MoE layers only".into())) };
+            let e = m.config.num_experts;
+            Ok(rows(&m.gate, e) + rows(&m.experts.gate_up_proj, e) + rows(&m.experts.down_proj, e))
         }
         Unit::Layers => Err(PruneError::Input("blocks are scored whole".into())),
     }

@@ -6,6 +6,7 @@
 
 use crate::Result;
 use std::collections::BTreeMap;
+use stlm_core::Parameter;
 use tch::{Kind, Tensor};
 
 /// AdamW settings.
@@ -17,7 +18,8 @@ pub struct AdamWConfig {
     pub beta2: f64,
     /// Added to the denominator.
     pub eps: f64,
-    /// Decoupled weight decay (applied to matrices other than embeddings; not to matrices on
+    /// Decoupled weight decay (applied where the parameter's role says so, see
+    /// [`stlm_core::Role::decays`]: matrices, not lookup tables or vectors; not to matrices on
     /// the hypersphere, whose norm is fixed).
     pub weight_decay: f64,
     /// Keep every row of every matrix (embeddings and head included) at unit L2 norm and
@@ -50,21 +52,16 @@ pub struct AdamW {
     step: u64,
 }
 
-/// Whether weight decay applies to a parameter: matrices only, and not embeddings (norm weights
-/// and biases are vectors).
-pub fn decays(name: &str, param: &Tensor) -> bool {
-    param.dim() >= 2 && !name.contains("embed")
-}
-
 impl AdamW {
-    /// An optimizer for `params` (name, tensor), moments at zero. On the hypersphere, the rows
-    /// of every matrix are normalised to unit length here.
-    pub fn new(params: impl IntoIterator<Item = (String, Tensor)>, config: AdamWConfig) -> Self {
+    /// An optimizer for `params` (a model's walk, [`stlm_core::module::parameters`]), moments at
+    /// zero; each parameter's role decides its weight decay. On the hypersphere, the rows of
+    /// every matrix are normalised to unit length here.
+    pub fn new(params: impl IntoIterator<Item = Parameter>, config: AdamWConfig) -> Self {
         let slots = params
             .into_iter()
-            .map(|(name, param)| {
+            .map(|Parameter { name, tensor: param, role }| {
                 let sphere = config.hypersphere && param.dim() == 2;
-                let decay = decays(&name, &param) && !sphere;
+                let decay = role.decays(&param) && !sphere;
                 if sphere {
                     let _guard = tch::no_grad_guard();
                     param.shallow_clone().copy_(&unit_rows(&param));
@@ -241,6 +238,7 @@ fn sphere_step(slot: &mut Slot, grad: &Tensor, lr: f64, c: AdamWConfig, bias1: f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stlm_core::Role;
 
     /// Three steps against the update written out in float64, with weight decay on a matrix and
     /// none on a vector.
@@ -251,8 +249,7 @@ mod tests {
         let w = Tensor::randn([3, 4], opts).set_requires_grad(true);
         let b = Tensor::randn([4], opts).set_requires_grad(true);
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, hypersphere: false };
-        let mut opt =
-            AdamW::new([("w".to_string(), w.shallow_clone()), ("norm.weight".to_string(), b.shallow_clone())], cfg);
+        let mut opt = AdamW::new([param("w", &w, Role::Matrix), param("norm.weight", &b, Role::Norm)], cfg);
         let (mut wd, mut bd) = (w.to_kind(Kind::Double).detach(), b.to_kind(Kind::Double).detach());
         let (mut mw, mut vw) = (wd.zeros_like(), wd.zeros_like());
         let (mut mb, mut vb) = (bd.zeros_like(), bd.zeros_like());
@@ -286,7 +283,7 @@ mod tests {
         let w = Tensor::randn([5, 8], opts).set_requires_grad(true);
         let b = Tensor::randn([8], opts).set_requires_grad(true);
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, hypersphere: true };
-        let mut opt = AdamW::new([("w".to_string(), w.shallow_clone()), ("b".to_string(), b.shallow_clone())], cfg);
+        let mut opt = AdamW::new([param("w", &w, Role::Matrix), param("b", &b, Role::Bias)], cfg);
         let norms = |t: &Tensor| t.to_kind(Kind::Double).square().sum_dim_intlist(-1, false, Kind::Double).sqrt();
         let unit = |t: &Tensor| (norms(t) - 1.0).abs().max().double_value(&[]);
         assert!(unit(&w) < 1e-6, "rows normalised at the start");
@@ -313,21 +310,27 @@ mod tests {
         assert!(norms(&b.unsqueeze(0)).double_value(&[0]) > 1.5, "vectors are not normalised");
     }
 
+    fn param(name: &str, t: &Tensor, role: Role) -> Parameter {
+        Parameter { name: name.to_string(), tensor: t.shallow_clone(), role }
+    }
+
     #[test]
     fn decay_skips_vectors_and_embeddings() {
         let m = Tensor::zeros([2, 2], (Kind::Float, tch::Device::Cpu));
         let v = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
-        assert!(decays("model.layers.0.mlp.up_proj.weight", &m));
-        assert!(decays("lm_head.weight", &m));
-        assert!(!decays("model.embed_tokens.weight", &m));
-        assert!(!decays("model.layers.0.input_layernorm.weight", &v));
-        assert!(!decays("model.layers.0.self_attn.q_proj.bias", &v));
+        let decays = |role: Role, t: &Tensor| {
+            let opt = AdamW::new([param("p", t, role)], AdamWConfig::default());
+            opt.slots["p"].decay
+        };
+        assert!(decays(Role::Matrix, &m), "projections (up_proj, lm_head) decay");
+        assert!(!decays(Role::Embedding, &m), "embedding tables do not");
+        assert!(!decays(Role::Norm, &v) && !decays(Role::Bias, &v), "nor norms and biases");
     }
 
     #[test]
     fn clipping_bounds_the_global_norm() {
         let p = Tensor::ones([4], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        let mut opt = AdamW::new([("p".to_string(), p.shallow_clone())], AdamWConfig::default());
+        let mut opt = AdamW::new([param("p", &p, Role::Bias)], AdamWConfig::default());
         (p.sum(Kind::Float) * 3.0).backward(); // gradient 3 everywhere: norm 6
         let norm = opt.clip_grad_norm(1.5);
         assert!((norm - 6.0).abs() < 1e-6);

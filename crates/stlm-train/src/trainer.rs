@@ -229,7 +229,7 @@ pub fn train(
     std::fs::create_dir_all(run_dir).map_err(|e| CoreError::io(run_dir, e))?;
     let group = control.group.as_deref();
     let leader = control.is_leader();
-    let params = model.trainable_variables();
+    let params = model.parameters();
     let mut opt = AdamW::new(params, cfg.adamw());
     let mut state = TrainerState { step: 0, seed: cfg.seed, tokens_seen: 0 };
     if resume {

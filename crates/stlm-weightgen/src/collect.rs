@@ -154,7 +154,8 @@ pub fn continue_training(
     }
     let units = collection.manifest.units.clone();
     let vars = model.var_store().variables();
-    let chosen: Vec<(String, Tensor)> = units.iter().map(|u| (u.name.clone(), vars[&u.name].shallow_clone())).collect();
+    let mut chosen = model.parameters();
+    chosen.retain(|p| units.iter().any(|u| u.name == p.name));
     // Freeze the rest (no gradients computed for them), and unfreeze at the end.
     let frozen: Vec<Tensor> = vars
         .iter()

@@ -487,7 +487,10 @@ impl WeightGen {
             Stage::Vae => &self.vae_vs,
             Stage::Diffusion => &self.den_vs,
         };
-        let mut opt = AdamW::new(named(vs), adam());
+        // The generator's own networks train without weight decay (see `adam`): roles by shape.
+        let role = |t: &Tensor| if t.dim() >= 2 { stlm_core::Role::Matrix } else { stlm_core::Role::Bias };
+        let params = named(vs).into_iter().map(|(name, tensor)| stlm_core::Parameter { role: role(&tensor), name, tensor });
+        let mut opt = AdamW::new(params, adam());
         self.resume_optimizer(&mut opt, dir, stage.step(&self.file.progress))?;
         let bar = bar(total, progress, name);
         bar.set_position(stage.step(&self.file.progress));
