@@ -9,8 +9,8 @@
 //! [`FastDecoder::new`] accepts the model. Tests compare its logits with the libtorch path.
 
 use crate::dynamic::Depth;
-use crate::config::{Activation, MlpKind, NormKind, PositionKind};
-use crate::layers::{DecoderLayer, Linear, Norm};
+use crate::config::{Activation, NormKind, PositionKind};
+use crate::layers::{DecoderLayer, FeedForward, KindParams, Linear, Mlp, Norm, SelfAttention};
 use crate::DecoderModel;
 use stlm_attention::{AttentionKind, KvCache};
 use stlm_core::kernels::{f32_slice, layer_norm_row, rms_norm_row, Rows};
@@ -24,12 +24,17 @@ struct Affine<'m> {
 }
 
 impl<'m> Affine<'m> {
-    fn new(l: &'m Linear) -> Option<Self> {
-        let bias = match &l.bias {
-            Some(b) => Some(f32_slice(b)?),
+    fn new(l: &'m Linear) -> Fused<Self> {
+        // Every field named: a new one fails to compile here until the step handles it.
+        let Linear { weight, bias, tap } = l;
+        if tap.is_some() {
+            return refuse("a projection records its inputs for calibration (a pruning tap is set)");
+        }
+        let bias = match bias {
+            Some(b) => Some(f32_slice(b).ok_or_else(not_row_major)?),
             None => None,
         };
-        Some(Affine { weight: Rows::from_tensor(&l.weight)?, bias })
+        Ok(Affine { weight: Rows::from_tensor(weight).ok_or_else(not_row_major)?, bias })
     }
 
     /// Writes `W x + b` to `y`.
@@ -47,10 +52,10 @@ impl<'m> Affine<'m> {
 struct Stacked<'m>(Vec<Affine<'m>>);
 
 impl<'m> Stacked<'m> {
-    fn new(fused: Option<&'m Linear>, parts: &[&'m Linear]) -> Option<Self> {
+    fn new(fused: Option<&'m Linear>, parts: &[&'m Linear]) -> Fused<Self> {
         match fused {
-            Some(f) => Some(Stacked(vec![Affine::new(f)?])),
-            None => parts.iter().map(|&p| Affine::new(p)).collect::<Option<_>>().map(Stacked),
+            Some(f) => Ok(Stacked(vec![Affine::new(f)?])),
+            None => parts.iter().map(|&p| Affine::new(p)).collect::<Fused<_>>().map(Stacked),
         }
     }
 
@@ -73,12 +78,13 @@ struct NormRow<'m> {
 }
 
 impl<'m> NormRow<'m> {
-    fn new(n: &'m Norm) -> Option<Self> {
-        let bias = match &n.bias {
-            Some(b) => Some(f32_slice(b)?),
+    fn new(n: &'m Norm) -> Fused<Self> {
+        let Norm { kind, weight, bias, eps } = n;
+        let bias = match bias {
+            Some(b) => Some(f32_slice(b).ok_or_else(not_row_major)?),
             None => None,
         };
-        Some(NormRow { kind: n.kind, weight: f32_slice(&n.weight)?, bias, eps: n.eps as f32 })
+        Ok(NormRow { kind: *kind, weight: f32_slice(weight).ok_or_else(not_row_major)?, bias, eps: *eps as f32 })
     }
 
     fn apply(&self, x: &[f32], out: &mut [f32]) {
@@ -98,6 +104,75 @@ struct Block<'m> {
     /// Gate and up (gated MLP, in that order) or up alone.
     up: Stacked<'m>,
     down: Affine<'m>,
+    act: Activation,
+    gated: bool,
+}
+
+/// Why a model has no fused step (see [`FastDecoder::try_new`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no fused decoding step: {0}")]
+pub struct NoFusedStep(pub String);
+
+/// A fused piece of a model, or why it has none.
+type Fused<T> = std::result::Result<T, NoFusedStep>;
+
+fn refuse<T>(why: impl Into<String>) -> Fused<T> {
+    Err(NoFusedStep(why.into()))
+}
+
+fn not_row_major() -> NoFusedStep {
+    NoFusedStep("weights are not float32 row-major tensors on the CPU".into())
+}
+
+impl<'m> Block<'m> {
+    /// The fused pieces of `layer`, for a model whose every block is `hidden` wide with `heads`
+    /// (`kv_heads`) heads; each field of the layer either has a fused counterpart or refuses.
+    fn new(layer: &'m DecoderLayer, hidden: i64, heads: i64, kv_heads: i64) -> Fused<Self> {
+        let DecoderLayer { in_proj, input_layernorm, self_attn, post_attention_layernorm, mlp, input_residual, post_attention_residual, mlp_tied: _ } =
+            layer;
+        if in_proj.is_some() || input_layernorm.weight.size()[0] != hidden {
+            return refuse("blocks of another width than the model's (`layer_shapes`)");
+        }
+        if input_residual.is_some() || post_attention_residual.is_some() {
+            return refuse("learned residual scales (`residual_scales`)");
+        }
+        let SelfAttention { q_proj, k_proj, v_proj, o_proj, num_heads, num_kv_heads, head_dim: _, qkv, attention, params, qk_norm, alibi_slopes, o_proj_tied: _ } =
+            self_attn;
+        if *attention != AttentionKind::Dense || !matches!(params, KindParams::None) {
+            return refuse(format!("attention kind `{}` (the step computes dense attention)", attention.name()));
+        }
+        if qk_norm.is_some() {
+            return refuse("per-head q/k norms (`qk_norm`)");
+        }
+        if alibi_slopes.is_some() {
+            return refuse("ALiBi position biases");
+        }
+        if (*num_heads, *num_kv_heads) != (heads, kv_heads) {
+            return refuse("per-layer head counts (`layer_shapes`)");
+        }
+        let m = match mlp {
+            FeedForward::Dense(m) => m,
+            FeedForward::Moe(_) | FeedForward::CdMoe(_) => return refuse("a mixture of experts"),
+        };
+        let Mlp { gate_proj, up_proj, down_proj, act, gate_up } = m;
+        if *act == Activation::Gelu {
+            return refuse("exact GELU (the step has the tanh approximation, SiLU and ReLU kernels)");
+        }
+        let up = match gate_proj {
+            Some(gate) => Stacked::new(gate_up.as_ref(), &[gate, up_proj])?,
+            None => Stacked::new(None, &[up_proj])?,
+        };
+        Ok(Block {
+            input_norm: NormRow::new(input_layernorm)?,
+            qkv: Stacked::new(qkv.as_ref(), &[q_proj, k_proj, v_proj])?,
+            o_proj: Affine::new(o_proj)?,
+            post_norm: NormRow::new(post_attention_layernorm)?,
+            up,
+            down: Affine::new(down_proj)?,
+            act: *act,
+            gated: gate_proj.is_some(),
+        })
+    }
 }
 
 /// Work buffers, allocated once.
@@ -129,8 +204,6 @@ pub struct FastDecoder<'m> {
     schedule: Vec<usize>,
     norm: NormRow<'m>,
     head: Rows<'m>,
-    act: Activation,
-    gated: bool,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -140,64 +213,53 @@ pub struct FastDecoder<'m> {
 }
 
 impl<'m> FastDecoder<'m> {
-    /// The fused step for `model`, or `None` when it does not apply: weights not float32 on the
-    /// CPU or not row-major, an activation without a kernel (exact GELU), or a layer whose attention
-    /// is not dense, q/k norms, a mixture of experts, sinusoidal or ALiBi positions, per-layer
-    /// shapes, a residual root or LoRA deltas; then decode with libtorch. The model's weights must not change while the decoder is alive.
+    /// The fused step for `model`, or `None` when it has none (see [`FastDecoder::try_new`]).
     pub fn new(model: &'m DecoderModel) -> Option<Self> {
-        let cfg = &model.config;
-        if model.device() != Device::Cpu || model.kind() != Kind::Float || cfg.hidden_act == Activation::Gelu {
-            return None;
+        Self::try_new(model).ok()
+    }
+
+    /// The fused step for `model`, or the reason it has none: each part of the model (its
+    /// fields are all named here, so a new one cannot be skipped silently) either has a fused
+    /// counterpart or refuses with a reason; then decode with libtorch. The model's weights
+    /// must not change while the decoder is alive.
+    pub fn try_new(model: &'m DecoderModel) -> Fused<Self> {
+        let DecoderModel { config: cfg, embed_tokens, embed_positions, layers, norm, lm_head, residual_root, out_proj, lora, rope, vs: _ } = model;
+        if model.device() != Device::Cpu || model.kind() != Kind::Float {
+            return Err(not_row_major());
         }
-        // One width and head count everywhere, the stream starting from the embedding.
-        if cfg.layer_shapes.is_some() || model.residual_root.is_some() || !model.lora.is_empty() {
-            return None;
+        if residual_root.is_some() {
+            return refuse("a residual root (`residual_root`)");
         }
-        let plain = |l: &DecoderLayer| {
-            l.self_attn.attention == AttentionKind::Dense && l.input_residual.is_none() && l.self_attn.qk_norm.is_none()
-        };
-        if !model.layers.iter().all(plain) {
-            return None;
+        if out_proj.is_some() {
+            return refuse("blocks of another width than the model's (`layer_shapes`)");
         }
-        let blocks = model
-            .layers
-            .iter()
-            .map(|l| {
-                let (a, m) = (&l.self_attn, l.mlp.dense()?);
-                let up = match &m.gate_proj {
-                    Some(gate) => Stacked::new(m.gate_up.as_ref(), &[gate, &m.up_proj])?,
-                    None => Stacked::new(None, &[&m.up_proj])?,
-                };
-                Some(Block {
-                    input_norm: NormRow::new(&l.input_layernorm)?,
-                    qkv: Stacked::new(a.qkv.as_ref(), &[&a.q_proj, &a.k_proj, &a.v_proj])?,
-                    o_proj: Affine::new(&a.o_proj)?,
-                    post_norm: NormRow::new(&l.post_attention_layernorm)?,
-                    up,
-                    down: Affine::new(&m.down_proj)?,
-                })
-            })
-            .collect::<Option<Vec<_>>>()?;
-        let embed = Rows::from_tensor(&model.embed_tokens)?;
-        let head = match &model.lm_head {
-            Some(h) if h.bias.is_none() => Rows::from_tensor(&h.weight)?,
-            Some(_) => return None,
+        if !lora.is_empty() {
+            return refuse("per-layer LoRA updates (`layer_sharing.lora_rank`)");
+        }
+        let (hidden, heads, kv_heads) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads);
+        let blocks = layers.iter().map(|l| Block::new(l, hidden, heads, kv_heads)).collect::<Fused<Vec<_>>>()?;
+        let embed = Rows::from_tensor(embed_tokens).ok_or_else(not_row_major)?;
+        let head = match lm_head {
+            Some(h) if h.bias.is_none() => Affine::new(h)?.weight,
+            Some(_) => return refuse("an output head with a bias"),
             None => embed,
         };
-        let positions = match &model.embed_positions {
-            Some(p) => Some(Rows::from_tensor(p)?),
+        let positions = match embed_positions {
+            Some(p) => Some(Rows::from_tensor(p).ok_or_else(not_row_major)?),
             None => None,
         };
-        // Dynamic RoPE scaling changes the frequencies with the length: left to libtorch.
         let (inv_freq, rope_factor) = match cfg.position {
             PositionKind::Rope => {
-                let rope = model.rope.as_ref()?;
-                (Some(rope.inv_freq()?), rope.attention_factor() as f32)
+                let rope = rope.as_ref().ok_or_else(|| NoFusedStep("RoPE without its tables".into()))?;
+                // Dynamic RoPE scaling changes the frequencies with the length: left to libtorch.
+                let inv_freq = rope.inv_freq().ok_or_else(|| NoFusedStep("dynamic RoPE scaling (frequencies change with the length)".into()))?;
+                (Some(inv_freq), rope.attention_factor() as f32)
             }
             PositionKind::Learned | PositionKind::None => (None, 1.0),
-            PositionKind::Sinusoidal | PositionKind::Alibi => return None,
+            PositionKind::Sinusoidal => return refuse("sinusoidal positions"),
+            PositionKind::Alibi => return refuse("ALiBi position biases"),
         };
-        Some(FastDecoder {
+        Ok(FastDecoder {
             embed,
             positions,
             inv_freq,
@@ -205,12 +267,10 @@ impl<'m> FastDecoder<'m> {
             rotary_dim: cfg.rotary_dim() as usize,
             blocks,
             schedule: model.schedule(),
-            norm: NormRow::new(&model.norm)?,
+            norm: NormRow::new(norm)?,
             head,
-            act: cfg.hidden_act,
-            gated: cfg.mlp == MlpKind::Gated,
-            heads: cfg.num_attention_heads as usize,
-            kv_heads: cfg.num_key_value_heads as usize,
+            heads: heads as usize,
+            kv_heads: kv_heads as usize,
             head_dim: cfg.head_dim() as usize,
             scratch: Scratch::default(),
             pool: SpinPool::new(tch::get_num_threads().max(1) as usize),
@@ -262,7 +322,7 @@ impl<'m> FastDecoder<'m> {
             let block = &self.blocks[self.schedule[layer]];
             write_qkv(block, s, pool, &shape, cache, layer, len);
             attend(block, s, pool, &shape, cache, layer, len);
-            feed_forward(block, s, pool, self.act, self.gated);
+            feed_forward(block, s, pool);
             if let Depth::Exit(rule) = depth {
                 if layer + 1 < total && layer + 1 >= rule.min_layers {
                     let logits = head_logits(&self.norm, &self.head, s, pool);
@@ -344,7 +404,8 @@ fn attend(block: &Block, s: &mut Scratch, pool: &SpinPool, shape: &Shape, cache:
 }
 
 /// The MLP `[hidden] -> [intermediate] -> [hidden]` of `block` added to the stream `s.x`.
-fn feed_forward(block: &Block, s: &mut Scratch, pool: &SpinPool, act: Activation, gated: bool) {
+fn feed_forward(block: &Block, s: &mut Scratch, pool: &SpinPool) {
+    let (act, gated) = (block.act, block.gated);
     block.post_norm.apply(&s.x, &mut s.normed);
     let width = block.down.weight.cols();
     resize(&mut s.up, if gated { 2 * width } else { width });

@@ -130,7 +130,7 @@ pub struct DecoderModel {
     /// The LoRA deltas of every applied layer (`layer_sharing.lora_rank`); empty without.
     pub lora: Vec<LayerLora>,
     pub(crate) rope: Option<Rope>,
-    vs: nn::VarStore,
+    pub(crate) vs: nn::VarStore,
 }
 
 impl DecoderModel {
