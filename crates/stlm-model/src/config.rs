@@ -1,12 +1,12 @@
 //! One `ModelConfig` describes a whole decoder; Llama and GPT-2 are presets of it.
 
-use crate::bytes::BytesConfig;
+use crate::byte_config::{BytesConfig, BYTE_CLASSES};
 use crate::shapes::{entry, LayerShape, LayerShapes, ResidualRoot};
 use crate::sharing::{block_of, LayerSharing};
 use crate::{ModelError, Result};
 use serde::{Deserialize, Serialize};
 use stlm_attention::{AttentionKind, RopeScaling};
-use stlm_moe::{product_keys, CdmoeConfig, MoeConfig};
+use stlm_moe::{CdmoeConfig, MoeConfig};
 
 fn one() -> f64 {
     1.0
@@ -268,59 +268,6 @@ impl ModelConfig {
         }
     }
 
-    /// Parses a TOML model config: `preset = "llama"|"gpt2"` (default llama) supplies every field
-    /// the file does not set. A `[model]` table is used when present, so one file can hold the
-    /// model and, later, the training settings.
-    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
-        let err = |m: String| ModelError::config(path, m);
-        let value: toml::Value = text.parse().map_err(|e: toml::de::Error| err(e.message().to_string()))?;
-        let mut table = match value {
-            toml::Value::Table(mut t) => match t.remove("model") {
-                Some(toml::Value::Table(m)) => m,
-                Some(_) => return Err(err("field `model` must be a table".into())),
-                None => t,
-            },
-            _ => return Err(err("expected a TOML table".into())),
-        };
-        let preset = match table.remove("preset") {
-            None => "llama".to_string(),
-            Some(toml::Value::String(s)) => s,
-            Some(v) => return Err(err(format!("field `preset`: expected a string, got {v}"))),
-        };
-        let base = Self::preset(&preset)
-            .ok_or_else(|| err(format!("field `preset`: unknown preset `{preset}` (known: {})", PRESETS.join(", "))))?;
-        let toml::Value::Table(mut merged) = toml::Value::try_from(&base).map_err(|e| err(e.to_string()))? else {
-            unreachable!("a struct serializes to a table")
-        };
-        // Without an explicit kv head count, follow the (possibly overridden) query head count.
-        if !table.contains_key("num_key_value_heads") {
-            if let Some(h) = table.get("num_attention_heads") {
-                merged.insert("num_key_value_heads".into(), h.clone());
-            }
-        }
-        merged.extend(table);
-        let cfg: Self = serde_path_to_error::deserialize(toml::Value::Table(merged))
-            .map_err(|e| err(format!("field `{}`: {}", e.path(), e.inner().message().trim())))?;
-        cfg.validate(path)?;
-        if let Some(c) = &cfg.cdmoe {
-            let (keys, square) = product_keys(c.num_experts);
-            if !square {
-                return Err(err(format!(
-                    "field `cdmoe.num_experts`: {} is not a square, so product keys reach only {keys}^2 = {} experts",
-                    c.num_experts,
-                    keys * keys
-                )));
-            }
-        }
-        Ok(cfg)
-    }
-
-    /// Reads a TOML model config file.
-    pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| stlm_core::CoreError::io(path, e))?;
-        Self::from_toml_str(&text, path)
-    }
-
     /// The config as TOML, every field explicit.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a ModelConfig always serializes")
@@ -548,8 +495,17 @@ impl ModelConfig {
             }
         }
         if let Some(b) = &self.bytes {
-            if let Err(e) = b.validate(self) {
+            if let Err(e) = b.validate() {
                 return err(format!("field `bytes`: {e}"));
+            }
+            if self.model_type != ModelType::Stlm {
+                return err("field `bytes`: byte-pooled models have no transformers counterpart: set model_type = \"stlm\"".into());
+            }
+            if self.vocab_size != BYTE_CLASSES - 1 {
+                return err(format!("field `bytes`: byte models read the byte tokenizer's 258 ids: set vocab_size = 258 (got {})", self.vocab_size));
+            }
+            if !matches!(self.position, PositionKind::Rope | PositionKind::None) || self.cdmoe.is_some() {
+                return err("field `bytes`: the global decoder of a byte model takes position = rope or none, and no cdmoe".into());
             }
         }
         if let Some(share) = &self.layer_sharing {
@@ -593,12 +549,6 @@ impl ModelConfig {
                     return err(format!("field `{name}` ({id}) is outside the vocabulary (0..{})", self.vocab_size));
                 }
             }
-        }
-        if let Some(reason) = self.export_mismatch() {
-            return err(format!(
-                "field `model_type`: cannot be {:?}: {reason}; use model_type = \"stlm\"",
-                self.model_type
-            ));
         }
         Ok(())
     }
@@ -646,24 +596,6 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Why this config cannot be saved as its `model_type` in transformers, if it cannot: the
-    /// attention [`ModelConfig::mistral_window`] refuses, then the family's own checks (in
-    /// `hf/<family>.rs`).
-    fn export_mismatch(&self) -> Option<String> {
-        if let Err(e) = self.mistral_window() {
-            return Some(e);
-        }
-        if self.shares_layers() && self.model_type != ModelType::Stlm {
-            return Some("shared layers (`layer_sharing`) have no counterpart there: it holds one copy of the weights per layer".into());
-        }
-        if self.layer_shapes.is_some() && self.model_type != ModelType::Stlm {
-            return Some("per-layer shapes (`layer_shapes`) have no counterpart there: every layer has the same width and heads".into());
-        }
-        if self.residual_root.is_some() && self.model_type != ModelType::Stlm {
-            return Some("a learned residual root (`residual_root`) has no counterpart there: the stream starts from the embedding".into());
-        }
-        crate::hf::family(self.model_type).export_mismatch(self)
-    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! prefilled by libtorch and continued here. [`crate::generate`] uses it whenever
 //! [`FastDecoder::new`] accepts the model. Tests compare its logits with the libtorch path.
 
-use crate::dynamic::Depth;
+use crate::depth::Depth;
 use crate::config::{Activation, NormKind, PositionKind};
 use crate::layers::{DecoderLayer, FeedForward, KindParams, Linear, Mlp, Norm, SelfAttention};
 use crate::DecoderModel;

@@ -1,6 +1,7 @@
 //! Model directories (Hugging Face layout plus `stlm.toml`): load and save.
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, PRESETS};
+use stlm_moe::product_keys;
 use crate::hf::{config_from_json, config_to_json, export_weights, import_weights};
 use crate::{DecoderModel, ModelError, Result};
 use serde_json::json;
@@ -14,6 +15,66 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 
 /// The record `stlm prune` leaves in a pruned model directory (which weights were pruned).
 pub const PRUNING_FILE: &str = "pruning.json";
+
+/// Model configs from TOML, the form people write: parsed, checked for consistency
+/// ([`ModelConfig::validate`]) and for the format its `model_type` saves as
+/// ([`crate::hf::check_export`]), so a run that could not save its model stops before it trains.
+impl ModelConfig {
+    /// Parses a TOML model config: `preset = "llama"|"gpt2"` (default llama) supplies every field
+    /// the file does not set. A `[model]` table is used when present, so one file can hold the
+    /// model and, later, the training settings.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self> {
+        let err = |m: String| ModelError::config(path, m);
+        let value: toml::Value = text.parse().map_err(|e: toml::de::Error| err(e.message().to_string()))?;
+        let mut table = match value {
+            toml::Value::Table(mut t) => match t.remove("model") {
+                Some(toml::Value::Table(m)) => m,
+                Some(_) => return Err(err("field `model` must be a table".into())),
+                None => t,
+            },
+            _ => return Err(err("expected a TOML table".into())),
+        };
+        let preset = match table.remove("preset") {
+            None => "llama".to_string(),
+            Some(toml::Value::String(s)) => s,
+            Some(v) => return Err(err(format!("field `preset`: expected a string, got {v}"))),
+        };
+        let base = Self::preset(&preset)
+            .ok_or_else(|| err(format!("field `preset`: unknown preset `{preset}` (known: {})", PRESETS.join(", "))))?;
+        let toml::Value::Table(mut merged) = toml::Value::try_from(&base).map_err(|e| err(e.to_string()))? else {
+            unreachable!("a struct serializes to a table")
+        };
+        // Without an explicit kv head count, follow the (possibly overridden) query head count.
+        if !table.contains_key("num_key_value_heads") {
+            if let Some(h) = table.get("num_attention_heads") {
+                merged.insert("num_key_value_heads".into(), h.clone());
+            }
+        }
+        merged.extend(table);
+        let cfg: Self = serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| err(format!("field `{}`: {}", e.path(), e.inner().message().trim())))?;
+        cfg.validate(path)?;
+        crate::hf::check_export(&cfg, path)?;
+        if let Some(c) = &cfg.cdmoe {
+            let (keys, square) = product_keys(c.num_experts);
+            if !square {
+                return Err(err(format!(
+                    "field `cdmoe.num_experts`: {} is not a square, so product keys reach only {keys}^2 = {} experts",
+                    c.num_experts,
+                    keys * keys
+                )));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Reads a TOML model config file.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| stlm_core::CoreError::io(path, e))?;
+        Self::from_toml_str(&text, path)
+    }
+
+}
 
 /// Reads the model config of a directory: `stlm.toml` when present, else `config.json`.
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
@@ -105,6 +166,7 @@ impl DecoderModel {
 /// `generation_config.json`, `stlm.toml`, and `tokenizer.json` copied from `tokenizer` when
 /// given; each file atomically.
 pub(crate) fn save_dir(dir: &Path, config: &ModelConfig, weights: &[(String, Tensor)], dtype: &str, tokenizer: Option<&Path>) -> Result<()> {
+    crate::hf::check_export(config, dir)?; // before anything is written
     std::fs::create_dir_all(dir).map_err(|e| CoreError::io(dir, e))?;
     write_safetensors(&dir.join(WEIGHTS_FILE), weights)?;
     let write_json = |name: &str, v: serde_json::Value| -> Result<()> {

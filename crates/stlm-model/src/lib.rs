@@ -8,9 +8,11 @@
 //! - [`llama2c`]: llama2.c checkpoints (versions 0, 1, 2) in and out.
 //! - [`sharing`], [`shapes`], [`dynamic`]: shared layers, per-layer shapes, dynamic depth.
 
+pub mod byte_config;
 pub mod bytes;
 pub mod config;
 pub mod decode;
+pub mod depth;
 pub mod dynamic;
 pub mod error;
 pub mod generate;

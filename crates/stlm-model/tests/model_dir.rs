@@ -134,3 +134,20 @@ fn moe_directories_round_trip_and_mismatches_are_named() {
     assert!(e.contains("router_gate") || e.contains("embed"), "{e}");
     assert!(e.contains("shape"), "{e}");
 }
+
+#[test]
+fn export_rules_are_checked_where_a_model_is_saved() {
+    // A config parsed from TOML is refused for its model_type at once; one built in code (the
+    // config holds no export rules) is refused when saved, before anything is written.
+    let text = "model_type = \"llama\"\nvocab_size = 40\nhidden_size = 16\nintermediate_size = 24\nnum_hidden_layers = 1\nnum_attention_heads = 2\nlayer_sharing = { repeats = 2 }\n";
+    let e = ModelConfig::from_toml_str(text, Path::new("s.toml")).unwrap_err().to_string();
+    assert!(e.contains("model_type") && e.contains("layer_sharing"), "{e}");
+    let stlm = ModelConfig::from_toml_str(&text.replace("llama", "stlm"), Path::new("s.toml")).unwrap();
+    let cfg = ModelConfig { model_type: stlm_model::ModelType::Llama, ..stlm };
+    let m = DecoderModel::new(cfg, Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let e = m.save(&out, None).unwrap_err().to_string();
+    assert!(e.contains("m") && e.contains("model_type") && e.contains("layer_sharing"), "{e}");
+    assert!(!out.join("model.safetensors").exists(), "nothing is written");
+}

@@ -8,6 +8,7 @@
 //! - [`report`]: sparsity per matrix and overall, parameters, perplexity before/after, time.
 
 pub mod mask;
+pub mod options;
 pub mod report;
 pub mod sparsegpt;
 pub mod structured;

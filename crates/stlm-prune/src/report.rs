@@ -2,7 +2,7 @@
 //! the caller, who has the text) validation perplexity before and after.
 
 use crate::mask::{Pattern, Scope};
-use crate::unstructured::{Method, PruneOptions};
+use crate::options::{Method, PruneOptions};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 

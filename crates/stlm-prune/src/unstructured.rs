@@ -11,10 +11,9 @@
 
 use crate::mask::{global_keep_masks, keep_mask, Pattern, Scope};
 use crate::report::{PruneReport, TargetReport};
-use crate::sparsegpt::{sparsegpt, SparseGptOptions};
+use crate::sparsegpt::sparsegpt;
 use crate::{PruneError, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use stlm_core::OptionError;
@@ -23,67 +22,7 @@ use stlm_model::model::BlockPass;
 use stlm_model::DecoderModel;
 use tch::{Kind, Tensor};
 
-/// How weights are scored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    /// `|W|`.
-    Magnitude,
-    /// `|W_ij| * ||X_j||` (Sun et al. 2023), compared within each output row by default.
-    Wanda,
-    /// Optimal Brain Surgeon reconstruction (Frantar & Alistarh 2023), see [`crate::sparsegpt`].
-    SparseGpt,
-}
-
-impl std::str::FromStr for Method {
-    type Err = PruneError;
-    fn from_str(s: &str) -> Result<Self> {
-        [Method::Magnitude, Method::Wanda, Method::SparseGpt]
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| OptionError::new("method", s, "expected magnitude, wanda or sparsegpt").into())
-    }
-}
-
-impl Method {
-    /// The name `--method` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Magnitude => "magnitude",
-            Method::Wanda => "wanda",
-            Method::SparseGpt => "sparsegpt",
-        }
-    }
-
-    /// Whether the method needs calibration inputs.
-    pub fn calibrated(self) -> bool {
-        self != Method::Magnitude
-    }
-
-    /// The scope a method compares scores in unless told otherwise.
-    pub fn default_scope(self) -> Scope {
-        match self {
-            Method::Magnitude => Scope::Layer,
-            Method::Wanda => Scope::Row,
-            Method::SparseGpt => Scope::Layer,
-        }
-    }
-}
-
-/// What to prune and how.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PruneOptions {
-    /// Scoring method.
-    pub method: Method,
-    /// How many weights each matrix loses.
-    pub pattern: Pattern,
-    /// Where scores compete (fraction patterns; SparseGPT chooses per column block).
-    pub scope: Scope,
-    /// Targets whose name contains any of these are left dense.
-    pub skip: Vec<String>,
-    /// SparseGPT's block size and damping.
-    pub sparsegpt: SparseGptOptions,
-}
+pub use crate::options::{Method, PruneOptions};
 
 /// A linear layer the pruner may change: its weight name (`model.layers.0.self_attn.q_proj`)
 /// and the block it belongs to (`None`: the head).
@@ -303,6 +242,7 @@ fn bar(len: u64, progress: bool) -> ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sparsegpt::SparseGptOptions;
     use stlm_model::ModelConfig;
     use tch::Device;
 

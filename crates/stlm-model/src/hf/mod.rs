@@ -149,6 +149,7 @@ pub fn config_from_json(value: Value, path: &Path) -> Result<ModelConfig> {
     let cfg = family.config_from_json(value, path)?;
     let cfg = drop_ids_outside_vocab(cfg);
     cfg.validate(path)?;
+    check_export(&cfg, path)?;
     Ok(cfg)
 }
 
@@ -338,6 +339,37 @@ fn unstack_experts(vars: &HashMap<String, Tensor>, layout: &ExpertLayout) -> Vec
         }
     }
     out
+}
+
+/// Why this config cannot be saved as its `model_type` in transformers, if it cannot: the
+/// attention [`ModelConfig::mistral_window`] refuses, then the family's own checks (in
+/// `hf/<family>.rs`).
+pub fn export_mismatch(c: &ModelConfig) -> Option<String> {
+    if let Err(e) = c.mistral_window() {
+        return Some(e);
+    }
+    if c.shares_layers() && c.model_type != ModelType::Stlm {
+        return Some("shared layers (`layer_sharing`) have no counterpart there: it holds one copy of the weights per layer".into());
+    }
+    if c.layer_shapes.is_some() && c.model_type != ModelType::Stlm {
+        return Some("per-layer shapes (`layer_shapes`) have no counterpart there: every layer has the same width and heads".into());
+    }
+    if c.residual_root.is_some() && c.model_type != ModelType::Stlm {
+        return Some("a learned residual root (`residual_root`) has no counterpart there: the stream starts from the embedding".into());
+    }
+    family(c.model_type).export_mismatch(c)
+}
+
+/// Refuses a config that cannot be saved as its `model_type` (see [`export_mismatch`]); the
+/// error names `path` (the config file, or the directory being written) and the field.
+pub fn check_export(c: &ModelConfig, path: &Path) -> Result<()> {
+    match export_mismatch(c) {
+        Some(reason) => Err(ModelError::config(
+            path,
+            format!("field `model_type`: cannot be {:?}: {reason}; use model_type = \"stlm\"", c.model_type),
+        )),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
