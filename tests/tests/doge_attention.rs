@@ -46,7 +46,7 @@ fn dynamic_mask_attention_matches_transformers() {
     let positions = Tensor::arange(seq, (Kind::Int64, Device::Cpu)).unsqueeze(0).expand([batch, seq], false);
     let (cos, sin) = Rope::new(16, 10000.0, Device::Cpu).cos_sin(&positions, Kind::Float);
     let rotary = RotaryAngles { cos, sin };
-    let got = layer.forward(&reference["hidden_states"], Some(&rotary), &positions, &AttentionMask::Causal, None);
+    let got = layer.forward(&reference["hidden_states"], Some(&rotary), &positions, &AttentionMask::Causal, None, None);
     let diff = max_abs_diff(&got, &reference["output"]);
     assert!(diff <= 1e-4, "max abs difference {diff} against transformers' DogeAttention");
     assert!(reference["output"].abs().max().double_value(&[]) > 0.1, "a non-trivial reference");

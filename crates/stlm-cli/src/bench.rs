@@ -100,6 +100,10 @@ pub enum BenchJob {
         /// Timed runs of each; the fastest is reported.
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+        /// Time the attention kernels alone (the kind's and dense SDPA, on the same random
+        /// queries, keys and values), without the projections both layers share.
+        #[arg(long)]
+        kernel: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -112,6 +116,8 @@ pub enum BenchJob {
 #[derive(Serialize)]
 struct AttentionBench {
     kind: String,
+    /// `layer` (projections included) or `kernel` (attention alone).
+    what: &'static str,
     seq: i64,
     ms: f64,
     dense_ms: f64,
@@ -141,6 +147,7 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
         heads,
         head_dim,
         repeats,
+        kernel,
         json,
         device,
     } = a
@@ -198,12 +205,19 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
         Some(_) => AttentionMask::Full,
         None => AttentionMask::Causal,
     };
+    // Kernels alone: the same queries, keys and values `[b, heads, seq, d]` for both.
+    let qkv: Vec<Tensor> = (0..3).map(|_| Tensor::randn([batch, heads, seq, head_dim], (Kind::Float, dev)).set_requires_grad(true)).collect();
     let run = |l: &SelfAttention| -> f64 {
         let mut best = f64::INFINITY;
         for i in 0..=*repeats {
             let t = Instant::now();
-            l.forward(&x, None, &positions, &mask, None).sum(Kind::Float).backward();
-            let _ = x.grad().double_value(&[0, 0, 0]); // waits for the device
+            let out = match kernel {
+                true => l.attend(&qkv[0], &qkv[1], &qkv[2], &mask),
+                false => l.forward(&x, None, &positions, &mask, None, None),
+            };
+            out.sum(Kind::Float).backward();
+            let waited = if *kernel { &qkv[0] } else { &x };
+            let _ = waited.grad().double_value(&[0, 0, 0, 0][..waited.dim()]); // waits for the device
             if i > 0 {
                 best = best.min(t.elapsed().as_secs_f64()); // the first run warms up
             }
@@ -214,6 +228,7 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
     let ms = run(&kind_layer);
     let report = AttentionBench {
         kind: kind.clone(),
+        what: if *kernel { "kernel" } else { "layer" },
         seq,
         ms,
         dense_ms,
@@ -231,8 +246,9 @@ fn bench_attention(a: &BenchJob) -> Result<()> {
     if *json {
         print_json(&report)
     } else {
+        let what = report.what;
         println!(
-            "{kind} layer: {ms:.2} ms forward+backward; dense-attention layer {dense_ms:.2} ms ({:.2}x), seq {seq}",
+            "{kind} {what}: {ms:.2} ms forward+backward; dense-attention {what} {dense_ms:.2} ms ({:.2}x), seq {seq}",
             report.speedup
         );
         Ok(())

@@ -13,7 +13,6 @@ use stlm_distill::run::{CacheOptions, DistillOptions};
 use stlm_model::{AnyModel, LanguageModel};
 use stlm_tokenizers::Tokenizer;
 use stlm_train::trainer::RunControl;
-use stlm_train::TrainError;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -188,14 +187,9 @@ fn distill(a: RunArgs) -> Result<()> {
     let run = stlm_distill::run::prepare(&options, &out, a.resume, device, progress, group.as_deref())?;
     let control = RunControl { progress: progress && !a.json, stop: ctrl_c()?, group, ..Default::default() };
     let report = run.train(&control, a.resume)?;
-    if !report.completed {
-        return Err(TrainError::Stopped { step: report.step, dir: out.clone() }.into());
-    }
-    if !control.is_leader() {
+    let Some(model_dir) = report.finish(&out, control.is_leader(), || run.save_student())? else {
         return Ok(()); // rank 0 writes the student and prints
-    }
-    let model_dir = run.save_student()?;
-    eprintln!("saved {}", model_dir.display());
+    };
     let last = report.logs.last();
     let parameters = run.distiller.num_parameters();
     if a.json {
@@ -213,9 +207,6 @@ fn distill(a: RunArgs) -> Result<()> {
             "val_bpb": last.and_then(|l| l.val_bpb),
             "parameters": parameters,
         }));
-    }
-    if let Some(l) = last {
-        eprintln!("step {}: loss {:.4}{}", l.step, l.loss, l.val_loss.map(|v| format!(", validation loss {v:.4}")).unwrap_or_default());
     }
     let seed = run.train.seed;
     let student = AnyModel::Tokens(Box::new(run.distiller.student));

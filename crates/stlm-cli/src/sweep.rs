@@ -402,23 +402,21 @@ fn measure(v: &Variant, run: &Path) -> Result<Row> {
     let tensors = tch::Tensor::read_safetensors(&weights).with_context(|| format!("{}: cannot read", weights.display()))?;
     let parameters = tensors.iter().map(|(_, t)| t.numel() as i64).sum();
     let path = run.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let lines: Vec<serde_json::Value> = text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>().with_context(|| format!("{}: not JSON lines", path.display()))?;
+    let lines = stlm_train::metrics::read_metrics(&path)?;
     let Some(last) = lines.last() else { bail!("{}: no steps were logged", path.display()) };
-    let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_f64);
     let rest = if lines.len() > 1 { &lines[1..] } else { &lines[..] };
-    let speeds: Vec<f64> = rest.iter().filter_map(|l| num(l, "tokens_per_s")).collect();
-    let final_val = lines.iter().rev().find(|l| num(l, "val_loss").is_some());
+    let speeds: Vec<f64> = rest.iter().map(|l| l.tokens_per_s).collect();
+    let final_val = lines.iter().rev().find(|l| l.val_loss.is_some());
     Ok(Row {
         variant: v.label.clone(),
         dir: v.dir.clone(),
         parameters,
-        steps: last.get("step").and_then(serde_json::Value::as_u64).unwrap_or(0),
-        train_seconds: num(last, "elapsed").unwrap_or(0.0),
+        steps: last.step,
+        train_seconds: last.elapsed,
         tokens_per_s: speeds.iter().sum::<f64>() / speeds.len().max(1) as f64,
-        loss: num(last, "loss").unwrap_or(f64::NAN),
-        val_loss: final_val.and_then(|l| num(l, "val_loss")),
-        val_bpb: final_val.and_then(|l| num(l, "val_bpb")),
+        loss: last.loss,
+        val_loss: final_val.and_then(|l| l.val_loss),
+        val_bpb: final_val.and_then(|l| l.val_bpb),
         eval_bpb: None,
         exit: None,
     })
@@ -555,13 +553,12 @@ fn write_reports(out: &Path, rows: &[Row], a: &SweepArgs) -> Result<()> {
     let mut val = Vec::new();
     let mut train = Vec::new();
     for r in rows {
-        let text = std::fs::read_to_string(out.join(&r.dir).join("metrics.jsonl")).unwrap_or_default();
+        let lines = stlm_train::metrics::read_metrics(&out.join(&r.dir).join("metrics.jsonl")).unwrap_or_default();
         let (mut v, mut t) = (Vec::new(), Vec::new());
-        for line in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
-            let (Some(time), Some(loss)) = (line["elapsed"].as_f64(), line["loss"].as_f64()) else { continue };
-            t.push((time, loss));
-            if let Some(b) = line["val_bpb"].as_f64() {
-                v.push((time, b));
+        for line in &lines {
+            t.push((line.elapsed, line.loss));
+            if let Some(b) = line.val_bpb {
+                v.push((line.elapsed, b));
             }
         }
         val.push(Series::new(r.variant.clone(), v));

@@ -15,7 +15,6 @@ use stlm_model::{AnyModel, GenerationConfig};
 use stlm_tokenizers::Tokenizer;
 use stlm_train::run::{prepare, RunConfig, RunInputs};
 use stlm_train::trainer::RunControl;
-use stlm_train::TrainError;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -84,28 +83,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let inputs = RunInputs { data: a.data.clone(), out, resume: a.resume, init: a.init.clone(), device, control };
     let prepared = prepare(run, inputs)?;
     let report = prepared.train(a.resume)?;
-    if !leader {
-        // Rank 0 writes the model directory and prints the samples.
-        return match report.completed || report.timed_out {
-            true => Ok(()),
-            false => Err(TrainError::Stopped { step: report.step, dir: prepared.out.clone() }.into()),
-        };
+    if report.finish(&prepared.out, leader, || prepared.save_model())?.is_none() {
+        return Ok(()); // rank 0 writes the model directory and prints the samples
     }
-    if report.timed_out {
-        eprintln!("time limit reached after step {}", report.step);
-    } else if !report.completed {
-        return Err(TrainError::Stopped { step: report.step, dir: prepared.out.clone() }.into());
-    }
-    if let Some(last) = report.logs.last() {
-        eprintln!(
-            "step {}: loss {:.4}{}",
-            last.step,
-            last.loss,
-            last.val_loss.map(|v| format!(", validation loss {v:.4}")).unwrap_or_default()
-        );
-    }
-    let model_dir = prepared.save_model()?;
-    eprintln!("saved {}", model_dir.display());
     print_samples(&prepared.model, &prepared.tokenizer, a.samples, prepared.config.train.seed)
 }
 

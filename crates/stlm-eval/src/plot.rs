@@ -256,10 +256,10 @@ mod tests {
         assert!(e.contains("`time`") && e.contains("model, step, bpb"), "{e}");
         // A sweep's labels are quoted and may hold commas (`lr=1e-3, wd=0.1`).
         let quoted = "variant,steps,loss\n\"lr=0.001, wd=0.1\",10,3.5\n\"lr=0.002, wd=0\",10,3.25\n\"lr=0.001, wd=0.1\",20,3.0\n";
-        let s = series_from_csv(quoted, "steps", "loss", Some("variant")).unwrap();
-        assert_eq!(s.len(), 2);
-        assert_eq!((s[0].name.as_str(), s[0].points.clone()), ("lr=0.001, wd=0.1", vec![(10.0, 3.5), (20.0, 3.0)]));
-        assert_eq!((s[1].name.as_str(), s[1].points.clone()), ("lr=0.002, wd=0", vec![(10.0, 3.25)]));
+        let q = series_from_csv(quoted, "steps", "loss", Some("variant")).unwrap();
+        assert_eq!(q.len(), 2);
+        assert_eq!(q[0], Series::new("lr=0.001, wd=0.1", vec![(10.0, 3.5), (20.0, 3.0)]));
+        assert_eq!(q[1], Series::new("lr=0.002, wd=0", vec![(10.0, 3.25)]));
         let e = series_from_csv("x,y\n1,oops\n", "x", "y", None).unwrap_err().to_string();
         assert!(e.contains("row 2") && e.contains("`y`"), "{e}");
         let dir = tempfile::tempdir().unwrap();

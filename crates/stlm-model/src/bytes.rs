@@ -336,7 +336,7 @@ impl BytePooledModel {
         let mut moe = Vec::new();
         let mut g = inputs;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (y, stats) = layer.forward_mode(&g, rotary.as_ref(), &positions, &AttentionMask::Causal, None, mode);
+            let (y, stats) = layer.forward_with(&g, rotary.as_ref(), &positions, &AttentionMask::Causal, None, mode, None);
             g = y;
             moe.extend(stats.map(|s| (i, s)));
         }

@@ -562,6 +562,13 @@ impl SelfAttention {
         Ok(())
     }
 
+    /// This layer's attention kernel alone (with what its kind learns) of queries `q`
+    /// `[b, heads, s, d]` over keys and values `[b, kv_heads, keys, d]` under `mask`: a
+    /// whole sequence from position 0 (`Causal`, or `Full` for a bidirectional kind).
+    pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Tensor {
+        self.params.attend(&self.attention, q, k, v, mask)
+    }
+
     /// Fuses the q, k, v projections for fast decoding.
     pub fn prepare_for_decoding(&mut self) {
         self.qkv = Some(Linear::fuse(&mut [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj]));
@@ -632,21 +639,10 @@ impl SelfAttention {
         Some(scores.masked_fill(&future, f64::NEG_INFINITY).log_softmax(-1, Kind::Float))
     }
 
-    /// `[b, s, hidden] -> [b, s, hidden]` for tokens at `positions` `[b, s]`. With a cache, keys
-    /// and values of this layer are appended to it and attention sees the cached positions.
+    /// `[b, s, hidden] -> [b, s, hidden]` for tokens at `positions` `[b, s]`, with this
+    /// application's low-rank updates (per-layer LoRA) if any. With a cache, keys and values of
+    /// this layer are appended to it and attention sees the cached positions.
     pub fn forward(
-        &self,
-        x: &Tensor,
-        rotary: Option<&RotaryAngles>,
-        positions: &Tensor,
-        mask: &AttentionMask,
-        cache: Option<(&KvCache, usize)>,
-    ) -> Tensor {
-        self.forward_with(x, rotary, positions, mask, cache, None)
-    }
-
-    /// [`SelfAttention::forward`] of one application with its low-rank updates.
-    pub fn forward_with(
         &self,
         x: &Tensor,
         rotary: Option<&RotaryAngles>,
@@ -725,15 +721,11 @@ pub enum FeedForward {
 impl FeedForward {
     /// `[b, s, hidden] -> [b, s, hidden]`, as in evaluation.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.forward_mode(x, Mode::Eval).0
+        self.forward_with(x, Mode::Eval, None).0
     }
 
-    /// `[b, s, hidden] -> [b, s, hidden]` in `mode`, with a mixture of experts' stats.
-    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> (Tensor, Option<MoeStats>) {
-        self.forward_with(x, mode, None)
-    }
-
-    /// [`FeedForward::forward_mode`] of one application with its low-rank updates (dense MLPs).
+    /// `[b, s, hidden] -> [b, s, hidden]` in `mode` with this application's low-rank updates
+    /// (dense MLPs), and a mixture of experts' stats.
     pub fn forward_with(&self, x: &Tensor, mode: Mode, adapter: Option<&Adapter<'_>>) -> (Tensor, Option<MoeStats>) {
         match self {
             FeedForward::Dense(m) => (m.forward_with(x, adapter), None),
@@ -886,23 +878,11 @@ impl DecoderLayer {
         mask: &AttentionMask,
         cache: Option<(&KvCache, usize)>,
     ) -> Tensor {
-        self.forward_mode(x, rotary, positions, mask, cache, Mode::Eval).0
+        self.forward_with(x, rotary, positions, mask, cache, Mode::Eval, None).0
     }
 
-    /// [`DecoderLayer::forward`] in `mode`, with the stats of an MoE feed-forward block.
-    pub fn forward_mode(
-        &self,
-        x: &Tensor,
-        rotary: Option<&RotaryAngles>,
-        positions: &Tensor,
-        mask: &AttentionMask,
-        cache: Option<(&KvCache, usize)>,
-        mode: Mode,
-    ) -> (Tensor, Option<MoeStats>) {
-        self.forward_with(x, rotary, positions, mask, cache, mode, None)
-    }
-
-    /// [`DecoderLayer::forward_mode`] of one application with its low-rank updates.
+    /// [`DecoderLayer::forward`] in `mode`, with this application's low-rank updates (per-layer
+    /// LoRA) if any, and the stats of an MoE feed-forward block.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_with(
         &self,
@@ -919,7 +899,7 @@ impl DecoderLayer {
             None => x.shallow_clone(),
         };
         let x = &self.project_in(x);
-        let attended = self.self_attn.forward_with(&self.input_layernorm.forward(x), rotary, positions, mask, cache, adapter);
+        let attended = self.self_attn.forward(&self.input_layernorm.forward(x), rotary, positions, mask, cache, adapter);
         let x = skip(x, &self.input_residual) + attended;
         let (y, stats) = self.mlp.forward_with(&self.post_attention_layernorm.forward(&x), mode, adapter);
         (skip(&x, &self.post_attention_residual) + y, stats)

@@ -80,7 +80,7 @@ impl std::ops::Deref for Applied<'_> {
 }
 
 impl Applied<'_> {
-    /// [`DecoderLayer::forward_mode`] with this application's updates.
+    /// [`DecoderLayer::forward_with`] with this application's updates.
     pub fn forward_mode(
         &self,
         x: &Tensor,

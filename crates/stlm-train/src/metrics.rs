@@ -2,26 +2,26 @@
 //! log lines, and the truncation of lines past the checkpoint a run resumes from.
 
 use crate::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use stlm_core::CoreError;
 use stlm_moe::{load_entropy, MoeStats};
 
-/// One metrics.jsonl line.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One metrics.jsonl line (written by a run, read back by [`read_metrics`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepLog {
     /// Steps completed.
     pub step: u64,
     /// Mean training loss of the step (nats per token).
     pub loss: f64,
     /// Validation loss, on the steps where it was measured.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
     /// Validation bits per byte of text (total nats / ln 2 / bytes the targets stand for), where
     /// measured and the data source knows the bytes: comparable across tokenizers and byte models.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_bpb: Option<f64>,
     /// Learning rate used by the step.
     pub lr: f64,
@@ -31,17 +31,17 @@ pub struct StepLog {
     pub tokens_per_s: f64,
     /// Model FLOPs per second since the previous log line (`6 N + 12 L H T` per token, see
     /// `stlm_core::flops`), when the model counts its FLOPs.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_flops_per_s: Option<f64>,
     /// Seconds since this process started training.
     pub elapsed: f64,
     /// Per MoE layer: balancing loss, expert load, its entropy and dropped tokens (MoE models).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moe: Vec<MoeLog>,
 }
 
 /// What one MoE layer did in the logged step (its last micro-batch).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MoeLog {
     /// Layer index.
     pub layer: usize,
@@ -186,6 +186,19 @@ fn append_line(path: &Path, value: &impl Serialize) -> Result<()> {
 }
 
 /// Keeps the lines of steps up to `step` (a resumed run rewrites the rest).
+/// The lines of a run's `metrics.jsonl`; an unreadable file or a line that is not a metrics line
+/// is an error naming the file and the line.
+pub fn read_metrics(path: &Path) -> Result<Vec<StepLog>> {
+    let text = std::fs::read_to_string(path).map_err(|e| CoreError::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| CoreError::format(path, format!("line {}: not a metrics line: {e}", i + 1)).into())
+        })
+        .collect()
+}
+
 fn truncate_lines(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let kept: String = text
@@ -199,4 +212,34 @@ fn truncate_lines(path: &Path, step: u64) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     Ok(stlm_core::atomic_write_bytes(path, kept.as_bytes())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_lines_read_back_as_written_and_bad_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let line = |step: u64, val: Option<f64>| StepLog {
+            step,
+            loss: 3.5,
+            val_loss: val,
+            val_bpb: val.map(|v| v / 2.0),
+            lr: 1e-3,
+            grad_norm: 0.5,
+            tokens_per_s: 1000.0,
+            model_flops_per_s: None,
+            elapsed: step as f64,
+            moe: vec![MoeLog { layer: 1, aux_loss: 0.01, load: vec![3, 5], load_entropy: 0.6, dropped: 0.0 }],
+        };
+        let lines = vec![line(5, None), line(10, Some(3.0))];
+        let text: String = lines.iter().map(|l| serde_json::to_string(l).unwrap() + "\n").collect();
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(read_metrics(&path).unwrap(), lines);
+        std::fs::write(&path, format!("{text}{{\"step\": 11}}\n")).unwrap();
+        let e = read_metrics(&path).unwrap_err().to_string();
+        assert!(e.contains("metrics.jsonl") && e.contains("line 3"), "{e}");
+    }
 }

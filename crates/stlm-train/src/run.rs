@@ -309,7 +309,7 @@ pub fn prepare(mut config: RunConfig, inputs: RunInputs) -> Result<PreparedRun> 
         // Refused at start: ranks with different configs or data would train different models.
         let files: Vec<String> = data.iter().map(|p| p.display().to_string()).collect();
         let what = format!("{}\n{}\n{resume}\n{:?}", config.text, files.join("\n"), init);
-        g.check_same("the run config, data files, --resume and --init", what.as_bytes())?;
+        g.check_same("the run config, data files, resume and init settings", what.as_bytes())?;
         if !leader {
             // Rank 0 trains the tokenizer and writes the token shards; the others read them.
             g.barrier()?;

@@ -9,7 +9,7 @@ use crate::metrics::{Metrics, StepValues};
 use crate::optim::AdamW;
 use crate::{Result, TrainError};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -73,6 +73,31 @@ pub struct TrainReport {
     pub completed: bool,
     /// True when the time limit ended the run.
     pub timed_out: bool,
+}
+
+impl TrainReport {
+    /// The end of a run writing to `out`, the same for every job that trains: a run stopped before
+    /// its last step (not by the time limit) is an error naming the checkpoint to resume from;
+    /// otherwise the leader reports the last step, `save` writes the model directory, and its
+    /// path is returned (`None` on the other ranks of a data-parallel run, which write nothing).
+    pub fn finish<E: From<TrainError>>(&self, out: &Path, leader: bool, save: impl FnOnce() -> std::result::Result<PathBuf, E>) -> std::result::Result<Option<PathBuf>, E> {
+        if !(self.completed || self.timed_out) {
+            return Err(TrainError::Stopped { step: self.step, dir: out.to_path_buf() }.into());
+        }
+        if !leader {
+            return Ok(None);
+        }
+        if self.timed_out {
+            eprintln!("time limit reached after step {}", self.step);
+        }
+        if let Some(last) = self.logs.last() {
+            let val = last.val_loss.map(|v| format!(", validation loss {v:.4}")).unwrap_or_default();
+            eprintln!("step {}: loss {:.4}{val}", last.step, last.loss);
+        }
+        let dir = save()?;
+        eprintln!("saved {}", dir.display());
+        Ok(Some(dir))
+    }
 }
 
 /// What one optimizer step reports.

@@ -6,6 +6,7 @@
 use crate::collection::{CheckpointInfo, Collection, Unit};
 use crate::select::{block_index, LayerSelector};
 use crate::WeightgenError;
+use stlm_core::OptionError;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
 use stlm_model::LanguageModel;
@@ -149,8 +150,10 @@ pub fn continue_training(
     collection: &mut Collection,
     progress: bool,
 ) -> Result<Vec<f64>, WeightgenError> {
-    if opts.steps == 0 || opts.every == 0 {
-        return Err(WeightgenError::Input("--steps and --every must be at least 1".into()));
+    for (name, value) in [("steps", opts.steps), ("every", opts.every)] {
+        if value == 0 {
+            return Err(OptionError::new(name, value, "must be at least 1").into());
+        }
     }
     let units = collection.manifest.units.clone();
     let vars = model.var_store().variables();

@@ -19,7 +19,7 @@ use crate::vae::{ParamVae, VaeConfig};
 use crate::{Result, WeightgenError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use stlm_core::{atomic_write_bytes, read_json, read_safetensors, write_safetensors, CoreError};
+use stlm_core::{atomic_write_bytes, read_json, read_safetensors, write_safetensors, CoreError, OptionError};
 use stlm_train::optim::{AdamW, AdamWConfig};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
@@ -688,14 +688,12 @@ pub fn open_for_training(
 ) -> Result<WeightGen> {
     if !resume {
         if dir.join(FILE).is_file() {
-            return Err(WeightgenError::Input(format!(
-                "{}: a generator is already there; pass --resume to continue it or choose another --out",
-                dir.display()
-            )));
+            let why = format!("not set, and {} has a generator already there: set it to continue that one, or choose another `out`", dir.display());
+            return Err(OptionError::no_value("resume", why).into());
         }
         return WeightGen::new(collection, collection_dir, config, device);
     }
-    let mut g = WeightGen::load(dir, device).map_err(|e| WeightgenError::Input(format!("--resume: {e}")))?;
+    let mut g = WeightGen::load(dir, device).map_err(|e| OptionError::no_value("resume", e.to_string()))?;
     let saved = &g.file.config;
     let same = GenConfig {
         vae_steps: saved.vae_steps,
@@ -704,21 +702,19 @@ pub fn open_for_training(
         ..config.clone()
     };
     if &same != saved {
-        return Err(WeightgenError::Input(format!(
-            "--resume: {} was trained with other settings ({}); only the step counts and --save-every may change",
+        let why = format!(
+            "{} was trained with other settings ({}); only the step counts and `save_every` may change",
             dir.display(),
             serde_json::to_string(saved).unwrap_or_default()
-        )));
+        );
+        return Err(OptionError::no_value("resume", why).into());
     }
     if g.file.progress.vae_step >= saved.vae_steps
         && config.vae_steps != saved.vae_steps
         && g.file.progress.diffusion_step > 0
     {
-        return Err(WeightgenError::Input(format!(
-            "--vae-steps {}: the VAE stage of {} has ended; its latents are fixed",
-            config.vae_steps,
-            dir.display()
-        )));
+        let why = format!("the VAE stage of {} has ended; its latents are fixed", dir.display());
+        return Err(OptionError::new("vae_steps", config.vae_steps, why).into());
     }
     g.file.config = config;
     Ok(g)

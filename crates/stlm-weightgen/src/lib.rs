@@ -38,6 +38,9 @@ pub enum WeightgenError {
     /// File IO and format errors.
     #[error(transparent)]
     Core(#[from] stlm_core::CoreError),
+    /// A job option that is not allowed (its source, so the command line names its flag).
+    #[error("{0}")]
+    Option(#[from] stlm_core::OptionError),
     /// Model loading and saving.
     #[error(transparent)]
     Model(#[from] stlm_model::ModelError),

@@ -12,6 +12,7 @@
 //! Every pattern must select something, so a typo is an error, not an empty selection.
 
 use crate::WeightgenError;
+use stlm_core::OptionError;
 
 /// A parsed `--layers` spec.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +35,7 @@ impl LayerSelector {
         for raw in spec.split(',') {
             let p = raw.trim();
             if p.is_empty() {
-                return Err(WeightgenError::Input(format!("--layers `{spec}`: an empty pattern (between commas)")));
+                return Err(OptionError::new("layers", format!("`{spec}`"), "an empty pattern (between commas)").into());
             }
             patterns.push(match p {
                 "norm" => Pattern::Norm,
@@ -42,7 +43,7 @@ impl LayerSelector {
                 _ => {
                     let segs: Vec<String> = p.split('.').map(str::to_string).collect();
                     if segs.iter().any(String::is_empty) {
-                        return Err(WeightgenError::Input(format!("--layers pattern `{p}`: an empty name segment")));
+                        return Err(OptionError::new("layers", format!("pattern `{p}`"), "an empty name segment").into());
                     }
                     Pattern::Segments(segs)
                 }
@@ -80,10 +81,9 @@ impl LayerSelector {
         }
         if let Some(i) = used.iter().position(|u| !u) {
             let pattern = self.spec.split(',').nth(i).unwrap_or_default().trim();
-            return Err(WeightgenError::Input(format!(
-                "--layers pattern `{pattern}` selects no parameter of the model (names look like `{}`)",
-                names.iter().find(|n| n.contains("layers.")).or(names.first()).copied().unwrap_or("")
-            )));
+            let like = names.iter().find(|n| n.contains("layers.")).or(names.first()).copied().unwrap_or("");
+            let why = format!("selects no parameter of the model (names look like `{like}`)");
+            return Err(OptionError::new("layers", format!("pattern `{pattern}`"), why).into());
         }
         Ok(out)
     }
