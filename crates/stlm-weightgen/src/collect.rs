@@ -17,12 +17,12 @@ use tch::Tensor;
 /// The model's parameters that `selector` picks, as units in model order (blocks in order, then
 /// what is outside them; by name within).
 pub fn model_units(model: &dyn LanguageModel, selector: &LayerSelector) -> Result<Vec<Unit>, WeightgenError> {
-    let vars = model.var_store().variables();
-    let mut names: Vec<&str> = vars.keys().map(String::as_str).collect();
-    names.sort_by_key(|n| (block_index(n).unwrap_or(usize::MAX), n.to_string()));
+    let mut params = model.parameters();
+    params.sort_by_key(|p| (block_index(&p.name).unwrap_or(usize::MAX), p.name.clone()));
     let layers = model.model_config().num_hidden_layers.max(0) as usize;
-    let selected = selector.select(names, layers)?;
-    Ok(selected.iter().map(|n| Unit::new(n, vars[n].size())).collect())
+    let selected = selector.select(params.iter().map(|p| (p.name.as_str(), p.role)), layers)?;
+    let size = |n: &String| params.iter().find(|p| &p.name == n).map(|p| p.tensor.size()).unwrap_or_default();
+    Ok(selected.iter().map(|n| Unit::new(n, size(n))).collect())
 }
 
 /// Copies of the model's current values of `units`.

@@ -2,8 +2,8 @@
 //!
 //! A spec is a comma-separated list of patterns; a parameter is selected when any pattern matches
 //! its name (the model's variable name, Hugging Face's: `model.layers.3.mlp.up_proj.weight`):
-//! - `norm`: every normalisation layer (a module whose name ends in `norm`, e.g.
-//!   `input_layernorm`, `post_attention_layernorm`, the final `model.norm`, or GPT-2's `ln_*`);
+//! - `norm`: every normalisation layer's parameters (role `Norm` in the model's layer walk:
+//!   `input_layernorm`, `post_attention_layernorm`, q/k norms, the final `model.norm`);
 //! - `last`: the last block (`layers.{L-1}`);
 //! - anything else: a run of whole dot-separated name segments, e.g. `layers.3.mlp` selects
 //!   `model.layers.3.mlp.gate_proj.weight` but not `model.layers.13.mlp...`; `*` stands for any
@@ -12,7 +12,7 @@
 //! Every pattern must select something, so a typo is an error, not an empty selection.
 
 use crate::WeightgenError;
-use stlm_core::OptionError;
+use stlm_core::{OptionError, Role};
 
 /// A parsed `--layers` spec.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,20 +57,21 @@ impl LayerSelector {
         &self.spec
     }
 
-    /// The selected names among `names` (a model's parameters, whose blocks number
-    /// `num_layers`), in the order given. Errors when a pattern selects nothing.
+    /// The selected names among `params` (a model's parameters with their roles, whose blocks
+    /// number `num_layers`), in the order given. Errors when a pattern selects nothing.
     pub fn select<'a>(
         &self,
-        names: impl IntoIterator<Item = &'a str>,
+        params: impl IntoIterator<Item = (&'a str, Role)>,
         num_layers: usize,
     ) -> Result<Vec<String>, WeightgenError> {
-        let names: Vec<&str> = names.into_iter().collect();
+        let params: Vec<(&str, Role)> = params.into_iter().collect();
+        let names: Vec<&str> = params.iter().map(|(n, _)| *n).collect();
         let mut used = vec![false; self.patterns.len()];
         let mut out = Vec::new();
-        for name in &names {
+        for (name, role) in &params {
             let mut hit = false;
             for (i, p) in self.patterns.iter().enumerate() {
-                if p.matches(name, num_layers) {
+                if p.matches(name, *role, num_layers) {
                     used[i] = true;
                     hit = true;
                 }
@@ -90,10 +91,10 @@ impl LayerSelector {
 }
 
 impl Pattern {
-    fn matches(&self, name: &str, num_layers: usize) -> bool {
+    fn matches(&self, name: &str, role: Role, num_layers: usize) -> bool {
         let segs: Vec<&str> = name.split('.').collect();
         match self {
-            Pattern::Norm => segs.iter().rev().skip(1).take(1).any(|m| m.ends_with("norm") || m.starts_with("ln_")),
+            Pattern::Norm => role == Role::Norm,
             Pattern::Last => {
                 num_layers > 0 && contains_run(&segs, &["layers".to_string(), (num_layers - 1).to_string()])
             }
@@ -141,8 +142,13 @@ mod tests {
         "model.norm.weight",
     ];
 
+    /// The names with the roles a model's walk gives them.
+    fn params() -> Vec<(&'static str, Role)> {
+        NAMES.iter().map(|&n| (n, if n.contains("norm") { Role::Norm } else if n.contains("embed") { Role::Embedding } else { Role::Matrix })).collect()
+    }
+
     fn pick(spec: &str) -> Vec<String> {
-        LayerSelector::parse(spec).unwrap().select(NAMES, 12).unwrap()
+        LayerSelector::parse(spec).unwrap().select(params(), 12).unwrap()
     }
 
     #[test]
@@ -164,7 +170,7 @@ mod tests {
 
     #[test]
     fn a_pattern_that_selects_nothing_is_an_error() {
-        let err = LayerSelector::parse("norm,layers.3.mpl").unwrap().select(NAMES, 12).unwrap_err().to_string();
+        let err = LayerSelector::parse("norm,layers.3.mpl").unwrap().select(params(), 12).unwrap_err().to_string();
         assert!(err.contains("layers.3.mpl") && err.contains("model.layers.0"), "{err}");
         assert!(LayerSelector::parse("norm,,x").unwrap_err().to_string().contains("empty pattern"));
         assert!(LayerSelector::parse("layers..mlp").is_err());
