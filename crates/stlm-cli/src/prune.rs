@@ -283,21 +283,11 @@ fn read_text(path: &Path) -> Result<String> {
 /// `samples` windows of `len` tokens spread evenly over the tokens of `path`, as batches of up
 /// to 8 windows `[b, len]` on the model's device.
 fn calibration_batches(model: &DecoderModel, tok: &Tokenizer, path: &Path, samples: usize, len: usize) -> Result<Vec<Tensor>> {
-    if samples == 0 || len < 2 {
-        bail!("--calib-samples must be at least 1 and --calib-len at least 2");
-    }
-    let len = len.min(model.config.max_position_embeddings as usize);
     let ids: Vec<i64> = tok.encode(&read_text(path)?, false)?.into_iter().map(i64::from).collect();
-    model.check_ids(&ids).with_context(|| format!("{}: tokens outside the model's vocabulary", path.display()))?;
-    if ids.len() < len {
-        bail!("{}: {} tokens, fewer than one calibration window of {len}", path.display(), ids.len());
+    match stlm_prune::calibration_windows(model, &ids, samples, len) {
+        Err(stlm_prune::PruneError::Option(e)) => Err(e.into()),
+        other => other.with_context(|| path.display().to_string()),
     }
-    let starts: Vec<usize> = match samples {
-        1 => vec![0],
-        n => (0..n).map(|i| i * (ids.len() - len) / (n - 1)).collect(),
-    };
-    let windows: Vec<Tensor> = starts.iter().map(|&s| Tensor::from_slice(&ids[s..s + len])).collect();
-    Ok(windows.chunks(8).map(|c| Tensor::stack(c, 0).to_device(model.device())).collect())
 }
 
 /// A validation text, tokenized once, scored in disjoint windows.
