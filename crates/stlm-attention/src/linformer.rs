@@ -77,6 +77,13 @@ pub fn linformer_attention(
     weights.matmul(&vp)
 }
 
+impl stlm_core::Layer for LinformerProjection {
+    fn visit(&self, walk: &mut stlm_core::Walk<'_>) {
+        walk.param("e", &self.e, stlm_core::Role::KindParameter);
+        walk.param_opt("f", self.f.as_ref(), stlm_core::Role::KindParameter);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,12 +157,5 @@ mod tests {
         let v2 = Tensor::cat(&[v.narrow(2, 0, 5), g(&[1, 2, 1, 4])], 2);
         let out2 = linformer_attention(&q, &k, &v2, &p.e, &p.e, None, None);
         assert!(!out.narrow(2, 0, 1).allclose(&out2.narrow(2, 0, 1), 1e-6, 1e-6, false));
-    }
-}
-
-impl stlm_core::Layer for LinformerProjection {
-    fn visit(&self, walk: &mut stlm_core::Walk<'_>) {
-        walk.param("e", &self.e, stlm_core::Role::KindParameter);
-        walk.param_opt("f", self.f.as_ref(), stlm_core::Role::KindParameter);
     }
 }

@@ -125,7 +125,7 @@ impl<'a> Walk<'a> {
 
     /// The sub-layer `name` (a dotted path relative to the layer being visited).
     pub fn layer(&mut self, name: &str, layer: &dyn Layer) {
-        let saved = std::mem::replace(&mut self.prefix, String::new());
+        let saved = std::mem::take(&mut self.prefix);
         self.prefix = join(&saved, name);
         layer.visit(self);
         self.prefix = saved;
