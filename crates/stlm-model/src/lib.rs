@@ -19,6 +19,7 @@ pub mod generate;
 pub mod hf;
 pub mod inspect;
 pub mod io;
+pub mod layer_walk;
 pub mod layers;
 pub mod llama2c;
 pub mod lm;
@@ -26,6 +27,7 @@ pub mod lora;
 pub mod model;
 pub mod shapes;
 pub mod sharing;
+pub mod shrink;
 
 pub use bytes::{BytePooledModel, BytesConfig, ByteDecoder, ChunkGrid, Pooling};
 pub use decode::FastDecoder;

@@ -287,7 +287,7 @@ impl DecoderModel {
     /// Copies this model into the smaller `into` (same vocabulary and width): embeddings, final
     /// norm and head whole, and block `j` of `into` from block `blocks[j].0` of this model with
     /// the units `blocks[j].1` keeps (structured pruning: heads, neurons, experts, whole blocks).
-    pub fn keep_into(&self, into: &DecoderModel, blocks: &[(usize, crate::layers::KeepUnits)]) -> Result<()> {
+    pub fn keep_into(&self, into: &DecoderModel, blocks: &[(usize, crate::shrink::KeepUnits)]) -> Result<()> {
         if self.config.shares_layers() {
             return Err(ModelError::Input("structured pruning of shared layers (`layer_sharing`) is not supported".into()));
         }
@@ -297,7 +297,7 @@ impl DecoderModel {
         if blocks.len() != into.layers.len() || blocks.iter().any(|(i, _)| *i >= self.layers.len()) {
             return Err(ModelError::Input(format!("{} blocks to keep for a model of {} (from {})", blocks.len(), into.layers.len(), self.layers.len())));
         }
-        let copy = crate::layers::copy_checked;
+        let copy = crate::shrink::copy_checked;
         copy(&into.embed_tokens, &self.embed_tokens, "model.embed_tokens.weight")?;
         if let (Some(a), Some(b)) = (&self.embed_positions, &into.embed_positions) {
             copy(b, a, "model.embed_positions.weight")?;

@@ -26,7 +26,8 @@ use stlm_attention::AttentionKind;
 use stlm_core::OptionError;
 use stlm_moe::RouterKind;
 use stlm_model::config::{ModelType, PositionKind};
-use stlm_model::layers::{DecoderLayer, FeedForward, InputGram, KeepUnits};
+use stlm_model::layers::{DecoderLayer, FeedForward, InputGram};
+use stlm_model::shrink::KeepUnits;
 use stlm_model::{DecoderModel, Mode, ModelConfig};
 use tch::{Kind, Tensor};
 

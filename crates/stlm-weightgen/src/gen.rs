@@ -12,205 +12,18 @@
 //! batches, noise and diffusion steps as an uninterrupted one and ends with the same weights.
 
 use crate::collect::{bar, tick};
-use crate::collection::{Collection, Manifest};
-use crate::denoiser::{Denoiser, DenoiserConfig, Layout};
-use crate::schedule::{BetaSchedule, NoiseSchedule};
-use crate::vae::{ParamVae, VaeConfig};
+use crate::collection::Collection;
+use crate::denoiser::{Denoiser, Layout};
+use crate::schedule::NoiseSchedule;
+use crate::vae::ParamVae;
 use crate::{Result, WeightgenError};
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use stlm_core::{atomic_write_bytes, read_json, read_safetensors, write_safetensors, CoreError, OptionError};
 use stlm_train::optim::{AdamW, AdamWConfig};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-/// How each layer's values are normalised before the VAE sees them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Normalize {
-    /// By the layer's mean and standard deviation over all checkpoints (p-diff's way): the VAE
-    /// models whole weights.
-    Layer,
-    /// Each value minus its mean over the checkpoints, divided by the layer's standard deviation
-    /// of those differences: the VAE models how checkpoints differ from their average.
-    Element,
-}
-
-impl std::str::FromStr for Normalize {
-    type Err = WeightgenError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "layer" => Ok(Normalize::Layer),
-            "element" => Ok(Normalize::Element),
-            _ => Err(WeightgenError::Input(format!("normalisation `{s}`: expected layer or element"))),
-        }
-    }
-}
-
-/// Every setting of a generator.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenConfig {
-    /// How layers are normalised.
-    pub normalize: Normalize,
-    /// Values per chunk.
-    pub chunk: i64,
-    /// VAE MLP width.
-    pub vae_hidden: i64,
-    /// Latent values per chunk.
-    pub latent: i64,
-    /// p-diff's noise on (normalised) VAE inputs.
-    pub input_noise: f64,
-    /// p-diff's noise on latents.
-    pub latent_noise: f64,
-    /// Weight of the VAE's KL term.
-    pub kl_weight: f64,
-    /// The VAE's encoder and decoder see a learned embedding of each chunk's position (which
-    /// layer, which part of it); without it (p-diff's plain autoencoder) every chunk is encoded
-    /// alone.
-    pub vae_positions: bool,
-    /// VAE training steps.
-    pub vae_steps: u64,
-    /// Chunks per VAE step.
-    pub vae_batch: i64,
-    /// VAE peak learning rate (cosine to a tenth).
-    pub vae_lr: f64,
-    /// Denoiser sizes.
-    pub denoiser: DenoiserConfig,
-    /// Diffusion steps T.
-    pub timesteps: usize,
-    /// `cosine` (Nichol & Dhariwal) or `linear` (Ho et al., 1e-4 to 0.02).
-    pub schedule: String,
-    /// Denoiser training steps.
-    pub diffusion_steps: u64,
-    /// Checkpoints per denoiser step.
-    pub diffusion_batch: i64,
-    /// Denoiser peak learning rate (cosine to a tenth).
-    pub diffusion_lr: f64,
-    /// Seed of every draw.
-    pub seed: u64,
-    /// Save the folder every this many steps (0: at the end of each stage only).
-    pub save_every: u64,
-}
-
-impl Default for GenConfig {
-    fn default() -> Self {
-        let v = VaeConfig::default();
-        GenConfig {
-            normalize: Normalize::Layer,
-            chunk: v.chunk,
-            vae_hidden: v.hidden,
-            latent: v.latent,
-            input_noise: v.input_noise,
-            latent_noise: v.latent_noise,
-            kl_weight: v.kl_weight,
-            vae_positions: true,
-            vae_steps: 2000,
-            vae_batch: 512,
-            vae_lr: 1e-3,
-            denoiser: DenoiserConfig { hidden: 128, depth: 2 },
-            timesteps: 1000,
-            schedule: "cosine".into(),
-            diffusion_steps: 2000,
-            diffusion_batch: 16,
-            diffusion_lr: 1e-3,
-            seed: 0,
-            save_every: 500,
-        }
-    }
-}
-
-impl GenConfig {
-    /// Checks ranges; errors name the setting.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(WeightgenError::Input(m));
-        for (name, v) in [
-            ("chunk", self.chunk),
-            ("vae_hidden", self.vae_hidden),
-            ("latent", self.latent),
-            ("vae_batch", self.vae_batch),
-            ("diffusion_batch", self.diffusion_batch),
-            ("denoiser.hidden", self.denoiser.hidden),
-        ] {
-            if v < 1 {
-                return bad(format!("{name} {v}: must be at least 1"));
-            }
-        }
-        if self.denoiser.depth < 0 {
-            return bad(format!("denoiser.depth {}: must not be negative", self.denoiser.depth));
-        }
-        for (name, v) in [("vae_lr", self.vae_lr), ("diffusion_lr", self.diffusion_lr)] {
-            if !(v > 0.0 && v.is_finite()) {
-                return bad(format!("{name} {v}: must be a positive number"));
-            }
-        }
-        self.beta_schedule()?;
-        Ok(())
-    }
-
-    fn vae(&self, positions: i64) -> VaeConfig {
-        VaeConfig {
-            chunk: self.chunk,
-            hidden: self.vae_hidden,
-            latent: self.latent,
-            input_noise: self.input_noise,
-            latent_noise: self.latent_noise,
-            kl_weight: self.kl_weight,
-            positions: if self.vae_positions { positions } else { 0 },
-        }
-    }
-
-    fn beta_schedule(&self) -> Result<NoiseSchedule> {
-        let kind = match self.schedule.as_str() {
-            "cosine" => BetaSchedule::Cosine,
-            "linear" => BetaSchedule::Linear { start: 1e-4, end: 0.02 },
-            s => return Err(WeightgenError::Input(format!("schedule `{s}`: expected cosine or linear"))),
-        };
-        Ok(NoiseSchedule::new(kind, self.timesteps)?)
-    }
-}
-
-/// How far training has gone, and what the diffusion stage learned about the latents.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Progress {
-    /// VAE steps done.
-    pub vae_step: u64,
-    /// Denoiser steps done.
-    pub diffusion_step: u64,
-    /// Mean of the training latents (set when the diffusion stage starts).
-    pub latent_mean: Option<f64>,
-    /// Standard deviation of the training latents.
-    pub latent_std: Option<f64>,
-    /// The VAE's reconstruction error (normalised units, mean square) on the training chunks,
-    /// without noise, when the VAE stage ended.
-    pub vae_reconstruction: Option<f64>,
-    /// The last denoiser step's loss.
-    pub diffusion_loss: Option<f64>,
-}
-
-/// The `weightgen.json` of a generator folder.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenFile {
-    /// Settings.
-    pub config: GenConfig,
-    /// The collection it learned from (its path and manifest).
-    pub collection: PathBuf,
-    /// The collection's manifest (units, base model, checkpoints).
-    pub manifest: Manifest,
-    /// Training progress.
-    pub progress: Progress,
-}
-
-/// How to sample.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Sampler {
-    /// Ancestral DDPM over all T steps.
-    Ddpm,
-    /// Deterministic DDIM over this many evenly spaced steps.
-    Ddim(usize),
-}
+pub use crate::gen_config::{GenConfig, GenFile, Normalize, Progress, Sampler};
 
 /// The two training stages (their number seeds the RNG).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -724,6 +537,7 @@ pub fn open_for_training(
 mod tests {
     use super::*;
     use crate::collection::{CheckpointInfo, Unit};
+    use crate::denoiser::DenoiserConfig;
 
     /// Twelve "checkpoints" of three small layers: a shared base plus a low-dimensional drift,
     /// like the steps of a continued training run.

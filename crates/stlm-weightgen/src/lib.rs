@@ -18,6 +18,7 @@ pub mod collection;
 pub mod compare;
 pub mod denoiser;
 pub mod gen;
+pub mod gen_config;
 pub mod schedule;
 pub mod select;
 pub mod vae;
