@@ -11,6 +11,7 @@
 use crate::depth::Depth;
 use crate::config::{Activation, NormKind, PositionKind};
 use crate::layers::{DecoderLayer, FeedForward, KindParams, Linear, Mlp, Norm, SelfAttention};
+use crate::weight::Weight;
 use crate::DecoderModel;
 use stlm_attention::{AttentionKind, KvCache};
 use stlm_core::kernels::{f32_slice, layer_norm_row, rms_norm_row, Rows};
@@ -34,7 +35,10 @@ impl<'m> Affine<'m> {
             Some(b) => Some(f32_slice(b).ok_or_else(not_row_major)?),
             None => None,
         };
-        Ok(Affine { weight: Rows::from_tensor(weight).ok_or_else(not_row_major)?, bias })
+        let weight = match weight {
+            Weight::Dense(w) => Rows::from_tensor(w).ok_or_else(not_row_major)?,
+        };
+        Ok(Affine { weight, bias })
     }
 
     /// Writes `W x + b` to `y`.

@@ -2,11 +2,14 @@
 //! parameters with their roles; a sub-layer tied to block 0 goes through `Walk::tied`.
 
 use crate::layers::{DecoderLayer, FeedForward, KindParams, Linear, Mlp, Norm, SelfAttention};
+use crate::weight::Weight;
 use stlm_core::{Layer, Role, Walk};
 
 impl Layer for Linear {
     fn visit(&self, walk: &mut Walk<'_>) {
-        walk.param("weight", &self.weight, Role::Matrix);
+        match &self.weight {
+            Weight::Dense(w) => walk.param("weight", w, Role::Matrix),
+        }
         walk.param_opt("bias", self.bias.as_ref(), Role::Bias);
     }
 }

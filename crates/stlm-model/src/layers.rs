@@ -7,7 +7,8 @@ use crate::config::{Activation, MlpKind, ModelConfig, NormKind, PositionKind};
 use stlm_attention::{
     alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, AttentionKind, AttentionMask, KernelInput, KvCache, LinformerProjection,
 };
-use stlm_core::kernels::{small_batch_linear, small_batch_rms_norm};
+use crate::weight::{dense_linear, Weight};
+use stlm_core::kernels::small_batch_rms_norm;
 use stlm_core::Mode;
 use stlm_moe::{CdMoe, MoeLayer, MoeStats};
 use std::sync::{Arc, Mutex};
@@ -31,8 +32,8 @@ pub type InputTap = Arc<Mutex<InputGram>>;
 /// `y = x W^T + b`, weight `[out, in]`.
 #[derive(Debug)]
 pub struct Linear {
-    /// `[out_features, in_features]`.
-    pub weight: Tensor,
+    /// `[out_features, in_features]`, as one of the representations of [`Weight`].
+    pub weight: Weight,
     /// `[out_features]`, when the layer has a bias.
     pub bias: Option<Tensor>,
     /// While set, every input is added to this Gram matrix (calibration for pruning).
@@ -44,12 +45,17 @@ impl Linear {
     pub fn new(path: nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Self {
         let weight = path.var("weight", &[out_dim, in_dim], Init::Randn { mean: 0.0, stdev: std });
         let bias = bias.then(|| path.var("bias", &[out_dim], Init::Const(0.0)));
-        Linear { weight, bias, tap: None }
+        Linear { weight: Weight::Dense(weight), bias, tap: None }
+    }
+
+    /// A layer over existing tensors: a float weight `[out, in]` and an optional bias `[out]`.
+    pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight: Weight::Dense(weight), bias, tap: None }
     }
 
     /// The same layer (its weight and bias tensors, not copies), for weights tied across blocks.
     pub fn share(&self) -> Linear {
-        Linear { weight: self.weight.shallow_clone(), bias: self.bias.as_ref().map(Tensor::shallow_clone), tap: None }
+        Linear { weight: self.weight.share(), bias: self.bias.as_ref().map(Tensor::shallow_clone), tap: None }
     }
 
     /// Adds `x` `[.., in]` to each distinct tap of `parts` (layers reading the same input).
@@ -88,15 +94,17 @@ impl Linear {
     /// weight (per-layer LoRA on a shared block).
     pub fn forward_with(&self, x: &Tensor, delta: Option<LowRank<'_>>) -> Tensor {
         Linear::record(&[self], x);
-        let weight = self.weight_with(delta);
-        small_batch_linear(x, &weight, self.bias.as_ref()).unwrap_or_else(|| x.linear(&weight, self.bias.as_ref()))
+        match delta {
+            Some(d) => dense_linear(x, &self.weight_with(Some(d)), self.bias.as_ref()),
+            None => self.weight.forward(x, self.bias.as_ref()),
+        }
     }
 
     /// The weight one application multiplies with: this layer's, plus `B A` of `delta`.
     fn weight_with(&self, delta: Option<LowRank<'_>>) -> Tensor {
         match delta {
-            Some(d) => &self.weight + d.b.matmul(d.a),
-            None => self.weight.shallow_clone(),
+            Some(d) => self.weight.value() + d.b.matmul(d.a),
+            None => self.weight.value(),
         }
     }
 
@@ -114,26 +122,28 @@ impl Linear {
         let weight = Tensor::cat(&weights, 0);
         let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0));
-        small_batch_linear(x, &weight, bias.as_ref()).unwrap_or_else(|| x.linear(&weight, bias.as_ref()))
+        dense_linear(x, &weight, bias.as_ref())
     }
 
     /// One linear computing `parts` (which read the same input) in a single product; the
     /// weights and biases of `parts` become views of its rows, so they stay the variables that
     /// are trained and saved, and the fused layer always sees their values.
     pub fn fuse(parts: &mut [&mut Linear]) -> Linear {
-        let weight = Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0);
+        let weight = Tensor::cat(&parts.iter().map(|p| p.weight.value()).collect::<Vec<_>>(), 0);
         let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0));
         let mut offset = 0;
         for p in parts.iter_mut() {
-            let n = p.weight.size()[0];
-            p.weight.set_data(&weight.narrow(0, offset, n));
+            let n = p.weight.shape().0;
+            match &mut p.weight {
+                Weight::Dense(w) => w.set_data(&weight.narrow(0, offset, n)),
+            }
             if let (Some(pb), Some(b)) = (p.bias.as_mut(), bias.as_ref()) {
                 pb.set_data(&b.narrow(0, offset, n));
             }
             offset += n;
         }
-        Linear { weight, bias, tap: None }
+        Linear::from_dense(weight, bias)
     }
 }
 
@@ -268,7 +278,7 @@ impl Mlp {
     /// [`Mlp::forward`] of one application with its low-rank updates (gate, up, down).
     pub fn forward_with(&self, x: &Tensor, adapter: Option<&Adapter<'_>>) -> Tensor {
         let Some(&Adapter { mlp: (gate_delta, up_delta, down_delta), .. }) = adapter else { return self.forward_plain(x) };
-        let width = self.up_proj.weight.size()[0];
+        let width = self.up_proj.weight.shape().0;
         let hidden = match &self.gate_proj {
             Some(gate) => {
                 let both = Linear::forward_concat_with(&[gate, &self.up_proj], &[gate_delta, Some(up_delta)], x);
@@ -282,12 +292,12 @@ impl Mlp {
     fn forward_plain(&self, x: &Tensor) -> Tensor {
         let hidden = match (&self.gate_up, &self.gate_proj) {
             (Some(fused), _) => {
-                let width = self.up_proj.weight.size()[0];
+                let width = self.up_proj.weight.shape().0;
                 let both = fused.forward(x);
                 self.act.forward(&both.narrow(-1, 0, width)) * both.narrow(-1, width, width)
             }
             (None, Some(gate)) => {
-                let width = self.up_proj.weight.size()[0];
+                let width = self.up_proj.weight.shape().0;
                 let both = Linear::forward_concat(&[gate, &self.up_proj], x);
                 self.act.forward(&both.narrow(-1, 0, width)) * both.narrow(-1, width, width)
             }

@@ -28,6 +28,7 @@ pub mod model;
 pub mod shapes;
 pub mod sharing;
 pub mod shrink;
+pub mod weight;
 
 pub use bytes::{BytePooledModel, BytesConfig, ByteDecoder, ChunkGrid, Pooling};
 pub use decode::FastDecoder;
@@ -41,3 +42,4 @@ pub use io::{load_config, load_model, tokenizer_path, PRUNING_FILE};
 pub use model::{Applied, BlockPass, DecoderModel, ResidualStream};
 pub use shapes::{ContextPattern, Diamond, LayerShape, LayerShapes, ResidualRoot, RootMix};
 pub use sharing::{LayerSharing, ShareScheme};
+pub use weight::Weight;

@@ -23,7 +23,7 @@ pub struct LoraDelta {
 
 impl LoraDelta {
     fn new(path: nn::Path, base: &Linear, rank: i64) -> Self {
-        let (out, inp) = (base.weight.size()[0], base.weight.size()[1]);
+        let (out, inp) = base.weight.shape();
         let a = (&path / "lora_A").var("weight", &[rank, inp], Init::Randn { mean: 0.0, stdev: 1.0 / (inp as f64).sqrt() });
         let b = (&path / "lora_B").var("weight", &[out, rank], Init::Const(0.0));
         LoraDelta { a, b }

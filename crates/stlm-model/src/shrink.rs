@@ -34,7 +34,7 @@ impl Linear {
     /// Copies into the smaller `into` this layer's output features `rows` and input features
     /// `cols` (all when `None`); errors name `name` when the shapes do not fit.
     pub fn keep_into(&self, into: &Linear, rows: Option<&Tensor>, cols: Option<&Tensor>, name: &str) -> Result<()> {
-        copy_checked(&into.weight, &select(&select(&self.weight, 0, rows), 1, cols), &format!("{name}.weight"))?;
+        into.weight.assign(&select(&select(&self.weight.value(), 0, rows), 1, cols), &format!("{name}.weight"))?;
         match (&self.bias, &into.bias) {
             (Some(b), Some(ib)) => copy_checked(ib, &select(b, 0, rows), &format!("{name}.bias")),
             (None, None) => Ok(()),

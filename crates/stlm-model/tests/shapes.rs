@@ -114,7 +114,7 @@ fn every_layer_equals_a_uniform_model_of_its_shape_on_the_projected_stream() {
         let mut h = match &m.residual_root {
             None => e,
             Some(root) => {
-                let e = root.embed_proj.as_ref().map_or(e.shallow_clone(), |p| e.matmul(&p.weight.tr()));
+                let e = root.embed_proj.as_ref().map_or(e.shallow_clone(), |p| e.matmul(&p.weight.value().tr()));
                 match &root.gate {
                     Some(g) => (1.0 - g.sigmoid()) * &root.weight + g.sigmoid() * e,
                     None => e + &root.weight,
@@ -123,13 +123,13 @@ fn every_layer_equals_a_uniform_model_of_its_shape_on_the_projected_stream() {
         };
         for i in 0..4 {
             if let Some(p) = &m.layers[i].in_proj {
-                h = h.matmul(&p.weight.tr());
+                h = h.matmul(&p.weight.value().tr());
             }
             let one = single_layer(&m, i);
             h = one.run_block(0, &one.block_pass(&x), &h);
         }
         if let Some(p) = &m.out_proj {
-            h = h.matmul(&p.weight.tr());
+            h = h.matmul(&p.weight.value().tr());
         }
         let reference = m.head(&m.norm.forward(&h));
         let diff = max_diff(&m.forward(&x), &reference);

@@ -360,12 +360,12 @@ fn group_sums(cfg: &ModelConfig, layer: &DecoderLayer, unit: Unit, value: &dyn F
             let a = &layer.self_attn;
             let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
             let hidden = cfg.hidden_size;
-            let mut q = rows(&a.q_proj.weight, nh);
-            q += value(&a.o_proj.weight).view([hidden, nh, d]).sum_dim_intlist([0i64, 2].as_slice(), false, Kind::Double);
+            let mut q = rows(&a.q_proj.weight.value(), nh);
+            q += value(&a.o_proj.weight.value()).view([hidden, nh, d]).sum_dim_intlist([0i64, 2].as_slice(), false, Kind::Double);
             if let Some(b) = &a.q_proj.bias {
                 q += rows(b, nh);
             }
-            let mut kv = rows(&a.k_proj.weight, nkv) + rows(&a.v_proj.weight, nkv);
+            let mut kv = rows(&a.k_proj.weight.value(), nkv) + rows(&a.v_proj.weight.value(), nkv);
             for b in [&a.k_proj.bias, &a.v_proj.bias].into_iter().flatten() {
                 kv += rows(b, nkv);
             }
@@ -378,9 +378,9 @@ fn group_sums(cfg: &ModelConfig, layer: &DecoderLayer, unit: Unit, value: &dyn F
         Unit::Neurons => {
             let Some(m) = layer.mlp.dense() else { return Err(PruneError::Input("neurons are pruned in dense MLPs only".into())) };
             let i = cfg.intermediate_size;
-            let mut s = rows(&m.up_proj.weight, i) + value(&m.down_proj.weight).sum_dim_intlist(0, false, Kind::Double);
+            let mut s = rows(&m.up_proj.weight.value(), i) + value(&m.down_proj.weight.value()).sum_dim_intlist(0, false, Kind::Double);
             let gate = m.gate_proj.as_ref();
-            for t in [gate.map(|g| &g.weight), gate.and_then(|g| g.bias.as_ref()), m.up_proj.bias.as_ref()].into_iter().flatten() {
+            for t in [gate.map(|g| g.weight.value()).as_ref(), gate.and_then(|g| g.bias.as_ref()), m.up_proj.bias.as_ref()].into_iter().flatten() {
                 s += rows(t, i);
             }
             Ok(s)
@@ -431,13 +431,13 @@ fn contribution_norms(model: &mut DecoderModel, calib: &[Tensor], unit: Unit) ->
                 let (nh, d, h) = (cfg.num_attention_heads, cfg.head_dim(), cfg.hidden_size);
                 // Per query head: tr(W_h G_hh W_h^T) with W_h = o_proj[:, head h] and G_hh its block.
                 let blocks = gram.view([nh, d, nh, d]).diagonal(0, 0, 2).permute([2, 0, 1]); // [nh, d, d]
-                let w = layer.self_attn.o_proj.weight.detach().to_kind(Kind::Double).view([h, nh, d]).permute([1, 0, 2]); // [nh, h, d]
+                let w = layer.self_attn.o_proj.weight.value().detach().to_kind(Kind::Double).view([h, nh, d]).permute([1, 0, 2]); // [nh, h, d]
                 let per_head = (w.matmul(&blocks) * &w).sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Double);
                 let hu = HeadUnits::of(cfg);
                 per_head.view([hu.units, hu.queries]).sum_dim_intlist(1, false, Kind::Double)
             }
             (FeedForward::Dense(mlp), _) => {
-                let w = mlp.down_proj.weight.detach().to_kind(Kind::Double);
+                let w = mlp.down_proj.weight.value().detach().to_kind(Kind::Double);
                 gram.diagonal(0, 0, 1) * w.square().sum_dim_intlist(0, false, Kind::Double)
             }
             _ => unreachable!("checked when the taps were set"),
@@ -591,8 +591,8 @@ mod tests {
             let layer = &m.layers[r.layer.unwrap()];
             for &u in &r.units {
                 let (w, cols) = match unit {
-                    Unit::Heads => (&layer.self_attn.o_proj.weight, (u * hu.queries * d, hu.queries * d)),
-                    _ => (&layer.mlp.dense().unwrap().down_proj.weight, (u, 1)),
+                    Unit::Heads => (layer.self_attn.o_proj.weight.value(), (u * hu.queries * d, hu.queries * d)),
+                    _ => (layer.mlp.dense().unwrap().down_proj.weight.value(), (u, 1)),
                 };
                 let _ = w.narrow(1, cols.0, cols.1).shallow_clone().fill_(0.0);
             }
@@ -650,16 +650,16 @@ mod tests {
                         match unit {
                             Unit::Heads => {
                                 // Unit 1 = key/value head 1 and query heads 2, 3 (head_dim 8).
-                                zero(&a.q_proj.weight, 0, 16, 16);
-                                zero(&a.k_proj.weight, 0, 8, 8);
-                                zero(&a.v_proj.weight, 0, 8, 8);
-                                zero(&a.o_proj.weight, 1, 16, 16);
+                                zero(&a.q_proj.weight.value(), 0, 16, 16);
+                                zero(&a.k_proj.weight.value(), 0, 8, 8);
+                                zero(&a.v_proj.weight.value(), 0, 8, 8);
+                                zero(&a.o_proj.weight.value(), 1, 16, 16);
                             }
                             _ => {
                                 let mlp = layer.mlp.dense().unwrap();
-                                zero(&mlp.gate_proj.as_ref().unwrap().weight, 0, 1, 1);
-                                zero(&mlp.up_proj.weight, 0, 1, 1);
-                                zero(&mlp.down_proj.weight, 1, 1, 1);
+                                zero(&mlp.gate_proj.as_ref().unwrap().weight.value(), 0, 1, 1);
+                                zero(&mlp.up_proj.weight.value(), 0, 1, 1);
+                                zero(&mlp.down_proj.weight.value(), 1, 1, 1);
                             }
                         }
                     }
@@ -682,8 +682,8 @@ mod tests {
         let mut m = model("model_type = \"stlm\"\nnum_attention_heads = 2\nattention = [{ kind = \"dense\" }, { kind = \"sliding-window\", window = 4 }, { kind = \"dense\" }]\n", 7);
         {
             let _g = tch::no_grad_guard();
-            let _ = m.layers[1].self_attn.o_proj.weight.shallow_clone().fill_(0.0);
-            let _ = m.layers[1].mlp.dense().unwrap().down_proj.weight.shallow_clone().fill_(0.0);
+            let _ = m.layers[1].self_attn.o_proj.weight.value().shallow_clone().fill_(0.0);
+            let _ = m.layers[1].mlp.dense().unwrap().down_proj.weight.value().shallow_clone().fill_(0.0);
         }
         let opts = StructuredOptions { unit: Unit::Layers, amount: 0.34, importance: Importance::Activation };
         let (small, report) = prune_structured(&mut m, &calib(), &opts, false).unwrap();

@@ -83,7 +83,7 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
             return Err(OptionError::no_value("skip", why).into());
         }
         for t in &targets {
-            opts.pattern.check(&t.name, t.linear.weight.size()[1])?;
+            opts.pattern.check(&t.name, t.linear.weight.shape().1)?;
         }
         targets.iter().map(|t| (t.name.clone(), t.layer)).collect()
     };
@@ -91,15 +91,15 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
     match (opts.method, opts.scope, opts.pattern) {
         (Method::Magnitude, Scope::Global, Pattern::Fraction { sparsity }) => {
             let mut targets = targets(model, &opts.skip);
-            let scores: Vec<Tensor> = targets.iter().map(|t| t.linear.weight.abs()).collect();
+            let scores: Vec<Tensor> = targets.iter().map(|t| t.linear.weight.value().abs()).collect();
             for (t, keep) in targets.iter_mut().zip(global_keep_masks(&scores, sparsity)) {
-                apply_mask(t.linear, &keep);
+                apply_mask(t.linear, &keep)?;
                 bar.inc(1);
             }
         }
         (Method::Magnitude, _, _) => {
             for t in targets(model, &opts.skip) {
-                apply_mask(t.linear, &keep_mask(&t.linear.weight.abs(), opts.pattern, opts.scope)?);
+                apply_mask(t.linear, &keep_mask(&t.linear.weight.value().abs(), opts.pattern, opts.scope)?)?;
                 bar.inc(1);
             }
         }
@@ -139,7 +139,7 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
         }
     }
     bar.finish_and_clear();
-    let reports = targets(model, &opts.skip).iter().map(|t| TargetReport::of(&t.name, &t.linear.weight)).collect();
+    let reports = targets(model, &opts.skip).iter().map(|t| TargetReport::of(&t.name, &t.linear.weight.value())).collect();
     Ok(PruneReport::new(opts, reports, model.num_parameters(), nonzero_before, nonzero(model), started.elapsed().as_secs_f64()))
 }
 
@@ -211,12 +211,12 @@ pub fn wanda_scores(weight: &Tensor, gram: &Tensor) -> Tensor {
 
 /// Prunes one target with Wanda or SparseGPT from its inputs' Gram matrix.
 fn prune_calibrated(t: Target<'_>, gram: &Tensor, opts: &PruneOptions) -> Result<()> {
-    let w = &t.linear.weight;
+    let w = &t.linear.weight.value();
     match opts.method {
-        Method::Wanda => apply_mask(t.linear, &keep_mask(&wanda_scores(w, gram), opts.pattern, opts.scope)?),
+        Method::Wanda => apply_mask(t.linear, &keep_mask(&wanda_scores(w, gram), opts.pattern, opts.scope)?)?,
         Method::SparseGpt => {
             let pruned = sparsegpt(&t.name, w, &gram.to_device(w.device()), opts.pattern, opts.sparsegpt)?;
-            t.linear.weight.shallow_clone().copy_(&pruned.to_kind(w.kind()));
+            t.linear.weight.assign(&pruned.to_kind(w.kind()), &t.name)?;
         }
         Method::Magnitude => unreachable!("magnitude needs no calibration"),
     }
@@ -224,8 +224,10 @@ fn prune_calibrated(t: Target<'_>, gram: &Tensor, opts: &PruneOptions) -> Result
 }
 
 /// Zeroes the weights of `linear` where `keep` is false.
-fn apply_mask(linear: &Linear, keep: &Tensor) {
-    let _ = linear.weight.shallow_clone().masked_fill_(&keep.logical_not().to_device(linear.weight.device()), 0.0);
+fn apply_mask(linear: &Linear, keep: &Tensor) -> Result<()> {
+    let w = linear.weight.value();
+    linear.weight.assign(&w.masked_fill(&keep.logical_not().to_device(w.device()), 0.0), "pruned weight")?;
+    Ok(())
 }
 
 /// Non-zero entries over every variable of `model`.
@@ -282,10 +284,10 @@ mod tests {
         let _ = Linear::forward_concat(&[&linear], &x.narrow(1, 0, 2));
         let gram = tap.lock().unwrap().gram.take().unwrap();
         assert_eq!(tap.lock().unwrap().rows, 14);
-        let keep = keep_mask(&wanda_scores(&linear.weight, &gram), Pattern::Fraction { sparsity: 0.5 }, Scope::Row).unwrap();
+        let keep = keep_mask(&wanda_scores(&linear.weight.value(), &gram), Pattern::Fraction { sparsity: 0.5 }, Scope::Row).unwrap();
 
         let xs: Vec<Vec<f64>> = Vec::try_from(Tensor::cat(&[x.view([-1, 6]), x.narrow(1, 0, 2).reshape([-1, 6])], 0).to_kind(Kind::Double)).unwrap();
-        let w: Vec<Vec<f64>> = Vec::try_from(linear.weight.to_kind(Kind::Double)).unwrap();
+        let w: Vec<Vec<f64>> = Vec::try_from(linear.weight.value().to_kind(Kind::Double)).unwrap();
         let norms: Vec<f64> = (0..6).map(|j| xs.iter().map(|r| r[j] * r[j]).sum::<f64>().sqrt()).collect();
         for (r, row) in w.iter().enumerate() {
             let mut order: Vec<usize> = (0..6).collect();
@@ -309,7 +311,7 @@ mod tests {
                 }
                 assert!(report.nonzero_after < report.nonzero_before);
                 if let Pattern::NOfM { .. } = pattern {
-                    let w = m.layers[1].mlp.dense().unwrap().down_proj.weight.view([32, 12, 4]);
+                    let w = m.layers[1].mlp.dense().unwrap().down_proj.weight.value().view([32, 12, 4]);
                     let zeros = w.eq(0.0).sum_dim_intlist(-1, false, Kind::Int64);
                     assert!(bool::try_from(zeros.eq(2).all()).unwrap(), "{method:?}: 2 zeros in every group of 4");
                 }
@@ -340,7 +342,7 @@ mod tests {
             // ... and differs from calibrating block 1 on the unpruned block 0.
             let mut unpruned_first = model(2);
             prune(&mut unpruned_first, &data, &PruneOptions { skip: vec!["lm_head".into(), "layers.0.".into()], ..o.clone() }, false).unwrap();
-            let w1 = |m: &DecoderModel| m.layers[1].self_attn.q_proj.weight.copy();
+            let w1 = |m: &DecoderModel| m.layers[1].self_attn.q_proj.weight.value().copy();
             assert!(!w1(&unpruned_first).equal(&w1(&once)), "{method:?}");
         }
     }
@@ -349,7 +351,7 @@ mod tests {
     fn global_magnitude_prunes_the_smallest_weights_of_all_targets() {
         let _lock = crate::tests::RNG.lock().unwrap_or_else(|e| e.into_inner());
         let mut m = model(3);
-        let before: Vec<Tensor> = linear_layers(&mut m).iter().map(|t| t.linear.weight.abs()).collect();
+        let before: Vec<Tensor> = linear_layers(&mut m).iter().map(|t| t.linear.weight.value().abs()).collect();
         let o = PruneOptions { scope: Scope::Global, ..opts(Method::Magnitude, Pattern::Fraction { sparsity: 0.3 }) };
         let report = prune(&mut m, &[], &o, false).unwrap();
         let total: i64 = report.pruned.iter().map(|t| t.params).sum();
@@ -358,7 +360,7 @@ mod tests {
         // Sparsity differs between matrices (one threshold for all), and nothing kept is smaller
         // than anything pruned.
         assert!(report.pruned.iter().any(|t| (t.sparsity - 0.3).abs() > 0.02));
-        let after: Vec<Tensor> = linear_layers(&mut m).iter().map(|t| t.linear.weight.copy()).collect();
+        let after: Vec<Tensor> = linear_layers(&mut m).iter().map(|t| t.linear.weight.value().copy()).collect();
         let max_pruned = before.iter().zip(&after).map(|(b, a)| b.masked_select(&a.eq(0.0)).max().double_value(&[])).fold(0.0, f64::max);
         let min_kept = before.iter().zip(&after).map(|(b, a)| b.masked_select(&a.ne(0.0)).min().double_value(&[])).fold(f64::MAX, f64::min);
         assert!(max_pruned <= min_kept);
