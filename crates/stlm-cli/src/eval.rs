@@ -11,7 +11,8 @@ use stlm_eval::position::{position_loss, PositionLoss};
 use stlm_eval::score::scorer;
 use stlm_eval::suite::{find_data, Suite, SuiteReport};
 use stlm_eval::tasks::{evaluate, load_docs, ItemResult, Task, TaskOptions, TaskReport};
-use stlm_eval::{byte_perplexity, early_exit_perplexity, perplexity, PplReport, WindowOptions};
+use stlm_eval::text::{score_text, TextScoring};
+use stlm_eval::PplReport;
 use stlm_model::AnyModel;
 use stlm_tokenizers::Tokenizer;
 
@@ -181,7 +182,8 @@ pub fn run(job: EvalJob) -> Result<()> {
     match job {
         EvalJob::Ppl { model, data, max_length, stride, tokenizer, repeats, early_exit, exit_measure, exit_min_layers, json, device } => {
             let exit = early_exit.map(|threshold| stlm_model::EarlyExit { measure: crate::model::exit_measure(&exit_measure), threshold, min_layers: exit_min_layers });
-            ppl(&model, &data, (max_length, stride, repeats), exit, tokenizer, json, &device)
+            let opts = TextScoring { max_length, stride, repeats, exit, progress: std::io::stderr().is_terminal() };
+            ppl(&model, &data, opts, tokenizer, json, &device)
         }
         EvalJob::Mc { model, task, data, opts, log_samples, json } => {
             let task = Task::parse(&task)?;
@@ -393,50 +395,14 @@ fn position_losses(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn ppl(dir: &Path, data: &Path, shape: (Option<i64>, Option<i64>, Option<i64>), exit: Option<stlm_model::EarlyExit>, tokenizer: Option<PathBuf>, json: bool, device: &DeviceArgs) -> Result<()> {
-    let (max_length, stride, repeats) = shape;
+/// `stlm eval ppl`: the text of `data` scored by the model in `dir`.
+fn ppl(dir: &Path, data: &Path, opts: TextScoring, tokenizer: Option<PathBuf>, json: bool, device: &DeviceArgs) -> Result<()> {
     let text = std::fs::read_to_string(data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
-    if text.is_empty() {
-        bail!("{}: the file is empty", data.display());
-    }
     let tok = load_tokenizer(tokenizer.as_deref(), dir)?;
-    let mut model = match device.load_any(dir)? {
-        AnyModel::Tokens(m) => *m,
-        AnyModel::Bytes(_) if repeats.is_some() => bail!("--repeats {}: a byte-pooled model has no `layer_sharing`", repeats.unwrap_or_default()),
-        AnyModel::Bytes(_) if exit.is_some() => bail!("--early-exit: byte-pooled models run at full depth"),
-        AnyModel::Bytes(m) => {
-            if !tok.is_bytes() {
-                bail!("{}: a byte model reads the byte tokenizer, not this tokenizer.json", dir.display());
-            }
-            let ids = tok.encode(&text, false)?;
-            let max_length = max_length.unwrap_or(m.config.max_position_embeddings);
-            let window = WindowOptions { max_length, stride: stride.unwrap_or((max_length / 2).max(1)) };
-            let report = byte_perplexity(&m, &ids, text.len() as u64, window, std::io::stderr().is_terminal())?;
-            return print_report(data, &report, json, "byte");
-        }
-    };
-    if let Some(k) = repeats {
-        model.set_repeats(k).with_context(|| format!("--repeats {k}"))?;
-    }
-    let ids = stlm_eval::scored_ids(&model, &tok, &text)?;
-    let max_length = max_length.unwrap_or(model.config.max_position_embeddings.min(1024));
-    if max_length > model.config.max_position_embeddings {
-        bail!(
-            "--max-length {max_length} exceeds the model's max_position_embeddings ({})",
-            model.config.max_position_embeddings
-        );
-    }
-    let window = WindowOptions { max_length, stride: stride.unwrap_or((max_length / 2).max(1)) };
-    let progress = std::io::stderr().is_terminal();
-    let report = match &exit {
-        Some(rule) => {
-            model.optimize_for_decoding();
-            early_exit_perplexity(&model, &ids, text.len() as u64, window, rule, progress).context("--early-exit")?
-        }
-        None => perplexity(&model, &ids, text.len() as u64, window, progress)?,
-    };
-    print_report(data, &report, json, "token")
+    let model = device.load_any(dir)?;
+    let unit = if matches!(model, AnyModel::Bytes(_)) { "byte" } else { "token" };
+    let report = score_text(model, &tok, &text, &opts).with_context(|| format!("{} scored by {}", data.display(), dir.display()))?;
+    print_report(data, &report, json, unit)
 }
 
 fn print_report(data: &std::path::Path, report: &PplReport, json: bool, unit: &str) -> Result<()> {

@@ -12,13 +12,15 @@
 //! learning score. [`score`]: batched log-likelihoods of continuations (token and byte models,
 //! lm-evaluation-harness request semantics). [`tasks`]: HellaSwag, ARC, PIQA, OpenBookQA,
 //! WinoGrande, LAMBADA, BLiMP, MMLU and TriviaQA from local files, scored as the harness does.
-//! [`suite`]: named task suites and their markdown table. [`plot`]: SVG line plots.
+//! [`suite`]: named task suites and their markdown table. [`plot`]: SVG line plots. [`text`]: a
+//! text file's score under a model of either kind (`stlm eval ppl`).
 
 pub mod plot;
 pub mod position;
 pub mod score;
 pub mod suite;
 pub mod tasks;
+pub mod text;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
