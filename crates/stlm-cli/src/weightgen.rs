@@ -5,15 +5,15 @@ use crate::common::{load_tokenizer, print_json, DeviceArgs};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use stlm_core::parse_device;
 use stlm_eval::tasks::{load_docs, Task};
-use stlm_model::{tokenizer_path, AnyModel};
 use stlm_train::run::{prepare, RunConfig, RunInputs};
 use stlm_train::trainer::RunControl;
 use stlm_weightgen::collect::{self, ContinueOptions};
-use stlm_weightgen::compare::{self, best_on_validation, Candidate, EvalSplits, Family, Row, SelectBy};
+use stlm_weightgen::compare::{self, Family, SelectBy};
+use stlm_weightgen::experiment::{self, compare_families, write_samples, CompareOptions};
 use stlm_weightgen::{Collection, DenoiserConfig, GenConfig, LayerSelector, Normalize, Sampler, WeightGen};
 
 #[derive(Subcommand)]
@@ -366,215 +366,53 @@ fn sample(a: SampleArgs) -> Result<()> {
         "ddpm" => Sampler::Ddpm,
         _ => Sampler::Ddim(a.ddim_steps),
     };
-    let samples = g.sample(a.n as i64, sampler, a.seed)?;
-    let tokenizer = tokenizer_path(&base_dir);
-    let units = &g.file.manifest.units;
-    let mut written = Vec::new();
-    for (i, s) in samples.iter().enumerate() {
-        let dir = a.out.join(format!("sample-{i:03}"));
-        collect::set_units(base.as_lm(), units, s)?;
-        base.as_lm().save(&dir, tokenizer.as_deref())?;
-        let nearest = neighbours.as_ref().map(|n| n.nearest(s));
-        let info = serde_json::json!({
-            "generator": a.generator,
-            "index": i, "seed": a.seed, "sampler": a.sampler,
-            "nearest_checkpoint": nearest.map(|n| n.0), "distance_to_nearest": nearest.map(|n| n.1),
-        });
-        stlm_core::atomic_write_bytes(
-            &dir.join("weightgen_sample.json"),
-            serde_json::to_string_pretty(&info)?.as_bytes(),
-        )?;
-        if !a.json {
-            let d = nearest.map(|(k, d)| format!(", {d:.4} from training checkpoint {k}")).unwrap_or_default();
-            eprintln!("wrote {}{d}", dir.display());
-        }
-        written.push(serde_json::json!({"dir": dir, "nearest_checkpoint": nearest.map(|n| n.0), "distance_to_nearest": nearest.map(|n| n.1)}));
-    }
+    let written = write_samples(&g, &a.generator, &base, neighbours.as_ref(), (a.n, sampler, a.seed), &a.out)?;
     if a.json {
-        print_json(&serde_json::json!({ "samples": written }))?;
+        return print_json(&serde_json::json!({ "samples": written }));
+    }
+    for s in &written {
+        let d = s.nearest_checkpoint.zip(s.distance_to_nearest).map(|(k, d)| format!(", {d:.4} from training checkpoint {k}")).unwrap_or_default();
+        eprintln!("wrote {}{d}", s.dir.display());
     }
     Ok(())
 }
 
-/// The selected weights of every `sample-*` model directory under `dir`, in name order.
-fn read_samples(
-    model: &AnyModel,
-    units: &[stlm_weightgen::Unit],
-    dir: &Path,
-) -> Result<Vec<(String, Vec<tch::Tensor>)>> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("--samples {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("sample-"))
-                && p.join("model.safetensors").is_file()
-        })
-        .collect();
-    dirs.sort();
-    if dirs.is_empty() {
-        bail!("--samples {}: no sample-*/model.safetensors (made by `stlm weightgen sample`)", dir.display());
-    }
-    let mut out = Vec::new();
-    for d in dirs {
-        model.as_lm().load_weights(&d.join("model.safetensors")).with_context(|| d.display().to_string())?;
-        let name = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        out.push((name, collect::snapshot(model.as_lm(), units)?));
-    }
-    Ok(out)
-}
-
 fn compare(a: CompareArgs) -> Result<()> {
-    let collection =
-        Collection::load(&a.collection).with_context(|| format!("--collection {}", a.collection.display()))?;
+    let collection = Collection::load(&a.collection).with_context(|| format!("--collection {}", a.collection.display()))?;
     let base_dir = collection.manifest.base_model.clone();
-    let model =
-        a.device.load_any(&base_dir).with_context(|| format!("the collection's base model {}", base_dir.display()))?;
-    let AnyModel::Tokens(decoder) = &model else {
-        bail!("{}: a byte-pooled base model; weightgen compare scores token models", base_dir.display());
-    };
+    let model = a.device.load_any(&base_dir).with_context(|| format!("the collection's base model {}", base_dir.display()))?;
     let tok = load_tokenizer(None, &base_dir)?;
-    let units = collection.manifest.units.clone();
-    let original = collect::snapshot(model.as_lm(), &units)?;
-    let samples = read_samples(&model, &units, &a.samples)?;
-    collect::set_units(model.as_lm(), &units, &original)?;
-    let text = std::fs::read_to_string(&a.data)
-        .with_context(|| format!("--data {}: cannot read as UTF-8 text", a.data.display()))?;
+    let text = std::fs::read_to_string(&a.data).with_context(|| format!("--data {}: cannot read as UTF-8 text", a.data.display()))?;
     let task = match (&a.task, &a.task_data) {
         (Some(name), Some(path)) => {
             let task = Task::parse(name)?;
-            Some((
-                task,
-                load_docs(task, path, a.limit.unwrap_or(usize::MAX))
-                    .with_context(|| format!("--task-data {}", path.display()))?,
-            ))
+            Some((task, load_docs(task, path, a.limit.unwrap_or(usize::MAX)).with_context(|| format!("--task-data {}", path.display()))?))
         }
         _ => None,
     };
-    let splits = EvalSplits::new(decoder, &tok, &text, task).with_context(|| format!("--data {}", a.data.display()))?;
-    let budget = a.budget.unwrap_or(samples.len()).max(1);
+    let task_name = task.as_ref().map(|t| t.0.name());
     let select_by = match a.select_by.as_str() {
         "benchmark" if a.task.is_none() => bail!("--select-by benchmark needs --task and --task-data"),
         "benchmark" => SelectBy::Benchmark,
         _ => SelectBy::Loss,
     };
-    let neighbours = compare::Neighbours::new(&collection);
-    let base = compare::Base { model: &model, tok: &tok, units: &units, original: &original };
-
-    let mut candidates = vec![Candidate {
-        label: "original".into(),
-        family: Family::Original,
-        weights: original.iter().map(|t| t.shallow_clone()).collect(),
-    }];
-    let sample_weights: Vec<Vec<tch::Tensor>> =
-        samples.iter().map(|(_, w)| w.iter().map(|t| t.shallow_clone()).collect()).collect();
-    let scale = compare::perturbation_scale(&original, &sample_weights);
-    for (name, w) in samples {
-        candidates.push(Candidate { label: format!("diffusion {name}"), family: Family::Diffusion, weights: w });
-    }
-    for (i, w) in compare::matched_noise(&original, &scale, budget, a.seed).into_iter().enumerate() {
-        candidates.push(Candidate { label: format!("noise {i:03}"), family: Family::Noise, weights: w });
-    }
-    candidates.push(Candidate {
-        label: "uniform soup".into(),
-        family: Family::Soup,
-        weights: compare::soup(&collection),
-    });
-    let k = collection.len();
-    let mut picks: Vec<usize> =
-        (0..budget.min(k)).map(|i| if budget >= k { i } else { i * (k - 1) / (budget - 1).max(1) }).collect();
-    picks.dedup();
-    for i in picks {
-        let step = collection.manifest.checkpoints[i].step.map(|s| format!(" (step {s})")).unwrap_or_default();
-        candidates.push(Candidate {
-            label: format!("checkpoint {i}{step}"),
-            family: Family::Checkpoint,
-            weights: collection.checkpoint(i),
-        });
-    }
-    let mut rows = compare::score_all(&base, &neighbours, &candidates, &splits, progress())?;
-    // The training checkpoint nearest to the chosen diffusion sample.
-    if let Some((i, label)) =
-        best_on_validation(&rows, Family::Diffusion, select_by).map(|b| (b.nearest_checkpoint, b.label.clone()))
-    {
-        let c = Candidate {
-            label: format!("nearest to {label}: checkpoint {i}"),
-            family: Family::Nearest,
-            weights: collection.checkpoint(i),
-        };
-        rows.extend(compare::score_all(&base, &neighbours, &[c], &splits, false)?);
-    }
-    let chosen: Vec<&Row> =
-        [Family::Original, Family::Diffusion, Family::Noise, Family::Soup, Family::Checkpoint, Family::Nearest]
-            .into_iter()
-            .filter_map(|f| best_on_validation(&rows, f, select_by))
-            .collect();
+    let opts = CompareOptions { budget: a.budget, select_by, seed: a.seed, progress: progress() };
+    let c = compare_families(&model, &tok, &collection, &a.samples, &text, task, &opts)
+        .with_context(|| format!("--samples {}, --data {}", a.samples.display(), a.data.display()))?;
     if let Some(path) = &a.csv {
-        stlm_core::atomic_write_bytes(path, csv(&rows).as_bytes())?;
+        stlm_core::atomic_write_bytes(path, experiment::csv(&c.rows)?.as_bytes())?;
     }
-    let spacing = neighbours.spacing();
     if a.json {
-        return print_json(&serde_json::json!({
-            "checkpoints": collection.len(),
-            "checkpoint_spacing": spacing,
-            "budget": budget,
-            "select_by": a.select_by,
-            "noise_scale": scale,
-            "chosen": chosen,
-            "rows": rows,
-        }));
+        return print_json(&c);
     }
-    println!("{}", table(&chosen, splits.task.as_ref().map(|t| t.0.name())));
+    println!("{}", experiment::table(&c.chosen, task_name));
     eprintln!(
-        "{} training checkpoints, mean spacing {spacing:.4}; each family's best chosen on validation from {budget} candidates (diffusion: {}); noise scale per layer {:?}",
-        collection.len(),
-        rows.iter().filter(|r| r.family == Family::Diffusion).count(),
-        scale.iter().map(|s| format!("{s:.2e}")).collect::<Vec<_>>()
+        "{} training checkpoints, mean spacing {:.4}; each family's best chosen on validation from {} candidates (diffusion: {}); noise scale per layer {:?}",
+        c.checkpoints,
+        c.checkpoint_spacing,
+        c.budget,
+        c.rows.iter().filter(|r| r.family == Family::Diffusion).count(),
+        c.noise_scale.iter().map(|s| format!("{s:.2e}")).collect::<Vec<_>>()
     );
     Ok(())
-}
-
-/// The markdown table of each family's choice.
-fn table(rows: &[&Row], task: Option<&str>) -> String {
-    let task = task.unwrap_or("benchmark");
-    let mut s = format!(
-        "| candidate (chosen on validation) | val loss | test loss | test bits/byte | {task} val acc | {task} test acc | distance to nearest training weights | relative to checkpoint spacing | distance to original |\n|---|---|---|---|---|---|---|---|---|\n"
-    );
-    let acc = |v: Option<f64>| v.map(|v| format!("{:.2}", 100.0 * v)).unwrap_or_else(|| "-".into());
-    for r in rows {
-        s.push_str(&format!(
-            "| {} | {:.4} | {:.4} | {:.4} | {} | {} | {:.4} | {:.2} | {:.4} |\n",
-            r.label,
-            r.scores.val_loss,
-            r.scores.test_loss,
-            r.scores.test_bits_per_byte,
-            acc(r.scores.val_acc),
-            acc(r.scores.test_acc),
-            r.distance_to_nearest,
-            r.relative_distance,
-            r.distance_to_original
-        ));
-    }
-    s
-}
-
-fn csv(rows: &[Row]) -> String {
-    let mut s = String::from("label,family,val_loss,test_loss,test_bits_per_byte,val_acc,test_acc,distance_to_nearest,relative_distance,distance_to_original,nearest_checkpoint\n");
-    let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
-    for r in rows {
-        let family = serde_json::to_value(r.family).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        s.push_str(&format!(
-            "{},{family},{},{},{},{},{},{},{},{},{}\n",
-            r.label.replace(',', ";"),
-            r.scores.val_loss,
-            r.scores.test_loss,
-            r.scores.test_bits_per_byte,
-            opt(r.scores.val_acc),
-            opt(r.scores.test_acc),
-            r.distance_to_nearest,
-            r.relative_distance,
-            r.distance_to_original,
-            r.nearest_checkpoint
-        ));
-    }
-    s
 }

@@ -33,6 +33,20 @@ pub enum Family {
     Nearest,
 }
 
+impl Family {
+    /// The family's name in JSON and CSV (`original`, `diffusion`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Original => "original",
+            Family::Diffusion => "diffusion",
+            Family::Noise => "noise",
+            Family::Soup => "soup",
+            Family::Checkpoint => "checkpoint",
+            Family::Nearest => "nearest",
+        }
+    }
+}
+
 /// One candidate: a label, its family and the selected layers' weights (unit order).
 pub struct Candidate {
     /// Name in tables (`diffusion-003`, `checkpoint k=40`).

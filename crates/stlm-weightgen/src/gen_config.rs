@@ -198,3 +198,13 @@ pub enum Sampler {
     Ddim(usize),
 }
 
+impl Sampler {
+    /// `ddpm` or `ddim`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sampler::Ddpm => "ddpm",
+            Sampler::Ddim(_) => "ddim",
+        }
+    }
+}
+

@@ -12,11 +12,14 @@
 //! 3. [`compare`]: candidates (the original, diffusion samples, matched Gaussian noise, the
 //!    uniform soup, training checkpoints) selected on a validation split and reported on a
 //!    separate test split, each with its distance to the nearest training weights.
+//! 4. [`experiment`]: the jobs over a trained generator: samples written as model directories,
+//!    and the comparison of every family with each family's choice.
 
 pub mod collect;
 pub mod collection;
 pub mod compare;
 pub mod denoiser;
+pub mod experiment;
 pub mod gen;
 pub mod gen_config;
 pub mod schedule;
