@@ -74,7 +74,42 @@ pub enum AttentionKind {
 pub const ATTENTION_KINDS: &[&str] =
     &["dense", "sliding-window", "fixed-sparse", "strided-sparse", "ssmax", "temperature", "power", "linformer", "doge-dma"];
 
+/// One value for each setting any kind takes, to build a kind from its name alone (benchmarks,
+/// sweeps): each kind takes the settings it has and ignores the rest.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KindSettings {
+    /// `window` (sliding-window), `keep_window_size` (doge-dma).
+    pub window: i64,
+    /// `global_tokens` (sliding-window).
+    pub global_tokens: i64,
+    /// `block` (fixed-sparse), `stride` (strided-sparse).
+    pub block: i64,
+    /// `summary` (fixed-sparse).
+    pub summary: i64,
+    /// `p` (power).
+    pub p: f64,
+    /// `k` (linformer, headwise sharing).
+    pub k: i64,
+}
+
 impl AttentionKind {
+    /// The kind named `name` (a config name, see [`ATTENTION_KINDS`]) with the settings it takes
+    /// from `s`, or `None` for an unknown name.
+    pub fn from_settings(name: &str, s: &KindSettings) -> Option<AttentionKind> {
+        Some(match name {
+            "dense" => AttentionKind::Dense,
+            "sliding-window" => AttentionKind::SlidingWindow { window: s.window, global_tokens: s.global_tokens },
+            "fixed-sparse" => AttentionKind::FixedSparse { block: s.block, summary: s.summary },
+            "strided-sparse" => AttentionKind::StridedSparse { stride: s.block },
+            "ssmax" => AttentionKind::Ssmax,
+            "temperature" => AttentionKind::Temperature,
+            "power" => AttentionKind::Power { p: s.p },
+            "linformer" => AttentionKind::Linformer { k: s.k, sharing: LinformerSharing::Headwise },
+            "doge-dma" => AttentionKind::DogeDma { keep_window_size: s.window },
+            _ => return None,
+        })
+    }
+
     /// The config name (`kind = "..."`).
     pub fn name(&self) -> &'static str {
         match self {
@@ -350,5 +385,17 @@ mod tests {
         let e = AttentionKind::SlidingWindow { window: 0, global_tokens: 0 }.validate().unwrap_err();
         assert!(e.contains("window"), "{e}");
         assert!(serde_json::from_str::<AttentionKind>(r#"{"kind": "sliding-window", "windw": 3}"#).is_err());
+    }
+
+    #[test]
+    fn every_name_builds_its_kind_from_settings() {
+        let s = KindSettings { window: 16, global_tokens: 2, block: 8, summary: 2, p: 2.0, k: 4 };
+        for name in ATTENTION_KINDS {
+            let kind = AttentionKind::from_settings(name, &s).unwrap();
+            assert_eq!(kind.name(), *name);
+            kind.validate().unwrap();
+        }
+        assert_eq!(AttentionKind::from_settings("sliding-window", &s), Some(AttentionKind::SlidingWindow { window: 16, global_tokens: 2 }));
+        assert!(AttentionKind::from_settings("flash", &s).is_none());
     }
 }

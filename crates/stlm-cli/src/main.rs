@@ -2,7 +2,6 @@
 //! with a non-zero exit; `--json` jobs print exactly one JSON object on stdout.
 
 mod bench;
-mod bench_moe;
 mod common;
 mod data;
 mod dist;
