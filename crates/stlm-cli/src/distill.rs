@@ -8,7 +8,6 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use stlm_data::DataConfig;
 use stlm_distill::run::{CacheOptions, DistillOptions};
 use stlm_model::{AnyModel, LanguageModel};
 use stlm_tokenizers::Tokenizer;
@@ -31,70 +30,14 @@ enum DistillJob {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Teacher model directory (token models). Optional with --cache.
-    #[arg(long, required_unless_present = "cache")]
-    teacher: Option<PathBuf>,
-    /// The student: a run config (TOML with [model], [train], [data]) or a model directory to
-    /// continue from (then [train]/[data] come from --config, or the defaults).
-    #[arg(long, required = true)]
-    student: Option<PathBuf>,
-    /// Run config for [train] and [data] when --student is a model directory.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Training text (as `stlm train --data`); repeatable. Not with --cache (the cache's data is used).
-    #[arg(long = "data", conflicts_with = "cache")]
-    data: Vec<PathBuf>,
-    /// A teacher cache (`stlm distill cache`): train on its windows with its stored targets.
-    #[arg(long)]
-    cache: Option<PathBuf>,
-    /// Logit divergence: fkl, rkl, js, tvd, sfkl or srkl.
-    #[arg(long, default_value = "fkl")]
-    loss: String,
-    /// Temperature of both distributions (default 1; a cache's own with --cache).
-    #[arg(long)]
-    temperature: Option<f64>,
-    /// Weight of the logit loss; the next-token cross-entropy gets 1 - alpha.
-    #[arg(long, default_value_t = 0.5)]
-    alpha: f64,
-    /// Skew lambda of sfkl and srkl.
-    #[arg(long, default_value_t = 0.1)]
-    skew: f64,
-    /// Compare only the teacher's top k tokens plus a rest bucket (default: the whole vocabulary;
-    /// a cache's own k with --cache).
-    #[arg(long)]
-    top_k: Option<i64>,
-    /// Weight of the hidden-state MSE (0: off); needs the live teacher.
-    #[arg(long, default_value_t = 0.0)]
-    hidden_weight: f64,
-    /// Weight of the attention-map KL between the blocks producing the paired states (0: off);
-    /// dense attention, teacher heads a multiple of the student's; needs the live teacher.
-    #[arg(long, default_value_t = 0.0)]
-    attention_weight: f64,
-    /// Feature pairs STUDENT:TEACHER of residual-stream states (0 = embeddings, i = after block
-    /// i), e.g. `1:2,2:4`; default: student state i against teacher state round(i Lt / Ls).
-    #[arg(long)]
-    layer_map: Option<String>,
-    /// `bytes`: a teacher with another (byte-level BPE) tokenizer; logit losses compare next-byte
-    /// distributions where both tokenizations end at the same byte. `none` (default): the
-    /// tokenizers must share a vocabulary.
-    #[arg(long, default_value = "none", value_parser = ["none", "bytes"])]
-    align: String,
-    /// Student initialisation from a config: random, every:K (teacher blocks 0, K, 2K, ...) or
-    /// layers:0,2,4; tensors are cut to the student's leading dimensions when it is narrower.
-    #[arg(long, default_value = "random")]
-    init: String,
+    #[command(flatten)]
+    options: Option<DistillOptions>,
     /// Run directory.
     #[arg(long, required = true)]
     out: Option<PathBuf>,
-    /// Length of the run in steps (overrides [train] max_steps).
-    #[arg(long)]
-    max_steps: Option<u64>,
     /// Continue the run in --out from its newest usable checkpoint (same options).
     #[arg(long)]
     resume: bool,
-    /// Override a field of the student's run config, `TABLE.FIELD=VALUE` (as `stlm train --set`).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
     /// Samples printed from the student at the end (not with --json).
     #[arg(long, default_value_t = 0)]
     samples: usize,
@@ -109,36 +52,11 @@ struct RunArgs {
 
 #[derive(Args)]
 struct CacheArgs {
-    /// Teacher model directory.
-    #[arg(long)]
-    teacher: PathBuf,
-    /// Text files (as `stlm train --data`); the windows cover their training split.
-    #[arg(long = "data", required = true)]
-    data: Vec<PathBuf>,
+    #[command(flatten)]
+    options: CacheOptions,
     /// Cache directory.
     #[arg(long)]
     out: PathBuf,
-    /// Positions per window (students may train on shorter ones).
-    #[arg(long, default_value_t = 256)]
-    seq_len: i64,
-    /// Tokens kept per position.
-    #[arg(long, default_value_t = 64)]
-    top_k: i64,
-    /// Temperature of the stored distributions.
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f64,
-    /// Windows per teacher forward.
-    #[arg(long, default_value_t = 16)]
-    batch_size: i64,
-    /// Stop after this many windows.
-    #[arg(long)]
-    max_windows: Option<u64>,
-    /// Fraction of each file held out for validation (as [data] val_fraction).
-    #[arg(long, default_value_t = DataConfig::default().val_fraction)]
-    val_fraction: f64,
-    /// Seed of the split (as [train] seed).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Print one JSON object with the result.
     #[arg(long)]
     json: bool,
@@ -163,25 +81,7 @@ fn distill(a: RunArgs) -> Result<()> {
     if a.device.dtype != "float32" {
         bail!("--dtype {}: training runs in float32 for now", a.device.dtype);
     }
-    let options = DistillOptions {
-        teacher: a.teacher,
-        cache: a.cache,
-        student: a.student.expect("clap requires --student"),
-        config: a.config,
-        overrides: a.set,
-        max_steps: a.max_steps,
-        data: a.data,
-        loss: a.loss,
-        temperature: a.temperature,
-        alpha: a.alpha,
-        skew: a.skew,
-        top_k: a.top_k,
-        hidden_weight: a.hidden_weight,
-        attention_weight: a.attention_weight,
-        layer_map: a.layer_map,
-        align: a.align,
-        init: a.init,
-    };
+    let Some(options) = a.options else { bail!("give --student (a run config or model directory) and --teacher or --cache") };
     let progress = std::io::stderr().is_terminal();
     let (group, device) = crate::dist::join(&a.dist, device)?;
     let run = stlm_distill::run::prepare(&options, &out, a.resume, device, progress, group.as_deref())?;
@@ -216,17 +116,7 @@ fn distill(a: RunArgs) -> Result<()> {
 fn cache(a: CacheArgs) -> Result<()> {
     let device = stlm_core::parse_device(&a.device.device)?;
     let dtype = stlm_core::DType::parse(&a.device.dtype)?.for_device(device)?;
-    let options = CacheOptions {
-        teacher: a.teacher,
-        data: a.data,
-        seq_len: a.seq_len,
-        top_k: a.top_k,
-        temperature: a.temperature,
-        batch_size: a.batch_size,
-        max_windows: a.max_windows,
-        val_fraction: a.val_fraction,
-        seed: a.seed,
-    };
+    let options = a.options;
     let started = std::time::Instant::now();
     let header = stlm_distill::run::write_cache(&options, &a.out, device, dtype, std::io::stderr().is_terminal() && !a.json)?;
     let secs = started.elapsed().as_secs_f64();

@@ -21,42 +21,67 @@ use tch::{Device, Tensor};
 /// The record of a distillation run's options in its run directory.
 pub const RECORD_FILE: &str = "distill.json";
 
-/// The options of a distillation run (as `stlm distill` takes them).
-#[derive(Debug, Clone)]
+/// The options of a distillation run; as `stlm distill` takes them (each field is the flag of
+/// its name), so the help text is written once.
+#[derive(Debug, Clone, clap::Args)]
 pub struct DistillOptions {
-    /// Teacher model directory (token models); optional with a cache.
+    /// Teacher model directory (token models). Optional with --cache.
+    #[arg(long, required_unless_present = "cache")]
     pub teacher: Option<PathBuf>,
-    /// A teacher cache ([`write_cache`]): train on its windows with its stored targets.
+    /// A teacher cache (`stlm distill cache`): train on its windows with its stored targets.
+    #[arg(long)]
     pub cache: Option<PathBuf>,
-    /// The student: a run config (`[model]`, `[train]`, `[data]`) or a model directory.
+    /// The student: a run config (TOML with [model], [train], [data]) or a model directory to
+    /// continue from (then [train]/[data] come from --config, or the defaults).
+    #[arg(long)]
     pub student: PathBuf,
-    /// Run config for `[train]` and `[data]` when `student` is a model directory.
+    /// Run config for [train] and [data] when --student is a model directory.
+    #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Overrides `TABLE.FIELD=VALUE` of the student's run config.
+    /// Override a field of the student's run config, `TABLE.FIELD=VALUE` (as `stlm train --set`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    /// Length of the run in steps (replaces `train.max_steps`).
+    /// Length of the run in steps (overrides [train] max_steps).
+    #[arg(long)]
     pub max_steps: Option<u64>,
-    /// Training text; empty: the student config's built-in stories. Not with a cache.
+    /// Training text (as `stlm train --data`); repeatable. Not with --cache (the cache's data is used).
+    #[arg(long = "data", conflicts_with = "cache")]
     pub data: Vec<PathBuf>,
     /// Logit divergence: fkl, rkl, js, tvd, sfkl or srkl.
+    #[arg(long, default_value = "fkl")]
     pub loss: String,
-    /// Temperature of both distributions (default 1; a cache's own with a cache).
+    /// Temperature of both distributions (default 1; a cache's own with --cache).
+    #[arg(long)]
     pub temperature: Option<f64>,
-    /// Weight of the logit loss; the next-token cross-entropy gets `1 - alpha`.
+    /// Weight of the logit loss; the next-token cross-entropy gets 1 - alpha.
+    #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
     /// Skew lambda of sfkl and srkl.
+    #[arg(long, default_value_t = 0.1)]
     pub skew: f64,
-    /// Compare only the teacher's top k tokens plus a rest bucket.
+    /// Compare only the teacher's top k tokens plus a rest bucket (default: the whole vocabulary;
+    /// a cache's own k with --cache).
+    #[arg(long)]
     pub top_k: Option<i64>,
-    /// Weight of the hidden-state MSE (0: off).
+    /// Weight of the hidden-state MSE (0: off); needs the live teacher.
+    #[arg(long, default_value_t = 0.0)]
     pub hidden_weight: f64,
-    /// Weight of the attention-map KL (0: off).
+    /// Weight of the attention-map KL between the blocks producing the paired states (0: off);
+    /// dense attention, teacher heads a multiple of the student's; needs the live teacher.
+    #[arg(long, default_value_t = 0.0)]
     pub attention_weight: f64,
-    /// Feature pairs `STUDENT:TEACHER`, e.g. `1:2,2:4`; default: uniform.
+    /// Feature pairs STUDENT:TEACHER of residual-stream states (0 = embeddings, i = after block
+    /// i), e.g. `1:2,2:4`; default: student state i against teacher state round(i Lt / Ls).
+    #[arg(long)]
     pub layer_map: Option<String>,
-    /// `none` (shared vocabulary) or `bytes` (next-byte distributions across tokenizers).
+    /// `bytes`: a teacher with another (byte-level BPE) tokenizer; logit losses compare next-byte
+    /// distributions where both tokenizations end at the same byte. `none` (default): the
+    /// tokenizers must share a vocabulary.
+    #[arg(long, default_value = "none", value_parser = ["none", "bytes"])]
     pub align: String,
-    /// Student initialisation: random, every:K or layers:0,2,4.
+    /// Student initialisation from a config: random, every:K (teacher blocks 0, K, 2K, ...) or
+    /// layers:0,2,4; tensors are cut to the student's leading dimensions when it is narrower.
+    #[arg(long, default_value = "random")]
     pub init: String,
 }
 
@@ -420,26 +445,35 @@ impl DistillRun {
     }
 }
 
-/// What [`write_cache`] stores.
-#[derive(Debug, Clone)]
+/// What [`write_cache`] stores; as `stlm distill cache` takes it.
+#[derive(Debug, Clone, clap::Args)]
 pub struct CacheOptions {
     /// Teacher model directory.
+    #[arg(long)]
     pub teacher: PathBuf,
-    /// Text files; the windows cover their training split.
+    /// Text files (as `stlm train --data`); the windows cover their training split.
+    #[arg(long = "data", required = true)]
     pub data: Vec<PathBuf>,
-    /// Positions per window.
+    /// Positions per window (students may train on shorter ones).
+    #[arg(long, default_value_t = 256)]
     pub seq_len: i64,
     /// Tokens kept per position.
+    #[arg(long, default_value_t = 64)]
     pub top_k: i64,
     /// Temperature of the stored distributions.
+    #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
     /// Windows per teacher forward.
+    #[arg(long, default_value_t = 16)]
     pub batch_size: i64,
     /// Stop after this many windows.
+    #[arg(long)]
     pub max_windows: Option<u64>,
-    /// Fraction of each file held out for validation.
+    /// Fraction of each file held out for validation (as [data] val_fraction).
+    #[arg(long, default_value_t = stlm_data::DataConfig::default().val_fraction)]
     pub val_fraction: f64,
-    /// Seed of the split.
+    /// Seed of the split (as [train] seed).
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
