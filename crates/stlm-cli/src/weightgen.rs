@@ -14,7 +14,7 @@ use stlm_train::trainer::RunControl;
 use stlm_weightgen::collect::{self, ContinueOptions};
 use stlm_weightgen::compare::{self, Family, SelectBy};
 use stlm_weightgen::experiment::{self, compare_families, write_samples, CompareOptions};
-use stlm_weightgen::{Collection, DenoiserConfig, GenConfig, LayerSelector, Normalize, Sampler, WeightGen};
+use stlm_weightgen::{Collection, GenConfig, LayerSelector, Sampler, WeightGen};
 
 #[derive(Subcommand)]
 pub enum WeightgenJob {
@@ -82,65 +82,8 @@ pub struct TrainGenArgs {
     /// Continue the generator in --out (same settings; step counts may grow).
     #[arg(long)]
     resume: bool,
-    /// `layer` (each layer by its mean and deviation over the checkpoints, p-diff's) or
-    /// `element` (each value minus its mean over the checkpoints).
-    #[arg(long, default_value = "layer", value_parser = ["layer", "element"])]
-    normalize: String,
-    /// Values per chunk.
-    #[arg(long, default_value_t = 256)]
-    chunk: i64,
-    /// Latent values per chunk.
-    #[arg(long, default_value_t = 64)]
-    latent: i64,
-    /// VAE MLP width.
-    #[arg(long, default_value_t = 512)]
-    vae_hidden: i64,
-    /// p-diff's plain autoencoder: the VAE does not see where a chunk sits (by default its
-    /// encoder and decoder embed each chunk's layer and position).
-    #[arg(long)]
-    vae_no_positions: bool,
-    /// Standard deviation of the noise on the VAE's latents while training (p-diff: 0.1).
-    #[arg(long, default_value_t = 0.1)]
-    latent_noise: f64,
-    /// Standard deviation of the noise on the VAE's normalised inputs while training (p-diff: 0.001).
-    #[arg(long, default_value_t = 0.001)]
-    input_noise: f64,
-    /// VAE steps.
-    #[arg(long, default_value_t = 2000)]
-    vae_steps: u64,
-    /// Chunks per VAE step.
-    #[arg(long, default_value_t = 512)]
-    vae_batch: i64,
-    /// VAE learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    vae_lr: f64,
-    /// Denoiser width.
-    #[arg(long, default_value_t = 128)]
-    hidden: i64,
-    /// Denoiser mixing blocks.
-    #[arg(long, default_value_t = 2)]
-    depth: i64,
-    /// Diffusion steps T.
-    #[arg(long, default_value_t = 1000)]
-    timesteps: usize,
-    /// Noise schedule.
-    #[arg(long, default_value = "cosine", value_parser = ["cosine", "linear"])]
-    schedule: String,
-    /// Denoiser training steps.
-    #[arg(long, default_value_t = 2000)]
-    diffusion_steps: u64,
-    /// Checkpoints per denoiser step.
-    #[arg(long, default_value_t = 16)]
-    diffusion_batch: i64,
-    /// Denoiser learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    diffusion_lr: f64,
-    /// Seed of every draw.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Save every this many steps (0: at the end of each stage).
-    #[arg(long, default_value_t = 500)]
-    save_every: u64,
+    #[command(flatten)]
+    config: GenConfig,
     /// Print one JSON object with the final losses.
     #[arg(long)]
     json: bool,
@@ -195,16 +138,8 @@ pub struct CompareArgs {
     /// Benchmark items at most (BLiMP: per paradigm).
     #[arg(long)]
     limit: Option<usize>,
-    /// What each family's best is chosen by on the validation split: `loss`, or `benchmark`
-    /// (accuracy on the validation items of --task; ties go to the lower loss).
-    #[arg(long, default_value = "loss", value_parser = ["loss", "benchmark"])]
-    select_by: String,
-    /// Noise samples and training checkpoints compared (default: as many as the diffusion samples).
-    #[arg(long)]
-    budget: Option<usize>,
-    /// Seed of the noise baseline.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    options: CompareOptions,
     /// Write every row as CSV here too.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -291,28 +226,7 @@ fn train(a: TrainGenArgs) -> Result<()> {
     let device = parse_device(&a.device.device)?;
     let collection =
         Collection::load(&a.collection).with_context(|| format!("--collection {}", a.collection.display()))?;
-    let config = GenConfig {
-        normalize: a.normalize.parse::<Normalize>()?,
-        chunk: a.chunk,
-        vae_hidden: a.vae_hidden,
-        vae_positions: !a.vae_no_positions,
-        latent_noise: a.latent_noise,
-        input_noise: a.input_noise,
-        latent: a.latent,
-        vae_steps: a.vae_steps,
-        vae_batch: a.vae_batch,
-        vae_lr: a.vae_lr,
-        denoiser: DenoiserConfig { hidden: a.hidden, depth: a.depth },
-        timesteps: a.timesteps,
-        schedule: a.schedule.clone(),
-        diffusion_steps: a.diffusion_steps,
-        diffusion_batch: a.diffusion_batch,
-        diffusion_lr: a.diffusion_lr,
-        seed: a.seed,
-        save_every: a.save_every,
-        ..Default::default()
-    };
-    let mut g = stlm_weightgen::gen::open_for_training(&a.out, &collection, &a.collection, config, a.resume, device)?;
+    let mut g = stlm_weightgen::gen::open_for_training(&a.out, &collection, &a.collection, a.config, a.resume, device)?;
     let l = g.layout();
     eprintln!(
         "{} checkpoints x {} chunks of {} values -> latents of {}",
@@ -391,12 +305,10 @@ fn compare(a: CompareArgs) -> Result<()> {
         _ => None,
     };
     let task_name = task.as_ref().map(|t| t.0.name());
-    let select_by = match a.select_by.as_str() {
-        "benchmark" if a.task.is_none() => bail!("--select-by benchmark needs --task and --task-data"),
-        "benchmark" => SelectBy::Benchmark,
-        _ => SelectBy::Loss,
-    };
-    let opts = CompareOptions { budget: a.budget, select_by, seed: a.seed, progress: progress() };
+    if a.options.select_by == SelectBy::Benchmark && a.task.is_none() {
+        bail!("--select-by benchmark needs --task and --task-data");
+    }
+    let opts = CompareOptions { progress: progress(), ..a.options };
     let c = compare_families(&model, &tok, &collection, &a.samples, &text, task, &opts)
         .with_context(|| format!("--samples {}, --data {}", a.samples.display(), a.data.display()))?;
     if let Some(path) = &a.csv {

@@ -310,7 +310,8 @@ pub fn score_all(
 }
 
 /// What a family's best candidate is chosen by, on the validation split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
 pub enum SelectBy {
     /// The lowest validation loss.
     Loss,

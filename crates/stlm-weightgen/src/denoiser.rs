@@ -77,12 +77,14 @@ impl Layout {
 }
 
 /// Sizes of a [`Denoiser`].
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct DenoiserConfig {
-    /// Feature width.
+    /// Denoiser feature width.
+    #[arg(long = "hidden", default_value_t = 128)]
     pub hidden: i64,
-    /// Mixing blocks.
+    /// Denoiser mixing blocks.
+    #[arg(long = "depth", default_value_t = 2)]
     pub depth: i64,
 }
 

@@ -80,15 +80,21 @@ pub fn read_samples(model: &AnyModel, units: &[Unit], dir: &Path) -> Result<Vec<
     Ok(out)
 }
 
-/// What the comparison scores on and how it chooses.
+/// How the comparison chooses; as `stlm weightgen compare` takes it.
+#[derive(Debug, Clone, clap::Args)]
 pub struct CompareOptions {
-    /// Noise samples and training checkpoints compared (default: as many as the samples).
+    /// Noise samples and training checkpoints compared (default: as many as the diffusion samples).
+    #[arg(long)]
     pub budget: Option<usize>,
-    /// What each family's best is chosen by on the validation split.
+    /// What each family's best is chosen by on the validation split: `loss`, or `benchmark`
+    /// (accuracy on the validation items of the task; ties go to the lower loss).
+    #[arg(long, value_enum, default_value = "loss")]
     pub select_by: SelectBy,
     /// Seed of the noise baseline.
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Shows a progress bar.
+    #[arg(skip)]
     pub progress: bool,
 }
 
@@ -101,8 +107,8 @@ pub struct Comparison {
     pub checkpoint_spacing: f64,
     /// Candidates per compared family.
     pub budget: usize,
-    /// `loss` or `benchmark`.
-    pub select_by: &'static str,
+    /// What each family's best was chosen by.
+    pub select_by: SelectBy,
     /// The noise baseline's scale per selected layer.
     pub noise_scale: Vec<f64>,
     /// Each family's best on validation, in family order.
@@ -166,11 +172,7 @@ pub fn compare_families(
         .into_iter()
         .filter_map(|f| best_on_validation(&rows, f, opts.select_by).cloned())
         .collect();
-    let select_by = match opts.select_by {
-        SelectBy::Loss => "loss",
-        SelectBy::Benchmark => "benchmark",
-    };
-    Ok(Comparison { checkpoints: k, checkpoint_spacing: neighbours.spacing(), budget, select_by, noise_scale: scale, chosen, rows })
+    Ok(Comparison { checkpoints: k, checkpoint_spacing: neighbours.spacing(), budget, select_by: opts.select_by, noise_scale: scale, chosen, rows })
 }
 
 fn copies(weights: &[Tensor]) -> Vec<Tensor> {

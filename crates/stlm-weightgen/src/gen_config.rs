@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// How each layer's values are normalised before the VAE sees them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Normalize {
     /// By the layer's mean and standard deviation over all checkpoints (p-diff's way): the VAE
@@ -22,60 +22,70 @@ pub enum Normalize {
     Element,
 }
 
-impl std::str::FromStr for Normalize {
-    type Err = WeightgenError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "layer" => Ok(Normalize::Layer),
-            "element" => Ok(Normalize::Element),
-            _ => Err(WeightgenError::Input(format!("normalisation `{s}`: expected layer or element"))),
-        }
-    }
-}
-
-/// Every setting of a generator.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Every setting of a generator; as `stlm weightgen train` takes them (defaults as
+/// [`GenConfig::default`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct GenConfig {
-    /// How layers are normalised.
+    /// How layers are normalised: `layer` (by each layer's mean and deviation over the
+    /// checkpoints, p-diff's) or `element` (each value minus its mean over the checkpoints).
+    #[arg(long, value_enum, default_value = "layer")]
     pub normalize: Normalize,
     /// Values per chunk.
+    #[arg(long, default_value_t = 256)]
     pub chunk: i64,
     /// VAE MLP width.
+    #[arg(long, default_value_t = 512)]
     pub vae_hidden: i64,
     /// Latent values per chunk.
+    #[arg(long, default_value_t = 64)]
     pub latent: i64,
-    /// p-diff's noise on (normalised) VAE inputs.
+    /// Standard deviation of p-diff's noise on the VAE's normalised inputs while training (p-diff: 0.001).
+    #[arg(long, default_value_t = 0.001)]
     pub input_noise: f64,
-    /// p-diff's noise on latents.
+    /// Standard deviation of p-diff's noise on the VAE's latents while training (p-diff: 0.1).
+    #[arg(long, default_value_t = 0.1)]
     pub latent_noise: f64,
     /// Weight of the VAE's KL term.
+    #[arg(skip = VaeConfig::default().kl_weight)]
     pub kl_weight: f64,
     /// The VAE's encoder and decoder see a learned embedding of each chunk's position (which
-    /// layer, which part of it); without it (p-diff's plain autoencoder) every chunk is encoded
-    /// alone.
+    /// layer, which part of it); `--vae-no-positions` gives p-diff's plain autoencoder, where
+    /// every chunk is encoded alone.
+    #[arg(long = "vae-no-positions", action = clap::ArgAction::SetFalse)]
     pub vae_positions: bool,
     /// VAE training steps.
+    #[arg(long, default_value_t = 2000)]
     pub vae_steps: u64,
     /// Chunks per VAE step.
+    #[arg(long, default_value_t = 512)]
     pub vae_batch: i64,
     /// VAE peak learning rate (cosine to a tenth).
+    #[arg(long, default_value_t = 1e-3)]
     pub vae_lr: f64,
     /// Denoiser sizes.
+    #[command(flatten)]
     pub denoiser: DenoiserConfig,
     /// Diffusion steps T.
+    #[arg(long, default_value_t = 1000)]
     pub timesteps: usize,
-    /// `cosine` (Nichol & Dhariwal) or `linear` (Ho et al., 1e-4 to 0.02).
+    /// Noise schedule: `cosine` (Nichol & Dhariwal) or `linear` (Ho et al., 1e-4 to 0.02).
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "linear"])]
     pub schedule: String,
     /// Denoiser training steps.
+    #[arg(long, default_value_t = 2000)]
     pub diffusion_steps: u64,
     /// Checkpoints per denoiser step.
+    #[arg(long, default_value_t = 16)]
     pub diffusion_batch: i64,
     /// Denoiser peak learning rate (cosine to a tenth).
+    #[arg(long, default_value_t = 1e-3)]
     pub diffusion_lr: f64,
     /// Seed of every draw.
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Save the folder every this many steps (0: at the end of each stage only).
+    #[arg(long, default_value_t = 500)]
     pub save_every: u64,
 }
 
