@@ -10,6 +10,7 @@
 pub mod calibration;
 pub mod mask;
 pub mod options;
+pub mod pipeline;
 pub mod report;
 pub mod sparsegpt;
 pub mod structured;
