@@ -6,11 +6,10 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use stlm_eval::plot::{figure, Panel, Series};
-use stlm_eval::position::{position_loss, PositionLoss};
-use stlm_eval::score::scorer;
-use stlm_eval::suite::{find_data, Suite, SuiteReport};
-use stlm_eval::tasks::{evaluate, load_docs, ItemResult, Task, TaskOptions, TaskReport};
+use stlm_eval::plot::{figure, Panel};
+use stlm_eval::position::{label, position_csv, position_loss, run_models, PositionLoss};
+use stlm_eval::suite::{run_suite, score_task, Suite, TaskRun};
+use stlm_eval::tasks::{Task, TaskOptions, TaskReport};
 use stlm_eval::text::{score_text, TextScoring};
 use stlm_eval::PplReport;
 use stlm_model::AnyModel;
@@ -149,6 +148,14 @@ pub enum EvalJob {
     },
 }
 
+impl BenchOptions {
+    /// How each task's items are scored.
+    fn task_run(&self) -> TaskRun {
+        let task = TaskOptions { shots: self.shots, seed: self.seed, max_gen_tokens: self.max_gen_tokens };
+        TaskRun { limit: self.limit, max_length: self.max_length, batch_tokens: self.batch_tokens, task }
+    }
+}
+
 /// Options shared by `stlm eval mc` and `stlm eval suite`.
 #[derive(Args)]
 pub struct BenchOptions {
@@ -188,7 +195,9 @@ pub fn run(job: EvalJob) -> Result<()> {
         EvalJob::Mc { model, task, data, opts, log_samples, json } => {
             let task = Task::parse(&task)?;
             let (lm, tok) = load(&model, opts.tokenizer.as_deref(), &opts.device)?;
-            let (report, items) = run_task(&lm, &tok, task, &data, &opts)?;
+            let progress = bar();
+            let (report, items) = score_task(&lm, &tok, task, &data, &opts.task_run(), &progress)?;
+            progress.finish_and_clear();
             if let Some(path) = log_samples {
                 let mut text = String::new();
                 for item in &items {
@@ -206,31 +215,11 @@ pub fn run(job: EvalJob) -> Result<()> {
         }
         EvalJob::Suite { model, suite, data_dir, opts, json } => {
             let suite = Suite::parse(&suite)?;
-            if !data_dir.is_dir() {
-                bail!("--data-dir {}: not a directory", data_dir.display());
-            }
             let (lm, tok) = load(&model, opts.tokenizer.as_deref(), &opts.device)?;
-            let mut report = SuiteReport { suite: suite.name.into(), model: model.display().to_string(), tasks: Vec::new(), skipped: Vec::new() };
-            for &(_, task, _) in suite.columns {
-                let Some(path) = find_data(&data_dir, task) else {
-                    let reason = format!("no data file in {} (looked for {})", data_dir.display(), task.file_names().join(", "));
-                    eprintln!("{}: skipped, {reason}", task.name());
-                    report.skipped.push((task.name().into(), reason));
-                    continue;
-                };
-                // One task that cannot be scored (e.g. an item longer than the model's window)
-                // is listed with its reason; the rest of the suite still runs.
-                match run_task(&lm, &tok, task, &path, &opts) {
-                    Ok((r, _)) => {
-                        print_task(&r);
-                        report.tasks.push(r);
-                    }
-                    Err(e) => {
-                        let reason = format!("{e:#}");
-                        eprintln!("{}: failed, {reason}", task.name());
-                        report.skipped.push((task.name().into(), reason));
-                    }
-                }
+            let name = model.display().to_string();
+            let report = run_suite(&lm, &tok, (suite, &name), &data_dir, &opts.task_run(), &bar, &mut print_task).with_context(|| format!("--data-dir {}", data_dir.display()))?;
+            for (task, reason) in &report.skipped {
+                eprintln!("{task}: skipped, {reason}");
             }
             let table = report.markdown(suite);
             if json {
@@ -244,7 +233,7 @@ pub fn run(job: EvalJob) -> Result<()> {
         EvalJob::PositionLoss { model, run, data, out, csv, window, windows, early, late, batch, bins, tokenizer, json, device } => {
             let mut dirs = model;
             if let Some(run) = run {
-                dirs.extend(run_models(&run)?);
+                dirs.extend(run_models(&run).with_context(|| format!("--run {}", run.display()))?);
             }
             if dirs.is_empty() {
                 bail!("give --model DIR (repeatable) or --run DIR");
@@ -262,21 +251,11 @@ fn load(dir: &Path, tokenizer: Option<&Path>, device: &DeviceArgs) -> Result<(An
     Ok((model, tok))
 }
 
-fn bar(len: u64, prefix: String) -> ProgressBar {
-    let bar = if std::io::stderr().is_terminal() { ProgressBar::new(len) } else { ProgressBar::hidden() };
+/// A progress bar on a terminal (hidden otherwise); its prefix names the job.
+fn bar() -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() { ProgressBar::new(0) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {eta}").expect("valid template"));
-    bar.set_prefix(prefix);
     bar
-}
-
-fn run_task(model: &AnyModel, tok: &Tokenizer, task: Task, data: &Path, opts: &BenchOptions) -> Result<(TaskReport, Vec<ItemResult>)> {
-    let docs = load_docs(task, data, opts.limit.unwrap_or(usize::MAX))?;
-    let scorer = scorer(model, tok, opts.max_length, opts.batch_tokens)?;
-    let task_opts = TaskOptions { shots: opts.shots, seed: opts.seed, max_gen_tokens: opts.max_gen_tokens };
-    let bar = bar(0, format!("{} ({} items)", task.name(), docs.len()));
-    let result = evaluate(task, &docs, scorer.as_ref(), &task_opts, &bar).with_context(|| data.display().to_string())?;
-    bar.finish_and_clear();
-    Ok(result)
 }
 
 fn print_task(r: &TaskReport) {
@@ -289,37 +268,6 @@ fn print_task(r: &TaskReport) {
         line.push_str(&format!(", perplexity {p:.2}"));
     }
     eprintln!("{line} ({:.0} s)", r.seconds);
-}
-
-/// The checkpoints of a run in step order, then its final model directory if present.
-fn run_models(run: &Path) -> Result<Vec<PathBuf>> {
-    let ckpts = run.join("checkpoints");
-    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(&ckpts) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.join("model.safetensors").is_file())
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    dirs.sort();
-    let last = run.join("model");
-    if last.join("model.safetensors").is_file() {
-        dirs.push(last);
-    }
-    if dirs.is_empty() {
-        bail!("--run {}: no checkpoints/step-* or model directory with weights", run.display());
-    }
-    Ok(dirs)
-}
-
-/// A short label for a model directory: `step-N` for checkpoints, `RUN/model`, else the path.
-fn label(dir: &Path) -> String {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    match name.strip_prefix("step-") {
-        Some(step) => format!("step {}", step.trim_start_matches('0')),
-        None if name == "model" => dir.parent().and_then(|p| p.file_name()).map_or(name.clone(), |r| format!("{} (final)", r.to_string_lossy())),
-        None => dir.display().to_string(),
-    }
 }
 
 /// Windows, score positions and plot bins of `stlm eval position-loss`.
@@ -348,15 +296,15 @@ fn position_losses(
         bail!("--out {}: plots are written as .svg or .png", out.display());
     }
     let text = std::fs::read_to_string(data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
-    let mut series = Vec::new();
-    let mut table = String::from("model,position,loss,stderr\n");
+    let (mut series, mut curves) = (Vec::new(), Vec::new());
     for dir in dirs {
         let (model, tok) = load(dir, tokenizer, device)?;
         let ids = tok.encode(&text, false)?;
         let context = model.as_lm().model_config().max_position_embeddings as usize;
         let window = window.unwrap_or(if matches!(model, AnyModel::Bytes(_)) { 1024 } else { context.min(1024) });
         let name = label(dir);
-        let bar = bar(0, format!("position loss {name}"));
+        let bar = bar();
+        bar.set_prefix(format!("position loss {name}"));
         let p: PositionLoss = position_loss(&model, &ids, window, windows, batch, &bar).with_context(|| dir.display().to_string())?;
         bar.finish_and_clear();
         let (score, e, l) = p.icl_score(early, late);
@@ -365,19 +313,8 @@ fn position_losses(
         } else {
             println!("{name}: {} windows of {window}; loss at position {e} {:.4}, at {l} {:.4}; in-context learning score {score:+.4}", p.windows, p.mean[e], p.mean[l]);
         }
-        for (i, (m, s)) in p.mean.iter().zip(&p.stderr).enumerate() {
-            table.push_str(&format!("{name},{},{m:.6},{s:.6}\n", i + 1));
-        }
-        // Position i (0-based) predicts with i + 1 tokens of context; a bin is drawn at its middle.
-        let (points, band) = if bins == 0 {
-            let points = p.mean.iter().enumerate().map(|(i, &m)| ((i + 1) as f64, m)).collect();
-            (points, p.mean.iter().zip(&p.stderr).map(|(&m, &s)| (m - 1.96 * s, m + 1.96 * s)).collect())
-        } else {
-            let binned = p.binned(bins);
-            let points = binned.iter().map(|b| ((b.start + 1 + b.end) as f64 / 2.0, b.mean)).collect();
-            (points, binned.iter().map(|b| (b.mean - 1.96 * b.stderr, b.mean + 1.96 * b.stderr)).collect())
-        };
-        series.push(Series { name, points, band });
+        series.push(p.series(name.clone(), bins));
+        curves.push((name, p));
     }
     let panel = Panel {
         title: format!("loss by context position ({})", data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
@@ -389,6 +326,7 @@ fn position_losses(
     figure(out, &[panel], 1)?;
     eprintln!("wrote {}", out.display());
     if let Some(csv) = csv {
+        let table = position_csv(&curves.iter().map(|(n, p)| (n.clone(), p)).collect::<Vec<_>>())?;
         stlm_core::atomic_write_bytes(csv, table.as_bytes())?;
         eprintln!("wrote {}", csv.display());
     }

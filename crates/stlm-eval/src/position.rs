@@ -7,8 +7,10 @@
 //! loss of id `p + 1` given ids `0..=p` of its window. Byte models score bytes (chunk ends
 //! included in the byte that starts a chunk).
 
+use crate::plot::Series;
 use crate::{EvalError, Result};
 use indicatif::ProgressBar;
+use std::path::{Path, PathBuf};
 use serde::Serialize;
 use stlm_core::OptionError;
 use stlm_model::AnyModel;
@@ -136,6 +138,72 @@ pub fn position_loss(model: &AnyModel, ids: &[u32], window: usize, max_windows: 
         bar.inc(group.len() as u64);
     }
     PositionLoss::from_rows(&losses)
+}
+
+
+/// The checkpoints of a training run in step order (`RUN/checkpoints/step-*`), then its final
+/// model directory (`RUN/model`) when present.
+pub fn run_models(run: &Path) -> Result<Vec<PathBuf>> {
+    let ckpts = run.join("checkpoints");
+    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(&ckpts) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.join("model.safetensors").is_file())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    dirs.sort();
+    let last = run.join("model");
+    if last.join("model.safetensors").is_file() {
+        dirs.push(last);
+    }
+    if dirs.is_empty() {
+        return Err(EvalError::Input(format!("{}: no checkpoints/step-* or model directory with weights", run.display())));
+    }
+    Ok(dirs)
+}
+
+/// A short label for a model directory: `step N` for checkpoints, `RUN (final)` for a run's
+/// model, else the path.
+pub fn label(dir: &Path) -> String {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    match name.strip_prefix("step-") {
+        Some(step) => format!("step {}", step.trim_start_matches('0')),
+        None if name == "model" => dir.parent().and_then(|p| p.file_name()).map_or(name.clone(), |r| format!("{} (final)", r.to_string_lossy())),
+        None => dir.display().to_string(),
+    }
+}
+
+impl PositionLoss {
+    /// The plotted line named `name`: every position (`bins == 0`) or about `bins` bins of
+    /// growing width, each with its 95% band; position i (0-based) has i + 1 tokens of context
+    /// and a bin is drawn at its middle.
+    pub fn series(&self, name: String, bins: usize) -> Series {
+        let (points, band) = if bins == 0 {
+            let points = self.mean.iter().enumerate().map(|(i, &m)| ((i + 1) as f64, m)).collect();
+            (points, self.mean.iter().zip(&self.stderr).map(|(&m, &s)| (m - 1.96 * s, m + 1.96 * s)).collect())
+        } else {
+            let binned = self.binned(bins);
+            let points = binned.iter().map(|b| ((b.start + 1 + b.end) as f64 / 2.0, b.mean)).collect();
+            (points, binned.iter().map(|b| (b.mean - 1.96 * b.stderr, b.mean + 1.96 * b.stderr)).collect())
+        };
+        Series { name, points, band }
+    }
+
+}
+
+/// The table `model,position,loss,stderr` (1-based positions) of several models' curves, as CSV.
+pub fn position_csv(curves: &[(String, &PositionLoss)]) -> Result<String> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let err = |e: csv::Error| EvalError::Input(format!("CSV: {e}"));
+    w.write_record(["model", "position", "loss", "stderr"]).map_err(err)?;
+    for (name, p) in curves {
+        for (i, (m, s)) in p.mean.iter().zip(&p.stderr).enumerate() {
+            w.write_record([name.clone(), (i + 1).to_string(), format!("{m:.6}"), format!("{s:.6}")]).map_err(err)?;
+        }
+    }
+    let bytes = w.into_inner().map_err(|e| EvalError::Input(format!("CSV: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| EvalError::Input(format!("CSV: {e}")))
 }
 
 #[cfg(test)]

@@ -1,7 +1,11 @@
 //! Named task suites: which tasks, where their data is found in a directory, and the markdown
 //! table of the results.
 
-use crate::tasks::{Task, TaskReport};
+use crate::score::scorer;
+use crate::tasks::{evaluate, load_docs, ItemResult, Task, TaskOptions, TaskReport};
+use indicatif::ProgressBar;
+use stlm_model::AnyModel;
+use stlm_tokenizers::Tokenizer;
 use crate::{EvalError, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -106,6 +110,63 @@ impl SuiteReport {
         row.push_str(&format!(" {:.1} |", 100.0 * mean));
         format!("{header}\n{rule}\n{row}\n")
     }
+}
+
+
+/// How the items of a task are scored (shared by `stlm eval mc` and `stlm eval suite`).
+#[derive(Debug, Clone)]
+pub struct TaskRun {
+    /// Items per task at most (BLiMP: per paradigm).
+    pub limit: Option<usize>,
+    /// Window in tokens (byte models: chunks); default: the model's context.
+    pub max_length: Option<usize>,
+    /// Padded tokens per forward.
+    pub batch_tokens: usize,
+    /// Shots, seed and generation length.
+    pub task: TaskOptions,
+}
+
+/// Scores `task` on the items in `data` with `model`; progress on `bar`.
+pub fn score_task(model: &AnyModel, tok: &Tokenizer, task: Task, data: &Path, run: &TaskRun, bar: &ProgressBar) -> Result<(TaskReport, Vec<ItemResult>)> {
+    let docs = load_docs(task, data, run.limit.unwrap_or(usize::MAX))?;
+    let scorer = scorer(model, tok, run.max_length, run.batch_tokens)?;
+    bar.set_prefix(format!("{} ({} items)", task.name(), docs.len()));
+    evaluate(task, &docs, scorer.as_ref(), &run.task, bar).map_err(|e| EvalError::Input(format!("{}: {e}", data.display())))
+}
+
+/// Runs every task of `suite` whose file is in `data_dir`; a task without a file, or one that
+/// cannot be scored (an item longer than the model's window, say), is listed with its reason
+/// and the rest still run. `done` sees each task's report; `bar` makes each task's progress bar.
+pub fn run_suite(
+    model: &AnyModel,
+    tok: &Tokenizer,
+    (suite, model_name): (&Suite, &str),
+    data_dir: &Path,
+    run: &TaskRun,
+    bar: &dyn Fn() -> ProgressBar,
+    done: &mut dyn FnMut(&TaskReport),
+) -> Result<SuiteReport> {
+    if !data_dir.is_dir() {
+        return Err(EvalError::Input(format!("{}: not a directory", data_dir.display())));
+    }
+    let mut report = SuiteReport { suite: suite.name.into(), model: model_name.into(), tasks: Vec::new(), skipped: Vec::new() };
+    for &(_, task, _) in suite.columns {
+        let Some(path) = find_data(data_dir, task) else {
+            let reason = format!("no data file in {} (looked for {})", data_dir.display(), task.file_names().join(", "));
+            report.skipped.push((task.name().into(), reason));
+            continue;
+        };
+        let progress = bar();
+        match score_task(model, tok, task, &path, run, &progress) {
+            Ok((r, _)) => {
+                done(&r);
+                report.tasks.push(r);
+            }
+            Err(e) => report.skipped.push((task.name().into(), e.to_string())),
+        }
+        progress.finish_and_clear();
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
