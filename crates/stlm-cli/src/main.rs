@@ -118,8 +118,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // A run stopped by Ctrl-C has its checkpoint: say how to continue, exit as SIGINT does.
         // A `--nproc` launcher exits as its failed rank did (which printed its own error).
-        Err(e) if e.downcast_ref::<dist::WorkerExit>().is_some() => {
-            let code = e.downcast_ref::<dist::WorkerExit>().map_or(1, |w| w.code);
+        Err(e) if e.downcast_ref::<stlm_dist::WorkerExit>().is_some() => {
+            let code = e.downcast_ref::<stlm_dist::WorkerExit>().map_or(1, |w| w.code);
             if code != 130 {
                 eprintln!("error: {e}");
             }

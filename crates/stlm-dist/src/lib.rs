@@ -12,8 +12,10 @@ use tch::{Device, Kind, Tensor};
 
 mod ffi;
 mod launch;
+pub mod local;
 
 pub use launch::Launch;
+pub use local::{spawn_local, WorkerExit};
 
 /// Bytes of gradient per all-reduce bucket (PyTorch DDP's default bucket size, 25 MiB).
 pub const BUCKET_BYTES: usize = 25 << 20;
