@@ -3,7 +3,6 @@
 use crate::common::{load_tokenizer, output_path, parse_ids, print_json, DeviceArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde::Serialize;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -58,72 +57,14 @@ pub struct InspectArgs {
     json: bool,
 }
 
-#[derive(Serialize)]
-struct InspectReport {
-    parameters: i64,
-    embedding_parameters: i64,
-    non_embedding_parameters: i64,
-    config: ModelConfig,
-    modules: Vec<stlm_model::inspect::ModuleCount>,
-}
-
 pub fn inspect(a: InspectArgs) -> Result<()> {
     let model = stlm_model::load_model(&a.model, Device::Cpu, stlm_core::DType::Float32)?;
-    let modules = stlm_model::inspect::module_counts(&model);
-    let embedding = stlm_model::inspect::embedding_parameters(&model);
-    let total = model.num_parameters();
-    let report = InspectReport {
-        parameters: total,
-        embedding_parameters: embedding,
-        non_embedding_parameters: total - embedding,
-        config: model.config.clone(),
-        modules,
-    };
+    let report = stlm_model::inspect::report(&model);
     if a.json {
         return print_json(&report);
     }
-    let c = &model.config;
-    println!(
-        "{}: {:?}, {} layers, hidden {}, heads {} (kv {}), head_dim {}, ffn {} ({:?}, {:?}), vocab {}, {:?} positions, {:?}, tied head: {}",
-        a.model.display(), c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-        c.head_dim(), c.intermediate_size, c.mlp, c.hidden_act, c.vocab_size, c.position, c.norm, c.tie_word_embeddings
-    );
-    println!(
-        "parameters: {} total, {} in embeddings and head, {} in the rest",
-        group(total),
-        group(embedding),
-        group(total - embedding)
-    );
-    println!("{:<24} {:>12} {:>12} {:>10} {:>12} {:>12}", "module", "attention", "mlp", "norms", "other", "total");
-    for r in &report.modules {
-        println!(
-            "{:<24} {:>12} {:>12} {:>10} {:>12} {:>12}",
-            r.name,
-            group(r.attention),
-            group(r.mlp),
-            group(r.norms),
-            group(r.other),
-            group(r.total)
-        );
-    }
+    print!("{}: {}", a.model.display(), report.table());
     Ok(())
-}
-
-/// 1234567 -> "1,234,567".
-fn group(n: i64) -> String {
-    let s = n.abs().to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    if n < 0 {
-        format!("-{out}")
-    } else {
-        out
-    }
 }
 
 #[derive(Args)]
@@ -316,16 +257,10 @@ pub fn exit_measure(name: &str) -> ExitMeasure {
     }
 }
 
-/// The sampling settings of `a` for a token model, stopping at the config's and the tokenizer's
-/// end-of-text ids and choosing only ids the tokenizer has (a head may be wider).
+/// The sampling settings of `a` for a token model and its tokenizer.
 fn token_generation_config(a: &GenerateArgs, model: &DecoderModel, tok: &Tokenizer) -> GenerationConfig {
-    let vocab = model.config.vocab_size;
-    let in_vocab = |id: &i64| (0..vocab).contains(id);
-    let mut eos = model.config.eos_token_id.clone();
-    eos.extend(tok.eos_id().map(i64::from).filter(in_vocab));
-    let pad = model.config.pad_token_id.or(tok.pad_id().map(i64::from).filter(in_vocab)).unwrap_or(0);
     let temperature = if a.self_speculative.is_some() { 0.0 } else { a.temperature };
-    GenerationConfig { vocab_limit: Some(tok.vocab_size() as i64), temperature, ..a.generation_config(eos, pad) }
+    GenerationConfig { temperature, ..a.generation_config(Vec::new(), 0) }.for_tokenizer(&model.config, tok, a.ignore_eos)
 }
 
 /// `stlm generate --corpus`: `--documents` texts sampled in batches (seed + batch index), each
@@ -343,23 +278,10 @@ fn generate_corpus(a: &GenerateArgs, model: &DecoderModel, tok: &Tokenizer, path
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         bail!("--prompt #{}: the prompt encodes to no tokens", i + 1);
     }
-    let base = token_generation_config(a, model, tok);
     let bar = if std::io::stderr().is_terminal() { ProgressBar::new(a.documents as u64) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} documents [{elapsed_precise}<{eta_precise}]").expect("valid template"));
-    let (mut text, mut tokens) = (String::new(), 0usize);
-    for (batch, first) in (0..a.documents).step_by(a.batch_size).enumerate() {
-        let n = a.batch_size.min(a.documents - first);
-        let batch_prompts: Vec<Vec<i64>> = (first..first + n).map(|i| prompts[i % prompts.len()].clone()).collect();
-        let cfg = GenerationConfig { seed: a.seed.wrapping_add(batch as u64), ..base.clone() };
-        let outs = stlm_model::generate(model, &batch_prompts, &cfg, |_, _| {})?;
-        for (p, o) in batch_prompts.iter().zip(outs) {
-            tokens += o.len();
-            let ids: Vec<u32> = p.iter().copied().chain(o).map(|i| i as u32).collect();
-            text.push_str(tok.decode(&ids, true)?.trim());
-            text.push_str("\n<|endoftext|>\n");
-        }
-        bar.inc(n as u64);
-    }
+    let cfg = token_generation_config(a, model, tok);
+    let (text, tokens) = stlm_model::generate::sample_corpus(model, tok, &prompts, (a.documents, a.batch_size), &cfg, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     stlm_core::atomic_write_bytes(&path, text.as_bytes())?;
     eprintln!("wrote {} documents ({tokens} generated tokens, {} bytes) to {}", a.documents, text.len(), path.display());

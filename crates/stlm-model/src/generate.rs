@@ -250,3 +250,49 @@ pub fn generate(
     }
     Ok(out)
 }
+
+impl GenerationConfig {
+    /// These settings for a token model with `config` and its tokenizer `tok`: stop at the
+    /// config's and the tokenizer's end-of-text ids (unless `ignore_eos`), pad with the config's
+    /// or the tokenizer's pad id, and choose only ids the tokenizer has (a head may be wider).
+    pub fn for_tokenizer(self, config: &crate::ModelConfig, tok: &stlm_tokenizers::Tokenizer, ignore_eos: bool) -> Self {
+        let in_vocab = |id: &i64| (0..config.vocab_size).contains(id);
+        let mut eos = config.eos_token_id.clone();
+        eos.extend(tok.eos_id().map(i64::from).filter(in_vocab));
+        let pad = config.pad_token_id.or(tok.pad_id().map(i64::from).filter(in_vocab)).unwrap_or(0);
+        let eos_token_ids = if ignore_eos { Vec::new() } else { eos };
+        GenerationConfig { eos_token_ids, pad_token_id: pad, vocab_limit: Some(tok.vocab_size() as i64), ..self }
+    }
+}
+
+/// `documents` texts sampled from `model` in batches of `batch_size` (batch `i` with seed
+/// `cfg.seed + i`), starting from `prompts` in turn, each decoded with `tok` and followed by
+/// `<|endoftext|>` (readable as training text): a corpus for sequence-level distillation.
+/// `on_batch(n)` is told each batch's size. Returns the text and the tokens generated.
+pub fn sample_corpus(
+    model: &DecoderModel,
+    tok: &stlm_tokenizers::Tokenizer,
+    prompts: &[Vec<i64>],
+    (documents, batch_size): (usize, usize),
+    cfg: &GenerationConfig,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<(String, usize)> {
+    if batch_size == 0 || documents == 0 || prompts.is_empty() {
+        return Err(ModelError::Input(format!("documents ({documents}), batch size ({batch_size}) and prompts ({}) must be at least 1", prompts.len())));
+    }
+    let (mut text, mut tokens) = (String::new(), 0usize);
+    for (batch, first) in (0..documents).step_by(batch_size).enumerate() {
+        let n = batch_size.min(documents - first);
+        let batch_prompts: Vec<Vec<i64>> = (first..first + n).map(|i| prompts[i % prompts.len()].clone()).collect();
+        let batch_cfg = GenerationConfig { seed: cfg.seed.wrapping_add(batch as u64), ..cfg.clone() };
+        let outs = generate(model, &batch_prompts, &batch_cfg, |_, _| {})?;
+        for (p, o) in batch_prompts.iter().zip(outs) {
+            tokens += o.len();
+            let ids: Vec<u32> = p.iter().copied().chain(o).map(|i| i as u32).collect();
+            text.push_str(tok.decode(&ids, true).map_err(|e| ModelError::Input(e.to_string()))?.trim());
+            text.push_str("\n<|endoftext|>\n");
+        }
+        on_batch(n);
+    }
+    Ok((text, tokens))
+}

@@ -71,3 +71,60 @@ pub fn module_counts(model: &DecoderModel) -> Vec<ModuleCount> {
 pub fn embedding_parameters(model: &DecoderModel) -> i64 {
     count_by_role(model, |r| r == Role::Embedding) + model.lm_head.as_ref().map_or(0, |h| stored(h))
 }
+
+/// What `stlm inspect` reports: parameter counts overall, in embeddings and head, and by module.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Every stored parameter.
+    pub parameters: i64,
+    /// In the embeddings and the head.
+    pub embedding_parameters: i64,
+    /// The rest.
+    pub non_embedding_parameters: i64,
+    /// The model's config.
+    pub config: crate::ModelConfig,
+    /// By module.
+    pub modules: Vec<ModuleCount>,
+}
+
+/// The report of `model`.
+pub fn report(model: &DecoderModel) -> Report {
+    let (total, embedding) = (model.num_parameters(), embedding_parameters(model));
+    Report { parameters: total, embedding_parameters: embedding, non_embedding_parameters: total - embedding, config: model.config.clone(), modules: module_counts(model) }
+}
+
+impl Report {
+    /// The report as text: the shape, the counts, and a table by module.
+    pub fn table(&self) -> String {
+        let c = &self.config;
+        let mut s = format!(
+            "{:?}, {} layers, hidden {}, heads {} (kv {}), head_dim {}, ffn {} ({:?}, {:?}), vocab {}, {:?} positions, {:?}, tied head: {}\n",
+            c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+            c.head_dim(), c.intermediate_size, c.mlp, c.hidden_act, c.vocab_size, c.position, c.norm, c.tie_word_embeddings
+        );
+        let (total, embedding) = (self.parameters, self.embedding_parameters);
+        s += &format!("parameters: {} total, {} in embeddings and head, {} in the rest\n", group(total), group(embedding), group(total - embedding));
+        s += &format!("{:<24} {:>12} {:>12} {:>10} {:>12} {:>12}\n", "module", "attention", "mlp", "norms", "other", "total");
+        for r in &self.modules {
+            s += &format!("{:<24} {:>12} {:>12} {:>10} {:>12} {:>12}\n", r.name, group(r.attention), group(r.mlp), group(r.norms), group(r.other), group(r.total));
+        }
+        s
+    }
+}
+
+/// 1234567 -> "1,234,567".
+pub fn group(n: i64) -> String {
+    let s = n.abs().to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
