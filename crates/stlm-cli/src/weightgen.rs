@@ -9,12 +9,10 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use stlm_core::parse_device;
 use stlm_eval::tasks::{load_docs, Task};
-use stlm_train::run::{prepare, RunConfig, RunInputs};
 use stlm_train::trainer::RunControl;
-use stlm_weightgen::collect::{self, ContinueOptions};
 use stlm_weightgen::compare::{self, Family, SelectBy};
-use stlm_weightgen::experiment::{self, compare_families, write_samples, CompareOptions};
-use stlm_weightgen::{Collection, GenConfig, LayerSelector, Sampler, WeightGen};
+use stlm_weightgen::experiment::{self, collect_job, compare_families, write_samples, CollectOptions, CompareOptions};
+use stlm_weightgen::{Collection, GenConfig, Sampler, WeightGen};
 
 #[derive(Subcommand)]
 pub enum WeightgenJob {
@@ -31,42 +29,11 @@ pub enum WeightgenJob {
 
 #[derive(Args)]
 pub struct CollectArgs {
-    /// The trained model directory every generated model starts from (its other weights are kept).
-    #[arg(long)]
-    model: PathBuf,
-    /// Which parameters: comma-separated patterns (`norm`, `last`, name segments such as
-    /// `layers.3.mlp`, `*` for one segment).
-    #[arg(long)]
-    layers: String,
+    #[command(flatten)]
+    options: CollectOptions,
     /// Output folder (collection.json, weights.safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// Run directories (every checkpoint) or model directories (fine-tunes, other seeds) of the
-    /// same architecture to add; repeatable.
-    #[arg(long, num_args = 1..)]
-    runs: Vec<PathBuf>,
-    /// p-diff's protocol: train only the selected layers of --model for this many steps (0: none).
-    #[arg(long, default_value_t = 0)]
-    steps: u64,
-    /// With --steps: keep the weights every this many steps.
-    #[arg(long, default_value_t = 1)]
-    every: u64,
-    /// With --steps: constant learning rate (p-diff trains on at a small one).
-    #[arg(long, default_value_t = 1e-4)]
-    lr: f64,
-    /// With --steps: the run config whose [train] and [data] tables give batch size, window,
-    /// clipping and how to read the data (e.g. the base run's config.toml).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// With --steps: override a config field, TABLE.FIELD=VALUE; repeatable.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
-    /// With --steps: training text files (default: the built-in stories); repeatable.
-    #[arg(long = "data")]
-    data: Vec<PathBuf>,
-    /// With --steps: seed of the data order (another than the base run's, so the batches differ).
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -164,60 +131,8 @@ fn progress() -> bool {
 }
 
 fn collect(a: CollectArgs) -> Result<()> {
-    if a.steps == 0 && a.runs.is_empty() {
-        bail!("nothing to collect: pass --steps K (continued training of --model) and/or --runs DIR...");
-    }
-    let selector = LayerSelector::parse(&a.layers)?;
-    let device = parse_device(&a.device.device)?;
-    let base = stlm_model::load_any_model(&a.model, device, stlm_core::DType::Float32)
-        .with_context(|| format!("--model {}", a.model.display()))?;
-    let units = collect::model_units(base.as_lm(), &selector)?;
-    let values: i64 = units.iter().map(|u| u.numel()).sum();
-    eprintln!("selected {} parameters ({values} values) of {}", units.len(), a.model.display());
-    let mut coll = Collection::new(a.model.clone(), a.layers.clone(), units);
-    if !a.runs.is_empty() {
-        collect::from_runs(base.as_lm(), &a.runs, &mut coll, progress())?;
-        eprintln!("{} checkpoints from --runs", coll.len());
-    }
-    drop(base);
-    if a.steps > 0 {
-        let Some(config) = &a.config else {
-            bail!("--steps needs --config: the run config whose [train] table gives batch size and window (e.g. the base run's config.toml)");
-        };
-        let mut run = RunConfig::load(config, &a.set)?;
-        run.train.seed = a.seed;
-        let control = RunControl { progress: progress(), stop: crate::train::ctrl_c()?, ..Default::default() };
-        let inputs = RunInputs {
-            data: a.data.clone(),
-            out: a.out.join("run"),
-            resume: false,
-            init: Some(a.model.clone()),
-            device,
-            control,
-        };
-        let prepared = prepare(run, inputs)?;
-        let t = &prepared.config.train;
-        let opts = ContinueOptions {
-            steps: a.steps,
-            every: a.every,
-            lr: a.lr,
-            grad_clip: t.grad_clip,
-            grad_accum: t.grad_accum,
-            first_batch: 0,
-            adamw: stlm_train::optim::AdamWConfig { weight_decay: 0.0, ..t.adamw() },
-        };
-        let before = coll.len();
-        let losses =
-            collect::continue_training(prepared.model.as_lm(), &prepared.batches, &opts, &mut coll, progress())?;
-        eprintln!(
-            "continued training: {} steps, loss {:.4} -> {:.4}; {} checkpoints kept",
-            losses.len(),
-            losses.first().copied().unwrap_or(f64::NAN),
-            losses.last().copied().unwrap_or(f64::NAN),
-            coll.len() - before
-        );
-    }
-    coll.save(&a.out)?;
+    let control = RunControl { progress: progress(), stop: crate::train::ctrl_c()?, ..Default::default() };
+    let coll = collect_job(&a.options, &a.out, parse_device(&a.device.device)?, control).with_context(|| format!("--model {}", a.options.model.display()))?;
     eprintln!("wrote {} ({} checkpoints)", a.out.display(), coll.len());
     Ok(())
 }

@@ -1,7 +1,8 @@
-//! The jobs over a trained generator: sampled weights written as model directories, and the
-//! comparison of every family of candidates (see [`crate::compare`]) with each family's choice.
+//! The jobs of `stlm weightgen`: a collection gathered from continued training and other runs,
+//! sampled weights written as model directories, and the comparison of every family of
+//! candidates (see [`crate::compare`]) with each family's choice.
 
-use crate::collect::{set_units, snapshot};
+use crate::collect::{self, set_units, snapshot};
 use crate::collection::{Collection, Unit};
 use crate::compare::{self, best_on_validation, Base, Candidate, EvalSplits, Family, Neighbours, Row, SelectBy};
 use crate::{Result, Sampler, WeightGen, WeightgenError};
@@ -11,6 +12,82 @@ use stlm_eval::tasks::{Doc, Task};
 use stlm_model::{tokenizer_path, AnyModel};
 use stlm_tokenizers::Tokenizer;
 use tch::Tensor;
+
+/// Where a collection's checkpoints come from; as `stlm weightgen collect` takes it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CollectOptions {
+    /// The trained model directory every generated model starts from (its other weights are kept).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Which parameters: comma-separated patterns (`norm`, `last`, name segments such as
+    /// `layers.3.mlp`, `*` for one segment).
+    #[arg(long)]
+    pub layers: String,
+    /// Run directories (every checkpoint) or model directories (fine-tunes, other seeds) of the
+    /// same architecture to add; repeatable.
+    #[arg(long, num_args = 1..)]
+    pub runs: Vec<PathBuf>,
+    /// p-diff's protocol: train only the selected layers of --model for this many steps (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub steps: u64,
+    /// With --steps: keep the weights every this many steps.
+    #[arg(long, default_value_t = 1)]
+    pub every: u64,
+    /// With --steps: constant learning rate (p-diff trains on at a small one).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// With --steps: the run config whose [train] and [data] tables give batch size, window,
+    /// clipping and how to read the data (e.g. the base run's config.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// With --steps: override a config field, TABLE.FIELD=VALUE; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// With --steps: training text files (default: the built-in stories); repeatable.
+    #[arg(long = "data")]
+    pub data: Vec<PathBuf>,
+    /// With --steps: seed of the data order (another than the base run's, so the batches differ).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// Gathers the selected units of `o.model` from `o.runs` and from `o.steps` steps of continued
+/// training of only those units (its run directory is `out/run`); saves the collection in `out`.
+pub fn collect_job(o: &CollectOptions, out: &Path, device: tch::Device, control: stlm_train::trainer::RunControl) -> Result<Collection> {
+    if o.steps == 0 && o.runs.is_empty() {
+        return Err(WeightgenError::Input("nothing to collect: give steps of continued training and/or runs".into()));
+    }
+    let selector = crate::LayerSelector::parse(&o.layers)?;
+    let base = stlm_model::load_any_model(&o.model, device, stlm_core::DType::Float32)?;
+    let units = collect::model_units(base.as_lm(), &selector)?;
+    let values: i64 = units.iter().map(|u| u.numel()).sum();
+    eprintln!("selected {} parameters ({values} values) of {}", units.len(), o.model.display());
+    let mut coll = Collection::new(o.model.clone(), o.layers.clone(), units);
+    if !o.runs.is_empty() {
+        collect::from_runs(base.as_lm(), &o.runs, &mut coll, control.progress)?;
+        eprintln!("{} checkpoints from the runs", coll.len());
+    }
+    drop(base);
+    if o.steps > 0 {
+        let Some(config) = &o.config else {
+            return Err(WeightgenError::Input("continued training needs the run config whose [train] table gives batch size and window (e.g. the base run's config.toml)".into()));
+        };
+        let mut run = stlm_train::run::RunConfig::load(config, &o.set)?;
+        run.train.seed = o.seed;
+        let progress = control.progress;
+        let inputs = stlm_train::run::RunInputs { data: o.data.clone(), out: out.join("run"), resume: false, init: Some(o.model.clone()), device, control };
+        let prepared = stlm_train::run::prepare(run, inputs)?;
+        let t = &prepared.config.train;
+        let adamw = stlm_train::optim::AdamWConfig { weight_decay: 0.0, ..t.adamw() };
+        let opts = collect::ContinueOptions { steps: o.steps, every: o.every, lr: o.lr, grad_clip: t.grad_clip, grad_accum: t.grad_accum, first_batch: 0, adamw };
+        let before = coll.len();
+        let losses = collect::continue_training(prepared.model.as_lm(), &prepared.batches, &opts, &mut coll, progress)?;
+        let (first, last) = (losses.first().copied().unwrap_or(f64::NAN), losses.last().copied().unwrap_or(f64::NAN));
+        eprintln!("continued training: {} steps, loss {first:.4} -> {last:.4}; {} checkpoints kept", losses.len(), coll.len() - before);
+    }
+    coll.save(out)?;
+    Ok(coll)
+}
 
 /// One sampled model directory.
 #[derive(Debug, Clone, Serialize)]
