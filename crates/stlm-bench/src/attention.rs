@@ -4,7 +4,7 @@
 
 use crate::{fastest_ms, BenchError, Result};
 use serde::Serialize;
-use stlm_attention::{AttentionKind, AttentionMask};
+use stlm_attention::{AttentionKind, AttentionMask, KindSettings, ATTENTION_KINDS};
 use stlm_model::config::{ModelType, PositionKind};
 use stlm_model::layers::SelfAttention;
 use stlm_model::ModelConfig;
@@ -29,6 +29,64 @@ pub struct AttentionSpec {
     pub kernel: bool,
     /// Where it runs.
     pub device: Device,
+}
+
+/// The attention benchmark as `stlm bench attention` takes it: a kind by its config name and
+/// one value for each setting any kind takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AttentionOptions {
+    /// Attention kind, by its config name: dense, sliding-window, fixed-sparse, strided-sparse,
+    /// ssmax, temperature, power, linformer or doge-dma.
+    #[arg(long)]
+    pub kind: String,
+    /// Sequence length.
+    #[arg(long, default_value_t = 1024)]
+    pub seq: i64,
+    /// Local window (sliding-window), keep_window_size (doge-dma).
+    #[arg(long, default_value_t = 256)]
+    pub window: i64,
+    /// Global tokens (sliding-window).
+    #[arg(long, default_value_t = 0)]
+    pub global_tokens: i64,
+    /// Block length l (fixed-sparse), the stride (strided-sparse).
+    #[arg(long, default_value_t = 128)]
+    pub block: i64,
+    /// Summary positions c at the end of each block (fixed-sparse).
+    #[arg(long, default_value_t = 8)]
+    pub summary: i64,
+    /// Exponent (power).
+    #[arg(long, default_value_t = 2.0)]
+    pub p: f64,
+    /// Projected length k (linformer, headwise sharing; compared with bidirectional SDPA).
+    #[arg(long, default_value_t = 256)]
+    pub linformer_k: i64,
+    /// Batch size.
+    #[arg(long, default_value_t = 1)]
+    pub batch: i64,
+    /// Query heads (keys and values have as many).
+    #[arg(long, default_value_t = 4)]
+    pub heads: i64,
+    /// Head dimension.
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: i64,
+    /// Timed runs of each; the fastest is reported.
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Time the attention kernels alone (the kind's and dense SDPA, on the same random
+    /// queries, keys and values), without the projections both layers share.
+    #[arg(long)]
+    pub kernel: bool,
+}
+
+impl AttentionOptions {
+    /// The benchmark on `device`; an unknown kind is an error listing the known ones.
+    pub fn spec(&self, device: Device) -> Result<AttentionSpec> {
+        let settings = KindSettings { window: self.window, global_tokens: self.global_tokens, block: self.block, summary: self.summary, p: self.p, k: self.linformer_k };
+        let Some(kind) = AttentionKind::from_settings(&self.kind, &settings) else {
+            return Err(BenchError::Input(format!("kind {}: unknown attention (known: {})", self.kind, ATTENTION_KINDS.join(", "))));
+        };
+        Ok(AttentionSpec { kind, seq: self.seq, batch: self.batch, heads: self.heads, head_dim: self.head_dim, repeats: self.repeats, kernel: self.kernel, device })
+    }
 }
 
 /// The times of the kind and of dense attention.

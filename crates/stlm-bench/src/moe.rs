@@ -8,24 +8,34 @@ use stlm_core::Mode;
 use stlm_moe::{product_keys, CdMoe, CdmoeRouting, Gate, MoeConfig, MoeLayer, RouterKind};
 use tch::{nn, Device, Kind, Tensor};
 
-/// What to time.
-#[derive(Debug, Clone)]
+/// What to time; as `stlm bench moe` takes it.
+#[derive(Debug, Clone, clap::Args)]
 pub struct MoeSpec {
-    /// `top-k`, `switch`, `aux-free` or `cdmoe`.
+    /// Router: top-k, switch, aux-free, or cdmoe (Doge's cross-domain MoE: a shared MLP of width
+    /// --expert-width plus --experts single-neuron experts, --top-k per token; compared with the
+    /// shared MLP alone).
+    #[arg(long, default_value = "top-k")]
     pub router: String,
     /// Experts.
+    #[arg(long, default_value_t = 8)]
     pub experts: i64,
     /// Experts per token (top-k, aux-free, cdmoe).
+    #[arg(long, default_value_t = 2)]
     pub top_k: i64,
     /// Model width.
+    #[arg(long, default_value_t = 256)]
     pub hidden: i64,
     /// Width of one expert (cdmoe: of the shared MLP).
+    #[arg(long, default_value_t = 344)]
     pub expert_width: i64,
-    /// Tokens per call.
+    /// Tokens per call (batch · sequence).
+    #[arg(long, default_value_t = 4096)]
     pub tokens: i64,
     /// Timed runs of each (after one warm-up); the fastest is reported.
+    #[arg(long, default_value_t = 5)]
     pub repeats: usize,
-    /// One product pair per expert instead of the grouped products.
+    /// One product pair per expert instead of the grouped products (to compare the two).
+    #[arg(long)]
     pub per_expert: bool,
 }
 
