@@ -6,10 +6,9 @@ use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use stlm_eval::plot::{figure, Panel};
-use stlm_eval::position::{label, position_csv, position_loss, run_models, PositionLoss};
+use stlm_eval::position::{curve, plot_curves, position_csv, run_models, PositionOptions};
 use stlm_eval::suite::{run_suite, score_task, Suite, TaskRun};
-use stlm_eval::tasks::{Task, TaskOptions, TaskReport};
+use stlm_eval::tasks::{Task, TaskReport};
 use stlm_eval::text::{score_text, TextScoring};
 use stlm_eval::PplReport;
 use stlm_model::AnyModel;
@@ -117,26 +116,8 @@ pub enum EvalJob {
         /// Also write the table model,position,loss,stderr.
         #[arg(long)]
         csv: Option<PathBuf>,
-        /// Positions per window (default: the model's max_position_embeddings, at most 1024;
-        /// byte models: bytes, default 1024).
-        #[arg(long)]
-        window: Option<usize>,
-        /// Windows at most.
-        #[arg(long, default_value_t = 200)]
-        windows: usize,
-        /// Early position of the in-context learning score (0-based).
-        #[arg(long, default_value_t = 50)]
-        early: usize,
-        /// Late position of the in-context learning score (clamped to the window).
-        #[arg(long, default_value_t = 500)]
-        late: usize,
-        /// Windows per forward.
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        /// Plot positions pooled into about this many bins of growing width (each bin's band from
-        /// the spread of its window means); 0 plots every position.
-        #[arg(long, default_value_t = 40)]
-        bins: usize,
+        #[command(flatten)]
+        study: PositionOptions,
         /// tokenizer.json (default: the model directory's, or for a checkpoint the run's).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
@@ -148,36 +129,12 @@ pub enum EvalJob {
     },
 }
 
-impl BenchOptions {
-    /// How each task's items are scored.
-    fn task_run(&self) -> TaskRun {
-        let task = TaskOptions { shots: self.shots, seed: self.seed, max_gen_tokens: self.max_gen_tokens };
-        TaskRun { limit: self.limit, max_length: self.max_length, batch_tokens: self.batch_tokens, task }
-    }
-}
 
 /// Options shared by `stlm eval mc` and `stlm eval suite`.
 #[derive(Args)]
 pub struct BenchOptions {
-    /// Items per task at most (BLiMP: per paradigm).
-    #[arg(long)]
-    limit: Option<usize>,
-    /// Few-shot examples per item (drawn from the other items of the file).
-    #[arg(long, default_value_t = 0)]
-    shots: usize,
-    /// Seed of the few-shot draw.
-    #[arg(long, default_value_t = 1234)]
-    seed: u64,
-    /// Window in tokens (byte models: chunks); longer contexts lose their start. Default: the
-    /// model's max_position_embeddings.
-    #[arg(long)]
-    max_length: Option<usize>,
-    /// Padded tokens per forward.
-    #[arg(long, default_value_t = 8192)]
-    batch_tokens: usize,
-    /// Tokens generated at most (TriviaQA).
-    #[arg(long, default_value_t = 64)]
-    max_gen_tokens: usize,
+    #[command(flatten)]
+    run: TaskRun,
     /// tokenizer.json (default: the model directory's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -196,7 +153,7 @@ pub fn run(job: EvalJob) -> Result<()> {
             let task = Task::parse(&task)?;
             let (lm, tok) = load(&model, opts.tokenizer.as_deref(), &opts.device)?;
             let progress = bar();
-            let (report, items) = score_task(&lm, &tok, task, &data, &opts.task_run(), &progress)?;
+            let (report, items) = score_task(&lm, &tok, task, &data, &opts.run, &progress)?;
             progress.finish_and_clear();
             if let Some(path) = log_samples {
                 let mut text = String::new();
@@ -217,7 +174,7 @@ pub fn run(job: EvalJob) -> Result<()> {
             let suite = Suite::parse(&suite)?;
             let (lm, tok) = load(&model, opts.tokenizer.as_deref(), &opts.device)?;
             let name = model.display().to_string();
-            let report = run_suite(&lm, &tok, (suite, &name), &data_dir, &opts.task_run(), &bar, &mut print_task).with_context(|| format!("--data-dir {}", data_dir.display()))?;
+            let report = run_suite(&lm, &tok, (suite, &name), &data_dir, &opts.run, &bar, &mut print_task).with_context(|| format!("--data-dir {}", data_dir.display()))?;
             for (task, reason) in &report.skipped {
                 eprintln!("{task}: skipped, {reason}");
             }
@@ -230,7 +187,7 @@ pub fn run(job: EvalJob) -> Result<()> {
                 Ok(())
             }
         }
-        EvalJob::PositionLoss { model, run, data, out, csv, window, windows, early, late, batch, bins, tokenizer, json, device } => {
+        EvalJob::PositionLoss { model, run, data, out, csv, study, tokenizer, json, device } => {
             let mut dirs = model;
             if let Some(run) = run {
                 dirs.extend(run_models(&run).with_context(|| format!("--run {}", run.display()))?);
@@ -238,8 +195,7 @@ pub fn run(job: EvalJob) -> Result<()> {
             if dirs.is_empty() {
                 bail!("give --model DIR (repeatable) or --run DIR");
             }
-            let shape = PositionShape { window, windows, early, late, batch, bins };
-            position_losses(&dirs, &data, &out, csv.as_deref(), &shape, tokenizer.as_deref(), json, &device)
+            position_losses(&dirs, (&data, &out, csv.as_deref()), &study, tokenizer.as_deref(), json, &device)
         }
     }
 }
@@ -270,64 +226,29 @@ fn print_task(r: &TaskReport) {
     eprintln!("{line} ({:.0} s)", r.seconds);
 }
 
-/// Windows, score positions and plot bins of `stlm eval position-loss`.
-struct PositionShape {
-    window: Option<usize>,
-    windows: usize,
-    early: usize,
-    late: usize,
-    batch: usize,
-    bins: usize,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn position_losses(
-    dirs: &[PathBuf],
-    data: &Path,
-    out: &Path,
-    csv: Option<&Path>,
-    shape: &PositionShape,
-    tokenizer: Option<&Path>,
-    json: bool,
-    device: &DeviceArgs,
-) -> Result<()> {
-    let PositionShape { window, windows, early, late, batch, bins } = *shape;
+/// `stlm eval position-loss`: each model's curve printed, then the figure and the table.
+fn position_losses(dirs: &[PathBuf], (data, out, csv): (&Path, &Path, Option<&Path>), study: &PositionOptions, tokenizer: Option<&Path>, json: bool, device: &DeviceArgs) -> Result<()> {
     if !matches!(out.extension().and_then(|e| e.to_str()), Some("svg" | "png")) {
         bail!("--out {}: plots are written as .svg or .png", out.display());
     }
     let text = std::fs::read_to_string(data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
-    let (mut series, mut curves) = (Vec::new(), Vec::new());
+    let mut curves = Vec::new();
     for dir in dirs {
         let (model, tok) = load(dir, tokenizer, device)?;
-        let ids = tok.encode(&text, false)?;
-        let context = model.as_lm().model_config().max_position_embeddings as usize;
-        let window = window.unwrap_or(if matches!(model, AnyModel::Bytes(_)) { 1024 } else { context.min(1024) });
-        let name = label(dir);
-        let bar = bar();
-        bar.set_prefix(format!("position loss {name}"));
-        let p: PositionLoss = position_loss(&model, &ids, window, windows, batch, &bar).with_context(|| dir.display().to_string())?;
-        bar.finish_and_clear();
-        let (score, e, l) = p.icl_score(early, late);
-        if json {
-            print_json(&serde_json::json!({"model": dir.display().to_string(), "windows": p.windows, "window": window, "icl_score": score, "early": e, "late": l, "loss_early": p.mean[e], "loss_late": p.mean[l], "mean_loss": p.mean.iter().sum::<f64>() / p.mean.len() as f64}))?;
-        } else {
-            println!("{name}: {} windows of {window}; loss at position {e} {:.4}, at {l} {:.4}; in-context learning score {score:+.4}", p.windows, p.mean[e], p.mean[l]);
+        let progress = bar();
+        let c = curve(&model, &tok, dir, &text, study, &progress)?;
+        progress.finish_and_clear();
+        match json {
+            true => print_json(&c)?,
+            false => println!("{}: {} windows of {}; loss at position {} {:.4}, at {} {:.4}; in-context learning score {:+.4}", c.label, c.windows, c.window, c.early, c.loss_early, c.late, c.loss_late, c.icl_score),
         }
-        series.push(p.series(name.clone(), bins));
-        curves.push((name, p));
+        curves.push(c);
     }
-    let panel = Panel {
-        title: format!("loss by context position ({})", data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()),
-        x_label: "position (tokens of context)".into(),
-        y_label: "loss (nats), 95% band".into(),
-        series,
-        markers: false,
-    };
-    figure(out, &[panel], 1)?;
+    let name = data.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    plot_curves(&curves, &name, study.bins, out)?;
     eprintln!("wrote {}", out.display());
     if let Some(csv) = csv {
-        let table = position_csv(&curves.iter().map(|(n, p)| (n.clone(), p)).collect::<Vec<_>>())?;
-        stlm_core::atomic_write_bytes(csv, table.as_bytes())?;
+        stlm_core::atomic_write_bytes(csv, position_csv(&curves)?.as_bytes())?;
         eprintln!("wrote {}", csv.display());
     }
     Ok(())

@@ -193,17 +193,98 @@ impl PositionLoss {
 }
 
 /// The table `model,position,loss,stderr` (1-based positions) of several models' curves, as CSV.
-pub fn position_csv(curves: &[(String, &PositionLoss)]) -> Result<String> {
+pub fn position_csv(curves: &[Curve]) -> Result<String> {
     let mut w = csv::Writer::from_writer(Vec::new());
     let err = |e: csv::Error| EvalError::Input(format!("CSV: {e}"));
     w.write_record(["model", "position", "loss", "stderr"]).map_err(err)?;
-    for (name, p) in curves {
+    for c in curves {
+        let (name, p) = (&c.label, &c.loss);
         for (i, (m, s)) in p.mean.iter().zip(&p.stderr).enumerate() {
             w.write_record([name.clone(), (i + 1).to_string(), format!("{m:.6}"), format!("{s:.6}")]).map_err(err)?;
         }
     }
     let bytes = w.into_inner().map_err(|e| EvalError::Input(format!("CSV: {e}")))?;
     String::from_utf8(bytes).map_err(|e| EvalError::Input(format!("CSV: {e}")))
+}
+
+/// The windows, score positions and plot bins of a per-position study (`stlm eval position-loss`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PositionOptions {
+    /// Positions per window (default: the model's max_position_embeddings, at most 1024;
+    /// byte models: bytes, default 1024).
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// Windows at most.
+    #[arg(long, default_value_t = 200)]
+    pub windows: usize,
+    /// Early position of the in-context learning score (0-based).
+    #[arg(long, default_value_t = 50)]
+    pub early: usize,
+    /// Late position of the in-context learning score (clamped to the window).
+    #[arg(long, default_value_t = 500)]
+    pub late: usize,
+    /// Windows per forward.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Plot positions pooled into about this many bins of growing width (each bin's band from
+    /// the spread of its window means); 0 plots every position.
+    #[arg(long, default_value_t = 40)]
+    pub bins: usize,
+}
+
+/// One model's curve in a study.
+#[derive(Debug, Clone, Serialize)]
+pub struct Curve {
+    /// The model directory.
+    pub model: String,
+    /// Its label in the plot and table.
+    #[serde(skip)]
+    pub label: String,
+    /// Windows averaged.
+    pub windows: usize,
+    /// Positions per window.
+    pub window: usize,
+    /// Loss late minus loss early.
+    pub icl_score: f64,
+    /// The early and late positions used (clamped).
+    pub early: usize,
+    /// See `early`.
+    pub late: usize,
+    /// Mean loss at `early`.
+    pub loss_early: f64,
+    /// Mean loss at `late`.
+    pub loss_late: f64,
+    /// Mean over every position.
+    pub mean_loss: f64,
+    /// The curve.
+    #[serde(skip)]
+    pub loss: PositionLoss,
+}
+
+/// The curve of `model` (from directory `dir`) on the ids of `text`; progress on `bar`.
+pub fn curve(model: &AnyModel, tok: &stlm_tokenizers::Tokenizer, dir: &Path, text: &str, o: &PositionOptions, bar: &ProgressBar) -> Result<Curve> {
+    let ids = tok.encode(text, false).map_err(|e| EvalError::Input(e.to_string()))?;
+    let context = model.as_lm().model_config().max_position_embeddings as usize;
+    let window = o.window.unwrap_or(if matches!(model, AnyModel::Bytes(_)) { 1024 } else { context.min(1024) });
+    let label = label(dir);
+    bar.set_prefix(format!("position loss {label}"));
+    let loss = position_loss(model, &ids, window, o.windows, o.batch, bar).map_err(|e| EvalError::Input(format!("{}: {e}", dir.display())))?;
+    let (icl_score, early, late) = loss.icl_score(o.early, o.late);
+    let mean_loss = loss.mean.iter().sum::<f64>() / loss.mean.len() as f64;
+    Ok(Curve { model: dir.display().to_string(), label, windows: loss.windows, window, icl_score, early, late, loss_early: loss.mean[early], loss_late: loss.mean[late], mean_loss, loss })
+}
+
+/// The figure of `curves` (one line with its 95% band each, in `bins` bins) on the text named
+/// `data_name`, written to `out` (.svg or .png).
+pub fn plot_curves(curves: &[Curve], data_name: &str, bins: usize, out: &Path) -> Result<()> {
+    let panel = crate::plot::Panel {
+        title: format!("loss by context position ({data_name})"),
+        x_label: "position (tokens of context)".into(),
+        y_label: "loss (nats), 95% band".into(),
+        series: curves.iter().map(|c| c.loss.series(c.label.clone(), bins)).collect(),
+        markers: false,
+    };
+    crate::plot::figure(out, &[panel], 1)
 }
 
 #[cfg(test)]

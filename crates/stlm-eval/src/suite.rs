@@ -113,16 +113,21 @@ impl SuiteReport {
 }
 
 
-/// How the items of a task are scored (shared by `stlm eval mc` and `stlm eval suite`).
-#[derive(Debug, Clone)]
+/// How the items of a task are scored (`stlm eval mc` and `stlm eval suite` take it).
+#[derive(Debug, Clone, clap::Args)]
 pub struct TaskRun {
     /// Items per task at most (BLiMP: per paradigm).
+    #[arg(long)]
     pub limit: Option<usize>,
-    /// Window in tokens (byte models: chunks); default: the model's context.
+    /// Window in tokens (byte models: chunks); longer contexts lose their start. Default: the
+    /// model's max_position_embeddings.
+    #[arg(long)]
     pub max_length: Option<usize>,
     /// Padded tokens per forward.
+    #[arg(long, default_value_t = 8192)]
     pub batch_tokens: usize,
     /// Shots, seed and generation length.
+    #[command(flatten)]
     pub task: TaskOptions,
 }
 

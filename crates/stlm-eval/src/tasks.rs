@@ -454,14 +454,17 @@ pub fn load_docs(task: Task, path: &Path, limit: usize) -> Result<Vec<Doc>> {
     Ok(docs)
 }
 
-/// Options of one task run.
-#[derive(Debug, Clone)]
+/// Options of one task run (defaults as [`TaskOptions::default`]).
+#[derive(Debug, Clone, clap::Args)]
 pub struct TaskOptions {
-    /// Few-shot examples per item.
+    /// Few-shot examples per item (drawn from the other items of the file).
+    #[arg(long, default_value_t = 0)]
     pub shots: usize,
     /// Seed of the few-shot draw.
+    #[arg(long, default_value_t = 1234)]
     pub seed: u64,
-    /// Generated tokens at most (TriviaQA).
+    /// Tokens generated at most (TriviaQA).
+    #[arg(long, default_value_t = 64)]
     pub max_gen_tokens: usize,
 }
 
