@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use std::path::PathBuf;
-use stlm_model::llama2c::{self, Format, Header};
+use stlm_model::llama2c::{self, Format};
 
 #[derive(Subcommand)]
 pub enum ImportJob {
@@ -64,7 +64,7 @@ pub fn import(job: ImportJob) -> Result<()> {
     match job {
         ImportJob::Llama2c(a) => {
             let r = llama2c::import(&a.checkpoint, a.tokenizer.as_deref(), &a.out)?;
-            let summary = header_json(&r.header);
+            let summary = r.header.to_json();
             if a.json {
                 return print_json(&json!({"out": r.out, "tokenizer": r.tokenizer, "checkpoint": summary}));
             }
@@ -72,7 +72,7 @@ pub fn import(job: ImportJob) -> Result<()> {
                 "{}: llama2.c version {} checkpoint, {} -> {}{}",
                 a.checkpoint.display(),
                 r.header.format.version(),
-                shape_line(&r.header),
+                r.header,
                 r.out.display(),
                 if r.tokenizer { " (with tokenizer.json)" } else { " (no tokenizer: pass --tokenizer tokenizer.bin)" }
             );
@@ -107,7 +107,7 @@ pub fn export(job: ExportJob) -> Result<()> {
                     "out": out, "bytes": r.bytes, "version": r.header.format.version(), "group_size": group_size,
                     "max_quant_error": r.max_quant_error, "tokenizer_out": a.tokenizer_out, "warnings": r.warnings,
                     "swapped_ids": r.swapped_ids,
-                    "checkpoint": header_json(&r.header),
+                    "checkpoint": r.header.to_json(),
                 }));
             }
             let quant = match (group_size, r.max_quant_error) {
@@ -119,7 +119,7 @@ pub fn export(job: ExportJob) -> Result<()> {
                 a.model.display(),
                 out.display(),
                 r.header.format.version(),
-                shape_line(&r.header),
+                r.header,
                 r.bytes
             );
             if let Some(t) = &a.tokenizer_out {
@@ -131,26 +131,4 @@ pub fn export(job: ExportJob) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn shape_line(h: &Header) -> String {
-    format!(
-        "dim {}, hidden_dim {}, {} layers, {} heads ({} kv), vocab {}, seq_len {}, {}",
-        h.dim,
-        h.hidden_dim,
-        h.n_layers,
-        h.n_heads,
-        h.n_kv_heads,
-        h.vocab_size,
-        h.seq_len,
-        if h.shared_classifier { "tied classifier" } else { "own classifier" }
-    )
-}
-
-fn header_json(h: &Header) -> serde_json::Value {
-    json!({
-        "version": h.format.version(), "dim": h.dim, "hidden_dim": h.hidden_dim, "n_layers": h.n_layers,
-        "n_heads": h.n_heads, "n_kv_heads": h.n_kv_heads, "vocab_size": h.vocab_size, "seq_len": h.seq_len,
-        "shared_classifier": h.shared_classifier,
-    })
 }

@@ -10,8 +10,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use stlm_model::bytes::generate_bytes;
-use stlm_model::{AnyModel, GenerationConfig};
+use stlm_model::AnyModel;
 use stlm_tokenizers::Tokenizer;
 use stlm_train::run::{prepare, RunConfig, RunInputs};
 use stlm_train::trainer::RunControl;
@@ -109,38 +108,10 @@ pub(crate) fn ctrl_c() -> Result<Arc<AtomicBool>> {
     Ok(Arc::clone(FLAG.get_or_init(|| flag)))
 }
 
-/// Prints `count` texts sampled from the model, each started from the end-of-text token.
+/// Prints `count` texts sampled from the model (see [`stlm_model::generate::sample_texts`]).
 pub(crate) fn print_samples(model: &AnyModel, tok: &Tokenizer, count: usize, seed: u64) -> Result<()> {
-    let Some(start) = tok.eos_id().map(i64::from) else { return Ok(()) };
-    if count == 0 {
-        return Ok(());
-    }
-    let config = model.as_lm().model_config();
-    let cfg = GenerationConfig {
-        max_new_tokens: 160,
-        temperature: 0.8,
-        top_p: 0.95,
-        seed,
-        eos_token_ids: config.eos_token_id.clone(),
-        pad_token_id: config.pad_token_id.unwrap_or(0),
-        vocab_limit: Some(tok.vocab_size() as i64),
-        ..Default::default()
-    };
-    let model = match model {
-        AnyModel::Tokens(m) => m.as_ref(),
-        AnyModel::Bytes(m) => {
-            for i in 0..count {
-                let out = generate_bytes(m, &[start as u32], &GenerationConfig { seed: seed + i as u64, max_new_tokens: 400, ..cfg.clone() }, |_| {})?;
-                println!("--- sample {}\n{}", i + 1, tok.decode(&out, true)?.trim());
-            }
-            return Ok(());
-        }
-    };
-    let prompts = vec![vec![start]; count];
-    let outs = stlm_model::generate(model, &prompts, &cfg, |_, _| {})?;
-    for (i, ids) in outs.iter().enumerate() {
-        let ids: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
-        println!("--- sample {}\n{}", i + 1, tok.decode(&ids, true)?.trim());
+    for (i, text) in stlm_model::generate::sample_texts(model, tok, count, seed)?.iter().enumerate() {
+        println!("--- sample {}\n{text}", i + 1);
     }
     Ok(())
 }

@@ -86,6 +86,29 @@ pub struct Header {
     pub shared_classifier: bool,
 }
 
+impl Header {
+    /// The header as JSON: the version and every shape field.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "version": self.format.version(), "dim": self.dim, "hidden_dim": self.hidden_dim, "n_layers": self.n_layers,
+            "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "vocab_size": self.vocab_size, "seq_len": self.seq_len,
+            "shared_classifier": self.shared_classifier,
+        })
+    }
+}
+
+impl std::fmt::Display for Header {
+    /// The shape in one line: `dim 288, hidden_dim 768, 6 layers, ...`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let classifier = if self.shared_classifier { "tied classifier" } else { "own classifier" };
+        write!(
+            f,
+            "dim {}, hidden_dim {}, {} layers, {} heads ({} kv), vocab {}, seq_len {}, {classifier}",
+            self.dim, self.hidden_dim, self.n_layers, self.n_heads, self.n_kv_heads, self.vocab_size, self.seq_len
+        )
+    }
+}
+
 /// How one tensor is stored.
 #[derive(Clone, Copy, PartialEq)]
 enum Storage {
