@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use stlm_eval::position::{curve, plot_curves, position_csv, run_models, PositionOptions};
 use stlm_eval::suite::{run_suite, score_task, Suite, TaskRun};
 use stlm_eval::tasks::{Task, TaskReport};
-use stlm_eval::text::{score_text, TextScoring};
+use stlm_eval::text::{score_text, ScoringOptions, TextScoring};
 use stlm_eval::PplReport;
 use stlm_model::AnyModel;
 use stlm_tokenizers::Tokenizer;
@@ -24,31 +24,11 @@ pub enum EvalJob {
         /// UTF-8 text file.
         #[arg(long)]
         data: PathBuf,
-        /// Tokens per window (byte models: chunks; default: the model's max_position_embeddings,
-        /// at most 1024).
-        #[arg(long)]
-        max_length: Option<i64>,
-        /// Tokens (byte models: chunks) each window advances by (default: half the window).
-        #[arg(long)]
-        stride: Option<i64>,
         /// tokenizer.json (default: the model directory's).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// Apply each block this many times (models with `layer_sharing`: a recursion depth
-        /// other than the trained one).
-        #[arg(long)]
-        repeats: Option<i64>,
-        /// Score with early exit: each position leaves the stack at the first layer whose exit
-        /// is this confident (`stlm generate --early-exit`), decoded one position at a time;
-        /// adds the average depth and positions/s.
-        #[arg(long, value_name = "THRESHOLD")]
-        early_exit: Option<f64>,
-        /// With --early-exit: softmax, margin or entropy.
-        #[arg(long, default_value = "softmax", value_parser = ["softmax", "margin", "entropy"], requires = "early_exit")]
-        exit_measure: String,
-        /// With --early-exit: layers every position runs before it may exit.
-        #[arg(long, default_value_t = 1, requires = "early_exit")]
-        exit_min_layers: usize,
+        #[command(flatten)]
+        scoring: ScoringOptions,
         /// Print one JSON object: tokens, bytes, loss, ppl, bits_per_byte (and average_depth,
         /// depth, tokens_per_s with --early-exit).
         #[arg(long)]
@@ -144,9 +124,8 @@ pub struct BenchOptions {
 
 pub fn run(job: EvalJob) -> Result<()> {
     match job {
-        EvalJob::Ppl { model, data, max_length, stride, tokenizer, repeats, early_exit, exit_measure, exit_min_layers, json, device } => {
-            let exit = early_exit.map(|threshold| stlm_model::EarlyExit { measure: crate::model::exit_measure(&exit_measure), threshold, min_layers: exit_min_layers });
-            let opts = TextScoring { max_length, stride, repeats, exit, progress: std::io::stderr().is_terminal() };
+        EvalJob::Ppl { model, data, tokenizer, scoring, json, device } => {
+            let opts = scoring.scoring(std::io::stderr().is_terminal())?;
             ppl(&model, &data, opts, tokenizer, json, &device)
         }
         EvalJob::Mc { model, task, data, opts, log_samples, json } => {

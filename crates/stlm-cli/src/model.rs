@@ -6,7 +6,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use stlm_model::{DecoderModel, EarlyExit, ExitMeasure, GenerationConfig, ModelConfig};
+use stlm_model::{DecoderModel, EarlyExit, GenerationConfig, ModelConfig};
 use stlm_tokenizers::Tokenizer;
 use tch::{Device, Tensor};
 
@@ -140,7 +140,7 @@ pub struct GenerateArgs {
 impl GenerateArgs {
     /// The early-exit rule of `--early-exit`, if given.
     fn exit_rule(&self) -> Option<EarlyExit> {
-        let measure = exit_measure(&self.exit_measure);
+        let measure = self.exit_measure.parse().unwrap_or_default(); // clap admits only the three names
         self.early_exit.map(|threshold| EarlyExit { measure, threshold, min_layers: self.exit_min_layers })
     }
 
@@ -246,15 +246,6 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The measure an `--exit-measure` value names (clap admits only these).
-pub fn exit_measure(name: &str) -> ExitMeasure {
-    match name {
-        "margin" => ExitMeasure::Margin,
-        "entropy" => ExitMeasure::Entropy,
-        _ => ExitMeasure::Softmax,
-    }
 }
 
 /// The sampling settings of `a` for a token model and its tokenizer.

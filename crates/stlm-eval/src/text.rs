@@ -4,6 +4,42 @@ use crate::{byte_perplexity, early_exit_perplexity, perplexity, scored_ids, Eval
 use stlm_model::{AnyModel, EarlyExit};
 use stlm_tokenizers::Tokenizer;
 
+/// How `stlm eval ppl` scores a text (see [`ScoringOptions::scoring`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScoringOptions {
+    /// Tokens per window (byte models: chunks; default: the model's max_position_embeddings,
+    /// at most 1024).
+    #[arg(long)]
+    pub max_length: Option<i64>,
+    /// Tokens (byte models: chunks) each window advances by (default: half the window).
+    #[arg(long)]
+    pub stride: Option<i64>,
+    /// Apply each block this many times (models with `layer_sharing`: a recursion depth
+    /// other than the trained one).
+    #[arg(long)]
+    pub repeats: Option<i64>,
+    /// Score with early exit: each position leaves the stack at the first layer whose exit
+    /// is this confident (`stlm generate --early-exit`), decoded one position at a time;
+    /// adds the average depth and positions/s.
+    #[arg(long, value_name = "THRESHOLD")]
+    pub early_exit: Option<f64>,
+    /// With --early-exit: softmax, margin or entropy.
+    #[arg(long, default_value = "softmax", value_parser = ["softmax", "margin", "entropy"], requires = "early_exit")]
+    pub exit_measure: String,
+    /// With --early-exit: layers every position runs before it may exit.
+    #[arg(long, default_value_t = 1, requires = "early_exit")]
+    pub exit_min_layers: usize,
+}
+
+impl ScoringOptions {
+    /// The scoring these options ask for.
+    pub fn scoring(&self, progress: bool) -> Result<TextScoring> {
+        let measure = self.exit_measure.parse::<stlm_model::ExitMeasure>()?;
+        let exit = self.early_exit.map(|threshold| EarlyExit { measure, threshold, min_layers: self.exit_min_layers });
+        Ok(TextScoring { max_length: self.max_length, stride: self.stride, repeats: self.repeats, exit, progress })
+    }
+}
+
 /// How [`score_text`] scores.
 #[derive(Debug, Clone, Default)]
 pub struct TextScoring {

@@ -19,6 +19,19 @@ pub enum ExitMeasure {
     Entropy,
 }
 
+impl std::str::FromStr for ExitMeasure {
+    type Err = crate::ModelError;
+    /// `softmax`, `margin` or `entropy`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "softmax" => Ok(ExitMeasure::Softmax),
+            "margin" => Ok(ExitMeasure::Margin),
+            "entropy" => Ok(ExitMeasure::Entropy),
+            _ => Err(crate::ModelError::Input(format!("exit measure `{s}`: expected softmax, margin or entropy"))),
+        }
+    }
+}
+
 /// When a token leaves the stack early.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EarlyExit {
