@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use stlm_prune::pipeline::{self, Plan, PruneJob};
+use stlm_prune::pipeline::{self, Inputs, Plan, PruneJob};
 use stlm_prune::{Importance, Method, Pattern, PruneOptions, Scope, SparseGptOptions, StructuredOptions, Unit};
 use stlm_train::trainer::RunControl;
 
@@ -45,30 +45,12 @@ pub struct PruneArgs {
     /// prunes every linear layer). Embeddings are never pruned.
     #[arg(long, default_values_t = vec!["lm_head".to_string()])]
     skip: Vec<String>,
-    /// Calibration text for wanda and sparsegpt (.txt).
-    #[arg(long)]
-    calib: Option<PathBuf>,
-    /// Calibration windows, spread evenly over the calibration text.
-    #[arg(long, default_value_t = 64)]
-    calib_samples: usize,
-    /// Tokens per calibration window.
-    #[arg(long, default_value_t = 256)]
-    calib_len: usize,
     /// SparseGPT: columns per block.
     #[arg(long, default_value_t = 128)]
     block_size: i64,
     /// SparseGPT: Hessian damping as a fraction of its mean diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
-    /// Validation text: perplexity before and after pruning goes into the report.
-    #[arg(long)]
-    val: Option<PathBuf>,
-    /// Validation window (tokens); windows are disjoint.
-    #[arg(long, default_value_t = 256)]
-    val_len: i64,
-    /// tokenizer.json (default: the model directory's).
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
     /// Iterative pruning: `cubic` raises the sparsity over `--stages` stages as
     /// `s * (1 - (1 - t/stages)^3)` (Zhu & Gupta 2017), fine-tuning `--stage-steps` steps after each
     /// (zeros kept); `one-shot` (default) prunes once.
@@ -86,6 +68,8 @@ pub struct PruneArgs {
     /// Iterative pruning: training text (repeatable), as `stlm train --data`.
     #[arg(long = "data")]
     data: Vec<PathBuf>,
+    #[command(flatten)]
+    inputs: Inputs,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -100,12 +84,7 @@ pub fn run(a: PruneArgs) -> Result<()> {
     let job = PruneJob {
         model: a.model.clone(),
         out: a.out.clone(),
-        tokenizer: a.tokenizer.clone(),
-        calib: a.calib.clone(),
-        calib_samples: a.calib_samples,
-        calib_len: a.calib_len,
-        val: a.val.clone(),
-        val_len: a.val_len,
+        inputs: a.inputs.clone(),
         device: stlm_core::parse_device(&a.device.device)?,
         progress: std::io::stderr().is_terminal(),
     };

@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use stlm_core::parse_device;
 use stlm_eval::tasks::{load_docs, Task};
 use stlm_train::trainer::RunControl;
-use stlm_weightgen::compare::{self, Family, SelectBy};
-use stlm_weightgen::experiment::{self, collect_job, compare_families, write_samples, CollectOptions, CompareOptions};
-use stlm_weightgen::{Collection, GenConfig, Sampler, WeightGen};
+use stlm_weightgen::compare::{Family, SelectBy};
+use stlm_weightgen::experiment::{self, collect_job, compare_families, sample_job, CollectOptions, CompareOptions, SampleOptions};
+use stlm_weightgen::{Collection, GenConfig};
 
 #[derive(Subcommand)]
 pub enum WeightgenJob {
@@ -63,21 +63,11 @@ pub struct SampleArgs {
     /// A generator folder (`stlm weightgen train`).
     #[arg(long)]
     generator: PathBuf,
-    /// Number of models to sample.
-    #[arg(long)]
-    n: usize,
+    #[command(flatten)]
+    options: SampleOptions,
     /// Output folder: one model directory per sample (sample-000, ...).
     #[arg(long)]
     out: PathBuf,
-    /// `ddim` (deterministic, --ddim-steps) or `ddpm` (ancestral, all T steps).
-    #[arg(long, default_value = "ddim", value_parser = ["ddim", "ddpm"])]
-    sampler: String,
-    /// DDIM steps.
-    #[arg(long, default_value_t = 100)]
-    ddim_steps: usize,
-    /// Seed of the initial noise.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Print one JSON object (each sample's directory and distance to the training weights).
     #[arg(long)]
     json: bool,
@@ -175,27 +165,7 @@ fn train(a: TrainGenArgs) -> Result<()> {
 }
 
 fn sample(a: SampleArgs) -> Result<()> {
-    if a.n == 0 {
-        bail!("--n 0: sample at least one model");
-    }
-    let device = parse_device(&a.device.device)?;
-    let g = WeightGen::load(&a.generator, device).with_context(|| format!("--generator {}", a.generator.display()))?;
-    let base_dir = g.file.manifest.base_model.clone();
-    let base = stlm_model::load_any_model(&base_dir, device, stlm_core::DType::Float32)
-        .with_context(|| format!("the generator's base model {} (from its collection)", base_dir.display()))?;
-    // Distances to the training weights need the collection; without it the samples are still written.
-    let neighbours = match Collection::load(&g.file.collection) {
-        Ok(c) => Some(compare::Neighbours::new(&c)),
-        Err(e) => {
-            eprintln!("warning: no distances to the training weights: the generator's collection: {e}");
-            None
-        }
-    };
-    let sampler = match a.sampler.as_str() {
-        "ddpm" => Sampler::Ddpm,
-        _ => Sampler::Ddim(a.ddim_steps),
-    };
-    let written = write_samples(&g, &a.generator, &base, neighbours.as_ref(), (a.n, sampler, a.seed), &a.out)?;
+    let written = sample_job(&a.generator, &a.options, &a.out, parse_device(&a.device.device)?).with_context(|| format!("--generator {}", a.generator.display()))?;
     if a.json {
         return print_json(&serde_json::json!({ "samples": written }));
     }

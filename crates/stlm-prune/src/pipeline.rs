@@ -11,6 +11,29 @@ use stlm_tokenizers::Tokenizer;
 use stlm_train::trainer::RunControl;
 use tch::{Device, Tensor};
 
+/// What a prune scores on; as `stlm prune` takes it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Inputs {
+    /// tokenizer.json (default: the model directory's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Calibration text for wanda and sparsegpt, and activation or taylor importance (.txt).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Calibration windows, spread evenly over the calibration text.
+    #[arg(long, default_value_t = 64)]
+    pub calib_samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 256)]
+    pub calib_len: usize,
+    /// Validation text: perplexity before and after pruning goes into the report.
+    #[arg(long)]
+    pub val: Option<PathBuf>,
+    /// Validation window (tokens); windows are disjoint.
+    #[arg(long, default_value_t = 256)]
+    pub val_len: i64,
+}
+
 /// Where a prune reads and writes, and what it scores on.
 #[derive(Debug, Clone)]
 pub struct PruneJob {
@@ -18,18 +41,8 @@ pub struct PruneJob {
     pub model: PathBuf,
     /// The directory of the pruned model.
     pub out: PathBuf,
-    /// tokenizer.json (default: the model directory's).
-    pub tokenizer: Option<PathBuf>,
-    /// Calibration text (Wanda, SparseGPT, activation and Taylor importance).
-    pub calib: Option<PathBuf>,
-    /// Calibration windows, spread evenly over the text.
-    pub calib_samples: usize,
-    /// Tokens per calibration window.
-    pub calib_len: usize,
-    /// Validation text: perplexity before and after goes into the report.
-    pub val: Option<PathBuf>,
-    /// Validation window (tokens); windows are disjoint.
-    pub val_len: i64,
+    /// Calibration and validation texts, and the tokenizer.
+    pub inputs: Inputs,
     /// Where the model runs.
     pub device: Device,
     /// Shows progress bars.
@@ -136,7 +149,7 @@ pub fn run(job: &PruneJob, plan: Plan) -> Result<Outcome> {
             (model, Outcome::Schedule(report))
         }
     };
-    let tokenizer_file = job.tokenizer.clone().or_else(|| tokenizer_path(&job.model));
+    let tokenizer_file = job.inputs.tokenizer.clone().or_else(|| tokenizer_path(&job.model));
     model.save(&job.out, tokenizer_file.as_deref())?;
     write_report(&job.out, &outcome)?;
     Ok(outcome)
@@ -172,7 +185,7 @@ fn run_schedule(job: &PruneJob, opts: &PruneOptions, (train_config, data): (&Pat
         let pruned_ppl = loaded.val.as_ref().map(|v| v.perplexity(&model, job.progress)).transpose()?;
         report.before = before;
         let dir = job.out.join("stages").join(format!("stage-{t}"));
-        let tokenizer_file = job.tokenizer.clone().or_else(|| tokenizer_path(&current));
+        let tokenizer_file = job.inputs.tokenizer.clone().or_else(|| tokenizer_path(&current));
         model.save(&dir.join("pruned"), tokenizer_file.as_deref())?;
         write_report(&dir.join("pruned"), &report)?;
         drop(model);
@@ -202,19 +215,19 @@ impl Loaded {
     /// Loads `dir`, the calibration text (when `calibrated`; an error when given but not
     /// needed) and the validation text.
     fn load(job: &PruneJob, dir: &Path, calibrated: bool) -> Result<Self> {
-        let tok_path = job.tokenizer.clone().or_else(|| tokenizer_path(dir));
+        let tok_path = job.inputs.tokenizer.clone().or_else(|| tokenizer_path(dir));
         let tok_path = tok_path.ok_or_else(|| PruneError::Input(format!("{}: no tokenizer.json in the model directory; give the tokenizer", dir.display())))?;
         let tok = Tokenizer::from_file(&tok_path).map_err(|e| PruneError::Input(format!("{}: {e}", tok_path.display())))?;
         if stlm_model::load_config(dir)?.bytes.is_some() {
             return Err(PruneError::Input(format!("{}: a byte-pooled model; pruning takes token models", dir.display())));
         }
         let model = load_model(dir, job.device, stlm_core::DType::Float32)?;
-        let calib = match (&job.calib, calibrated) {
-            (Some(path), true) => calibration_batches(&model, &tok, path, job.calib_samples, job.calib_len)?,
+        let calib = match (&job.inputs.calib, calibrated) {
+            (Some(path), true) => calibration_batches(&model, &tok, path, job.inputs.calib_samples, job.inputs.calib_len)?,
             (Some(path), false) => return Err(PruneError::Input(format!("{}: magnitude scoring needs no calibration; drop it", path.display()))),
             (None, _) => Vec::new(),
         };
-        let val = job.val.as_deref().map(|p| ValText::load(p, &model, &tok, job.val_len)).transpose()?;
+        let val = job.inputs.val.as_deref().map(|p| ValText::load(p, &model, &tok, job.inputs.val_len)).transpose()?;
         Ok(Loaded { model, calib, val })
     }
 

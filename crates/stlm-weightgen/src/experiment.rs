@@ -100,32 +100,55 @@ pub struct Sampled {
     pub distance_to_nearest: Option<f64>,
 }
 
-/// Draws `n` samples from `g` and writes each into `base` (the generator's base model, loaded)
-/// saved as `out/sample-NNN` with `weightgen_sample.json` (generator, seed, sampler, nearest
-/// training checkpoint); `neighbours` gives the distances.
-pub fn write_samples(
-    g: &WeightGen,
-    generator: &Path,
-    base: &AnyModel,
-    neighbours: Option<&Neighbours>,
-    (n, sampler, seed): (usize, Sampler, u64),
-    out: &Path,
-) -> Result<Vec<Sampled>> {
-    if n == 0 {
-        return Err(WeightgenError::Input("sample at least one model (n = 0)".into()));
+/// How many models to sample and how; as `stlm weightgen sample` takes it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SampleOptions {
+    /// Number of models to sample.
+    #[arg(long)]
+    pub n: usize,
+    /// `ddim` (deterministic, --ddim-steps) or `ddpm` (ancestral, all T steps).
+    #[arg(long, default_value = "ddim", value_parser = ["ddim", "ddpm"])]
+    pub sampler: String,
+    /// DDIM steps.
+    #[arg(long, default_value_t = 100)]
+    pub ddim_steps: usize,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Samples `o.n` models from the generator in `generator`: each written into its base model
+/// (from its collection) and saved as `out/sample-NNN` with `weightgen_sample.json` (generator,
+/// seed, sampler, nearest training checkpoint and distance, when the collection can be read).
+pub fn sample_job(generator: &Path, o: &SampleOptions, out: &Path, device: tch::Device) -> Result<Vec<Sampled>> {
+    if o.n == 0 {
+        return Err(WeightgenError::Input("n = 0: sample at least one model".into()));
     }
-    let samples = g.sample(n as i64, sampler, seed)?;
-    let tokenizer = tokenizer_path(&g.file.manifest.base_model);
+    let g = WeightGen::load(generator, device)?;
+    let base_dir = &g.file.manifest.base_model;
+    let base = stlm_model::load_any_model(base_dir, device, stlm_core::DType::Float32)
+        .map_err(|e| WeightgenError::Input(format!("the generator's base model {} (from its collection): {e}", base_dir.display())))?;
+    // Distances to the training weights need the collection; without it the samples are still written.
+    let neighbours = match Collection::load(&g.file.collection) {
+        Ok(c) => Some(Neighbours::new(&c)),
+        Err(e) => {
+            eprintln!("warning: no distances to the training weights: the generator's collection: {e}");
+            None
+        }
+    };
+    let sampler = if o.sampler == "ddpm" { Sampler::Ddpm } else { Sampler::Ddim(o.ddim_steps) };
+    let samples = g.sample(o.n as i64, sampler, o.seed)?;
+    let tokenizer = tokenizer_path(base_dir);
     let units = &g.file.manifest.units;
     let mut written = Vec::new();
     for (i, s) in samples.iter().enumerate() {
         let dir = out.join(format!("sample-{i:03}"));
         set_units(base.as_lm(), units, s)?;
         base.as_lm().save(&dir, tokenizer.as_deref())?;
-        let nearest = neighbours.map(|n| n.nearest(s));
+        let nearest = neighbours.as_ref().map(|n| n.nearest(s));
         let info = serde_json::json!({
             "generator": generator,
-            "index": i, "seed": seed, "sampler": sampler.name(),
+            "index": i, "seed": o.seed, "sampler": sampler.name(),
             "nearest_checkpoint": nearest.map(|n| n.0), "distance_to_nearest": nearest.map(|n| n.1),
         });
         let path = dir.join("weightgen_sample.json");
