@@ -1,10 +1,10 @@
 //! `stlm tokenizer train|encode|decode|bytes|chunk`.
 
 use crate::common::{output_path, parse_ids, print_json};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use std::path::PathBuf;
-use stlm_tokenizers::{BpeOptions, Chunker, ChunkerKind, Tokenizer, TokenizerError};
+use stlm_tokenizers::{BpeOptions, Tokenizer, TokenizerError};
 
 #[derive(Subcommand)]
 pub enum TokenizerJob {
@@ -105,36 +105,15 @@ pub fn run(job: TokenizerJob) -> Result<()> {
     Ok(())
 }
 
-/// `stlm tokenizer chunk`: chunk lengths and the chunks' text (lossy where a chunk splits a
-/// UTF-8 character).
+/// `stlm tokenizer chunk`: chunk lengths and the chunks' text.
 fn chunk(spec: &str, text: &str, json: bool) -> Result<()> {
-    let kind: ChunkerKind = toml::from_str::<toml::Table>(&format!("chunker = {spec}"))
-        .map_err(|e| anyhow::anyhow!("--chunker: not a TOML inline table ({})", e.message()))?
-        .remove("chunker")
-        .expect("parsed above")
-        .try_into()
-        .map_err(|e: toml::de::Error| anyhow::anyhow!("--chunker: {}", e.message()))?;
-    let ids = Tokenizer::bytes().encode(text, false)?;
-    let chunker = Chunker::new(&kind)?;
-    let lengths = match &kind {
-        ChunkerKind::Entropy { model, .. } => {
-            let m = stlm_model::load_model(model, tch::Device::Cpu, stlm_core::DType::Float32)?;
-            chunker.chunk_with_entropies(&ids, &stlm_model::bytes::next_byte_entropies(&m, &ids))?
-        }
-        _ => chunker.chunk(&ids)?,
-    };
-    let tok = Tokenizer::bytes();
-    let mut at = 0;
-    let mut chunks = Vec::with_capacity(lengths.len());
-    for &n in &lengths {
-        chunks.push(tok.decode(&ids[at..at + n], false)?);
-        at += n;
-    }
+    let (lengths, chunks) = stlm_model::bytes::chunk_text(spec, text).context("--chunker")?;
+    let bytes = text.len();
     if json {
         print_json(&serde_json::json!({"lengths": lengths, "chunks": chunks}))?;
     } else {
         println!("{}", chunks.iter().map(|c| format!("[{c}]")).collect::<Vec<_>>().join(""));
-        eprintln!("{} bytes in {} chunks ({:.2} bytes a chunk)", ids.len(), lengths.len(), ids.len() as f64 / lengths.len().max(1) as f64);
+        eprintln!("{bytes} bytes in {} chunks ({:.2} bytes a chunk)", lengths.len(), bytes as f64 / lengths.len().max(1) as f64);
     }
     Ok(())
 }

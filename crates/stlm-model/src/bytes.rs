@@ -620,3 +620,32 @@ pub fn next_byte_entropies(model: &DecoderModel, row: &[u32]) -> Vec<f32> {
     }
     out
 }
+
+/// The chunks of `text`'s bytes under the chunker `spec` (a TOML inline table as in a config,
+/// `{ kind = "whitespace", max = 8 }`; an entropy chunker loads its model): the chunk lengths
+/// and each chunk's text (lossy where a chunk splits a UTF-8 character).
+pub fn chunk_text(spec: &str, text: &str) -> Result<(Vec<usize>, Vec<String>)> {
+    let bad = |m: String| ModelError::Input(format!("chunker {spec}: {m}"));
+    let mut table = toml::from_str::<toml::Table>(&format!("chunker = {spec}")).map_err(|e| bad(format!("not a TOML inline table ({})", e.message())))?;
+    let value = table.remove("chunker").ok_or_else(|| bad("no table".into()))?;
+    let kind: ChunkerKind = value.try_into().map_err(|e: toml::de::Error| bad(e.message().to_string()))?;
+    let tok = stlm_tokenizers::Tokenizer::bytes();
+    let tok_err = |e: stlm_tokenizers::TokenizerError| bad(e.to_string());
+    let ids = tok.encode(text, false).map_err(tok_err)?;
+    let chunker = Chunker::new(&kind).map_err(tok_err)?;
+    let lengths = match &kind {
+        ChunkerKind::Entropy { model, .. } => {
+            let m = crate::load_model(model, Device::Cpu, stlm_core::DType::Float32)?;
+            chunker.chunk_with_entropies(&ids, &next_byte_entropies(&m, &ids)).map_err(tok_err)?
+        }
+        _ => chunker.chunk(&ids).map_err(tok_err)?,
+    };
+    let mut at = 0;
+    let mut chunks = Vec::with_capacity(lengths.len());
+    for &n in &lengths {
+        chunks.push(tok.decode(&ids[at..at + n], false).map_err(tok_err)?);
+        at += n;
+    }
+    Ok((lengths, chunks))
+}
+
