@@ -4,11 +4,11 @@
 
 use crate::common::DeviceArgs;
 use crate::dist::DistArgs;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use stlm_model::AnyModel;
 use stlm_tokenizers::Tokenizer;
@@ -88,24 +88,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
     print_samples(&prepared.model, &prepared.tokenizer, a.samples, prepared.config.train.seed)
 }
 
-/// The flag a Ctrl-C sets (first press: finish the step and checkpoint; second: quit at once),
-/// installed once per process so that several runs (`stlm prune --schedule`) share it.
+/// The flag a Ctrl-C sets (see [`stlm_train::trainer::stop_on_ctrl_c`]).
 pub(crate) fn ctrl_c() -> Result<Arc<AtomicBool>> {
-    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
-    if let Some(flag) = FLAG.get() {
-        return Ok(Arc::clone(flag));
-    }
-    let flag = Arc::new(AtomicBool::new(false));
-    let stop = Arc::clone(&flag);
-    ctrlc::set_handler(move || {
-        if stop.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: stopping now, without a checkpoint of this step");
-            std::process::exit(130);
-        }
-        eprintln!("\nCtrl-C: finishing this step and writing a checkpoint (press again to quit at once)");
-    })
-    .context("cannot install the Ctrl-C handler")?;
-    Ok(Arc::clone(FLAG.get_or_init(|| flag)))
+    Ok(stlm_train::trainer::stop_on_ctrl_c()?)
 }
 
 /// Prints `count` texts sampled from the model (see [`stlm_model::generate::sample_texts`]).

@@ -115,6 +115,27 @@ pub struct StepSummary {
     pub moe: Vec<(usize, stlm_moe::MoeStats)>,
 }
 
+/// The flag a Ctrl-C sets (first press: the run finishes its step and writes a checkpoint;
+/// second: the process exits with 130 at once), installed once per process so that several runs
+/// (a prune schedule's fine-tuning stages) share it. Pass it as [`RunControl::stop`].
+pub fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    if let Some(flag) = FLAG.get() {
+        return Ok(Arc::clone(flag));
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    let stop = Arc::clone(&flag);
+    ctrlc::set_handler(move || {
+        if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: stopping now, without a checkpoint of this step");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: finishing this step and writing a checkpoint (press again to quit at once)");
+    })
+    .map_err(|e| TrainError::Config(format!("cannot install the Ctrl-C handler: {e}")))?;
+    Ok(Arc::clone(FLAG.get_or_init(|| flag)))
+}
+
 /// One optimizer step at `step` with learning rate `lr`: `grad_accum` micro-batches forward and
 /// backward, clipping to `grad_clip` (0: off), the NaN/Inf check, AdamW, and cleared gradients.
 /// A non-finite loss is an error and leaves the parameters untouched. In a `group`, gradients,
