@@ -5,8 +5,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::sync::Arc;
-use std::time::Duration;
-use stlm_dist::{Backend, Launch, ProcessGroup};
+use stlm_dist::ProcessGroup;
 use tch::Device;
 
 /// Data-parallel options of `stlm train` and `stlm distill`.
@@ -27,20 +26,13 @@ pub struct DistArgs {
 /// The process group of a worker started by a launcher, on `device` (CUDA: the device of its
 /// `LOCAL_RANK`); `None` without launcher variables. Refuses `--nproc` inside a worker.
 pub fn join(args: &DistArgs, device: Device) -> Result<(Option<Arc<ProcessGroup>>, Device)> {
-    let Some(launch) = Launch::from_env()? else { return Ok((None, device)) };
-    if args.nproc.is_some() {
-        bail!("--nproc inside a distributed worker (RANK={} is set): leave --nproc out", launch.rank);
+    if let (Some(_), Some(rank)) = (args.nproc, std::env::var_os("RANK")) {
+        bail!("--nproc inside a distributed worker (RANK={} is set): leave --nproc out", rank.to_string_lossy());
     }
-    let device = match device {
-        Device::Cuda(_) => Device::Cuda(launch.local_rank),
-        other => other,
-    };
-    if !(args.dist_timeout > 0.0 && args.dist_timeout.is_finite()) {
-        bail!("--dist-timeout {}: must be a positive number of seconds", args.dist_timeout);
+    match ProcessGroup::join_launched(&args.dist_backend, args.dist_timeout, device).context("--dist-backend/--dist-timeout")? {
+        Some((group, device)) => Ok((Some(Arc::new(group)), device)),
+        None => Ok((None, device)),
     }
-    let backend = Backend::choose(&args.dist_backend, device)?;
-    let group = ProcessGroup::connect(&launch, backend, Duration::from_secs_f64(args.dist_timeout))?;
-    Ok((Some(Arc::new(group)), device))
 }
 
 /// Runs this command again as `nproc` local ranks (without `--nproc`) and waits for them

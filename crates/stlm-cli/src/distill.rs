@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use stlm_distill::run::{CacheOptions, DistillOptions};
-use stlm_model::{AnyModel, LanguageModel};
+use stlm_model::AnyModel;
 use stlm_tokenizers::Tokenizer;
 use stlm_train::trainer::RunControl;
 
@@ -90,23 +90,8 @@ fn distill(a: RunArgs) -> Result<()> {
     let Some(model_dir) = report.finish(&out, control.is_leader(), || run.save_student())? else {
         return Ok(()); // rank 0 writes the student and prints
     };
-    let last = report.logs.last();
-    let parameters = run.distiller.num_parameters();
     if a.json {
-        return print_json(&serde_json::json!({
-            "model": model_dir,
-            "steps": report.step,
-            "loss": run.divergence.name(),
-            "temperature": run.temperature,
-            "alpha": options.alpha,
-            "top_k": run.top_k,
-            "hidden_weight": options.hidden_weight,
-            "attention_weight": options.attention_weight,
-            "train_loss": last.map(|l| l.loss),
-            "val_loss": last.and_then(|l| l.val_loss),
-            "val_bpb": last.and_then(|l| l.val_bpb),
-            "parameters": parameters,
-        }));
+        return print_json(&run.summary(&options, &report, &model_dir));
     }
     let seed = run.train.seed;
     let student = AnyModel::Tokens(Box::new(run.distiller.student));

@@ -135,12 +135,7 @@ pub fn run(job: EvalJob) -> Result<()> {
             let (report, items) = score_task(&lm, &tok, task, &data, &opts.run, &progress)?;
             progress.finish_and_clear();
             if let Some(path) = log_samples {
-                let mut text = String::new();
-                for item in &items {
-                    text.push_str(&serde_json::to_string(item)?);
-                    text.push('\n');
-                }
-                stlm_core::atomic_write_bytes(&path, text.as_bytes())?;
+                stlm_eval::tasks::write_log_samples(&path, &items)?;
             }
             if json {
                 print_json(&report)

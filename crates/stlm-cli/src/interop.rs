@@ -1,7 +1,7 @@
 //! `stlm import` and `stlm export`: other tools' model files <-> stlm model directories.
 
 use crate::common::{output_path, print_json};
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use std::path::PathBuf;
@@ -84,12 +84,7 @@ pub fn import(job: ImportJob) -> Result<()> {
 pub fn export(job: ExportJob) -> Result<()> {
     match job {
         ExportJob::Llama2c(a) => {
-            let format = match a.version {
-                0 => Format::V0,
-                1 => Format::V1,
-                _ if a.group_size == 0 => bail!("--group-size 0: must be positive"),
-                _ => Format::V2 { group_size: a.group_size },
-            };
+            let format = Format::from_version(a.version, a.group_size).context("--version/--group-size")?;
             let out = output_path(&a.out)?;
             if let Some(t) = &a.tokenizer_out {
                 output_path(t)?;

@@ -6,9 +6,9 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use stlm_model::{DecoderModel, EarlyExit, GenerationConfig, ModelConfig};
+use stlm_model::{DecoderModel, EarlyExit, GenerationConfig};
 use stlm_tokenizers::Tokenizer;
-use tch::{Device, Tensor};
+use tch::Device;
 
 #[derive(Args)]
 pub struct InitArgs {
@@ -27,22 +27,7 @@ pub struct InitArgs {
 }
 
 pub fn init(a: InitArgs) -> Result<()> {
-    let cfg = ModelConfig::from_toml_file(&a.config)?;
-    if let Some(t) = &a.tokenizer {
-        let tok = Tokenizer::from_file(t)?;
-        if (tok.vocab_size() as i64) > cfg.vocab_size {
-            bail!(
-                "{}: vocab_size {} is smaller than the tokenizer's {} ids ({})",
-                a.config.display(),
-                cfg.vocab_size,
-                tok.vocab_size(),
-                t.display()
-            );
-        }
-    }
-    stlm_core::seed_all(a.seed);
-    let model = DecoderModel::new(cfg, Device::Cpu)?;
-    model.save(&a.out, a.tokenizer.as_deref())?;
+    let model = stlm_model::io::init_dir(&a.config, a.tokenizer.as_deref(), a.seed, &a.out)?;
     eprintln!("wrote {} ({} parameters)", a.out.display(), model.num_parameters());
     Ok(())
 }
@@ -224,19 +209,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         let seconds = started.elapsed().as_secs_f64();
         writeln!(stdout)?;
         if let Some(r) = report {
-            let speed = format!("{} tokens in {seconds:.2} s ({:.1} tokens/s)", r.tokens, r.tokens as f64 / seconds.max(1e-9));
-            match a.self_speculative {
-                Some(layers) => eprintln!(
-                    "self-speculative ({layers} of {} layers, {} drafted per pass): {speed}, {} of {} drafts accepted ({:.1}%), {} verification passes",
-                    r.depth,
-                    a.draft_tokens,
-                    r.accepted,
-                    r.drafted,
-                    100.0 * r.acceptance(),
-                    r.verifications
-                ),
-                None => eprintln!("early exit: {speed}, average depth {:.2} of {} layers", r.average_depth(), r.depth),
-            }
+            eprintln!("{}", r.summary(seconds, a.self_speculative.map(|l| (l, a.draft_tokens))));
         }
     } else {
         let outs = stlm_model::generate(&model, &prompts, &cfg, |_, _| {})?;
@@ -349,10 +322,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
     let out = output_path(&a.out)?;
     let model = a.device.load(&a.model)?;
-    model.check_ids(&ids).context("--ids")?;
-    let _g = tch::no_grad_guard();
-    let input = Tensor::from_slice(&ids).unsqueeze(0).to_device(model.device());
-    let logits = model.forward(&input).squeeze_dim(0).to_kind(tch::Kind::Float);
+    let logits = model.logits_of(&ids).context("--ids")?;
     stlm_core::write_safetensors(&out, &[("logits".to_string(), logits)])?;
     eprintln!("wrote logits [{}, {}] to {}", ids.len(), model.config.vocab_size, out.display());
     Ok(())

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use stlm_eval::plot::{figure, line_plot, position_panel, run_panels, series_from_csv};
+use stlm_eval::plot::{line_plot, run_figure, series_from_csv};
 
 #[derive(Args)]
 pub struct PlotArgs {
@@ -37,16 +37,8 @@ pub fn plot(a: PlotArgs) -> Result<()> {
         bail!("--out {}: plots are written as .svg or .png", a.out.display());
     }
     if let Some(run) = &a.run {
-        let path = run.join("metrics.jsonl");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let mut panels = run_panels(&text).with_context(|| path.display().to_string())?;
-        let positions = run.join("position_loss.jsonl");
-        if positions.is_file() {
-            let text = std::fs::read_to_string(&positions).with_context(|| format!("{}: cannot read", positions.display()))?;
-            panels.push(position_panel(&text, 6).with_context(|| positions.display().to_string())?);
-        }
-        figure(&a.out, &panels, 2)?;
-        eprintln!("wrote {} ({} panels)", a.out.display(), panels.len());
+        let panels = run_figure(run, &a.out)?;
+        eprintln!("wrote {} ({panels} panels)", a.out.display());
         return Ok(());
     }
     let (Some(csv), Some(x), Some(y)) = (&a.csv, &a.x, &a.y) else { bail!("give --run DIR, or --csv FILE --x COLUMN --y COLUMN") };

@@ -7,28 +7,15 @@ use crate::common::{print_json, DeviceArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
-use stlm_sweep::{grid::grid, report::table, SweepSpec};
+use stlm_sweep::{grid::GridOptions, report::table, SweepSpec};
 
 #[derive(Args)]
 pub struct SweepArgs {
     /// Base TOML config, as for `stlm train`.
     #[arg(long)]
     config: PathBuf,
-    /// Vary a field: `TABLE.FIELD=V1,V2,...`, each value in TOML syntax as for `stlm train --set`
-    /// (commas inside [], {} or quotes belong to the value; `-` keeps the base config's value);
-    /// repeatable, and every combination is trained. A single value sets the field for all.
-    #[arg(long = "set", value_name = "KEY=V1,V2")]
-    set: Vec<String>,
-    /// A named variant: `NAME:KEY=V;KEY=V;...` (overrides as for `stlm train --set`, separated
-    /// by `;`; `data=FILE[+FILE]` gives its training text). Repeat for a list of variants that are
-    /// not a grid (an architecture comparison); `NAME:` alone is the base config. Combined with
-    /// `--set` and `--data` like another axis.
-    #[arg(long = "variant", value_name = "NAME:KEY=V;...")]
-    variant: Vec<String>,
-    /// Training text of the variants: one file (several joined by `+`) per value; repeat to
-    /// compare datasets (one variant per value). Default: the built-in stories.
-    #[arg(long = "data", value_name = "FILE[+FILE]")]
-    data: Vec<String>,
+    #[command(flatten)]
+    grid: GridOptions,
     /// Training time of every variant, in minutes (`stlm train --time-limit`).
     #[arg(long)]
     budget_minutes: f64,
@@ -59,7 +46,7 @@ pub fn sweep(a: SweepArgs) -> Result<()> {
     if !(a.budget_minutes > 0.0 && a.budget_minutes.is_finite()) {
         bail!("--budget-minutes {}: must be a positive number of minutes", a.budget_minutes);
     }
-    let variants = grid(&a.variant, &a.set, &a.data).context("--variant/--set/--data")?;
+    let variants = a.grid.variants().context("--variant/--set/--data")?;
     let stem = a.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "sweep".into());
     let spec = SweepSpec {
         out: a.out.clone().unwrap_or_else(|| Path::new("runs").join(format!("sweep-{stem}"))),

@@ -122,6 +122,22 @@ impl Drop for ProcessGroup {
 }
 
 impl ProcessGroup {
+    /// The group of a worker started by a launcher (torchrun, Slurm, `--nproc`: `RANK` is set),
+    /// on `device` (CUDA: the device of its `LOCAL_RANK`), with `backend` (`auto`, `gloo`,
+    /// `nccl`) and collectives bounded by `timeout_secs`; `None` without launcher variables.
+    pub fn join_launched(backend: &str, timeout_secs: f64, device: Device) -> Result<Option<(ProcessGroup, Device)>, DistError> {
+        let Some(launch) = Launch::from_env()? else { return Ok(None) };
+        let device = match device {
+            Device::Cuda(_) => Device::Cuda(launch.local_rank),
+            other => other,
+        };
+        if !(timeout_secs > 0.0 && timeout_secs.is_finite()) {
+            return Err(DistError::Launch(format!("timeout {timeout_secs}: must be a positive number of seconds")));
+        }
+        let backend = Backend::choose(backend, device)?;
+        Ok(Some((ProcessGroup::connect(&launch, backend, Duration::from_secs_f64(timeout_secs))?, device)))
+    }
+
     /// Rendezvous through the TCP store at `launch`'s master address and build a gloo group.
     /// Every rank must call this; `timeout` bounds the rendezvous and every later collective.
     pub fn connect(launch: &Launch, backend: Backend, timeout: Duration) -> Result<ProcessGroup, DistError> {

@@ -443,6 +443,26 @@ impl DistillRun {
         self.distiller.student.save(&dir, Some(&self.out.join("tokenizer.json")))?;
         Ok(dir)
     }
+
+    /// The result of a finished run (`stlm distill --json`): the student directory `model`,
+    /// the losses and weights in use, and the last logged losses of `report`.
+    pub fn summary(&self, options: &DistillOptions, report: &TrainReport, model: &Path) -> serde_json::Value {
+        let last = report.logs.last();
+        serde_json::json!({
+            "model": model,
+            "steps": report.step,
+            "loss": self.divergence.name(),
+            "temperature": self.temperature,
+            "alpha": options.alpha,
+            "top_k": self.top_k,
+            "hidden_weight": options.hidden_weight,
+            "attention_weight": options.attention_weight,
+            "train_loss": last.map(|l| l.loss),
+            "val_loss": last.and_then(|l| l.val_loss),
+            "val_bpb": last.and_then(|l| l.val_bpb),
+            "parameters": self.distiller.num_parameters(),
+        })
+    }
 }
 
 /// What [`write_cache`] stores; as `stlm distill cache` takes it.

@@ -190,6 +190,22 @@ pub fn position_panel(text: &str, max_lines: usize) -> Result<Panel> {
     Ok(Panel { title: "validation loss by context position".into(), x_label: "position".into(), y_label: "nats (95% band)".into(), series, markers: false })
 }
 
+/// The figure of a training run's curves in `out`: loss, validation loss, bits per byte,
+/// learning rate and tokens/s against step (`RUN/metrics.jsonl`), and validation loss by context
+/// position when the run logged it (`RUN/position_loss.jsonl`). Returns the number of panels.
+pub fn run_figure(run: &Path, out: &Path) -> Result<usize> {
+    let read = |path: &Path| std::fs::read_to_string(path).map_err(|e| EvalError::Input(format!("{}: cannot read: {e}", path.display())));
+    let in_file = |path: &Path, e: EvalError| EvalError::Input(format!("{}: {e}", path.display()));
+    let metrics = run.join("metrics.jsonl");
+    let mut panels = run_panels(&read(&metrics)?).map_err(|e| in_file(&metrics, e))?;
+    let positions = run.join("position_loss.jsonl");
+    if positions.is_file() {
+        panels.push(position_panel(&read(&positions)?, 6).map_err(|e| in_file(&positions, e))?);
+    }
+    figure(out, &panels, 2)?;
+    Ok(panels.len())
+}
+
 /// The padded x and y ranges of the finite points (bands included), if any.
 fn bounds(series: &[Series]) -> Option<((f64, f64), (f64, f64))> {
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);

@@ -454,6 +454,17 @@ pub fn load_docs(task: Task, path: &Path, limit: usize) -> Result<Vec<Doc>> {
     Ok(docs)
 }
 
+/// Writes every item's requests, log-likelihoods, greedy flags, gold and scores to `path` as
+/// JSON lines (as lm-evaluation-harness's `--log_samples`).
+pub fn write_log_samples(path: &std::path::Path, items: &[ItemResult]) -> Result<()> {
+    let mut text = String::new();
+    for item in items {
+        text.push_str(&serde_json::to_string(item).map_err(|e| EvalError::Input(format!("{}: {e}", path.display())))?);
+        text.push('\n');
+    }
+    stlm_core::atomic_write_bytes(path, text.as_bytes()).map_err(|e| EvalError::Input(e.to_string()))
+}
+
 /// Options of one task run (defaults as [`TaskOptions::default`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct TaskOptions {

@@ -115,6 +115,23 @@ impl DepthReport {
     pub fn acceptance(&self) -> f64 {
         self.accepted as f64 / self.drafted.max(1) as f64
     }
+
+    /// One line on a generation that took `seconds`: speed and average depth (early exit), or
+    /// with `draft = Some((layers, tokens))` the drafts accepted (self-speculative decoding).
+    pub fn summary(&self, seconds: f64, draft: Option<(usize, usize)>) -> String {
+        let speed = format!("{} tokens in {seconds:.2} s ({:.1} tokens/s)", self.tokens, self.tokens as f64 / seconds.max(1e-9));
+        match draft {
+            Some((layers, tokens)) => format!(
+                "self-speculative ({layers} of {} layers, {tokens} drafted per pass): {speed}, {} of {} drafts accepted ({:.1}%), {} verification passes",
+                self.depth,
+                self.accepted,
+                self.drafted,
+                100.0 * self.acceptance(),
+                self.verifications
+            ),
+            None => format!("early exit: {speed}, average depth {:.2} of {} layers", self.average_depth(), self.depth),
+        }
+    }
 }
 
 /// LayerSkip training (the `[train] layer_skip` table): layer `l` of `L` is skipped for a

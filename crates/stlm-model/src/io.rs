@@ -204,3 +204,22 @@ pub fn tokenizer_path(dir: &Path) -> Option<PathBuf> {
     };
     own.or_else(run)
 }
+
+/// A randomly initialised model (seed `seed`) of the TOML config `config` saved as the model
+/// directory `out`, with `tokenizer` copied in; a tokenizer with more ids than the config's
+/// `vocab_size` is refused.
+pub fn init_dir(config: &Path, tokenizer: Option<&Path>, seed: u64, out: &Path) -> Result<DecoderModel> {
+    let cfg = ModelConfig::from_toml_file(config)?;
+    if let Some(t) = tokenizer {
+        let tok = stlm_tokenizers::Tokenizer::from_file(t).map_err(|e| ModelError::Input(format!("{}: {e}", t.display())))?;
+        if (tok.vocab_size() as i64) > cfg.vocab_size {
+            let n = tok.vocab_size();
+            return Err(ModelError::Input(format!("{}: vocab_size {} is smaller than the tokenizer's {n} ids ({})", config.display(), cfg.vocab_size, t.display())));
+        }
+    }
+    stlm_core::seed_all(seed);
+    let model = DecoderModel::new(cfg, tch::Device::Cpu)?;
+    model.save(out, tokenizer)?;
+    Ok(model)
+}
+

@@ -61,6 +61,17 @@ impl Format {
             Format::V2 { .. } => 2,
         }
     }
+
+    /// The format of export.py's `version` (2 quantizes in groups of `group_size`).
+    pub fn from_version(version: u32, group_size: usize) -> Result<Format> {
+        match version {
+            0 => Ok(Format::V0),
+            1 => Ok(Format::V1),
+            2 if group_size > 0 => Ok(Format::V2 { group_size }),
+            2 => Err(ModelError::Input("group size 0: must be positive".into())),
+            v => Err(ModelError::Input(format!("version {v}: expected 0, 1 or 2"))),
+        }
+    }
 }
 
 /// The shape fields of a llama2.c header.

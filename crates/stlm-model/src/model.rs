@@ -328,6 +328,15 @@ impl DecoderModel {
         }
     }
 
+    /// Float32 logits `[len, vocab]` of one sequence of token ids (checked against the
+    /// vocabulary), without gradients: what `stlm logits` writes.
+    pub fn logits_of(&self, ids: &[i64]) -> Result<Tensor> {
+        self.check_ids(ids)?;
+        let _g = tch::no_grad_guard();
+        let input = Tensor::from_slice(ids).unsqueeze(0).to_device(self.device());
+        Ok(self.forward(&input).squeeze_dim(0).to_kind(Kind::Float))
+    }
+
     /// Logits `[b, s, vocab]` of a full causal pass over `input_ids` `[b, s]` (positions 0..s).
     pub fn forward(&self, input_ids: &Tensor) -> Tensor {
         self.forward_mode(input_ids, Mode::Eval).0

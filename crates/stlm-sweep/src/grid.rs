@@ -18,6 +18,33 @@ pub struct Variant {
     pub data: Vec<String>,
 }
 
+/// The axes of a sweep as `stlm sweep` takes them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GridOptions {
+    /// Vary a field: `TABLE.FIELD=V1,V2,...`, each value in TOML syntax as for `stlm train --set`
+    /// (commas inside [], {} or quotes belong to the value; `-` keeps the base config's value);
+    /// repeatable, and every combination is trained. A single value sets the field for all.
+    #[arg(long = "set", value_name = "KEY=V1,V2")]
+    pub set: Vec<String>,
+    /// A named variant: `NAME:KEY=V;KEY=V;...` (overrides as for `stlm train --set`, separated
+    /// by `;`; `data=FILE[+FILE]` gives its training text). Repeat for a list of variants that are
+    /// not a grid (an architecture comparison); `NAME:` alone is the base config. Combined with
+    /// `--set` and `--data` like another axis.
+    #[arg(long = "variant", value_name = "NAME:KEY=V;...")]
+    pub variant: Vec<String>,
+    /// Training text of the variants: one file (several joined by `+`) per value; repeat to
+    /// compare datasets (one variant per value). Default: the built-in stories.
+    #[arg(long = "data", value_name = "FILE[+FILE]")]
+    pub data: Vec<String>,
+}
+
+impl GridOptions {
+    /// The variants of these axes (see [`grid`]).
+    pub fn variants(&self) -> Result<Vec<Variant>> {
+        grid(&self.variant, &self.set, &self.data)
+    }
+}
+
 /// A named variant's name, overrides and training files (if it names them).
 type Named = (String, Vec<String>, Option<Vec<String>>);
 
