@@ -93,9 +93,9 @@ pub(crate) fn ctrl_c() -> Result<Arc<AtomicBool>> {
     Ok(stlm_train::trainer::stop_on_ctrl_c()?)
 }
 
-/// Prints `count` texts sampled from the model (see [`stlm_model::generate::sample_texts`]).
+/// Prints `count` texts sampled from the model (see [`stlm_model::samples::sample_texts`]).
 pub(crate) fn print_samples(model: &AnyModel, tok: &Tokenizer, count: usize, seed: u64) -> Result<()> {
-    for (i, text) in stlm_model::generate::sample_texts(model, tok, count, seed)?.iter().enumerate() {
+    for (i, text) in stlm_model::samples::sample_texts(model, tok, count, seed)?.iter().enumerate() {
         println!("--- sample {}\n{text}", i + 1);
     }
     Ok(())

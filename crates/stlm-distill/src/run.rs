@@ -12,7 +12,7 @@ use stlm_data::{window_picks, DataConfig, Source, TokenizedCorpus};
 use stlm_model::{Batch, DecoderModel, LanguageModel};
 use stlm_tokenizers::Tokenizer;
 use stlm_train::config::TrainConfig;
-use stlm_train::run::{create_run_dir, fill_special_tokens, sources, tokenize, RunConfig, TokenBatchSource};
+use stlm_train::run::{check_ranks_agree, corpus_batches, create_run_dir, fill_special_tokens, sources, tokenize, RunConfig, TokenBatchSource};
 use stlm_dist::ProcessGroup;
 use stlm_train::trainer::{train, BatchSource, RunControl, TrainReport};
 use stlm_train::TrainError;
@@ -388,24 +388,24 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
     if train.layer_skip.is_some() {
         return Err(bad_option("train.layer_skip", "LayerSkip trains with `stlm train`; distillation has its own loss"));
     }
-    let (batches, teacher): (Box<dyn BatchSource>, Teacher) = match (cache, teacher, &o.cache) {
+    let (batches, teacher, summary): (Box<dyn BatchSource>, Teacher, _) = match (cache, teacher, &o.cache) {
         (Some(cache), _, Some(cache_dir)) => {
             let h = &cache.header;
             let sources: Vec<Source> = h.sources.iter().cloned().map(Source::File).collect();
             // Read as `write_cache` read it, so that its tokens are reused.
             let corpus = corpus(&sources, &student.tokenizer, &DataConfig::default(), h.val_fraction, h.seed, cache_dir.join("tokens"), progress)?;
-            let val = TokenBatchSource::new(corpus, &student.tokenizer, train, device)?.sharded(rank, world)?;
+            let (val, summary) = corpus_batches(corpus, &student.tokenizer, train, device, (rank, world))?;
             eprintln!("teacher cache: {} windows of {} positions, top {} at temperature {}", cache.len(), h.seq_len, h.top_k, h.temperature);
             let batch = train.batch_size as usize;
             let batches = CachedBatches { cache, val, seed: train.seed, batch, seq, device, shard: (rank, world) };
-            (Box::new(batches), Teacher::Cached)
+            (Box::new(batches), Teacher::Cached, summary)
         }
         (_, Some(t), _) => {
             let sources = sources(&o.data, &student.data);
             let cache_dir = student.data.cache_dir.clone().unwrap_or_else(|| out.join("tokens"));
             let corpus = corpus(&sources, &student.tokenizer, &student.data, student.data.val_fraction, train.seed, cache_dir, progress)?;
-            let batches = TokenBatchSource::new(corpus, &student.tokenizer, train, device)?.sharded(rank, world)?;
-            (Box::new(batches), Teacher::Live(Box::new(t)))
+            let (batches, summary) = corpus_batches(corpus, &student.tokenizer, train, device, (rank, world))?;
+            (Box::new(batches), Teacher::Live(Box::new(t)), summary)
         }
         _ => return Err(bad_option("teacher", "a teacher directory or a teacher cache is needed")),
     };
@@ -427,6 +427,10 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
         if let Some(g) = group {
             g.barrier()?;
         }
+    }
+    if let Some(g) = group {
+        // As `stlm train` does: every rank read the same corpus with the same settings.
+        check_ranks_agree(g, &student.text, &summary)?;
     }
     Ok(DistillRun { distiller, batches, train: student.train, out: out.to_path_buf(), divergence, temperature, top_k })
 }

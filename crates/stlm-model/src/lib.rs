@@ -27,6 +27,7 @@ pub mod lora;
 pub mod model;
 pub mod shapes;
 pub mod sharing;
+pub mod samples;
 pub mod shrink;
 pub mod weight;
 

@@ -296,6 +296,39 @@ pub struct CorpusSummary {
     pub unigram_entropy: f64,
 }
 
+impl CorpusSummary {
+    /// The counts of `corpus` (and its unigram entropy over up to 10M training tokens).
+    pub fn of(corpus: &TokenizedCorpus) -> Self {
+        CorpusSummary {
+            documents: corpus.documents(),
+            bytes: corpus.bytes(),
+            train_tokens: corpus.train_tokens(),
+            val_tokens: corpus.val_tokens(),
+            unigram_entropy: corpus.unigram_entropy(10_000_000),
+        }
+    }
+}
+
+/// A run's tokenized corpus as this rank's batches (`(rank, world)`: its share of each global
+/// batch), with the corpus summary, printed: the data half of a run's preparation, shared by
+/// `stlm train` and `stlm distill`.
+pub fn corpus_batches(corpus: TokenizedCorpus, tok: &Tokenizer, train: &TrainConfig, device: Device, (rank, world): (usize, usize)) -> Result<(TokenBatchSource, CorpusSummary)> {
+    let s = CorpusSummary::of(&corpus);
+    eprintln!(
+        "corpus: {} documents, {} bytes, {} training and {} validation tokens; unigram entropy {:.3} nats/token",
+        s.documents, s.bytes, s.train_tokens, s.val_tokens, s.unigram_entropy
+    );
+    Ok((TokenBatchSource::new(corpus, tok, train, device)?.sharded(rank, world)?, s))
+}
+
+/// In data parallel, refuses ranks whose run config (`config_text`, after fitting) or corpus
+/// differ: they would train different models. Every rank calls it at the same point, after the
+/// leader has written the shards the others read.
+pub fn check_ranks_agree(group: &stlm_dist::ProcessGroup, config_text: &str, s: &CorpusSummary) -> Result<()> {
+    let corpus = format!("{} {} {} {}", s.documents, s.bytes, s.train_tokens, s.val_tokens);
+    Ok(group.check_same("the fitted config and the corpus", format!("{config_text}\n{corpus}").as_bytes())?)
+}
+
 /// Assembles a run of `config` from `inputs`: the run directory, the model of an init directory
 /// (whose config replaces `[model]`), the tokenizer (the config's, the run's own when resuming,
 /// an init directory's, the byte tokenizer, or BPE trained on the data), the tokenized corpus
@@ -335,20 +368,10 @@ pub fn prepare(mut config: RunConfig, inputs: RunInputs) -> Result<PreparedRun> 
     }
     fill_special_tokens(&mut config.model, &tokenizer);
     let cache_dir = config.data.cache_dir.clone().unwrap_or_else(|| out.join("tokens"));
-    let corpus = tokenize(&sources, &tokenizer, &config.data, config.data.val_fraction, config.train.seed, cache_dir, control.progress && leader)?;
-    let summary = CorpusSummary {
-        documents: corpus.documents(),
-        bytes: corpus.bytes(),
-        train_tokens: corpus.train_tokens(),
-        val_tokens: corpus.val_tokens(),
-        unigram_entropy: corpus.unigram_entropy(10_000_000),
-    };
-    eprintln!(
-        "corpus: {} documents, {} bytes, {} training and {} validation tokens; unigram entropy {:.3} nats/token",
-        summary.documents, summary.bytes, summary.train_tokens, summary.val_tokens, summary.unigram_entropy
-    );
+    let split = (config.data.val_fraction, config.train.seed);
+    let corpus = tokenize(&sources, &tokenizer, &config.data, split.0, split.1, cache_dir, control.progress && leader)?;
     let (rank, world) = control.rank_world();
-    let batches = TokenBatchSource::new(corpus, &tokenizer, &config.train, device)?.sharded(rank, world)?;
+    let (batches, summary) = corpus_batches(corpus, &tokenizer, &config.train, device, (rank, world))?;
     let model = match init_model {
         Some(m) => {
             control.keep_zeros = m.keep_zeros;
@@ -372,9 +395,7 @@ pub fn prepare(mut config: RunConfig, inputs: RunInputs) -> Result<PreparedRun> 
         g.barrier()?;
     }
     if let Some(g) = &control.group {
-        let s = &summary;
-        let corpus = format!("{} {} {} {}", s.documents, s.bytes, s.train_tokens, s.val_tokens);
-        g.check_same("the fitted config and the corpus", format!("{}\n{corpus}", config.text).as_bytes())?;
+        check_ranks_agree(g, &config.text, &summary)?;
         if leader {
             eprintln!("data parallel: {world} ranks, a global batch of {} windows", world as i64 * config.train.batch_size);
         }
