@@ -21,8 +21,8 @@ pub fn model_units(model: &dyn LanguageModel, selector: &LayerSelector) -> Resul
     params.sort_by_key(|p| (block_index(&p.name).unwrap_or(usize::MAX), p.name.clone()));
     let layers = model.model_config().num_hidden_layers.max(0) as usize;
     let selected = selector.select(params.iter().map(|p| (p.name.as_str(), p.role)), layers)?;
-    let size = |n: &String| params.iter().find(|p| &p.name == n).map(|p| p.tensor.size()).unwrap_or_default();
-    Ok(selected.iter().map(|n| Unit::new(n, size(n))).collect())
+    let sizes: std::collections::HashMap<&str, Vec<i64>> = params.iter().map(|p| (p.name.as_str(), p.tensor.size())).collect();
+    Ok(selected.iter().map(|n| Unit::new(n, sizes.get(n.as_str()).cloned().unwrap_or_default())).collect())
 }
 
 /// Copies of the model's current values of `units`.
