@@ -5,7 +5,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use stlm_attention::{
     dense_attention, fixed_sparse_attention, naive_attention, sliding_window_attention, strided_sparse_attention,
-    AttentionKind, KernelInput, AttentionMask, LinformerSharing,
+    AttentionKind, AttentionMask, GivenTensors, LinformerSharing,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -76,19 +76,21 @@ fn attention(c: &mut Criterion) {
     let dt = Tensor::randn([1, 4, seq], (Kind::Float, Device::Cpu)).exp().set_requires_grad(true);
     let proj = || (Tensor::randn([1, 256, seq], (Kind::Float, Device::Cpu)) / 16.0).set_requires_grad(true);
     let (e, f) = (proj(), proj());
+    let given = || GivenTensors { heads: &heads, bias: &dt, projections: (&e, &f) };
     let cases = [
-        (AttentionKind::Ssmax, KernelInput::HeadScale(&heads), AttentionMask::Causal),
-        (AttentionKind::Temperature, KernelInput::HeadScale(&heads), AttentionMask::Causal),
-        (AttentionKind::Power { p: 2.0 }, KernelInput::None, AttentionMask::Causal),
-        (AttentionKind::DogeDma { keep_window_size: 256 }, KernelInput::KeyBias(&dt), AttentionMask::Causal),
-        (AttentionKind::Linformer { k: 256, sharing: LinformerSharing::Headwise }, KernelInput::Projections { e: &e, f: &f }, AttentionMask::Full),
-    ];
+        (AttentionKind::Ssmax { scale: () }, AttentionMask::Causal),
+        (AttentionKind::Temperature { inv_temperature: () }, AttentionMask::Causal),
+        (AttentionKind::Power { p: 2.0 }, AttentionMask::Causal),
+        (AttentionKind::DogeDma { keep_window_size: 256, bias: () }, AttentionMask::Causal),
+        (AttentionKind::Linformer { k: 256, sharing: LinformerSharing::Headwise, projections: () }, AttentionMask::Full),
+    ]
+    .map(|(kind, mask)| (kind.build(seq, &mut given()), mask));
     group.bench_function("sdpa-bidirectional", |b| {
         b.iter(|| dense_attention(&q, &k, &v, &AttentionMask::Full, None).sum(Kind::Float).backward())
     });
-    for (kind, input, mask) in &cases {
+    for (kind, mask) in &cases {
         group.bench_function(kind.name(), |b| {
-            b.iter(|| kind.forward(&q, &k, &v, *input, mask).expect("the kind's input").sum(Kind::Float).backward())
+            b.iter(|| kind.forward(&q, &k, &v, mask).expect("the kind's mask").sum(Kind::Float).backward())
         });
     }
     group.finish();

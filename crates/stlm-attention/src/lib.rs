@@ -25,7 +25,7 @@ mod testing;
 pub use cache::{CachedKeys, KvCache};
 pub use dense::{dense_attention, naive_attention};
 pub use dma::{dynamic_mask, dynamic_mask_attention};
-pub use kind::{AttentionKind, KernelInput, KindSettings, ATTENTION_KINDS};
+pub use kind::{Attention, AttentionKind, Build, Given, GivenTensors, KernelTensors, KindSettings, Learned, Settings, ATTENTION_KINDS};
 pub use linformer::{linformer_attention, LinformerProjection, LinformerSharing};
 pub use mask::AttentionMask;
 pub use positions::{alibi_mask, alibi_slope_tensor, alibi_slopes, sinusoidal_positions};

@@ -10,10 +10,10 @@
 
 use crate::depth::Depth;
 use crate::config::{Activation, NormKind, PositionKind};
-use crate::layers::{DecoderLayer, FeedForward, KindParams, Linear, Mlp, Norm, SelfAttention};
+use crate::layers::{DecoderLayer, FeedForward, Linear, Mlp, Norm, SelfAttention};
 use crate::weight::Weight;
 use crate::DecoderModel;
-use stlm_attention::{AttentionKind, KvCache};
+use stlm_attention::KvCache;
 use stlm_core::kernels::{f32_slice, layer_norm_row, rms_norm_row, Rows};
 use stlm_core::spin::SpinPool;
 use tch::{Device, Kind, Tensor};
@@ -140,9 +140,9 @@ impl<'m> Block<'m> {
         if input_residual.is_some() || post_attention_residual.is_some() {
             return refuse("learned residual scales (`residual_scales`)");
         }
-        let SelfAttention { q_proj, k_proj, v_proj, o_proj, num_heads, num_kv_heads, head_dim: _, qkv, attention, params, qk_norm, alibi_slopes, o_proj_tied: _ } =
+        let SelfAttention { q_proj, k_proj, v_proj, o_proj, num_heads, num_kv_heads, head_dim: _, qkv, attention, qk_norm, alibi_slopes, o_proj_tied: _ } =
             self_attn;
-        if *attention != AttentionKind::Dense || !matches!(params, KindParams::None) {
+        if !attention.is_dense() {
             return refuse(format!("attention kind `{}` (the step computes dense attention)", attention.name()));
         }
         if qk_norm.is_some() {

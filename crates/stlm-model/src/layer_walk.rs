@@ -1,7 +1,7 @@
 //! The layer walk of the blocks (see [`stlm_core::module`]): each lists its sub-layers and
 //! parameters with their roles; a sub-layer tied to block 0 goes through `Walk::tied`.
 
-use crate::layers::{DecoderLayer, FeedForward, KindParams, Linear, Mlp, Norm, SelfAttention};
+use crate::layers::{DecoderLayer, FeedForward, Linear, Mlp, Norm, SelfAttention};
 use crate::weight::Weight;
 use stlm_core::{Layer, Role, Walk};
 
@@ -30,20 +30,6 @@ impl Layer for Mlp {
     }
 }
 
-impl Layer for KindParams {
-    fn visit(&self, walk: &mut Walk<'_>) {
-        match self {
-            KindParams::None => {}
-            KindParams::HeadScale(_) => {} // named by the kind: see SelfAttention's walk
-            KindParams::DynamicMask(dm) => {
-                walk.param("A", &dm.a, Role::KindParameter);
-                walk.layer("dt_proj", &dm.dt_proj);
-            }
-            KindParams::Linformer(p) => walk.layer("linformer", p),
-        }
-    }
-}
-
 impl Layer for SelfAttention {
     fn visit(&self, walk: &mut Walk<'_>) {
         walk.layer("q_proj", &self.q_proj);
@@ -53,10 +39,17 @@ impl Layer for SelfAttention {
             true => walk.tied("o_proj", &self.o_proj),
             false => walk.layer("o_proj", &self.o_proj),
         }
-        if let (KindParams::HeadScale(scale), Some((name, _))) = (&self.params, self.attention.head_parameter(0)) {
+        // What the kind learns, named as transformers names it.
+        if let Some((name, scale)) = self.attention.head_scale() {
             walk.param(name, scale, Role::KindParameter);
         }
-        self.params.visit(walk);
+        if let Some(dm) = self.attention.key_bias() {
+            walk.param("A", &dm.a, Role::KindParameter);
+            walk.layer("dt_proj", &dm.dt_proj);
+        }
+        if let Some(p) = self.attention.projections() {
+            walk.layer("linformer", p);
+        }
         if let Some(n) = &self.qk_norm {
             walk.layer("q_norm", &n.q_norm);
             walk.layer("k_norm", &n.k_norm);

@@ -5,7 +5,7 @@
 
 use crate::config::{Activation, MlpKind, ModelConfig, NormKind, PositionKind};
 use stlm_attention::{
-    alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, AttentionKind, AttentionMask, KernelInput, KvCache, LinformerProjection,
+    alibi_mask, alibi_slope_tensor, apply_rotary, dense_attention, Attention, AttentionMask, Build, KernelTensors, KvCache, Learned, LinformerProjection, LinformerSharing,
 };
 use crate::weight::{dense_linear, Weight};
 use stlm_core::kernels::small_batch_rms_norm;
@@ -334,10 +334,9 @@ pub struct SelfAttention {
     pub head_dim: i64,
     /// q, k and v projections in one product, for decoding (see [`Linear::fuse`]).
     pub qkv: Option<Linear>,
-    /// Which attention this layer computes.
-    pub attention: AttentionKind,
-    /// What the kind learns (built with it, so the kernel always gets its input).
-    pub params: KindParams,
+    /// Which attention this layer computes, with what its kind learns (one value, so the kernel
+    /// always gets its kind's tensors).
+    pub attention: LayerAttention,
     /// Per-head q/k norms (`qk_norm`, and always with `doge-dma`), if any.
     pub qk_norm: Option<QkNorm>,
     /// ALiBi slopes `[heads]` (fixed, not trained) when positions are ALiBi biases.
@@ -346,69 +345,51 @@ pub struct SelfAttention {
     pub o_proj_tied: bool,
 }
 
-/// The tensors a layer's attention kind learns, built for the kind and held by the layer.
+/// What a model layer's attention kinds learn: variables under the layer's path (see
+/// [`stlm_attention::Attention`]; the config's kind is built into this by [`SelfAttention::new`]).
 #[derive(Debug)]
-pub enum KindParams {
-    /// Kinds that learn nothing (dense, windowed, block-sparse, power).
-    None,
-    /// A scale per query head `[heads]`: SSMax's `ssmax_scale`, the temperature kind's
-    /// `inv_temperature` (named by [`AttentionKind::head_parameter`]).
-    HeadScale(Tensor),
-    /// Doge's Dynamic Mask Attention (`A`, `dt_proj`).
-    DynamicMask(DynamicMask),
-    /// Linformer's sequence projections (`linformer.e`, `linformer.f`), for bidirectional layers.
-    Linformer(LinformerProjection),
+pub struct LayerTensors;
+
+impl Learned for LayerTensors {
+    type HeadScale = Tensor;
+    type KeyBias = DynamicMask;
+    type Projections = LinformerProjection;
 }
 
-impl KindParams {
-    /// The tensors of `kind` in a layer at `path` of a model with `cfg`'s shapes.
-    pub fn new(path: &nn::Path, kind: &AttentionKind, cfg: &ModelConfig) -> Self {
-        let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
-        if let Some((name, init)) = kind.head_parameter(cfg.max_position_embeddings) {
-            return KindParams::HeadScale(path.var(name, &[nh], Init::Const(init)));
-        }
-        match *kind {
-            AttentionKind::DogeDma { .. } => KindParams::DynamicMask(DynamicMask {
-                a: path.var("A", &[nkv], Init::Const(0.0)),
-                dt_proj: Linear::new(path / "dt_proj", nkv * d, nkv, cfg.attention_bias, cfg.initializer_range),
-            }),
-            AttentionKind::Linformer { k, sharing } => {
-                KindParams::Linformer(LinformerProjection::new(path / "linformer", nh, k, cfg.max_position_embeddings, sharing))
-            }
-            _ => KindParams::None,
+impl KernelTensors for LayerTensors {
+    fn head_scale(s: &Tensor) -> &Tensor {
+        s
+    }
+    fn key_bias(b: &DynamicMask, v: &Tensor) -> Tensor {
+        b.dt(v)
+    }
+    fn projections(p: &LinformerProjection) -> (&Tensor, &Tensor) {
+        (&p.e, p.f.as_ref().unwrap_or(&p.e))
+    }
+}
+
+/// A layer's attention: its kind with the tensors it learns.
+pub type LayerAttention = Attention<LayerTensors>;
+
+/// Makes a kind's tensors as variables of the layer at `path` with `cfg`'s shapes.
+struct LayerVariables<'a> {
+    path: &'a nn::Path<'a>,
+    cfg: &'a ModelConfig,
+}
+
+impl Build<LayerTensors> for LayerVariables<'_> {
+    fn head_scale(&mut self, name: &'static str, init: f64) -> Tensor {
+        self.path.var(name, &[self.cfg.num_attention_heads], Init::Const(init))
+    }
+    fn key_bias(&mut self) -> DynamicMask {
+        let (nkv, d, cfg) = (self.cfg.num_key_value_heads, self.cfg.head_dim(), self.cfg);
+        DynamicMask {
+            a: self.path.var("A", &[nkv], Init::Const(0.0)),
+            dt_proj: Linear::new(self.path / "dt_proj", nkv * d, nkv, cfg.attention_bias, cfg.initializer_range),
         }
     }
-
-    /// Dynamic Mask Attention's layers, if the kind is `doge-dma`.
-    pub fn dynamic_mask(&self) -> Option<&DynamicMask> {
-        match self {
-            KindParams::DynamicMask(dm) => Some(dm),
-            _ => None,
-        }
-    }
-
-    /// [`KindParams::dynamic_mask`], mutable (to cut or tap `dt_proj`).
-    pub fn dynamic_mask_mut(&mut self) -> Option<&mut DynamicMask> {
-        match self {
-            KindParams::DynamicMask(dm) => Some(dm),
-            _ => None,
-        }
-    }
-
-    /// The kernel's attention of `q` over `k`, `v` (`[b, heads, s, d]`, `[b, kv_heads, keys, d]`)
-    /// under `mask` for `kind`, with this layer's learned input (`dt` from `v` for `doge-dma`).
-    fn attend(&self, kind: &AttentionKind, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Tensor {
-        let dt;
-        let input = match self {
-            KindParams::None => KernelInput::None,
-            KindParams::HeadScale(scale) => KernelInput::HeadScale(scale),
-            KindParams::DynamicMask(dm) => {
-                dt = dm.dt(v);
-                KernelInput::KeyBias(&dt)
-            }
-            KindParams::Linformer(p) => KernelInput::Projections { e: &p.e, f: p.f.as_ref().unwrap_or(&p.e) },
-        };
-        kind.forward(q, k, v, input, mask).unwrap_or_else(|e| panic!("a layer's parameters are built for its kind: {e}"))
+    fn projections(&mut self, k: i64, sharing: LinformerSharing) -> LinformerProjection {
+        LinformerProjection::new(self.path / "linformer", self.cfg.num_attention_heads, k, self.cfg.max_position_embeddings, sharing)
     }
 }
 
@@ -451,9 +432,8 @@ impl SelfAttention {
     pub fn with_o_proj(path: nn::Path, cfg: &ModelConfig, layer: usize, resid_std: f64, o_proj: Option<Linear>) -> Self {
         let (h, d, b, std) = (cfg.hidden_size, cfg.head_dim(), cfg.attention_bias, cfg.initializer_range);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let attention = cfg.layer_attention(layer);
-        let params = KindParams::new(&path, &attention, cfg);
-        let dma = matches!(attention, AttentionKind::DogeDma { .. });
+        let attention = cfg.layer_attention(layer).build(cfg.max_position_embeddings, &mut LayerVariables { path: &path, cfg });
+        let dma = matches!(attention, Attention::DogeDma { .. });
         let qk_norm = (dma || cfg.qk_norm).then(|| QkNorm {
             q_norm: Norm::new(&path / "q_norm", NormKind::RmsNorm, d, cfg.norm_eps),
             k_norm: Norm::new(&path / "k_norm", NormKind::RmsNorm, d, cfg.norm_eps),
@@ -461,7 +441,6 @@ impl SelfAttention {
         let alibi_slopes = (cfg.position == PositionKind::Alibi).then(|| alibi_slope_tensor(nh, path.device()));
         SelfAttention {
             attention,
-            params,
             qk_norm,
             alibi_slopes,
             q_proj: Linear::new(&path / "q_proj", h, nh * d, b, std),
@@ -480,7 +459,9 @@ impl SelfAttention {
     /// `[b, heads, s, d]` over keys and values `[b, kv_heads, keys, d]` under `mask`: a
     /// whole sequence from position 0 (`Causal`, or `Full` for a bidirectional kind).
     pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Tensor {
-        self.params.attend(&self.attention, q, k, v, mask)
+        // The one mask a kind refuses is a causal one for Linformer, which the config keeps out
+        // of decoders (`ModelConfig::validate`): a layer never sees it.
+        self.attention.forward(q, k, v, mask).unwrap_or_else(|e| panic!("layers run their kind under the masks it takes: {e}"))
     }
 
     /// Fuses the q, k, v projections for fast decoding.
@@ -530,7 +511,7 @@ impl SelfAttention {
     /// True when [`SelfAttention::attention_log_probs`] can give this layer's attention: dense
     /// softmax attention without ALiBi biases.
     pub fn has_attention_probs(&self) -> bool {
-        self.attention == AttentionKind::Dense && self.alibi_slopes.is_none() && matches!(self.params, KindParams::None)
+        self.attention.is_dense() && self.alibi_slopes.is_none()
     }
 
     /// Log attention probabilities `[b, heads, s, s]` (queries x keys; future keys -inf) of a
@@ -586,12 +567,12 @@ impl SelfAttention {
             let bias = alibi_mask(slopes, s, k.size()[2], mask, q.kind());
             dense_attention(&q, &k, &v, &AttentionMask::Explicit(bias), None)
         } else if own_kernel || self.attention.uses_plain_mask() {
-            self.params.attend(&self.attention, &q, &k, &v, mask)
+            self.attend(&q, &k, &v, mask)
         } else {
             // Left padding: a row's positions lag its cache slots by its padding.
             let offsets = (positions.select(1, s - 1) - (past + s - 1)).neg();
             let mask = self.attention.mask(past, s, key_positions.as_ref(), Some(&offsets), mask, x.device());
-            self.params.attend(&self.attention, &q, &k, &v, &mask)
+            self.attend(&q, &k, &v, &mask)
         }; // [b, h, s, d]
         let out = out.transpose(1, 2).reshape([b, s, self.num_heads * self.head_dim]);
         self.o_proj.forward_with(&out, adapter.map(|a| a.attention[3]))

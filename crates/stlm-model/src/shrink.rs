@@ -2,7 +2,7 @@
 //! every other tensor whole into a smaller layer of the same kind (see
 //! [`crate::DecoderModel::keep_into`]). Errors name the parameter when the shapes do not fit.
 
-use crate::layers::{DecoderLayer, FeedForward, KindParams, Linear, Mlp, Norm, SelfAttention};
+use crate::layers::{DecoderLayer, FeedForward, Linear, Mlp, Norm, SelfAttention};
 use crate::{ModelError, Result};
 use tch::Tensor;
 
@@ -95,22 +95,24 @@ impl SelfAttention {
         self.v_proj.keep_into(&into.v_proj, kv_rows.as_ref(), None, &format!("{name}.v_proj"))?;
         self.o_proj.keep_into(&into.o_proj, None, q_rows.as_ref(), &format!("{name}.o_proj"))?;
         let (q_heads, kv_heads) = (queries.map(|q| unit_spans(q, 1)), kv.map(|k| unit_spans(k, 1)));
-        match (&self.params, &into.params) {
-            (KindParams::None, KindParams::None) => {}
-            (KindParams::HeadScale(s), KindParams::HeadScale(is)) => copy_checked(is, &select(s, 0, q_heads.as_ref()), &format!("{name}.head_scale"))?,
-            (KindParams::DynamicMask(dm), KindParams::DynamicMask(idm)) => {
-                copy_checked(&idm.a, &select(&dm.a, 0, kv_heads.as_ref()), &format!("{name}.A"))?;
-                dm.dt_proj.keep_into(&idm.dt_proj, kv_heads.as_ref(), kv_rows.as_ref(), &format!("{name}.dt_proj"))?;
+        let (a, ia) = (&self.attention, &into.attention);
+        if a.name() != ia.name() {
+            return Err(ModelError::Input(format!("`{name}`: the layers have different attention kinds")));
+        }
+        if let (Some((_, s)), Some((_, is))) = (a.head_scale(), ia.head_scale()) {
+            copy_checked(is, &select(s, 0, q_heads.as_ref()), &format!("{name}.head_scale"))?;
+        }
+        if let (Some(dm), Some(idm)) = (a.key_bias(), ia.key_bias()) {
+            copy_checked(&idm.a, &select(&dm.a, 0, kv_heads.as_ref()), &format!("{name}.A"))?;
+            dm.dt_proj.keep_into(&idm.dt_proj, kv_heads.as_ref(), kv_rows.as_ref(), &format!("{name}.dt_proj"))?;
+        }
+        if let (Some(p), Some(ip)) = (a.projections(), ia.projections()) {
+            // Per-head projections (sharing none) follow the query heads; shared ones stay.
+            let per_head = |t: &Tensor, it: &Tensor| if t.size()[0] == it.size()[0] { t.shallow_clone() } else { select(t, 0, q_heads.as_ref()) };
+            copy_checked(&ip.e, &per_head(&p.e, &ip.e), &format!("{name}.linformer.e"))?;
+            if let (Some(f), Some(jf)) = (&p.f, &ip.f) {
+                copy_checked(jf, &per_head(f, jf), &format!("{name}.linformer.f"))?;
             }
-            (KindParams::Linformer(p), KindParams::Linformer(ip)) => {
-                // Per-head projections (sharing none) follow the query heads; shared ones stay.
-                let per_head = |t: &Tensor, it: &Tensor| if t.size()[0] == it.size()[0] { t.shallow_clone() } else { select(t, 0, q_heads.as_ref()) };
-                copy_checked(&ip.e, &per_head(&p.e, &ip.e), &format!("{name}.linformer.e"))?;
-                if let (Some(f), Some(jf)) = (&p.f, &ip.f) {
-                    copy_checked(jf, &per_head(f, jf), &format!("{name}.linformer.f"))?;
-                }
-            }
-            _ => return Err(ModelError::Input(format!("`{name}`: the layers have different attention kinds"))),
         }
         if let (Some(n), Some(inn)) = (&self.qk_norm, &into.qk_norm) {
             n.q_norm.copy_into(&inn.q_norm, &format!("{name}.q_norm"))?;

@@ -149,7 +149,7 @@ fn per_head_parameters_are_named_variables() {
         m.forward(&x).sum(Kind::Float).backward();
         assert!(v.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name} gets gradients");
     }
-    assert_eq!(model(KINDS[1]).layers[0].self_attn.attention, AttentionKind::SlidingWindow { window: 4, global_tokens: 0 });
+    assert_eq!(model(KINDS[1]).layers[0].self_attn.attention.settings(), AttentionKind::SlidingWindow { window: 4, global_tokens: 0 });
 }
 
 /// The position encodings that are not rotary, with dense attention: cached decoding equals the

@@ -45,7 +45,7 @@ pub fn linear_layers(model: &mut DecoderModel) -> Vec<Target<'_>> {
         for (name, linear) in projections {
             out.push(Target { name: format!("{prefix}.self_attn.{name}"), layer: Some(i), linear });
         }
-        if let Some(dm) = attn.params.dynamic_mask_mut() {
+        if let Some(dm) = attn.attention.key_bias_mut() {
             out.push(Target { name: format!("{prefix}.self_attn.dt_proj"), layer: Some(i), linear: &mut dm.dt_proj });
         }
         if let FeedForward::Dense(mlp) = &mut layer.mlp {

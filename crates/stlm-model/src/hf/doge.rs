@@ -43,7 +43,7 @@ impl Family for Doge {
         let mut cfg = Llama.config_from_json(value, path)?;
         cfg.model_type = ModelType::Doge;
         cfg.residual_scales = true;
-        cfg.attention = vec![AttentionKind::DogeDma { keep_window_size: keep }];
+        cfg.attention = vec![AttentionKind::DogeDma { keep_window_size: keep, bias: () }];
         if is_moe {
             let (keys, square) = stlm_moe::product_keys(num_experts);
             if !square {
@@ -64,7 +64,7 @@ impl Family for Doge {
         let mut v = Llama.config_to_json(&plain);
         let o = v.as_object_mut().expect("json! object");
         let keep = match c.layer_attention(0) {
-            AttentionKind::DogeDma { keep_window_size } => keep_window_size,
+            AttentionKind::DogeDma { keep_window_size, .. } => keep_window_size,
             _ => unreachable!("validated: doge-dma attention"),
         };
         o.insert("architectures".into(), json!(["DogeForCausalLM"]));
@@ -84,11 +84,11 @@ impl Family for Doge {
     /// refused here).
     fn export_mismatch(&self, c: &ModelConfig) -> Option<String> {
         let keep = match c.layer_attention(0) {
-            AttentionKind::DogeDma { keep_window_size } => Some(keep_window_size),
+            AttentionKind::DogeDma { keep_window_size, .. } => Some(keep_window_size),
             _ => None,
         };
         let uniform = (0..c.num_hidden_layers as usize)
-            .all(|i| Some(c.layer_attention(i)) == keep.map(|k| AttentionKind::DogeDma { keep_window_size: k }));
+            .all(|i| Some(c.layer_attention(i)) == keep.map(|k| AttentionKind::DogeDma { keep_window_size: k, bias: () }));
         let ok = keep.is_some()
             && uniform
             && c.residual_scales
