@@ -20,8 +20,8 @@ pub struct PruneArgs {
     #[arg(long)]
     out: PathBuf,
     /// How weights are scored: magnitude, wanda or sparsegpt (unstructured and N:M pruning).
-    #[arg(long, default_value = "magnitude", conflicts_with = "structured")]
-    method: String,
+    #[arg(long, value_enum, default_value = "magnitude", conflicts_with = "structured")]
+    method: Method,
     /// Fraction of each matrix's weights to prune (0.5: half).
     #[arg(long, conflicts_with_all = ["nm", "structured"], required_unless_present_any = ["nm", "structured"])]
     sparsity: Option<f64>,
@@ -29,18 +29,18 @@ pub struct PruneArgs {
     #[arg(long, conflicts_with = "structured")]
     nm: Option<String>,
     /// Structured pruning: remove whole heads, neurons, experts or layers (the model shrinks).
-    #[arg(long, value_name = "UNIT", requires = "amount")]
-    structured: Option<String>,
+    #[arg(long, value_enum, value_name = "UNIT", requires = "amount")]
+    structured: Option<Unit>,
     /// Structured: the fraction of units removed from every block (of the blocks, for layers).
     #[arg(long)]
     amount: Option<f64>,
     /// Structured: magnitude, activation or taylor (default: magnitude; activation, that is
     /// block influence, for layers).
-    #[arg(long)]
-    importance: Option<String>,
+    #[arg(long, value_enum)]
+    importance: Option<Importance>,
     /// Where scores compete: row (Wanda's default), layer (magnitude's), or global (magnitude only).
-    #[arg(long)]
-    scope: Option<String>,
+    #[arg(long, value_enum)]
+    scope: Option<Scope>,
     /// Leave matrices whose name contains this dense (repeatable; default lm_head; `--skip none`
     /// prunes every linear layer). Embeddings are never pruned.
     #[arg(long, default_values_t = vec!["lm_head".to_string()])]
@@ -103,11 +103,10 @@ pub fn run(a: PruneArgs) -> Result<()> {
 
 /// What the options ask for.
 fn plan(a: &PruneArgs) -> Result<Plan> {
-    if let Some(unit) = &a.structured {
-        let unit: Unit = unit.parse()?;
+    if let Some(unit) = a.structured {
         let Some(amount) = a.amount else { bail!("--structured: give --amount F (the fraction of units removed)") };
-        let importance: Importance = match (&a.importance, unit) {
-            (Some(i), _) => i.parse()?,
+        let importance = match (a.importance, unit) {
+            (Some(i), _) => i,
             (None, Unit::Layers) => Importance::Activation,
             (None, _) => Importance::Magnitude,
         };
@@ -116,16 +115,13 @@ fn plan(a: &PruneArgs) -> Result<Plan> {
     if a.amount.is_some() || a.importance.is_some() {
         bail!("--amount and --importance are for structured pruning: add --structured heads|neurons|experts|layers");
     }
-    let method: Method = a.method.parse()?;
+    let method = a.method;
     let pattern = match (&a.nm, a.sparsity) {
         (Some(nm), _) => Pattern::parse_nm(nm)?,
         (None, Some(s)) => Pattern::fraction(s)?,
         (None, None) => bail!("give --sparsity F or --nm N:M"),
     };
-    let scope = match &a.scope {
-        Some(s) => s.parse::<Scope>()?,
-        None => method.default_scope(),
-    };
+    let scope = a.scope.unwrap_or(method.default_scope());
     let skip = if a.skip.iter().any(|s| s == "none") { Vec::new() } else { a.skip.clone() };
     let opts = PruneOptions { method, pattern, scope, skip, sparsegpt: SparseGptOptions { block_size: a.block_size, damp: a.damp } };
     match a.schedule.as_str() {

@@ -73,7 +73,7 @@ impl std::fmt::Display for Pattern {
 }
 
 /// Where scores compete with each other for a fraction pattern.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
     /// Within each output row (Wanda's comparison group).

@@ -8,7 +8,7 @@ use serde::Serialize;
 use stlm_core::OptionError;
 
 /// How weights are scored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     /// `|W|`.
@@ -16,6 +16,7 @@ pub enum Method {
     /// `|W_ij| * ||X_j||` (Sun et al. 2023), compared within each output row by default.
     Wanda,
     /// Optimal Brain Surgeon reconstruction (Frantar & Alistarh 2023), see [`crate::sparsegpt`].
+    #[value(name = "sparsegpt")]
     SparseGpt,
 }
 

@@ -32,7 +32,7 @@ use stlm_model::{DecoderModel, Mode, ModelConfig};
 use tch::{Kind, Tensor};
 
 /// What is removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Unit {
     /// Attention heads (with their key/value heads).
@@ -56,7 +56,7 @@ impl std::str::FromStr for Unit {
 }
 
 /// How units are scored (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Importance {
     /// Weight norm.

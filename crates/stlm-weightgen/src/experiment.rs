@@ -100,6 +100,15 @@ pub struct Sampled {
     pub distance_to_nearest: Option<f64>,
 }
 
+/// Which sampler (its settings are [`SampleOptions`]' other fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SamplerKind {
+    /// Deterministic DDIM over `ddim_steps` evenly spaced steps.
+    Ddim,
+    /// Ancestral DDPM over all T steps.
+    Ddpm,
+}
+
 /// How many models to sample and how; as `stlm weightgen sample` takes it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SampleOptions {
@@ -107,8 +116,8 @@ pub struct SampleOptions {
     #[arg(long)]
     pub n: usize,
     /// `ddim` (deterministic, --ddim-steps) or `ddpm` (ancestral, all T steps).
-    #[arg(long, default_value = "ddim", value_parser = ["ddim", "ddpm"])]
-    pub sampler: String,
+    #[arg(long, value_enum, default_value = "ddim")]
+    pub sampler: SamplerKind,
     /// DDIM steps.
     #[arg(long, default_value_t = 100)]
     pub ddim_steps: usize,
@@ -136,7 +145,10 @@ pub fn sample_job(generator: &Path, o: &SampleOptions, out: &Path, device: tch::
             None
         }
     };
-    let sampler = if o.sampler == "ddpm" { Sampler::Ddpm } else { Sampler::Ddim(o.ddim_steps) };
+    let sampler = match o.sampler {
+        SamplerKind::Ddpm => Sampler::Ddpm,
+        SamplerKind::Ddim => Sampler::Ddim(o.ddim_steps),
+    };
     let samples = g.sample(o.n as i64, sampler, o.seed)?;
     let tokenizer = tokenizer_path(base_dir);
     let units = &g.file.manifest.units;
