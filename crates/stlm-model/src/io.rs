@@ -103,20 +103,26 @@ pub fn load_model(dir: &Path, device: Device, dtype: DType) -> Result<DecoderMod
         return Err(ModelError::Weights { path, message: "weight file is missing".into() });
     }
     let tensors = import_weights(&model.config, read_safetensors(&path)?, &path)?;
-    copy_weights(model.var_store(), model.config.tie_word_embeddings, tensors, &path)?;
+    copy_weights(&model, model.config.tie_word_embeddings, tensors, &path)?;
     model.set_kind(dtype.kind());
     Ok(model)
 }
 
-/// Copies `tensors` into the variables of `vs` by name, checking that none is missing,
-/// unexpected or of the wrong shape (`tied`: a stored `lm_head.weight` is the embedding).
-pub(crate) fn copy_weights(vs: &tch::nn::VarStore, tied: bool, mut tensors: HashMap<String, Tensor>, path: &Path) -> Result<()> {
+/// What `layer` stores, by saved name (its stored walk: every tensor once, tied ones where they
+/// are stored): what a model directory's `model.safetensors` holds.
+pub(crate) fn stored_tensors(layer: &dyn stlm_core::Layer) -> HashMap<String, Tensor> {
+    stlm_core::module::parameters(layer).into_iter().map(|p| (p.name, p.tensor)).collect()
+}
+
+/// Copies `tensors` into what `layer` stores (its stored walk) by name, checking that none is
+/// missing, unexpected or of the wrong shape (`tied`: a stored `lm_head.weight` is the embedding).
+pub(crate) fn copy_weights(layer: &dyn stlm_core::Layer, tied: bool, mut tensors: HashMap<String, Tensor>, path: &Path) -> Result<()> {
     let err = |message: String| ModelError::Weights { path: path.to_path_buf(), message };
     if tied {
         // Some checkpoints store the tied head as well; it is the embedding.
         tensors.remove("lm_head.weight");
     }
-    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    let mut vars: Vec<(String, Tensor)> = stored_tensors(layer).into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let missing: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).filter(|n| !tensors.contains_key(*n)).collect();
     if !missing.is_empty() {
@@ -145,7 +151,7 @@ impl DecoderModel {
     /// holding them keeps working.
     pub fn load_weights(&self, path: &Path) -> Result<()> {
         let tensors = import_weights(&self.config, read_safetensors(path)?, path)?;
-        copy_weights(self.var_store(), self.config.tie_word_embeddings, tensors, path)
+        copy_weights(self, self.config.tie_word_embeddings, tensors, path)
     }
 
     /// Saves a model directory that transformers loads when `model_type` is llama or gpt2:
@@ -157,7 +163,7 @@ impl DecoderModel {
             tch::Kind::Half => "float16",
             _ => "float32",
         };
-        let weights = export_weights(&self.config, &self.var_store().variables());
+        let weights = export_weights(&self.config, &stored_tensors(self));
         save_dir(dir, &self.config, &weights, dtype, tokenizer)
     }
 }

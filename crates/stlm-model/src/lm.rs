@@ -175,11 +175,11 @@ impl LanguageModel for BytePooledModel {
         Ok(Tensor::from_slice(&nats).view([b, s]).to_device(inputs.device()))
     }
     fn save(&self, dir: &Path, tokenizer: Option<&Path>) -> Result<()> {
-        let vars: Vec<(String, Tensor)> = self.var_store().variables().into_iter().collect();
+        let vars: Vec<(String, Tensor)> = crate::io::stored_tensors(self).into_iter().collect();
         save_dir(dir, &self.config, &vars, "float32", tokenizer)
     }
     fn load_weights(&self, path: &Path) -> Result<()> {
-        copy_weights(self.var_store(), false, read_safetensors(path)?, path)
+        copy_weights(self, false, read_safetensors(path)?, path)
     }
 }
 
