@@ -87,6 +87,12 @@ impl SelfAttention {
     /// `None`): their q/k/v rows, o columns, and what the kind learns per head (SSMax scales,
     /// Dynamic Mask Attention's `A` and `dt_proj` per key/value head).
     pub fn keep_into(&self, into: &SelfAttention, queries: Option<&[i64]>, kv: Option<&[i64]>, name: &str) -> Result<()> {
+        // Every field named: a new one fails to compile here until the copy handles it (the
+        // counts, `qkv`, ALiBi slopes and the tie are the smaller layer's own).
+        let SelfAttention {
+            q_proj: _, k_proj: _, v_proj: _, o_proj: _, num_heads: _, num_kv_heads: _, head_dim: _, qkv: _, attention: _, qk_norm: _,
+            alibi_slopes: _, o_proj_tied: _,
+        } = self;
         let d = self.head_dim;
         let q_rows = queries.map(|q| unit_spans(q, d));
         let kv_rows = kv.map(|k| unit_spans(k, d));
@@ -164,6 +170,12 @@ impl DecoderLayer {
     /// Copies this block into the smaller block `into` (`name`, e.g. `model.layers.3`), keeping
     /// the units `keep` names and every other tensor whole.
     pub fn keep_into(&self, into: &DecoderLayer, keep: &KeepUnits, name: &str) -> Result<()> {
+        // Every field named: a new one fails to compile here until the copy handles it
+        // (`in_proj` exists only with per-layer widths, which structured pruning refuses).
+        let DecoderLayer {
+            in_proj: _, input_layernorm: _, self_attn: _, post_attention_layernorm: _, mlp: _, input_residual: _, post_attention_residual: _,
+            mlp_tied: _,
+        } = self;
         self.input_layernorm.copy_into(&into.input_layernorm, &format!("{name}.input_layernorm"))?;
         let attn = format!("{name}.self_attn");
         self.self_attn.keep_into(&into.self_attn, keep.query_heads.as_deref(), keep.kv_heads.as_deref(), &attn)?;
