@@ -1,10 +1,13 @@
 //! stlm-model: decoder-only language models assembled from one config.
 //!
 //! - [`config`]: `ModelConfig` and its presets (Llama, GPT-2) as TOML.
-//! - [`layers`]: the building blocks (linear, norm, attention, MLP, decoder block).
+//! - [`layers`]: the building blocks (linear, norm, attention, MLP, decoder block); [`weight`]:
+//!   how a linear layer stores its weight; [`layer_walk`] and [`shrink`]: their walk and the copy
+//!   of kept units into a smaller block.
 //! - [`model`]: `DecoderModel`, its forward pass and KV cache.
 //! - [`hf`] and [`io`]: Hugging Face `config.json` and weight names; model directories.
-//! - [`generate`]: sampling and batched generation; [`decode`]: the fused batch-1 CPU step it uses.
+//! - [`generate`]: sampling and batched generation; [`decode`]: the fused batch-1 CPU step it uses;
+//!   [`samples`]: texts sampled from either kind of model.
 //! - [`llama2c`]: llama2.c checkpoints (versions 0, 1, 2) in and out.
 //! - [`sharing`], [`shapes`], [`dynamic`]: shared layers, per-layer shapes, dynamic depth.
 
