@@ -2,7 +2,7 @@
 //!
 //! Device and dtype choice, the error type for file and tensor IO, seeding, safetensors reading
 //! (memory-mapped) and writing (atomic), JSON reading with errors that name the field,
-//! parameter and FLOP counting, the train/eval [`Mode`] of a pass, and the CPU kernels (and their spinning thread pool) of batch-1 decoding.
+//! parameter and FLOP counting, the train/eval [`Mode`] of a pass, the CPU kernels (and their spinning thread pool) of batch-1 decoding, and ggml's Q8_0/Q4_0 weight blocks ([`quant`]).
 
 pub mod device;
 pub mod error;
@@ -11,6 +11,7 @@ pub mod io;
 pub mod kernels;
 pub mod memory;
 pub mod module;
+pub mod quant;
 pub mod spin;
 pub mod step;
 

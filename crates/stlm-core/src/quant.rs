@@ -1,0 +1,184 @@
+//! Block-quantized weights in ggml's layouts, so that a GGUF file is a copy of the blocks: Q8_0
+//! (32 int8 values and one f16 scale, 34 bytes) and Q4_0 (32 4-bit values and one f16 scale,
+//! 18 bytes). Quantization and dequantization follow ggml's reference functions
+//! (`quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`, `dequantize_row_q8_0/q4_0`) value for value:
+//! the scale is computed in float32, rounded to f16 (nearest even) for storage, and the values
+//! are quantized with the float32 scale's inverse.
+
+use crate::error::CoreError;
+use half::f16;
+
+/// Values per block of both formats (ggml's `QK8_0` and `QK4_0`).
+pub const QK: usize = 32;
+
+/// ggml's `block_q8_0`: `d` (f16 bits) and 32 signed 8-bit values, `x ≈ qs[j] · d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    /// The scale, f16 bits.
+    pub d: u16,
+    /// The values.
+    pub qs: [i8; QK],
+}
+
+/// ggml's `block_q4_0`: `d` (f16 bits) and 32 4-bit values in 16 bytes, `x ≈ (q - 8) · d`; byte
+/// `j` holds value `j` in its low nibble and value `j + 16` in its high nibble.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct BlockQ4_0 {
+    /// The scale, f16 bits.
+    pub d: u16,
+    /// The nibbles.
+    pub qs: [u8; QK / 2],
+}
+
+fn check_len(what: &str, n: usize) -> Result<usize, CoreError> {
+    if n % QK != 0 {
+        return Err(CoreError::Invalid(format!("{what}: {n} values are not whole blocks of {QK}")));
+    }
+    Ok(n / QK)
+}
+
+/// `x` (a multiple of 32 values, e.g. a weight row) as Q8_0 blocks.
+pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<BlockQ8_0>, CoreError> {
+    check_len("Q8_0", x.len())?;
+    Ok(x.chunks_exact(QK)
+        .map(|b| {
+            let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut qs = [0i8; QK];
+            for (q, v) in qs.iter_mut().zip(b) {
+                *q = (v * id).round() as i8; // roundf: halves away from zero
+            }
+            BlockQ8_0 { d: f16::from_f32(d).to_bits(), qs }
+        })
+        .collect())
+}
+
+/// The values of Q8_0 `blocks`, written to `out` (32 per block).
+pub fn dequantize_q8_0(blocks: &[BlockQ8_0], out: &mut [f32]) -> Result<(), CoreError> {
+    if out.len() != blocks.len() * QK {
+        return Err(CoreError::Invalid(format!("Q8_0: {} blocks hold {} values, not {}", blocks.len(), blocks.len() * QK, out.len())));
+    }
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = f16::from_bits(b.d).to_f32();
+        for (v, &q) in y.iter_mut().zip(&b.qs) {
+            *v = q as f32 * d;
+        }
+    }
+    Ok(())
+}
+
+/// `x` (a multiple of 32 values) as Q4_0 blocks: the value of largest magnitude maps to -8 exactly.
+pub fn quantize_q4_0(x: &[f32]) -> Result<Vec<BlockQ4_0>, CoreError> {
+    check_len("Q4_0", x.len())?;
+    Ok(x.chunks_exact(QK)
+        .map(|b| {
+            let (mut amax, mut max) = (0.0f32, 0.0f32);
+            for &v in b {
+                if amax < v.abs() {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            let d = max / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let nibble = |v: f32| ((v * id + 8.5) as i8).min(15) as u8; // C's (int8_t) truncates
+            let mut qs = [0u8; QK / 2];
+            for (j, q) in qs.iter_mut().enumerate() {
+                *q = nibble(b[j]) | (nibble(b[j + QK / 2]) << 4);
+            }
+            BlockQ4_0 { d: f16::from_f32(d).to_bits(), qs }
+        })
+        .collect())
+}
+
+/// The values of Q4_0 `blocks`, written to `out` (32 per block).
+pub fn dequantize_q4_0(blocks: &[BlockQ4_0], out: &mut [f32]) -> Result<(), CoreError> {
+    if out.len() != blocks.len() * QK {
+        return Err(CoreError::Invalid(format!("Q4_0: {} blocks hold {} values, not {}", blocks.len(), blocks.len() * QK, out.len())));
+    }
+    for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+        let d = f16::from_bits(b.d).to_f32();
+        for (j, &q) in b.qs.iter().enumerate() {
+            y[j] = ((q & 0x0F) as i32 - 8) as f32 * d;
+            y[j + QK / 2] = ((q >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn blocks_have_ggmls_sizes() {
+        assert_eq!(std::mem::size_of::<BlockQ8_0>(), 34);
+        assert_eq!(std::mem::size_of::<BlockQ4_0>(), 18);
+    }
+
+    /// Values worked out by hand from ggml's reference rules.
+    #[test]
+    fn hand_worked_blocks() {
+        let mut x = [0.0f32; QK];
+        (x[0], x[1], x[2], x[3]) = (1.0, -2.0, 0.5, 0.0078125);
+        let b = &quantize_q8_0(&x).unwrap()[0];
+        // d = 2/127; 1.0 -> 63.5 rounds away from zero to 64; -2 -> -127; 0.5 -> 31.75 -> 32;
+        // 0.0078125 -> 0.496 -> 0.
+        assert_eq!(&b.qs[..4], &[64, -127, 32, 0]);
+        assert_eq!(b.d, f16::from_f32(2.0 / 127.0).to_bits());
+
+        let mut x = [0.0f32; QK];
+        (x[0], x[1], x[2], x[16], x[17]) = (-4.0, 2.0, 1.0, 3.75, -0.75);
+        let b = &quantize_q4_0(&x).unwrap()[0];
+        // max = -4 -> d = 0.5, id = 2: -4 -> 0.5 -> 0; 2 -> 12.5 -> 12; 1 -> 10; 0 -> 8;
+        // 3.75 -> 16 -> 15 (clamped); -0.75 -> 7.
+        assert_eq!(b.d, f16::from_f32(0.5).to_bits());
+        assert_eq!(b.qs[0], 0 | (15 << 4));
+        assert_eq!(b.qs[1], 12 | (7 << 4));
+        assert_eq!(b.qs[2], 10 | (8 << 4));
+        let mut y = [0.0f32; QK];
+        dequantize_q4_0(std::slice::from_ref(b), &mut y).unwrap();
+        assert_eq!((y[0], y[1], y[2], y[16], y[17]), (-4.0, 2.0, 1.0, 3.5, -0.5));
+
+        let zero = quantize_q8_0(&[0.0; QK]).unwrap()[0];
+        assert_eq!((zero.d, zero.qs), (0, [0; QK]));
+        let zero = quantize_q4_0(&[0.0; QK]).unwrap()[0];
+        // 0 / -8 is -0.0 in float32, stored as f16 0x8000, as ggml stores it.
+        assert_eq!((zero.d, zero.qs), (0x8000, [0x88; QK / 2]));
+        assert!(quantize_q8_0(&[1.0; 33]).unwrap_err().to_string().contains("33 values"));
+        assert!(dequantize_q4_0(&[zero], &mut [0.0; 31]).is_err());
+    }
+
+    proptest! {
+        /// Every value comes back within half a step (plus the f16 rounding of the scale), in
+        /// float64.
+        #[test]
+        fn round_trips_stay_within_half_a_step(x in proptest::collection::vec(-100.0f32..100.0, QK * 3)) {
+            let mut y = vec![0.0f32; x.len()];
+            dequantize_q8_0(&quantize_q8_0(&x).unwrap(), &mut y).unwrap();
+            for (b, (xs, ys)) in x.chunks(QK).zip(y.chunks(QK)).enumerate() {
+                let amax = xs.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+                let step = amax / 127.0;
+                for (a, q) in xs.iter().zip(ys) {
+                    let err = (*a as f64 - *q as f64).abs();
+                    prop_assert!(err <= step / 2.0 + 127.0 * step * 1e-3 + 1e-6, "Q8_0 block {b}: {a} -> {q}");
+                }
+            }
+            dequantize_q4_0(&quantize_q4_0(&x).unwrap(), &mut y).unwrap();
+            for (xs, ys) in x.chunks(QK).zip(y.chunks(QK)) {
+                let amax = xs.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+                let step = amax / 8.0;
+                for (a, q) in xs.iter().zip(ys) {
+                    // The largest positive value may clamp at 7 steps: one step off at most.
+                    let err = (*a as f64 - *q as f64).abs();
+                    prop_assert!(err <= step + 8.0 * step * 1e-3 + 1e-6, "Q4_0: {a} -> {q}");
+                }
+            }
+        }
+    }
+}
+
