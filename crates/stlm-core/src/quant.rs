@@ -32,6 +32,14 @@ pub struct BlockQ4_0 {
     pub qs: [u8; QK / 2],
 }
 
+/// Checks that `out` has room for exactly the values of `blocks` blocks.
+fn check_out(what: &str, blocks: usize, out: usize) -> Result<(), CoreError> {
+    if out != blocks * QK {
+        return Err(CoreError::Invalid(format!("{what}: {blocks} blocks hold {} values, not {out}", blocks * QK)));
+    }
+    Ok(())
+}
+
 fn check_len(what: &str, n: usize) -> Result<usize, CoreError> {
     if n % QK != 0 {
         return Err(CoreError::Invalid(format!("{what}: {n} values are not whole blocks of {QK}")));
@@ -58,9 +66,7 @@ pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<BlockQ8_0>, CoreError> {
 
 /// The values of Q8_0 `blocks`, written to `out` (32 per block).
 pub fn dequantize_q8_0(blocks: &[BlockQ8_0], out: &mut [f32]) -> Result<(), CoreError> {
-    if out.len() != blocks.len() * QK {
-        return Err(CoreError::Invalid(format!("Q8_0: {} blocks hold {} values, not {}", blocks.len(), blocks.len() * QK, out.len())));
-    }
+    check_out("Q8_0", blocks.len(), out.len())?;
     for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
         let d = f16::from_bits(b.d).to_f32();
         for (v, &q) in y.iter_mut().zip(&b.qs) {
@@ -96,9 +102,7 @@ pub fn quantize_q4_0(x: &[f32]) -> Result<Vec<BlockQ4_0>, CoreError> {
 
 /// The values of Q4_0 `blocks`, written to `out` (32 per block).
 pub fn dequantize_q4_0(blocks: &[BlockQ4_0], out: &mut [f32]) -> Result<(), CoreError> {
-    if out.len() != blocks.len() * QK {
-        return Err(CoreError::Invalid(format!("Q4_0: {} blocks hold {} values, not {}", blocks.len(), blocks.len() * QK, out.len())));
-    }
+    check_out("Q4_0", blocks.len(), out.len())?;
     for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
         let d = f16::from_bits(b.d).to_f32();
         for (j, &q) in b.qs.iter().enumerate() {
