@@ -8,14 +8,33 @@ use stlm_core::Mode;
 use stlm_moe::{product_keys, CdMoe, CdmoeRouting, Gate, MoeConfig, MoeLayer, RouterKind};
 use tch::{nn, Device, Kind, Tensor};
 
+/// The routers `stlm bench moe` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Router {
+    /// Softmax top-k (Mixtral's), probabilities renormalised over the k.
+    TopK,
+    /// Switch Transformer's top-1 with capacity factor 1.25.
+    Switch,
+    /// Auxiliary-loss-free balancing (DeepSeek-V3's sigmoid gate and bias).
+    AuxFree,
+    /// Doge's cross-domain MoE: a shared MLP of width --expert-width plus --experts single-neuron
+    /// experts, --top-k per token; compared with the shared MLP alone.
+    Cdmoe,
+}
+
+impl Router {
+    /// The command-line name.
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self).map(|v| v.get_name().to_string()).unwrap_or_default()
+    }
+}
+
 /// What to time; as `stlm bench moe` takes it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MoeSpec {
-    /// Router: top-k, switch, aux-free, or cdmoe (Doge's cross-domain MoE: a shared MLP of width
-    /// --expert-width plus --experts single-neuron experts, --top-k per token; compared with the
-    /// shared MLP alone).
-    #[arg(long, default_value = "top-k")]
-    pub router: String,
+    /// The router.
+    #[arg(long, value_enum, default_value_t = Router::TopK)]
+    pub router: Router,
     /// Experts.
     #[arg(long, default_value_t = 8)]
     pub experts: i64,
@@ -73,7 +92,7 @@ pub struct MoeBench {
 impl MoeBench {
     fn new(a: &MoeSpec, top_k: i64, (ms, dense_ms): (f64, f64), dropped: f64, dispatch: &'static str, dense_width: i64) -> Self {
         MoeBench {
-            router: a.router.clone(),
+            router: a.router.name(),
             experts: a.experts,
             top_k,
             hidden: a.hidden,
@@ -96,18 +115,15 @@ pub fn bench_moe(a: &MoeSpec) -> Result<MoeBench> {
     if e < 1 || h < 1 || w < 1 || t < 1 || a.repeats < 1 {
         return Err(BenchError::Input("experts, hidden, expert_width, tokens and repeats must be at least 1".into()));
     }
-    if a.router == "cdmoe" {
-        return bench_cdmoe(a);
-    }
-    let router = match a.router.as_str() {
-        "top-k" => RouterKind::TopK { k, norm_topk_prob: true, gate: Gate::Softmax },
-        "switch" => RouterKind::Switch { capacity_factor: 1.25 },
-        "aux-free" => RouterKind::AuxFree { k, gate: Gate::Sigmoid, gamma: 1e-3 },
-        other => return Err(BenchError::Input(format!("router {other}: unknown (known: top-k, switch, aux-free, cdmoe)"))),
+    let router = match a.router {
+        Router::Cdmoe => return bench_cdmoe(a),
+        Router::TopK => RouterKind::TopK { k, norm_topk_prob: true, gate: Gate::Softmax },
+        Router::Switch => RouterKind::Switch { capacity_factor: 1.25 },
+        Router::AuxFree => RouterKind::AuxFree { k, gate: Gate::Sigmoid, gamma: 1e-3 },
     };
     let active = if matches!(router, RouterKind::Switch { .. }) { 1 } else { k };
     let config = MoeConfig::new(e, router);
-    config.validate().map_err(|m| BenchError::Input(format!("router {}: {m}", a.router)))?;
+    config.validate().map_err(|m| BenchError::Input(format!("router {}: {m}", a.router.name())))?;
     stlm_core::memory::keep_freed_memory();
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);

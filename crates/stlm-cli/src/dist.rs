@@ -15,8 +15,8 @@ pub struct DistArgs {
     /// by gloo over 127.0.0.1. With torchrun or srun, leave it out: they set RANK and WORLD_SIZE.
     #[arg(long, value_name = "N")]
     pub nproc: Option<usize>,
-    /// c10d backend of a distributed run: auto, gloo or nccl.
-    #[arg(long, default_value = "auto")]
+    /// c10d backend of a distributed run (auto is gloo).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "gloo", "nccl"])]
     pub dist_backend: String,
     /// Seconds a rank waits for the others (rendezvous and each collective) before it fails.
     #[arg(long, default_value_t = 600.0)]

@@ -6,7 +6,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use stlm_model::{DecoderModel, EarlyExit, GenerationConfig};
+use stlm_model::{DecoderModel, EarlyExit, ExitMeasure, GenerationConfig};
 use stlm_tokenizers::Tokenizer;
 use tch::Device;
 
@@ -101,10 +101,10 @@ pub struct GenerateArgs {
     /// tokens/s and the average depth.
     #[arg(long, value_name = "THRESHOLD", conflicts_with_all = ["corpus", "self_speculative"])]
     early_exit: Option<f64>,
-    /// With --early-exit: `softmax` (top probability >= threshold), `margin` (top two
-    /// probabilities differ by >= threshold) or `entropy` (at most threshold nats).
-    #[arg(long, default_value = "softmax", value_parser = ["softmax", "margin", "entropy"], requires = "early_exit")]
-    exit_measure: String,
+    /// With --early-exit: what is measured on the exit's distribution (softmax: top probability
+    /// >= threshold; margin: the top two differ by >= threshold; entropy: at most threshold nats).
+    #[arg(long, value_enum, default_value_t = ExitMeasure::Softmax, requires = "early_exit")]
+    exit_measure: ExitMeasure,
     /// With --early-exit: layers every token runs before it may exit.
     #[arg(long, default_value_t = 1, requires = "early_exit")]
     exit_min_layers: usize,
@@ -125,8 +125,7 @@ pub struct GenerateArgs {
 impl GenerateArgs {
     /// The early-exit rule of `--early-exit`, if given.
     fn exit_rule(&self) -> Option<EarlyExit> {
-        let measure = self.exit_measure.parse().unwrap_or_default(); // clap admits only the three names
-        self.early_exit.map(|threshold| EarlyExit { measure, threshold, min_layers: self.exit_min_layers })
+        self.early_exit.map(|threshold| EarlyExit { measure: self.exit_measure, threshold, min_layers: self.exit_min_layers })
     }
 
     /// The sampling settings of these options, stopping at `eos` (unless `--ignore-eos`) and

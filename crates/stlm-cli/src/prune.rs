@@ -51,11 +51,9 @@ pub struct PruneArgs {
     /// SparseGPT: Hessian damping as a fraction of its mean diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
-    /// Iterative pruning: `cubic` raises the sparsity over `--stages` stages as
-    /// `s * (1 - (1 - t/stages)^3)` (Zhu & Gupta 2017), fine-tuning `--stage-steps` steps after each
-    /// (zeros kept); `one-shot` (default) prunes once.
-    #[arg(long, default_value = "one-shot")]
-    schedule: String,
+    /// Prune once, or iteratively.
+    #[arg(long, value_enum, default_value_t = Schedule::OneShot)]
+    schedule: Schedule,
     /// Iterative pruning: number of prune-and-fine-tune stages.
     #[arg(long, default_value_t = 4)]
     stages: u32,
@@ -75,6 +73,16 @@ pub struct PruneArgs {
     json: bool,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// How the sparsity is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Schedule {
+    /// Prune once.
+    OneShot,
+    /// Raise the sparsity over `--stages` stages as `s * (1 - (1 - t/stages)^3)` (Zhu & Gupta
+    /// 2017), fine-tuning `--stage-steps` steps after each (zeros kept).
+    Cubic,
 }
 
 pub fn run(a: PruneArgs) -> Result<()> {
@@ -124,9 +132,9 @@ fn plan(a: &PruneArgs) -> Result<Plan> {
     let scope = a.scope.unwrap_or(method.default_scope());
     let skip = if a.skip.iter().any(|s| s == "none") { Vec::new() } else { a.skip.clone() };
     let opts = PruneOptions { method, pattern, scope, skip, sparsegpt: SparseGptOptions { block_size: a.block_size, damp: a.damp } };
-    match a.schedule.as_str() {
-        "one-shot" => Ok(Plan::OneShot(opts)),
-        "cubic" => {
+    match a.schedule {
+        Schedule::OneShot => Ok(Plan::OneShot(opts)),
+        Schedule::Cubic => {
             if !matches!(opts.pattern, Pattern::Fraction { .. }) {
                 bail!("--schedule cubic raises a --sparsity fraction; N:M is reached in one step");
             }
@@ -137,7 +145,6 @@ fn plan(a: &PruneArgs) -> Result<Plan> {
             let control = RunControl { progress: std::io::stderr().is_terminal(), stop: crate::train::ctrl_c()?, ..Default::default() };
             Ok(Plan::Cubic { opts, train_config, data: a.data.clone(), stages: a.stages, stage_steps: a.stage_steps, control })
         }
-        other => bail!("--schedule {other}: expected one-shot or cubic"),
     }
 }
 

@@ -21,6 +21,7 @@
 
 use crate::align::next_byte_log_probs;
 use crate::{DistillError, Result};
+use clap::ValueEnum;
 use stlm_core::OptionError;
 use stlm_model::Extras;
 use tch::{Kind, Tensor};
@@ -29,44 +30,40 @@ use tch::{Kind, Tensor};
 pub(crate) const LOG_FLOOR: f64 = -1e4;
 
 /// Which divergence a logit loss uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Divergence {
     /// Forward KL(p ‖ q).
+    #[value(name = "fkl")]
     ForwardKl,
     /// Reverse KL(q ‖ p).
+    #[value(name = "rkl")]
     ReverseKl,
     /// Jensen-Shannon divergence.
+    #[value(name = "js")]
     JensenShannon,
     /// Total variation distance.
+    #[value(name = "tvd")]
     TotalVariation,
     /// Skew forward KL(p ‖ λp + (1 − λ)q).
+    #[value(name = "sfkl")]
     SkewForwardKl,
     /// Skew reverse KL(q ‖ λq + (1 − λ)p).
+    #[value(name = "srkl")]
     SkewReverseKl,
 }
 
 impl Divergence {
-    /// Every divergence with its command-line name.
-    pub const ALL: [(Divergence, &'static str); 6] = [
-        (Divergence::ForwardKl, "fkl"),
-        (Divergence::ReverseKl, "rkl"),
-        (Divergence::JensenShannon, "js"),
-        (Divergence::TotalVariation, "tvd"),
-        (Divergence::SkewForwardKl, "sfkl"),
-        (Divergence::SkewReverseKl, "srkl"),
-    ];
-
-    /// The command-line name.
-    pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(d, _)| *d == self).map(|(_, n)| *n).expect("every divergence is named")
+    /// The command-line name (`fkl`, `rkl`, ...).
+    pub fn name(self) -> String {
+        self.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
     }
 }
 
 impl std::str::FromStr for Divergence {
     type Err = DistillError;
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL.iter().find(|(_, n)| *n == s).map(|(d, _)| *d).ok_or_else(|| {
-            let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
+        <Self as ValueEnum>::from_str(s, false).map_err(|_| {
+            let names: Vec<String> = Self::value_variants().iter().map(|d| d.name()).collect();
             DistillError::Input(format!("unknown loss `{s}`; one of {}", names.join(", ")))
         })
     }
@@ -318,7 +315,7 @@ mod tests {
 
     fn cases() -> Vec<LogitLoss> {
         let mut out = Vec::new();
-        for (divergence, _) in Divergence::ALL {
+        for &divergence in Divergence::value_variants() {
             for (temperature, top_k) in [(1.0, None), (2.0, None), (0.7, Some(3)), (1.5, Some(11))] {
                 out.push(LogitLoss { divergence, temperature, skew: 0.1, top_k });
             }
@@ -426,9 +423,10 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_bad_options_are_named() {
-        for (d, n) in Divergence::ALL {
-            assert_eq!(n.parse::<Divergence>().unwrap(), d);
-            assert_eq!(d.name(), n);
+        let names: Vec<String> = Divergence::value_variants().iter().map(|d| d.name()).collect();
+        assert_eq!(names, ["fkl", "rkl", "js", "tvd", "sfkl", "srkl"]);
+        for &d in Divergence::value_variants() {
+            assert_eq!(d.name().parse::<Divergence>().unwrap(), d);
         }
         assert!("kl".parse::<Divergence>().unwrap_err().to_string().contains("fkl, rkl"));
         let l = LogitLoss { divergence: Divergence::ForwardKl, temperature: 0.0, skew: 0.1, top_k: None };

@@ -47,9 +47,9 @@ pub struct DistillOptions {
     /// Training text (as `stlm train --data`); repeatable. Not with --cache (the cache's data is used).
     #[arg(long = "data", conflicts_with = "cache")]
     pub data: Vec<PathBuf>,
-    /// Logit divergence: fkl, rkl, js, tvd, sfkl or srkl.
-    #[arg(long, default_value = "fkl")]
-    pub loss: String,
+    /// Logit divergence.
+    #[arg(long, value_enum, default_value_t = Divergence::ForwardKl)]
+    pub loss: Divergence,
     /// Temperature of both distributions (default 1; a cache's own with --cache).
     #[arg(long)]
     pub temperature: Option<f64>,
@@ -74,15 +74,30 @@ pub struct DistillOptions {
     /// i), e.g. `1:2,2:4`; default: student state i against teacher state round(i Lt / Ls).
     #[arg(long)]
     pub layer_map: Option<String>,
-    /// `bytes`: a teacher with another (byte-level BPE) tokenizer; logit losses compare next-byte
-    /// distributions where both tokenizations end at the same byte. `none` (default): the
-    /// tokenizers must share a vocabulary.
-    #[arg(long, default_value = "none", value_parser = ["none", "bytes"])]
-    pub align: String,
+    /// How the teacher's and the student's vocabularies are paired.
+    #[arg(long, value_enum, default_value_t = Align::None)]
+    pub align: Align,
     /// Student initialisation from a config: random, every:K (teacher blocks 0, K, 2K, ...) or
     /// layers:0,2,4; tensors are cut to the student's leading dimensions when it is narrower.
     #[arg(long, default_value = "random")]
     pub init: String,
+}
+
+/// How the teacher's and the student's vocabularies are paired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Align {
+    /// The tokenizers must share a vocabulary.
+    None,
+    /// A teacher with another (byte-level BPE) tokenizer: logit losses compare next-byte
+    /// distributions where both tokenizations end at the same byte.
+    Bytes,
+}
+
+impl Align {
+    /// The command-line name, as recorded in `distill.json`.
+    fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self).map(|v| v.get_name().to_string()).unwrap_or_default()
+    }
 }
 
 /// The options of a run, recorded so that a resumed run is the same run.
@@ -279,7 +294,7 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
             g.barrier()?;
         }
     }
-    let divergence: Divergence = o.loss.parse()?;
+    let divergence = o.loss;
     let init: LayerChoice = o.init.parse()?;
     if o.cache.is_some() && !o.data.is_empty() {
         return Err(bad_option("data", "a cache run trains on the cache's corpus; give no training text"));
@@ -288,17 +303,16 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
     let teacher_tok = Tokenizer::from_file(&teacher_tokenizer_path(o)?)?;
     let teacher = o.teacher.as_deref().map(|d| load_token_model(d, device)).transpose()?;
     let student = load_student(o, device)?;
-    let align = match (o.align.as_str(), &teacher) {
-        ("none", _) => {
+    let align = match (o.align, &teacher) {
+        (Align::None, _) => {
             check_vocabulary(&teacher_tok, &student.tokenizer)?;
             None
         }
-        ("bytes", None) => return Err(bad_value("align", "bytes", "needs the live teacher (a teacher directory, not a cache)")),
-        ("bytes", Some(t)) => {
+        (Align::Bytes, None) => return Err(bad_value("align", "bytes", "needs the live teacher (a teacher directory, not a cache)")),
+        (Align::Bytes, Some(t)) => {
             let (sv, tv) = (student.model.config.vocab_size, t.config.vocab_size);
             Some(crate::ByteAlignment::new(&student.tokenizer, sv, teacher_tok, tv, t.config.max_position_embeddings, device)?)
         }
-        (other, _) => return Err(bad_value("align", other, "expected none or bytes")),
     };
 
     // The logit loss; a cache fixes the temperature and k.
@@ -354,7 +368,7 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
     let record = Record {
         teacher: o.teacher.clone(),
         cache: o.cache.clone(),
-        loss: o.loss.clone(),
+        loss: o.loss.name(),
         temperature,
         alpha: o.alpha,
         skew: o.skew,
@@ -364,7 +378,7 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
         layer_map: features.as_ref().map(|f| f.map.clone()).unwrap_or_default(),
         init: o.init.clone(),
         init_layers,
-        align: o.align.clone(),
+        align: o.align.name(),
     };
     create_run_dir(out)?;
     let record_path = out.join(RECORD_FILE);

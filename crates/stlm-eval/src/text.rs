@@ -1,7 +1,7 @@
 //! A text scored by a model of either kind: what `stlm eval ppl` prints and `stlm sweep` records.
 
 use crate::{byte_perplexity, early_exit_perplexity, perplexity, scored_ids, EvalError, PplReport, Result, WindowOptions};
-use stlm_model::{AnyModel, EarlyExit};
+use stlm_model::{AnyModel, EarlyExit, ExitMeasure};
 use stlm_tokenizers::Tokenizer;
 
 /// How `stlm eval ppl` scores a text (see [`ScoringOptions::scoring`]).
@@ -23,9 +23,9 @@ pub struct ScoringOptions {
     /// adds the average depth and positions/s.
     #[arg(long, value_name = "THRESHOLD")]
     pub early_exit: Option<f64>,
-    /// With --early-exit: softmax, margin or entropy.
-    #[arg(long, default_value = "softmax", value_parser = ["softmax", "margin", "entropy"], requires = "early_exit")]
-    pub exit_measure: String,
+    /// With --early-exit: what is measured on the exit's distribution.
+    #[arg(long, value_enum, default_value_t = ExitMeasure::Softmax, requires = "early_exit")]
+    pub exit_measure: ExitMeasure,
     /// With --early-exit: layers every position runs before it may exit.
     #[arg(long, default_value_t = 1, requires = "early_exit")]
     pub exit_min_layers: usize,
@@ -34,8 +34,7 @@ pub struct ScoringOptions {
 impl ScoringOptions {
     /// The scoring these options ask for.
     pub fn scoring(&self, progress: bool) -> Result<TextScoring> {
-        let measure = self.exit_measure.parse::<stlm_model::ExitMeasure>()?;
-        let exit = self.early_exit.map(|threshold| EarlyExit { measure, threshold, min_layers: self.exit_min_layers });
+        let exit = self.early_exit.map(|threshold| EarlyExit { measure: self.exit_measure, threshold, min_layers: self.exit_min_layers });
         Ok(TextScoring { max_length: self.max_length, stride: self.stride, repeats: self.repeats, exit, progress })
     }
 }

@@ -8,6 +8,7 @@ use stlm_core::OptionError;
 
 /// What an early exit measures on the exit's next-token distribution.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "snake_case")]
 pub enum ExitMeasure {
     /// The largest probability (CALM's softmax response); exit when it reaches the threshold.

@@ -23,7 +23,7 @@ use stlm_train::optim::{AdamW, AdamWConfig};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-pub use crate::gen_config::{GenConfig, GenFile, Normalize, Progress, Sampler};
+pub use crate::gen_config::{GenConfig, GenFile, Normalize, Progress, Sampler, ScheduleKind};
 
 /// The two training stages (their number seeds the RNG).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,6 +22,16 @@ pub enum Normalize {
     Element,
 }
 
+/// Which noise schedule the diffusion stage uses (`schedule` in `weightgen.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Nichol & Dhariwal's cosine schedule.
+    Cosine,
+    /// Ho et al.'s linear betas, 1e-4 to 0.02.
+    Linear,
+}
+
 /// Every setting of a generator; as `stlm weightgen train` takes them (defaults as
 /// [`GenConfig::default`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
@@ -69,9 +79,9 @@ pub struct GenConfig {
     /// Diffusion steps T.
     #[arg(long, default_value_t = 1000)]
     pub timesteps: usize,
-    /// Noise schedule: `cosine` (Nichol & Dhariwal) or `linear` (Ho et al., 1e-4 to 0.02).
-    #[arg(long, default_value = "cosine", value_parser = ["cosine", "linear"])]
-    pub schedule: String,
+    /// Noise schedule.
+    #[arg(long, value_enum, default_value_t = ScheduleKind::Cosine)]
+    pub schedule: ScheduleKind,
     /// Denoiser training steps.
     #[arg(long, default_value_t = 2000)]
     pub diffusion_steps: u64,
@@ -106,7 +116,7 @@ impl Default for GenConfig {
             vae_lr: 1e-3,
             denoiser: DenoiserConfig { hidden: 128, depth: 2 },
             timesteps: 1000,
-            schedule: "cosine".into(),
+            schedule: ScheduleKind::Cosine,
             diffusion_steps: 2000,
             diffusion_batch: 16,
             diffusion_lr: 1e-3,
@@ -157,10 +167,9 @@ impl GenConfig {
     }
 
     pub(crate) fn beta_schedule(&self) -> Result<NoiseSchedule> {
-        let kind = match self.schedule.as_str() {
-            "cosine" => BetaSchedule::Cosine,
-            "linear" => BetaSchedule::Linear { start: 1e-4, end: 0.02 },
-            s => return Err(WeightgenError::Input(format!("schedule `{s}`: expected cosine or linear"))),
+        let kind = match self.schedule {
+            ScheduleKind::Cosine => BetaSchedule::Cosine,
+            ScheduleKind::Linear => BetaSchedule::Linear { start: 1e-4, end: 0.02 },
         };
         Ok(NoiseSchedule::new(kind, self.timesteps)?)
     }

@@ -28,7 +28,7 @@ pub mod vae;
 
 pub use collection::{CheckpointInfo, Collection, Manifest, Unit};
 pub use denoiser::{Denoiser, DenoiserConfig, Layout};
-pub use gen::{GenConfig, Normalize, Sampler, WeightGen};
+pub use gen::{GenConfig, Normalize, Sampler, ScheduleKind, WeightGen};
 pub use schedule::{BetaSchedule, NoiseSchedule, ScheduleError};
 pub use select::LayerSelector;
 pub use vae::{chunk, unchunk, Chunked, ParamVae, VaeConfig, VaeLosses};
