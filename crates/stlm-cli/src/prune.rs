@@ -4,9 +4,11 @@
 
 use crate::common::{print_json, DeviceArgs};
 use anyhow::{bail, Context, Result};
+use clap::builder::TypedValueParser;
 use clap::Args;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use stlm_model::linears::Projection;
 use stlm_prune::pipeline::{self, Inputs, Plan, PruneJob};
 use stlm_prune::{Importance, Method, Pattern, PruneOptions, Scope, SparseGptOptions, StructuredOptions, Unit};
 use stlm_train::trainer::RunControl;
@@ -41,10 +43,13 @@ pub struct PruneArgs {
     /// Where scores compete: row (Wanda's default), layer (magnitude's), or global (magnitude only).
     #[arg(long, value_enum)]
     scope: Option<Scope>,
-    /// Leave matrices whose name contains this dense (repeatable; default lm_head; `--skip none`
+    /// Leave this projection dense in every block (repeatable; default lm_head; `--skip none`
     /// prunes every linear layer). Embeddings are never pruned.
-    #[arg(long, default_values_t = vec!["lm_head".to_string()])]
-    skip: Vec<String>,
+    #[arg(long, default_values = ["lm_head"], value_parser = skip_parser())]
+    skip: Vec<Skip>,
+    /// Leave decoder block N dense (repeatable).
+    #[arg(long, value_name = "N")]
+    skip_block: Vec<usize>,
     /// SparseGPT: columns per block.
     #[arg(long, default_value_t = 128)]
     block_size: i64,
@@ -73,6 +78,16 @@ pub struct PruneArgs {
     json: bool,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// A `--skip` value: a projection, or none.
+#[derive(Debug, Clone, Copy)]
+struct Skip(Option<Projection>);
+
+/// `--skip`'s values: a projection's name, or `none`.
+fn skip_parser() -> impl TypedValueParser<Value = Skip> {
+    let names = Projection::ALL.iter().map(|p| p.name()).chain(["none"]);
+    clap::builder::PossibleValuesParser::new(names).map(|s| Skip(Projection::ALL.into_iter().find(|p| p.name() == s)))
 }
 
 /// How the sparsity is reached.
@@ -130,8 +145,8 @@ fn plan(a: &PruneArgs) -> Result<Plan> {
         (None, None) => bail!("give --sparsity F or --nm N:M"),
     };
     let scope = a.scope.unwrap_or(method.default_scope());
-    let skip = if a.skip.iter().any(|s| s == "none") { Vec::new() } else { a.skip.clone() };
-    let opts = PruneOptions { method, pattern, scope, skip, sparsegpt: SparseGptOptions { block_size: a.block_size, damp: a.damp } };
+    let skip = a.skip.iter().filter_map(|s| s.0).collect();
+    let opts = PruneOptions { method, pattern, scope, skip, skip_blocks: a.skip_block.clone(), sparsegpt: SparseGptOptions { block_size: a.block_size, damp: a.damp } };
     match a.schedule {
         Schedule::OneShot => Ok(Plan::OneShot(opts)),
         Schedule::Cubic => {

@@ -9,6 +9,7 @@
 //! - [`generate`]: sampling and batched generation; [`decode`]: the fused batch-1 CPU step it uses;
 //!   [`samples`]: texts sampled from either kind of model.
 //! - [`llama2c`]: llama2.c checkpoints (versions 0, 1, 2) in and out.
+//! - [`linears`]: the linear layers with what each computes, for rewriting weights in place.
 //! - [`sharing`], [`shapes`], [`dynamic`]: shared layers, per-layer shapes, dynamic depth.
 
 pub mod byte_config;
@@ -25,6 +26,7 @@ pub mod io;
 pub mod layer_walk;
 pub mod layers;
 pub mod llama2c;
+pub mod linears;
 pub mod lm;
 pub mod lora;
 pub mod model;

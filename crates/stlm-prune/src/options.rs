@@ -6,6 +6,7 @@ use crate::sparsegpt::SparseGptOptions;
 use crate::{PruneError, Result};
 use serde::Serialize;
 use stlm_core::OptionError;
+use stlm_model::linears::Projection;
 
 /// How weights are scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -64,8 +65,10 @@ pub struct PruneOptions {
     pub pattern: Pattern,
     /// Where scores compete (fraction patterns; SparseGPT chooses per column block).
     pub scope: Scope,
-    /// Targets whose name contains any of these are left dense.
-    pub skip: Vec<String>,
+    /// Projections left dense (every block's, or the head).
+    pub skip: Vec<Projection>,
+    /// Decoder blocks left dense (by index).
+    pub skip_blocks: Vec<usize>,
     /// SparseGPT's block size and damping.
     pub sparsegpt: SparseGptOptions,
 }

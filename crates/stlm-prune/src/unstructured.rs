@@ -1,9 +1,10 @@
 //! Unstructured and N:M pruning of a model's linear layers by magnitude, Wanda or SparseGPT.
 //!
-//! Targets are the linear layers of the decoder blocks (`self_attn.{q,k,v,o}_proj`, Doge's
-//! `dt_proj`, dense `mlp.{gate,up,down}_proj`) and an untied `lm_head`, minus those whose name
-//! contains a `skip` pattern. Embeddings are lookup tables, not products, and are never pruned;
-//! MoE experts are not linear layers here and are left dense.
+//! Targets are the linear layers the model owns ([`DecoderModel::linears_mut`]: the blocks'
+//! `self_attn.{q,k,v,o}_proj`, Doge's `dt_proj`, dense `mlp.{gate,up,down}_proj`, the width
+//! projections of per-layer shapes, an untied `lm_head`), minus the skipped projections and
+//! blocks. Embeddings are lookup tables, not products, and are never pruned; MoE experts are
+//! stacked tensors, not linear layers, and are left dense.
 //!
 //! Wanda and SparseGPT calibrate block by block as in their papers: the inputs of block `i`'s
 //! linears are recorded (a Gram matrix each, see [`stlm_model::layers::InputGram`]) while the
@@ -17,55 +18,19 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use stlm_core::OptionError;
-use stlm_model::layers::{FeedForward, InputGram, Linear};
+use stlm_model::layers::{InputGram, Linear};
+use stlm_model::linears::LinearSite as Target;
 use stlm_model::model::BlockPass;
 use stlm_model::DecoderModel;
 use tch::{Kind, Tensor};
 
 pub use crate::options::{Method, PruneOptions};
 
-/// A linear layer the pruner may change: its weight name (`model.layers.0.self_attn.q_proj`)
-/// and the block it belongs to (`None`: the head).
-pub struct Target<'a> {
-    /// Hugging Face name without `.weight`.
-    pub name: String,
-    /// Decoder block index, or `None` for `lm_head`.
-    pub layer: Option<usize>,
-    /// The layer.
-    pub linear: &'a mut Linear,
-}
-
-/// Every linear layer of `model` that pruning can target, in forward order.
-pub fn linear_layers(model: &mut DecoderModel) -> Vec<Target<'_>> {
-    let mut out = Vec::new();
-    for (i, layer) in model.layers.iter_mut().enumerate() {
-        let prefix = format!("model.layers.{i}");
-        let attn = &mut layer.self_attn;
-        let projections = [("q_proj", &mut attn.q_proj), ("k_proj", &mut attn.k_proj), ("v_proj", &mut attn.v_proj), ("o_proj", &mut attn.o_proj)];
-        for (name, linear) in projections {
-            out.push(Target { name: format!("{prefix}.self_attn.{name}"), layer: Some(i), linear });
-        }
-        if let Some(dm) = attn.attention.key_bias_mut() {
-            out.push(Target { name: format!("{prefix}.self_attn.dt_proj"), layer: Some(i), linear: &mut dm.dt_proj });
-        }
-        if let FeedForward::Dense(mlp) = &mut layer.mlp {
-            if let Some(gate) = mlp.gate_proj.as_mut() {
-                out.push(Target { name: format!("{prefix}.mlp.gate_proj"), layer: Some(i), linear: gate });
-            }
-            out.push(Target { name: format!("{prefix}.mlp.up_proj"), layer: Some(i), linear: &mut mlp.up_proj });
-            out.push(Target { name: format!("{prefix}.mlp.down_proj"), layer: Some(i), linear: &mut mlp.down_proj });
-        }
-    }
-    if let Some(head) = model.lm_head.as_mut() {
-        out.push(Target { name: "lm_head".into(), layer: None, linear: head });
-    }
-    out
-}
-
-/// The targets of `model` not excluded by `skip` (name substrings).
-fn targets<'a>(model: &'a mut DecoderModel, skip: &[String]) -> Vec<Target<'a>> {
-    let dense = |name: &str| skip.iter().any(|s| !s.is_empty() && name.contains(s.as_str()));
-    linear_layers(model).into_iter().filter(|t| !dense(&t.name)).collect()
+/// The linear layers of `model` that `opts` prunes: every one the model owns (see
+/// [`DecoderModel::linears_mut`]) except the skipped projections and blocks.
+fn targets<'a>(model: &'a mut DecoderModel, opts: &PruneOptions) -> Vec<Target<'a>> {
+    let skipped = |t: &Target<'_>| opts.skip.contains(&t.projection) || t.block.is_some_and(|b| opts.skip_blocks.contains(&b));
+    model.linears_mut().into_iter().filter(|t| !skipped(t)).collect()
 }
 
 /// Prunes `model` in place by `opts`, calibrating Wanda and SparseGPT on `calib` (int64 token
@@ -77,20 +42,21 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
     let nonzero_before = nonzero(model);
     let _guard = tch::no_grad_guard();
     let names: Vec<(String, Option<usize>)> = {
-        let targets = targets(model, &opts.skip);
+        let targets = targets(model, opts);
         if targets.is_empty() {
-            let why = format!("every linear layer matches one of {:?}: nothing to prune", opts.skip);
+            let skipped: Vec<&str> = opts.skip.iter().map(|p| p.name()).collect();
+            let why = format!("every linear layer is skipped (projections {skipped:?}, blocks {:?}): nothing to prune", opts.skip_blocks);
             return Err(OptionError::no_value("skip", why).into());
         }
         for t in &targets {
-            opts.pattern.check(&t.name, t.linear.weight.shape().1)?;
+            opts.pattern.check(&t.name(), t.linear.weight.shape().1)?;
         }
-        targets.iter().map(|t| (t.name.clone(), t.layer)).collect()
+        targets.iter().map(|t| (t.name(), t.block)).collect()
     };
     let bar = bar(names.len() as u64, progress);
     match (opts.method, opts.scope, opts.pattern) {
         (Method::Magnitude, Scope::Global, Pattern::Fraction { sparsity }) => {
-            let mut targets = targets(model, &opts.skip);
+            let mut targets = targets(model, opts);
             let scores: Vec<Tensor> = targets.iter().map(|t| t.linear.weight.value().abs()).collect();
             for (t, keep) in targets.iter_mut().zip(global_keep_masks(&scores, sparsity)) {
                 apply_mask(t.linear, &keep)?;
@@ -98,7 +64,7 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
             }
         }
         (Method::Magnitude, _, _) => {
-            for t in targets(model, &opts.skip) {
+            for t in targets(model, opts) {
                 apply_mask(t.linear, &keep_mask(&t.linear.weight.value().abs(), opts.pattern, opts.scope)?)?;
                 bar.inc(1);
             }
@@ -139,15 +105,15 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
         }
     }
     bar.finish_and_clear();
-    let reports = targets(model, &opts.skip).iter().map(|t| TargetReport::of(&t.name, &t.linear.weight.value())).collect();
+    let reports = targets(model, opts).iter().map(|t| TargetReport::of(&t.name(), &t.linear.weight.value())).collect();
     Ok(PruneReport::new(opts, reports, model.num_parameters(), nonzero_before, nonzero(model), started.elapsed().as_secs_f64()))
 }
 
 /// Prunes the targets of block `group` (`None`: the head) with Wanda or SparseGPT from the inputs
 /// they see while `run` feeds the calibration data through them.
 fn prune_group(model: &mut DecoderModel, group: Option<usize>, opts: &PruneOptions, bar: &ProgressBar, run: impl Fn(&DecoderModel)) -> Result<()> {
-    let in_group = |t: &Target<'_>| t.layer == group;
-    let taps: Vec<Arc<Mutex<InputGram>>> = targets(model, &opts.skip)
+    let in_group = |t: &Target<'_>| t.block == group;
+    let taps: Vec<Arc<Mutex<InputGram>>> = targets(model, opts)
         .into_iter()
         .filter(in_group)
         .map(|t| {
@@ -158,7 +124,7 @@ fn prune_group(model: &mut DecoderModel, group: Option<usize>, opts: &PruneOptio
         .collect();
     run(model);
     // Every tap comes off before anything can fail.
-    let grams: Vec<Option<Tensor>> = targets(model, &opts.skip)
+    let grams: Vec<Option<Tensor>> = targets(model, opts)
         .into_iter()
         .filter(in_group)
         .zip(taps)
@@ -168,9 +134,9 @@ fn prune_group(model: &mut DecoderModel, group: Option<usize>, opts: &PruneOptio
             g.gram.take()
         })
         .collect();
-    for (t, gram) in targets(model, &opts.skip).into_iter().filter(in_group).zip(grams) {
-        let gram = gram.ok_or_else(|| PruneError::Input(format!("{}: saw no calibration input", t.name)))?;
-        bar.set_message(t.name.clone());
+    for (t, gram) in targets(model, opts).into_iter().filter(in_group).zip(grams) {
+        let gram = gram.ok_or_else(|| PruneError::Input(format!("{}: saw no calibration input", t.name())))?;
+        bar.set_message(t.name());
         prune_calibrated(t, &gram, opts)?;
         bar.inc(1);
     }
@@ -215,8 +181,9 @@ fn prune_calibrated(t: Target<'_>, gram: &Tensor, opts: &PruneOptions) -> Result
     match opts.method {
         Method::Wanda => apply_mask(t.linear, &keep_mask(&wanda_scores(w, gram), opts.pattern, opts.scope)?)?,
         Method::SparseGpt => {
-            let pruned = sparsegpt(&t.name, w, &gram.to_device(w.device()), opts.pattern, opts.sparsegpt)?;
-            t.linear.weight.assign(&pruned.to_kind(w.kind()), &t.name)?;
+            let name = t.name();
+            let pruned = sparsegpt(&name, w, &gram.to_device(w.device()), opts.pattern, opts.sparsegpt)?;
+            t.linear.weight.assign(&pruned.to_kind(w.kind()), &name)?;
         }
         Method::Magnitude => unreachable!("magnitude needs no calibration"),
     }
@@ -245,6 +212,7 @@ fn bar(len: u64, progress: bool) -> ProgressBar {
 mod tests {
     use super::*;
     use crate::sparsegpt::SparseGptOptions;
+    use stlm_model::linears::Projection;
     use stlm_model::ModelConfig;
     use tch::Device;
 
@@ -260,7 +228,7 @@ mod tests {
     }
 
     fn opts(method: Method, pattern: Pattern) -> PruneOptions {
-        PruneOptions { method, pattern, scope: method.default_scope(), skip: vec![], sparsegpt: SparseGptOptions::default() }
+        PruneOptions { method, pattern, scope: method.default_scope(), skip: vec![], skip_blocks: vec![], sparsegpt: SparseGptOptions::default() }
     }
 
     fn weights(m: &DecoderModel) -> Vec<(String, Tensor)> {
@@ -326,12 +294,12 @@ mod tests {
         let _lock = crate::tests::RNG.lock().unwrap_or_else(|e| e.into_inner());
         let data = calib();
         for method in [Method::Wanda, Method::SparseGpt] {
-            let o = PruneOptions { skip: vec!["lm_head".into()], ..opts(method, Pattern::Fraction { sparsity: 0.5 }) };
+            let o = PruneOptions { skip: vec![Projection::LmHead], ..opts(method, Pattern::Fraction { sparsity: 0.5 }) };
             let mut once = model(2);
             prune(&mut once, &data, &o, false).unwrap();
             let mut steps = model(2);
-            prune(&mut steps, &data, &PruneOptions { skip: vec!["lm_head".into(), "layers.1.".into()], ..o.clone() }, false).unwrap();
-            prune(&mut steps, &data, &PruneOptions { skip: vec!["lm_head".into(), "layers.0.".into()], ..o.clone() }, false).unwrap();
+            prune(&mut steps, &data, &PruneOptions { skip_blocks: vec![1], ..o.clone() }, false).unwrap();
+            prune(&mut steps, &data, &PruneOptions { skip_blocks: vec![0], ..o.clone() }, false).unwrap();
             for ((name, a), (_, b)) in weights(&once).into_iter().zip(weights(&steps)) {
                 let diff = (&a - &b).abs().max().double_value(&[]);
                 assert!(diff < 1e-6, "{method:?} {name}: {diff}");
@@ -341,7 +309,7 @@ mod tests {
             }
             // ... and differs from calibrating block 1 on the unpruned block 0.
             let mut unpruned_first = model(2);
-            prune(&mut unpruned_first, &data, &PruneOptions { skip: vec!["lm_head".into(), "layers.0.".into()], ..o.clone() }, false).unwrap();
+            prune(&mut unpruned_first, &data, &PruneOptions { skip_blocks: vec![0], ..o.clone() }, false).unwrap();
             let w1 = |m: &DecoderModel| m.layers[1].self_attn.q_proj.weight.value().copy();
             assert!(!w1(&unpruned_first).equal(&w1(&once)), "{method:?}");
         }
@@ -351,7 +319,7 @@ mod tests {
     fn global_magnitude_prunes_the_smallest_weights_of_all_targets() {
         let _lock = crate::tests::RNG.lock().unwrap_or_else(|e| e.into_inner());
         let mut m = model(3);
-        let before: Vec<Tensor> = linear_layers(&mut m).iter().map(|t| t.linear.weight.value().abs()).collect();
+        let before: Vec<Tensor> = m.linears_mut().iter().map(|t| t.linear.weight.value().abs()).collect();
         let o = PruneOptions { scope: Scope::Global, ..opts(Method::Magnitude, Pattern::Fraction { sparsity: 0.3 }) };
         let report = prune(&mut m, &[], &o, false).unwrap();
         let total: i64 = report.pruned.iter().map(|t| t.params).sum();
@@ -360,7 +328,7 @@ mod tests {
         // Sparsity differs between matrices (one threshold for all), and nothing kept is smaller
         // than anything pruned.
         assert!(report.pruned.iter().any(|t| (t.sparsity - 0.3).abs() > 0.02));
-        let after: Vec<Tensor> = linear_layers(&mut m).iter().map(|t| t.linear.weight.value().copy()).collect();
+        let after: Vec<Tensor> = m.linears_mut().iter().map(|t| t.linear.weight.value().copy()).collect();
         let max_pruned = before.iter().zip(&after).map(|(b, a)| b.masked_select(&a.eq(0.0)).max().double_value(&[])).fold(0.0, f64::max);
         let min_kept = before.iter().zip(&after).map(|(b, a)| b.masked_select(&a.ne(0.0)).min().double_value(&[])).fold(f64::MAX, f64::min);
         assert!(max_pruned <= min_kept);
@@ -378,7 +346,7 @@ mod tests {
         let o = PruneOptions { scope: Scope::Row, ..opts(Method::SparseGpt, Pattern::Fraction { sparsity: 0.5 }) };
         let e = prune(&mut m, &[Tensor::zeros([1, 4], (Kind::Int64, tch::Device::Cpu))], &o, false).unwrap_err();
         assert!(e.to_string().starts_with("`scope` row: SparseGPT"), "{e}");
-        let o = PruneOptions { skip: vec!["model".into(), "lm_head".into()], ..opts(Method::Magnitude, Pattern::Fraction { sparsity: 0.5 }) };
+        let o = PruneOptions { skip: vec![Projection::LmHead], skip_blocks: vec![0, 1], ..opts(Method::Magnitude, Pattern::Fraction { sparsity: 0.5 }) };
         let e = prune(&mut m, &[], &o, false).unwrap_err();
         assert!(
             matches!(&e, PruneError::Option(OptionError { name: "skip", .. }))
