@@ -232,9 +232,9 @@ fn position_losses(dirs: &[PathBuf], (data, out, csv): (&Path, &Path, Option<&Pa
 fn ppl(dir: &Path, data: &Path, opts: TextScoring, tokenizer: Option<PathBuf>, json: bool, device: &DeviceArgs) -> Result<()> {
     let text = std::fs::read_to_string(data).with_context(|| format!("{}: cannot read as UTF-8 text", data.display()))?;
     let tok = load_tokenizer(tokenizer.as_deref(), dir)?;
-    let model = device.load_any(dir)?;
+    let mut model = device.load_any(dir)?;
     let unit = if matches!(model, AnyModel::Bytes(_)) { "byte" } else { "token" };
-    let report = score_text(model, &tok, &text, &opts).with_context(|| format!("{} scored by {}", data.display(), dir.display()))?;
+    let report = score_text(&mut model, &tok, &text, &opts).with_context(|| format!("{} scored by {}", data.display(), dir.display()))?;
     print_report(data, &report, json, unit)
 }
 

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use stlm_core::OptionError;
-use stlm_data::{window_picks, DataConfig, Source, TokenizedCorpus};
+use stlm_data::{window_picks, DataConfig, Source};
 use stlm_model::{Batch, DecoderModel, LanguageModel};
 use stlm_tokenizers::Tokenizer;
 use stlm_train::config::TrainConfig;
@@ -273,11 +273,6 @@ impl BatchSource for CachedBatches {
     }
 }
 
-/// The corpus tokenized with `tok` (cached under `cache_dir`).
-fn corpus(sources: &[Source], tok: &Tokenizer, data: &DataConfig, val_fraction: f64, seed: u64, cache_dir: PathBuf, progress: bool) -> Result<TokenizedCorpus> {
-    Ok(tokenize(sources, tok, data, val_fraction, seed, cache_dir, progress)?)
-}
-
 /// Assembles the distillation run of `o` in the run directory `out` on `device` (checking, when
 /// `resume`, that the options are those of the run there): the student, the teacher, the losses,
 /// the student's initialisation from the teacher, the batches, and the files of the run
@@ -407,7 +402,7 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
             let h = &cache.header;
             let sources: Vec<Source> = h.sources.iter().cloned().map(Source::File).collect();
             // Read as `write_cache` read it, so that its tokens are reused.
-            let corpus = corpus(&sources, &student.tokenizer, &DataConfig::default(), h.val_fraction, h.seed, cache_dir.join("tokens"), progress)?;
+            let corpus = tokenize(&sources, &student.tokenizer, &DataConfig::default(), h.val_fraction, h.seed, cache_dir.join("tokens"), progress)?;
             let (val, summary) = corpus_batches(corpus, &student.tokenizer, train, device, (rank, world))?;
             eprintln!("teacher cache: {} windows of {} positions, top {} at temperature {}", cache.len(), h.seq_len, h.top_k, h.temperature);
             let batch = train.batch_size as usize;
@@ -417,7 +412,7 @@ pub fn prepare(o: &DistillOptions, out: &Path, resume: bool, device: Device, pro
         (_, Some(t), _) => {
             let sources = sources(&o.data, &student.data);
             let cache_dir = student.data.cache_dir.clone().unwrap_or_else(|| out.join("tokens"));
-            let corpus = corpus(&sources, &student.tokenizer, &student.data, student.data.val_fraction, train.seed, cache_dir, progress)?;
+            let corpus = tokenize(&sources, &student.tokenizer, &student.data, student.data.val_fraction, train.seed, cache_dir, progress)?;
             let (batches, summary) = corpus_batches(corpus, &student.tokenizer, train, device, (rank, world))?;
             (Box::new(batches), Teacher::Live(Box::new(t)), summary)
         }
@@ -539,7 +534,7 @@ pub fn write_cache(o: &CacheOptions, out: &Path, device: Device, dtype: stlm_cor
     let loss = LogitLoss { divergence: Divergence::ForwardKl, temperature: o.temperature, skew: 0.1, top_k: Some(k) };
     loss.validate()?;
     let sources: Vec<Source> = o.data.iter().cloned().map(Source::File).collect();
-    let corpus = corpus(&sources, &tok, &DataConfig::default(), o.val_fraction, o.seed, out.join("tokens"), progress)?;
+    let corpus = tokenize(&sources, &tok, &DataConfig::default(), o.val_fraction, o.seed, out.join("tokens"), progress)?;
     // Disjoint windows of seq + 1 ids (each sharing its last id with the next window's first),
     // so every training token is a target once.
     let mut windows: Vec<(usize, usize)> = Vec::new();

@@ -56,12 +56,12 @@ pub struct TextScoring {
 
 /// Loss, perplexity and bits per byte of `text` under `model` (tokens by `tok`; a byte model
 /// reads bytes), over windows as [`perplexity`] describes.
-pub fn score_text(model: AnyModel, tok: &Tokenizer, text: &str, opts: &TextScoring) -> Result<PplReport> {
+pub fn score_text(model: &mut AnyModel, tok: &Tokenizer, text: &str, opts: &TextScoring) -> Result<PplReport> {
     if text.is_empty() {
         return Err(EvalError::Input("the text is empty".into()));
     }
-    let mut model = match model {
-        AnyModel::Tokens(m) => *m,
+    let model = match model {
+        AnyModel::Tokens(m) => &mut **m,
         AnyModel::Bytes(_) if opts.repeats.is_some() => {
             return Err(EvalError::Input(format!("repeats {}: a byte-pooled model has no `layer_sharing`", opts.repeats.unwrap_or_default())))
         }
@@ -73,13 +73,13 @@ pub fn score_text(model: AnyModel, tok: &Tokenizer, text: &str, opts: &TextScori
             let ids = tok.encode(text, false).map_err(|e| EvalError::Input(e.to_string()))?;
             let max_length = opts.max_length.unwrap_or(m.config.max_position_embeddings);
             let window = WindowOptions { max_length, stride: opts.stride.unwrap_or((max_length / 2).max(1)) };
-            return byte_perplexity(&m, &ids, text.len() as u64, window, opts.progress);
+            return byte_perplexity(m, &ids, text.len() as u64, window, opts.progress);
         }
     };
     if let Some(k) = opts.repeats {
         model.set_repeats(k).map_err(|e| EvalError::Input(format!("repeats {k}: {e}")))?;
     }
-    let ids = scored_ids(&model, tok, text)?;
+    let ids = scored_ids(model, tok, text)?;
     let context = model.config.max_position_embeddings;
     let max_length = opts.max_length.unwrap_or(context.min(1024));
     if max_length > context {
@@ -89,8 +89,8 @@ pub fn score_text(model: AnyModel, tok: &Tokenizer, text: &str, opts: &TextScori
     match &opts.exit {
         Some(rule) => {
             model.optimize_for_decoding();
-            early_exit_perplexity(&model, &ids, text.len() as u64, window, rule, opts.progress)
+            early_exit_perplexity(model, &ids, text.len() as u64, window, rule, opts.progress)
         }
-        None => perplexity(&model, &ids, text.len() as u64, window, opts.progress),
+        None => perplexity(model, &ids, text.len() as u64, window, opts.progress),
     }
 }

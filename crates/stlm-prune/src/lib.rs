@@ -38,6 +38,21 @@ pub enum PruneError {
     /// An error raised by the model.
     #[error(transparent)]
     Model(#[from] stlm_model::ModelError),
+    /// A file that could not be written or read.
+    #[error(transparent)]
+    Core(#[from] stlm_core::CoreError),
+    /// Scoring the validation text failed.
+    #[error(transparent)]
+    Eval(#[from] stlm_eval::EvalError),
+    /// A fine-tuning stage of the cubic schedule failed.
+    #[error("fine-tuning stage {stage}: {source}")]
+    FineTune {
+        /// The stage (from 1).
+        stage: u32,
+        /// What training reported.
+        #[source]
+        source: stlm_train::TrainError,
+    },
 }
 
 /// Refuses a model whose blocks share weights: a tied weight serves several layers, whose

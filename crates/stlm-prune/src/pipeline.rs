@@ -158,7 +158,7 @@ pub fn run(job: &PruneJob, plan: Plan) -> Result<Outcome> {
 fn write_report(dir: &Path, report: &impl Serialize) -> Result<()> {
     let path = dir.join(PRUNING_FILE);
     let text = serde_json::to_string_pretty(report).map_err(|e| PruneError::Input(format!("{}: {e}", path.display())))?;
-    stlm_core::atomic_write_bytes(&path, text.as_bytes()).map_err(|e| PruneError::Input(e.to_string()))
+    Ok(stlm_core::atomic_write_bytes(&path, text.as_bytes())?)
 }
 
 /// The cubic schedule (see [`Plan::Cubic`]); the fine-tuned last stage and its report.
@@ -190,7 +190,7 @@ fn run_schedule(job: &PruneJob, opts: &PruneOptions, (train_config, data): (&Pat
         write_report(&dir.join("pruned"), &report)?;
         drop(model);
         current = stlm_train::run::fine_tune(train_config, &dir.join("pruned"), data, &dir.join("run"), steps, job.device, control.clone())
-            .map_err(|e| PruneError::Input(format!("fine-tuning stage {t}: {e}")))?;
+            .map_err(|source| PruneError::FineTune { stage: t, source })?;
         let tuned = Loaded::load(job, &current, false)?;
         let tuned_ppl = tuned.val_perplexity(&tuned.model, job.progress)?;
         if let (Some(p), Some(f)) = (pruned_ppl, tuned_ppl) {
@@ -272,7 +272,7 @@ impl ValText {
     }
 
     fn perplexity(&self, model: &DecoderModel, progress: bool) -> Result<Perplexity> {
-        let r = perplexity(model, &self.ids, self.bytes, self.window, progress).map_err(|e| PruneError::Input(e.to_string()))?;
+        let r = perplexity(model, &self.ids, self.bytes, self.window, progress)?;
         Ok(Perplexity { loss: r.loss, ppl: r.ppl, bits_per_byte: r.bits_per_byte })
     }
 }

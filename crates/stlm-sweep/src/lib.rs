@@ -323,10 +323,11 @@ fn measure(v: &Variant, run: &Path) -> Result<Row> {
 fn score(spec: &SweepSpec, model: &Path, row: &mut Row) -> Result<()> {
     let Some(text_path) = &spec.eval_data else { return Ok(()) };
     let text = std::fs::read_to_string(text_path).map_err(|e| io(text_path, e))?;
-    row.eval_bpb = Some(score_model(spec, model, &text, None)?.bits_per_byte);
+    let mut scorer = Scorer::load(spec, model)?;
+    row.eval_bpb = Some(scorer.score(&text, None)?.bits_per_byte);
     if let Some(threshold) = spec.early_exit {
         // A model that cannot exit early (its width changes with depth) has no exit columns.
-        row.exit = match exit_row(spec, model, &text, threshold) {
+        row.exit = match exit_row(&mut scorer, &text, threshold) {
             Ok(exit) => Some(exit),
             Err(e) => {
                 eprintln!("{}: no early-exit scores: {e}", row.variant);
@@ -340,28 +341,39 @@ fn score(spec: &SweepSpec, model: &Path, row: &mut Row) -> Result<()> {
 /// The model in `model` scored on `text` with early exit at `threshold`, and at full depth
 /// through the same one-position-at-a-time step (an exit allowed only after the last layer,
 /// so no exit is ever checked) for the speed to compare with.
-fn exit_row(spec: &SweepSpec, model: &Path, text: &str, threshold: f64) -> Result<ExitRow> {
+fn exit_row(scorer: &mut Scorer, text: &str, threshold: f64) -> Result<ExitRow> {
     let rule = |min_layers| EarlyExit { measure: ExitMeasure::Softmax, threshold, min_layers };
-    let exit = score_model(spec, model, text, Some(rule(1)))?;
+    let exit = scorer.score(text, Some(rule(1)))?;
     let (Some(average_depth), Some(depth), Some(tokens_per_s)) = (exit.average_depth, exit.depth, exit.tokens_per_s) else {
         return Err(input("early exit gave no depth or speed".into()));
     };
-    let full = score_model(spec, model, text, Some(rule(depth)))?;
+    let full = scorer.score(text, Some(rule(depth)))?;
     Ok(ExitRow { bpb: exit.bits_per_byte, average_depth, depth: depth as u64, tokens_per_s, full_tokens_per_s: full.tokens_per_s.ok_or_else(|| input("full-depth decoding gave no speed".into()))? })
 }
 
-/// The model in `model` (on the sweep's device, float32) scored on `text`; with an exit rule over
-/// disjoint windows of the model's context, at most 1024 (decoding one position at a time
-/// costs a step per position, and each position is decoded once).
-fn score_model(spec: &SweepSpec, model: &Path, text: &str, exit: Option<EarlyExit>) -> Result<PplReport> {
-    let device = parse_device(&spec.device)?;
-    let lm = stlm_model::load_any_model(model, device, DType::Float32)?;
-    let tok_path = stlm_model::tokenizer_path(model).ok_or_else(|| input(format!("{}: no tokenizer.json", model.display())))?;
-    let tok = Tokenizer::from_file(&tok_path)?;
-    let window = match (&exit, &lm) {
-        (Some(_), stlm_model::AnyModel::Tokens(m)) => Some(m.config.max_position_embeddings.min(1024)),
-        _ => None,
-    };
-    let opts = TextScoring { max_length: window, stride: window, repeats: None, exit, progress: false };
-    Ok(score_text(lm, &tok, text, &opts)?)
+/// A variant's model (on the sweep's device, float32) and tokenizer, loaded once for its scores.
+struct Scorer {
+    model: stlm_model::AnyModel,
+    tok: Tokenizer,
+}
+
+impl Scorer {
+    fn load(spec: &SweepSpec, model: &Path) -> Result<Self> {
+        let device = parse_device(&spec.device)?;
+        let lm = stlm_model::load_any_model(model, device, DType::Float32)?;
+        let tok_path = stlm_model::tokenizer_path(model).ok_or_else(|| input(format!("{}: no tokenizer.json", model.display())))?;
+        Ok(Scorer { model: lm, tok: Tokenizer::from_file(&tok_path)? })
+    }
+
+    /// The model scored on `text`; with an exit rule over disjoint windows of the model's
+    /// context, at most 1024 (decoding one position at a time costs a step per position, and
+    /// each position is decoded once).
+    fn score(&mut self, text: &str, exit: Option<EarlyExit>) -> Result<PplReport> {
+        let window = match (&exit, &self.model) {
+            (Some(_), stlm_model::AnyModel::Tokens(m)) => Some(m.config.max_position_embeddings.min(1024)),
+            _ => None,
+        };
+        let opts = TextScoring { max_length: window, stride: window, repeats: None, exit, progress: false };
+        Ok(score_text(&mut self.model, &self.tok, text, &opts)?)
+    }
 }
