@@ -47,8 +47,9 @@ pub struct DistillOptions {
     /// Training text (as `stlm train --data`); repeatable. Not with --cache (the cache's data is used).
     #[arg(long = "data", conflicts_with = "cache")]
     pub data: Vec<PathBuf>,
-    /// Logit divergence.
-    #[arg(long, value_enum, default_value_t = Divergence::ForwardKl)]
+    /// Logit divergence: fkl, rkl, js, tvd, sfkl or srkl (a bad name is one error line that
+    /// lists them).
+    #[arg(long, default_value = "fkl", value_parser = |s: &str| s.parse::<Divergence>())]
     pub loss: Divergence,
     /// Temperature of both distributions (default 1; a cache's own with --cache).
     #[arg(long)]
