@@ -189,15 +189,7 @@ fn bar() -> ProgressBar {
 }
 
 fn print_task(r: &TaskReport) {
-    let pct = |v: f64, e: f64| format!("{:.2} ± {:.2}", 100.0 * v, 100.0 * e);
-    let mut line = format!("{}: n {}, {} {}", r.task, r.n, r.metric, pct(r.acc, r.acc_stderr));
-    if let (Some(v), Some(e)) = (r.acc_norm, r.acc_norm_stderr) {
-        line.push_str(&format!(", acc_norm {}", pct(v, e)));
-    }
-    if let Some(p) = r.perplexity {
-        line.push_str(&format!(", perplexity {p:.2}"));
-    }
-    eprintln!("{line} ({:.0} s)", r.seconds);
+    eprintln!("{}", r.summary());
 }
 
 /// `stlm eval position-loss`: each model's curve printed, then the figure and the table.
@@ -239,21 +231,8 @@ fn ppl(dir: &Path, data: &Path, opts: TextScoring, tokenizer: Option<PathBuf>, j
 }
 
 fn print_report(data: &std::path::Path, report: &PplReport, json: bool, unit: &str) -> Result<()> {
-    if json {
-        print_json(report)
-    } else {
-        println!(
-            "{}: {} {unit}s, {} bytes, loss {:.4} nats/{unit}, perplexity {:.3}, {:.4} bits/byte",
-            data.display(),
-            report.tokens,
-            report.bytes,
-            report.loss,
-            report.ppl,
-            report.bits_per_byte
-        );
-        if let (Some(avg), Some(depth), Some(speed)) = (report.average_depth, report.depth, report.tokens_per_s) {
-            println!("early exit: average depth {avg:.2} of {depth} layers, {speed:.1} positions/s");
-        }
-        Ok(())
+    match json {
+        true => print_json(report),
+        false => Ok(println!("{}", report.summary(&data.display().to_string(), unit))),
     }
 }

@@ -11,6 +11,7 @@ mod interop;
 mod model;
 mod plot;
 mod prune;
+mod quantize;
 mod sweep;
 mod tokenizer;
 mod train;
@@ -62,6 +63,8 @@ enum Job {
     Bench(bench::BenchJob),
     /// Prune a model: magnitude, Wanda or SparseGPT, unstructured or N:M; writes a pruned model directory.
     Prune(Box<prune::PruneArgs>),
+    /// Quantize a model's linear layers to Q8_0 or Q4_0 blocks; writes a quantized model directory.
+    Quantize(Box<quantize::QuantizeArgs>),
     /// Distil a teacher into a student (logit and hidden-state losses), or cache a teacher's targets.
     Distill(Box<distill::DistillArgs>),
     /// Draw lines from a CSV table, or a training run's curves, into an SVG or PNG plot.
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
         Job::Bench(j) => bench::run(j),
         Job::Plot(a) => plot::plot(a),
         Job::Prune(a) => prune::run(*a),
+        Job::Quantize(a) => quantize::run(*a),
         Job::Distill(a) => distill::run(*a),
         Job::Sweep(a) => sweep::sweep(*a),
         Job::Weightgen(j) => weightgen::run(j),

@@ -6,6 +6,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use stlm_model::samples::TextStream;
 use stlm_model::{DecoderModel, EarlyExit, ExitMeasure, GenerationConfig};
 use stlm_tokenizers::Tokenizer;
 use tch::Device;
@@ -273,33 +274,6 @@ fn generate_bytes(a: &GenerateArgs, model: &stlm_model::BytePooledModel, tok: &s
         writeln!(stdout, "{}", decode(&all).get(stream.printed..).unwrap_or_default())?;
     }
     Ok(())
-}
-
-/// Prints generated text as it grows, holding back while it ends in an incomplete UTF-8
-/// sequence (decoded as U+FFFD).
-struct TextStream {
-    /// Bytes of the text already printed.
-    printed: usize,
-}
-
-impl TextStream {
-    /// Prints `text` (the prompt) and starts after it.
-    fn start(out: &mut impl Write, text: &str) -> Self {
-        let _ = write!(out, "{text}");
-        let _ = out.flush();
-        TextStream { printed: text.len() }
-    }
-
-    /// Prints what `text` (everything so far) adds, once it does not end mid-character.
-    fn update(&mut self, out: &mut impl Write, text: &str) {
-        if !text.ends_with('\u{FFFD}') {
-            if let Some(new) = text.get(self.printed..) {
-                let _ = write!(out, "{new}");
-                let _ = out.flush();
-                self.printed = text.len();
-            }
-        }
-    }
 }
 
 #[derive(Args)]

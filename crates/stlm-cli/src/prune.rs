@@ -4,12 +4,11 @@
 
 use crate::common::{print_json, DeviceArgs};
 use anyhow::{bail, Context, Result};
-use clap::builder::TypedValueParser;
 use clap::Args;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use stlm_model::linears::Projection;
 use stlm_prune::pipeline::{self, Inputs, Plan, PruneJob};
+use stlm_prune::options::{Schedule, Skip};
 use stlm_prune::{Importance, Method, Pattern, PruneOptions, Scope, SparseGptOptions, StructuredOptions, Unit};
 use stlm_train::trainer::RunControl;
 
@@ -45,7 +44,7 @@ pub struct PruneArgs {
     scope: Option<Scope>,
     /// Leave this projection dense in every block (repeatable; default lm_head; `--skip none`
     /// prunes every linear layer). Embeddings are never pruned.
-    #[arg(long, default_values = ["lm_head"], value_parser = skip_parser())]
+    #[arg(long, default_values = ["lm_head"], value_parser = Skip::parser())]
     skip: Vec<Skip>,
     /// Leave decoder block N dense (repeatable).
     #[arg(long, value_name = "N")]
@@ -78,26 +77,6 @@ pub struct PruneArgs {
     json: bool,
     #[command(flatten)]
     device: DeviceArgs,
-}
-
-/// A `--skip` value: a projection, or none.
-#[derive(Debug, Clone, Copy)]
-struct Skip(Option<Projection>);
-
-/// `--skip`'s values: a projection's name, or `none`.
-fn skip_parser() -> impl TypedValueParser<Value = Skip> {
-    let names = Projection::ALL.iter().map(|p| p.name()).chain(["none"]);
-    clap::builder::PossibleValuesParser::new(names).map(|s| Skip(Projection::ALL.into_iter().find(|p| p.name() == s)))
-}
-
-/// How the sparsity is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Schedule {
-    /// Prune once.
-    OneShot,
-    /// Raise the sparsity over `--stages` stages as `s * (1 - (1 - t/stages)^3)` (Zhu & Gupta
-    /// 2017), fine-tuning `--stage-steps` steps after each (zeros kept).
-    Cubic,
 }
 
 pub fn run(a: PruneArgs) -> Result<()> {

@@ -11,6 +11,7 @@ pub mod io;
 pub mod kernels;
 pub mod memory;
 pub mod module;
+pub mod qmatvec;
 pub mod quant;
 pub mod spin;
 pub mod step;

@@ -43,13 +43,16 @@ pub enum Role {
     },
     /// State that gradients do not train (the aux-free router's bias).
     Buffer,
+    /// A matrix stored as quantized blocks (its dequantized values here): multiplied like a
+    /// matrix, never trained.
+    QuantizedMatrix,
 }
 
 impl Role {
     /// Whether decoupled weight decay applies: to every tensor of two or more dimensions except
     /// lookup tables (norm scales, biases and other vectors never decay).
     pub fn decays(self, tensor: &Tensor) -> bool {
-        tensor.dim() >= 2 && !matches!(self, Role::Embedding | Role::RoutedRows { .. } | Role::Buffer)
+        tensor.dim() >= 2 && !matches!(self, Role::Embedding | Role::RoutedRows { .. } | Role::Buffer | Role::QuantizedMatrix)
     }
 
     /// The weights of `tensor` that one token multiplies with (each is 2 FLOPs forward): all of a
@@ -57,7 +60,7 @@ impl Role {
     pub fn matmul_weights(self, tensor: &Tensor) -> f64 {
         let n = tensor.numel() as f64;
         match self {
-            Role::Matrix => n,
+            Role::Matrix | Role::QuantizedMatrix => n,
             Role::RoutedExperts { experts, per_token } | Role::RoutedRows { experts, per_token } => n * per_token / experts.max(1) as f64,
             Role::Embedding | Role::Norm | Role::Bias | Role::Scale | Role::KindParameter | Role::Buffer => 0.0,
         }

@@ -113,6 +113,185 @@ pub fn dequantize_q4_0(blocks: &[BlockQ4_0], out: &mut [f32]) -> Result<(), Core
     Ok(())
 }
 
+/// A block format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantFormat {
+    /// [`BlockQ8_0`]: 8.5 bits per weight.
+    Q8_0,
+    /// [`BlockQ4_0`]: 4.5 bits per weight.
+    Q4_0,
+}
+
+impl QuantFormat {
+    /// Its name (`q8_0`, `q4_0`), as files and the command line spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Bytes per block of [`QK`] values.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantFormat::Q8_0 => std::mem::size_of::<BlockQ8_0>(),
+            QuantFormat::Q4_0 => std::mem::size_of::<BlockQ4_0>(),
+        }
+    }
+
+    /// Bits per weight (the scale included).
+    pub fn bits_per_weight(self) -> f64 {
+        (self.block_bytes() * 8) as f64 / QK as f64
+    }
+}
+
+impl std::str::FromStr for QuantFormat {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self, CoreError> {
+        match s {
+            "q8_0" => Ok(QuantFormat::Q8_0),
+            "q4_0" => Ok(QuantFormat::Q4_0),
+            _ => Err(CoreError::Invalid(format!("quantization format `{s}`: expected q8_0 or q4_0"))),
+        }
+    }
+}
+
+/// A row-major matrix `[rows, cols]` of quantized blocks (`cols` a multiple of [`QK`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuantMatrix {
+    /// Q8_0 blocks, row after row.
+    Q8_0 {
+        /// The blocks.
+        blocks: Vec<BlockQ8_0>,
+        /// Values per row.
+        cols: usize,
+    },
+    /// Q4_0 blocks, row after row.
+    Q4_0 {
+        /// The blocks.
+        blocks: Vec<BlockQ4_0>,
+        /// Values per row.
+        cols: usize,
+    },
+}
+
+impl QuantMatrix {
+    /// `values` (`rows * cols`, row-major) quantized to `format`; `cols` must be a multiple of
+    /// [`QK`] (blocks never cross rows).
+    pub fn quantize(format: QuantFormat, values: &[f32], cols: usize) -> Result<Self, CoreError> {
+        if cols == 0 || cols % QK != 0 || values.len() % cols != 0 {
+            return Err(CoreError::Invalid(format!("rows of {cols} values do not divide into blocks of {QK}")));
+        }
+        Ok(match format {
+            QuantFormat::Q8_0 => QuantMatrix::Q8_0 { blocks: quantize_q8_0(values)?, cols },
+            QuantFormat::Q4_0 => QuantMatrix::Q4_0 { blocks: quantize_q4_0(values)?, cols },
+        })
+    }
+
+    /// Its format.
+    pub fn format(&self) -> QuantFormat {
+        match self {
+            QuantMatrix::Q8_0 { .. } => QuantFormat::Q8_0,
+            QuantMatrix::Q4_0 { .. } => QuantFormat::Q4_0,
+        }
+    }
+
+    /// `(rows, cols)`.
+    pub fn shape(&self) -> (usize, usize) {
+        let (n, cols) = match self {
+            QuantMatrix::Q8_0 { blocks, cols } => (blocks.len(), *cols),
+            QuantMatrix::Q4_0 { blocks, cols } => (blocks.len(), *cols),
+        };
+        (n * QK / cols, cols)
+    }
+
+    /// A borrowed view for the integer kernels.
+    pub fn rows(&self) -> crate::qmatvec::QuantRows<'_> {
+        match self {
+            QuantMatrix::Q8_0 { blocks, cols } => crate::qmatvec::QuantRows::Q8_0 { blocks, cols: *cols },
+            QuantMatrix::Q4_0 { blocks, cols } => crate::qmatvec::QuantRows::Q4_0 { blocks, cols: *cols },
+        }
+    }
+
+    /// Every value, dequantized (row-major).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols) = self.shape();
+        let mut out = vec![0.0; rows * cols];
+        let done = match self {
+            QuantMatrix::Q8_0 { blocks, .. } => dequantize_q8_0(blocks, &mut out),
+            QuantMatrix::Q4_0 { blocks, .. } => dequantize_q4_0(blocks, &mut out),
+        };
+        done.expect("the output holds every block");
+        out
+    }
+
+    /// The blocks as ggml stores them (little-endian `d`, then the values): what a GGUF tensor
+    /// and a quantized model's safetensors entry hold.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.byte_len());
+        match self {
+            QuantMatrix::Q8_0 { blocks, .. } => blocks.iter().for_each(|b| {
+                out.extend_from_slice(&b.d.to_le_bytes());
+                out.extend(b.qs.iter().map(|&q| q as u8));
+            }),
+            QuantMatrix::Q4_0 { blocks, .. } => blocks.iter().for_each(|b| {
+                out.extend_from_slice(&b.d.to_le_bytes());
+                out.extend_from_slice(&b.qs);
+            }),
+        }
+        out
+    }
+
+    /// Bytes of [`QuantMatrix::to_bytes`].
+    pub fn byte_len(&self) -> usize {
+        let (rows, cols) = self.shape();
+        rows * cols / QK * self.format().block_bytes()
+    }
+
+    /// The matrix `[rows, cols]` of `format` in `bytes` (as [`QuantMatrix::to_bytes`] writes);
+    /// an error says how the length differs.
+    pub fn from_bytes(format: QuantFormat, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, CoreError> {
+        if cols == 0 || cols % QK != 0 {
+            return Err(CoreError::Invalid(format!("rows of {cols} values do not divide into blocks of {QK}")));
+        }
+        let size = format.block_bytes();
+        let want = rows * cols / QK * size;
+        if bytes.len() != want {
+            return Err(CoreError::Invalid(format!(
+                "{} [{rows}, {cols}] needs {want} bytes, got {}",
+                format.name(),
+                bytes.len()
+            )));
+        }
+        let d = |c: &[u8]| u16::from_le_bytes([c[0], c[1]]);
+        Ok(match format {
+            QuantFormat::Q8_0 => QuantMatrix::Q8_0 {
+                blocks: bytes
+                    .chunks_exact(size)
+                    .map(|c| {
+                        let mut qs = [0i8; QK];
+                        qs.iter_mut().zip(&c[2..]).for_each(|(q, &b)| *q = b as i8);
+                        BlockQ8_0 { d: d(c), qs }
+                    })
+                    .collect(),
+                cols,
+            },
+            QuantFormat::Q4_0 => QuantMatrix::Q4_0 {
+                blocks: bytes
+                    .chunks_exact(size)
+                    .map(|c| {
+                        let mut qs = [0u8; QK / 2];
+                        qs.copy_from_slice(&c[2..]);
+                        BlockQ4_0 { d: d(c), qs }
+                    })
+                    .collect(),
+                cols,
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +334,24 @@ mod tests {
         assert_eq!((zero.d, zero.qs), (0x8000, [0x88; QK / 2]));
         assert!(quantize_q8_0(&[1.0; 33]).unwrap_err().to_string().contains("33 values"));
         assert!(dequantize_q4_0(&[zero], &mut [0.0; 31]).is_err());
+    }
+
+    #[test]
+    fn matrices_round_trip_through_bytes() {
+        let values: Vec<f32> = (0..3 * 64).map(|i| (i as f32 * 0.37).sin() * (1 + i % 7) as f32).collect();
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0] {
+            let m = QuantMatrix::quantize(format, &values, 64).unwrap();
+            assert_eq!((m.shape(), m.format()), ((3, 64), format));
+            let bytes = m.to_bytes();
+            assert_eq!(bytes.len(), 3 * 2 * format.block_bytes());
+            assert_eq!(QuantMatrix::from_bytes(format, 3, 64, &bytes).unwrap(), m);
+            let e = QuantMatrix::from_bytes(format, 3, 64, &bytes[1..]).unwrap_err().to_string();
+            assert!(e.contains(format.name()) && e.contains(&format!("got {}", bytes.len() - 1)), "{e}");
+            assert_eq!(format.name().parse::<QuantFormat>().unwrap(), format);
+        }
+        assert!(QuantMatrix::quantize(QuantFormat::Q8_0, &values, 48).is_err());
+        assert_eq!(QuantFormat::Q8_0.bits_per_weight(), 8.5);
+        assert_eq!(QuantFormat::Q4_0.bits_per_weight(), 4.5);
     }
 
     proptest! {

@@ -15,6 +15,7 @@
 //! [`suite`]: named task suites and their markdown table. [`plot`]: SVG line plots. [`text`]: a
 //! text file's score under a model of either kind (`stlm eval ppl`).
 
+pub mod heldout;
 pub mod plot;
 pub mod position;
 pub mod score;
@@ -79,6 +80,20 @@ pub struct PplReport {
     /// With early exit: positions scored per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_s: Option<f64>,
+}
+
+impl PplReport {
+    /// The report as text for people, of `source` scored in `unit`s (`token` or `byte`).
+    pub fn summary(&self, source: &str, unit: &str) -> String {
+        let mut out = format!(
+            "{source}: {} {unit}s, {} bytes, loss {:.4} nats/{unit}, perplexity {:.3}, {:.4} bits/byte",
+            self.tokens, self.bytes, self.loss, self.ppl, self.bits_per_byte
+        );
+        if let (Some(avg), Some(depth), Some(speed)) = (self.average_depth, self.depth, self.tokens_per_s) {
+            out += &format!("\nearly exit: average depth {avg:.2} of {depth} layers, {speed:.1} positions/s");
+        }
+        out
+    }
 }
 
 /// The ids of `text` for [`perplexity`], after the model's BOS (or the tokenizer's end-of-text)

@@ -511,6 +511,21 @@ pub struct TaskReport {
     pub seconds: f64,
 }
 
+impl TaskReport {
+    /// One line for people: `task: n N, metric acc ± stderr (%), ...`.
+    pub fn summary(&self) -> String {
+        let pct = |v: f64, e: f64| format!("{:.2} ± {:.2}", 100.0 * v, 100.0 * e);
+        let mut line = format!("{}: n {}, {} {}", self.task, self.n, self.metric, pct(self.acc, self.acc_stderr));
+        if let (Some(v), Some(e)) = (self.acc_norm, self.acc_norm_stderr) {
+            line.push_str(&format!(", acc_norm {}", pct(v, e)));
+        }
+        if let Some(p) = self.perplexity {
+            line.push_str(&format!(", perplexity {p:.2}"));
+        }
+        format!("{line} ({:.0} s)", self.seconds)
+    }
+}
+
 /// One scored item (`stlm eval mc --log-samples`): its requests and what the model gave them.
 #[derive(Debug, Clone, Serialize)]
 pub struct ItemResult {

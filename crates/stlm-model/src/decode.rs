@@ -14,13 +14,63 @@ use crate::layers::{DecoderLayer, FeedForward, Linear, Mlp, Norm, SelfAttention}
 use crate::weight::Weight;
 use crate::DecoderModel;
 use stlm_attention::KvCache;
+use std::cell::RefCell;
 use stlm_core::kernels::{f32_slice, layer_norm_row, rms_norm_row, Rows};
+use stlm_core::qmatvec::{QuantRows, QuantizedVector};
 use stlm_core::spin::SpinPool;
 use tch::{Device, Kind, Tensor};
 
+/// A weight matrix as the step reads it: float32 rows, or quantized blocks (whose product
+/// quantizes the input per block and multiplies in integers, see [`stlm_core::qmatvec`]).
+#[derive(Debug, Clone, Copy)]
+enum Matrix<'m> {
+    Float(Rows<'m>),
+    Quantized(QuantRows<'m>),
+}
+
+thread_local! {
+    /// The input of a quantized product, quantized (reused from step to step).
+    static QUANTIZED_INPUT: RefCell<QuantizedVector> = RefCell::new(QuantizedVector::new());
+}
+
+impl<'m> Matrix<'m> {
+    fn of(w: &'m Weight) -> Fused<Self> {
+        Ok(match w {
+            Weight::Dense(w) => Matrix::Float(Rows::from_tensor(w).ok_or_else(not_row_major)?),
+            Weight::Quantized(q) => Matrix::Quantized(q.matrix.rows()),
+        })
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            Matrix::Float(m) => m.rows(),
+            Matrix::Quantized(m) => m.rows(),
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Matrix::Float(m) => m.cols(),
+            Matrix::Quantized(m) => m.cols(),
+        }
+    }
+
+    /// `y += W x`, split over `pool`.
+    fn matvec_add_split(&self, x: &[f32], y: &mut [f32], pool: &SpinPool) {
+        match self {
+            Matrix::Float(m) => m.matvec_add_split(x, y, pool),
+            Matrix::Quantized(m) => QUANTIZED_INPUT.with(|q| {
+                let mut q = q.borrow_mut();
+                q.quantize(x);
+                m.matvec_add_split(&q, y, pool);
+            }),
+        }
+    }
+}
+
 /// A linear layer as slices: `y = W x + b`.
 struct Affine<'m> {
-    weight: Rows<'m>,
+    weight: Matrix<'m>,
     bias: Option<&'m [f32]>,
 }
 
@@ -35,10 +85,7 @@ impl<'m> Affine<'m> {
             Some(b) => Some(f32_slice(b).ok_or_else(not_row_major)?),
             None => None,
         };
-        let weight = match weight {
-            Weight::Dense(w) => Rows::from_tensor(w).ok_or_else(not_row_major)?,
-        };
-        Ok(Affine { weight, bias })
+        Ok(Affine { weight: Matrix::of(weight)?, bias })
     }
 
     /// Writes `W x + b` to `y`.
@@ -207,7 +254,7 @@ pub struct FastDecoder<'m> {
     /// The block of every applied layer.
     schedule: Vec<usize>,
     norm: NormRow<'m>,
-    head: Rows<'m>,
+    head: Matrix<'m>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -246,7 +293,7 @@ impl<'m> FastDecoder<'m> {
         let head = match lm_head {
             Some(h) if h.bias.is_none() => Affine::new(h)?.weight,
             Some(_) => return refuse("an output head with a bias"),
-            None => embed,
+            None => Matrix::Float(embed),
         };
         let positions = match embed_positions {
             Some(p) => Some(Rows::from_tensor(p).ok_or_else(not_row_major)?),
@@ -426,7 +473,7 @@ fn feed_forward(block: &Block, s: &mut Scratch, pool: &SpinPool) {
 }
 
 /// Logits of the stream `s.x` through the final norm and the head.
-fn head_logits(norm: &NormRow, head: &Rows, s: &mut Scratch, pool: &SpinPool) -> Vec<f32> {
+fn head_logits(norm: &NormRow, head: &Matrix, s: &mut Scratch, pool: &SpinPool) -> Vec<f32> {
     resize(&mut s.normed, s.x.len());
     norm.apply(&s.x, &mut s.normed);
     let mut logits = vec![0f32; head.rows()];

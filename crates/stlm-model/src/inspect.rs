@@ -81,6 +81,8 @@ pub struct Report {
     pub embedding_parameters: i64,
     /// The rest.
     pub non_embedding_parameters: i64,
+    /// In quantized blocks, by format (`q8_0`), with the number of matrices; empty for a float model.
+    pub quantized: std::collections::BTreeMap<String, (i64, usize)>,
     /// The model's config.
     pub config: crate::ModelConfig,
     /// By module.
@@ -90,7 +92,13 @@ pub struct Report {
 /// The report of `model`.
 pub fn report(model: &DecoderModel) -> Report {
     let (total, embedding) = (model.num_parameters(), embedding_parameters(model));
-    Report { parameters: total, embedding_parameters: embedding, non_embedding_parameters: total - embedding, config: model.config.clone(), modules: module_counts(model) }
+    let mut quantized = std::collections::BTreeMap::new();
+    for m in model.quantized_weights().into_values() {
+        let (rows, cols) = m.shape();
+        let entry: &mut (i64, usize) = quantized.entry(m.format().name().to_string()).or_default();
+        *entry = (entry.0 + (rows * cols) as i64, entry.1 + 1);
+    }
+    Report { parameters: total, embedding_parameters: embedding, non_embedding_parameters: total - embedding, quantized, config: model.config.clone(), modules: module_counts(model) }
 }
 
 impl Report {
@@ -104,6 +112,9 @@ impl Report {
         );
         let (total, embedding) = (self.parameters, self.embedding_parameters);
         s += &format!("parameters: {} total, {} in embeddings and head, {} in the rest\n", group(total), group(embedding), group(total - embedding));
+        for (format, (n, matrices)) in &self.quantized {
+            s += &format!("quantized: {} parameters in {format} blocks ({matrices} matrices), the rest in float\n", group(*n));
+        }
         s += &format!("{:<24} {:>12} {:>12} {:>10} {:>12} {:>12}\n", "module", "attention", "mlp", "norms", "other", "total");
         for r in &self.modules {
             s += &format!("{:<24} {:>12} {:>12} {:>10} {:>12} {:>12}\n", r.name, group(r.attention), group(r.mlp), group(r.norms), group(r.other), group(r.total));

@@ -7,6 +7,7 @@ use crate::{DecoderModel, ModelError, Result};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use crate::quantized::{QuantizationFile, QUANTIZATION_FILE};
 use stlm_core::{atomic_write_bytes, read_safetensors, write_safetensors, CoreError, DType};
 use tch::{Device, Tensor};
 
@@ -102,9 +103,18 @@ pub fn load_model(dir: &Path, device: Device, dtype: DType) -> Result<DecoderMod
     if !path.is_file() {
         return Err(ModelError::Weights { path, message: "weight file is missing".into() });
     }
-    let tensors = import_weights(&model.config, read_safetensors(&path)?, &path)?;
+    let mut tensors = read_safetensors(&path)?;
+    // A quantized directory: the blocks come out, their float values go in, for the float load.
+    let blocks = match QuantizationFile::read(dir)? {
+        Some(file) => crate::quantized::take_blocks(&file, &mut tensors, &path)?,
+        None => HashMap::new(),
+    };
+    let tensors = import_weights(&model.config, tensors, &path)?;
     copy_weights(&model, model.config.tie_word_embeddings, tensors, &path)?;
     model.set_kind(dtype.kind());
+    if !blocks.is_empty() {
+        model.set_quantized(blocks).map_err(|e| ModelError::Weights { path: dir.join(QUANTIZATION_FILE), message: e.to_string() })?;
+    }
     Ok(model)
 }
 
@@ -164,7 +174,20 @@ impl DecoderModel {
             _ => "float32",
         };
         let weights = export_weights(&self.config, &stored_tensors(self));
-        save_dir(dir, &self.config, &weights, dtype, tokenizer)
+        let quantized = self.quantized_weights();
+        if quantized.is_empty() {
+            save_dir(dir, &self.config, &weights, dtype, tokenizer)?;
+            // A float model saved over a quantized one: no stale marker.
+            let marker = dir.join(QUANTIZATION_FILE);
+            if marker.is_file() {
+                std::fs::remove_file(&marker).map_err(|e| CoreError::io(&marker, e))?;
+            }
+            return Ok(());
+        }
+        let weights = crate::quantized::with_blocks(weights, &quantized, &format!("{:?}", self.config.model_type).to_lowercase())?;
+        save_dir(dir, &self.config, &weights, dtype, tokenizer)?;
+        let tensors = quantized.into_iter().map(|(name, m)| (name, m.format())).collect();
+        QuantizationFile { tensors, method: String::new(), report: None }.write(dir)
     }
 }
 

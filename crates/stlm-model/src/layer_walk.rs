@@ -9,6 +9,7 @@ impl Layer for Linear {
     fn visit(&self, walk: &mut Walk<'_>) {
         match &self.weight {
             Weight::Dense(w) => walk.param("weight", w, Role::Matrix),
+            Weight::Quantized(q) => walk.param("weight", &q.dense, Role::QuantizedMatrix),
         }
         walk.param_opt("bias", self.bias.as_ref(), Role::Bias);
     }

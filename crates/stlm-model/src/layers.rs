@@ -117,6 +117,11 @@ impl Linear {
 
     /// [`Linear::forward_concat`] with each part's low-rank update `deltas[i]` merged in.
     pub fn forward_concat_with(parts: &[&Linear], deltas: &[Option<LowRank<'_>>], x: &Tensor) -> Tensor {
+        if parts.iter().any(|p| p.weight.variable().is_none()) {
+            // Quantized parts multiply with their own blocks (one row: the integer kernel).
+            let outs: Vec<Tensor> = parts.iter().zip(deltas).map(|(p, d)| p.forward_with(x, *d)).collect();
+            return Tensor::cat(&outs, -1);
+        }
         Linear::record(parts, x);
         let weights: Vec<Tensor> = parts.iter().zip(deltas).map(|(p, d)| p.weight_with(*d)).collect();
         let weight = Tensor::cat(&weights, 0);
@@ -127,8 +132,12 @@ impl Linear {
 
     /// One linear computing `parts` (which read the same input) in a single product; the
     /// weights and biases of `parts` become views of its rows, so they stay the variables that
-    /// are trained and saved, and the fused layer always sees their values.
-    pub fn fuse(parts: &mut [&mut Linear]) -> Linear {
+    /// are trained and saved, and the fused layer always sees their values. `None` when a part's
+    /// weight is not a float tensor (quantized blocks stay per layer).
+    pub fn fuse(parts: &mut [&mut Linear]) -> Option<Linear> {
+        if parts.iter().any(|p| p.weight.variable().is_none()) {
+            return None;
+        }
         let weight = Tensor::cat(&parts.iter().map(|p| p.weight.value()).collect::<Vec<_>>(), 0);
         let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0));
@@ -137,13 +146,14 @@ impl Linear {
             let n = p.weight.shape().0;
             match &mut p.weight {
                 Weight::Dense(w) => w.set_data(&weight.narrow(0, offset, n)),
+                Weight::Quantized(_) => unreachable!("checked above: every part is float"),
             }
             if let (Some(pb), Some(b)) = (p.bias.as_mut(), bias.as_ref()) {
                 pb.set_data(&b.narrow(0, offset, n));
             }
             offset += n;
         }
-        Linear::from_dense(weight, bias)
+        Some(Linear::from_dense(weight, bias))
     }
 }
 
@@ -266,7 +276,7 @@ impl Mlp {
     /// Fuses the gate and up projections (gated MLPs) for fast decoding.
     pub fn prepare_for_decoding(&mut self) {
         if let Some(gate) = self.gate_proj.as_mut() {
-            self.gate_up = Some(Linear::fuse(&mut [gate, &mut self.up_proj]));
+            self.gate_up = Linear::fuse(&mut [gate, &mut self.up_proj]);
         }
     }
 
@@ -466,7 +476,7 @@ impl SelfAttention {
 
     /// Fuses the q, k, v projections for fast decoding.
     pub fn prepare_for_decoding(&mut self) {
-        self.qkv = Some(Linear::fuse(&mut [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj]));
+        self.qkv = Linear::fuse(&mut [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj]);
     }
 
     /// Queries `[b, heads, s, d]`, keys and values `[b, kv_heads, s, d]` of `x` `[b, s, hidden]`

@@ -10,6 +10,7 @@
 //!   [`samples`]: texts sampled from either kind of model.
 //! - [`llama2c`]: llama2.c checkpoints (versions 0, 1, 2) in and out.
 //! - [`linears`]: the linear layers with what each computes, for rewriting weights in place.
+//! - [`quantized`]: model directories with block-quantized linear layers.
 //! - [`sharing`], [`shapes`], [`dynamic`]: shared layers, per-layer shapes, dynamic depth.
 
 pub mod byte_config;
@@ -30,6 +31,7 @@ pub mod linears;
 pub mod lm;
 pub mod lora;
 pub mod model;
+pub mod quantized;
 pub mod shapes;
 pub mod sharing;
 pub mod samples;

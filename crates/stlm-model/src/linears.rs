@@ -142,6 +142,38 @@ impl DecoderLayer {
 }
 
 impl DecoderModel {
+    /// [`DecoderModel::linears_mut`] read-only: each layer with its name (without `.weight`).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out: Vec<(String, &Linear)> = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let DecoderLayer { in_proj, self_attn: a, mlp, mlp_tied, .. } = layer;
+            let mut found: Vec<(Projection, &Linear)> = Vec::new();
+            if let Some(l) = in_proj {
+                found.push((Projection::InProj, l));
+            }
+            found.extend([(Projection::QProj, &a.q_proj), (Projection::KProj, &a.k_proj), (Projection::VProj, &a.v_proj)]);
+            if !a.o_proj_tied {
+                found.push((Projection::OProj, &a.o_proj));
+            }
+            if let Some(dm) = a.attention.key_bias() {
+                found.push((Projection::DtProj, &dm.dt_proj));
+            }
+            if let (FeedForward::Dense(m), false) = (mlp, *mlp_tied) {
+                if let Some(g) = &m.gate_proj {
+                    found.push((Projection::GateProj, g));
+                }
+                found.extend([(Projection::UpProj, &m.up_proj), (Projection::DownProj, &m.down_proj)]);
+            }
+            out.extend(found.into_iter().map(|(p, l)| (format!("model.layers.{i}.{}", p.path()), l)));
+        }
+        for (p, l) in [(Projection::OutProj, self.out_proj.as_ref()), (Projection::LmHead, self.lm_head.as_ref())] {
+            if let Some(l) = l {
+                out.push((p.path().to_string(), l));
+            }
+        }
+        out
+    }
+
     /// Every linear layer the model owns, in forward order: the blocks', then `out_proj` and an
     /// untied head.
     pub fn linears_mut(&mut self) -> Vec<LinearSite<'_>> {
@@ -205,6 +237,8 @@ mod tests {
                 assert!(head || listed.contains(name), "{extra}: the walk's {name} is not listed");
             }
             assert!(m.linears_mut().iter().all(|s| s.name().ends_with(s.projection.name())));
+            let read_only: Vec<String> = m.linears().into_iter().map(|(n, _)| format!("{n}.weight")).collect();
+            assert_eq!(read_only, listed, "{extra}");
         }
         assert_eq!(seen.len(), Projection::ALL.len(), "every projection occurs in one of the configs: {seen:?}");
     }

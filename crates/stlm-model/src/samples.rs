@@ -3,6 +3,7 @@
 use crate::bytes::generate_bytes;
 use crate::generate::{generate, GenerationConfig};
 use crate::{AnyModel, ModelError, Result};
+use std::io::Write;
 
 /// `count` texts sampled from `model` (either kind), each started from the tokenizer's
 /// end-of-text token (none without one), with temperature 0.8 and top-p 0.95: the samples a
@@ -34,6 +35,33 @@ pub fn sample_texts(model: &AnyModel, tok: &stlm_tokenizers::Tokenizer, count: u
         AnyModel::Tokens(m) => {
             let outs = generate(m, &vec![vec![start]; count], &cfg, |_, _| {})?;
             outs.iter().map(|ids| decode(&ids.iter().map(|&t| t as u32).collect::<Vec<_>>())).collect()
+        }
+    }
+}
+
+/// Prints generated text as it grows, holding back while it ends in an incomplete UTF-8
+/// sequence (decoded as U+FFFD).
+pub struct TextStream {
+    /// Bytes of the text already printed.
+    pub printed: usize,
+}
+
+impl TextStream {
+    /// Prints `text` (the prompt) and starts after it.
+    pub fn start(out: &mut impl Write, text: &str) -> Self {
+        let _ = write!(out, "{text}");
+        let _ = out.flush();
+        TextStream { printed: text.len() }
+    }
+
+    /// Prints what `text` (everything so far) adds, once it does not end mid-character.
+    pub fn update(&mut self, out: &mut impl Write, text: &str) {
+        if !text.ends_with('\u{FFFD}') {
+            if let Some(new) = text.get(self.printed..) {
+                let _ = write!(out, "{new}");
+                let _ = out.flush();
+                self.printed = text.len();
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ use crate::sparsegpt::SparseGptOptions;
 use crate::{PruneError, Result};
 use serde::Serialize;
 use stlm_core::OptionError;
+use clap::builder::TypedValueParser;
 use stlm_model::linears::Projection;
 
 /// How weights are scored.
@@ -73,3 +74,24 @@ pub struct PruneOptions {
     pub sparsegpt: SparseGptOptions,
 }
 
+/// A `--skip` value: a projection, or none.
+#[derive(Debug, Clone, Copy)]
+pub struct Skip(pub Option<Projection>);
+
+impl Skip {
+    /// Parses a projection's name, or `none`.
+    pub fn parser() -> impl TypedValueParser<Value = Skip> {
+        let names = Projection::ALL.iter().map(|p| p.name()).chain(["none"]);
+        clap::builder::PossibleValuesParser::new(names).map(|s| Skip(Projection::ALL.into_iter().find(|p| p.name() == s)))
+    }
+}
+
+/// How the sparsity is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Schedule {
+    /// Prune once.
+    OneShot,
+    /// Raise the sparsity over `--stages` stages as `s * (1 - (1 - t/stages)^3)` (Zhu & Gupta
+    /// 2017), fine-tuning `--stage-steps` steps after each (zeros kept).
+    Cubic,
+}

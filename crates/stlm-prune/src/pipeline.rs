@@ -5,7 +5,7 @@
 use crate::{prune, prune_structured, Pattern, Perplexity, PruneError, PruneOptions, PruneReport, Result, StructuredOptions, StructuredReport};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use stlm_eval::{perplexity, scored_ids, WindowOptions};
+use stlm_eval::heldout::{read_text, HeldOutText};
 use stlm_model::{load_model, tokenizer_path, DecoderModel, PRUNING_FILE};
 use stlm_tokenizers::Tokenizer;
 use stlm_train::trainer::RunControl;
@@ -208,7 +208,7 @@ fn run_schedule(job: &PruneJob, opts: &PruneOptions, (train_config, data): (&Pat
 struct Loaded {
     model: DecoderModel,
     calib: Vec<Tensor>,
-    val: Option<ValText>,
+    val: Option<HeldOutText>,
 }
 
 impl Loaded {
@@ -227,22 +227,13 @@ impl Loaded {
             (Some(path), false) => return Err(PruneError::Input(format!("{}: magnitude scoring needs no calibration; drop it", path.display()))),
             (None, _) => Vec::new(),
         };
-        let val = job.inputs.val.as_deref().map(|p| ValText::load(p, &model, &tok, job.inputs.val_len)).transpose()?;
+        let val = job.inputs.val.as_deref().map(|p| HeldOutText::load(p, &model, &tok, job.inputs.val_len)).transpose()?;
         Ok(Loaded { model, calib, val })
     }
 
     fn val_perplexity(&self, model: &DecoderModel, progress: bool) -> Result<Option<Perplexity>> {
-        self.val.as_ref().map(|v| v.perplexity(model, progress)).transpose()
+        Ok(self.val.as_ref().map(|v| v.perplexity(model, progress)).transpose()?)
     }
-}
-
-/// Reads a text file, naming it on failure.
-fn read_text(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| PruneError::Input(format!("{}: cannot read as UTF-8 text: {e}", path.display())))?;
-    if text.trim().is_empty() {
-        return Err(PruneError::Input(format!("{}: the file is empty", path.display())));
-    }
-    Ok(text)
 }
 
 /// `samples` windows of `len` tokens spread evenly over the tokens of `path`, as batches.
@@ -253,26 +244,5 @@ fn calibration_batches(model: &DecoderModel, tok: &Tokenizer, path: &Path, sampl
     match crate::calibration_windows(model, &ids, samples, len) {
         Err(PruneError::Input(m)) => Err(PruneError::Input(format!("{}: {m}", path.display()))),
         other => other,
-    }
-}
-
-/// A validation text, tokenized once, scored in disjoint windows.
-struct ValText {
-    ids: Vec<i64>,
-    bytes: u64,
-    window: WindowOptions,
-}
-
-impl ValText {
-    fn load(path: &Path, model: &DecoderModel, tok: &Tokenizer, len: i64) -> Result<Self> {
-        let text = read_text(path)?;
-        let ids = scored_ids(model, tok, &text).map_err(|e| PruneError::Input(format!("{}: {e}", path.display())))?;
-        let max_length = len.min(model.config.max_position_embeddings);
-        Ok(ValText { ids, bytes: text.len() as u64, window: WindowOptions { max_length, stride: max_length } })
-    }
-
-    fn perplexity(&self, model: &DecoderModel, progress: bool) -> Result<Perplexity> {
-        let r = perplexity(model, &self.ids, self.bytes, self.window, progress)?;
-        Ok(Perplexity { loss: r.loss, ppl: r.ppl, bits_per_byte: r.bits_per_byte })
     }
 }

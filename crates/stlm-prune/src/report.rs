@@ -28,16 +28,7 @@ impl TargetReport {
     }
 }
 
-/// Validation loss and perplexity of a model on a text.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Perplexity {
-    /// Mean nats per token.
-    pub loss: f64,
-    /// `exp(loss)`.
-    pub ppl: f64,
-    /// Bits per byte of text.
-    pub bits_per_byte: f64,
-}
+pub use stlm_eval::heldout::Perplexity;
 
 /// The report of one prune (`stlm prune --json` prints it; the pruned model directory keeps it
 /// as `pruning.json`, whose `pruned` list tells `stlm train --init` which weights stay zero).

@@ -176,7 +176,13 @@ pub struct InitModel {
 impl InitModel {
     /// Loads `dir` in float32 on `device`, with the pruned matrices its `pruning.json` lists.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        let model = stlm_model::load_any_model(dir, device, stlm_core::DType::Float32)?;
+        let mut model = stlm_model::load_any_model(dir, device, stlm_core::DType::Float32)?;
+        if let AnyModel::Tokens(m) = &mut model {
+            if m.is_quantized() {
+                eprintln!("{}: a quantized model; training starts from its dequantized float weights", dir.display());
+                m.dequantize();
+            }
+        }
         let record = dir.join(PRUNING_FILE);
         // Unstructured and N:M reports list the pruned matrices; structured ones have nothing to keep.
         let keep_zeros = match record.is_file() {

@@ -276,6 +276,12 @@ pub fn train(
     let group = control.group.as_deref();
     let leader = control.is_leader();
     let params = model.parameters();
+    if let Some(p) = params.iter().find(|p| p.role == stlm_core::Role::QuantizedMatrix) {
+        return Err(TrainError::Config(format!(
+            "`{}` is quantized: training needs float weights (start from the quantized model with `--init`, which dequantizes it)",
+            p.name
+        )));
+    }
     let mut opt = AdamW::new(params, cfg.adamw());
     let mut state = TrainerState { step: 0, seed: cfg.seed, tokens_seen: 0 };
     if resume {

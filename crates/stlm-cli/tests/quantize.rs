@@ -1,0 +1,51 @@
+//! `stlm quantize` end to end on a tiny trained model: Q8_0 and Q4_0 directories that
+//! `generate`, `eval ppl`, `inspect` and `train --init` load, with reports; bad input is one line.
+
+mod common;
+
+use common::{fails, json, ok, p};
+
+const CONFIG: &str = "[model]\npreset = \"llama\"\nvocab_size = 320\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\nnum_attention_heads = 4\nmax_position_embeddings = 64\ntie_word_embeddings = false\n\n[train]\nmax_steps = 6\nbatch_size = 4\nseq_len = 32\nlog_every = 2\neval_every = 6\neval_batches = 1\nsave_every = 6\nkeep_last = 1\nwarmup_steps = 1\n\n[data]\nval_fraction = 0.1\n";
+
+#[test]
+fn quantizes_reports_and_loads_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = common::write_stories(root);
+    let config = root.join("tiny.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    ok(&["train", "--config", p(&config), "--data", p(&data), "--out", p(&root.join("run")), "--samples", "0"]);
+    let model = root.join("run").join("model");
+    for (format, bits) in [("q8_0", 8.5), ("q4_0", 4.5)] {
+        let out = root.join(format);
+        let r = json(&["quantize", "--model", p(&model), "--out", p(&out), "--format", format, "--val", p(&data), "--val-len", "32", "--json"]);
+        // Two blocks of seven projections and the untied head; the embedding stays float.
+        assert_eq!(r["layers"].as_array().unwrap().len(), 15, "{r}");
+        assert_eq!(r["kept"][0]["name"], "model.embed_tokens.weight");
+        let bpp = r["bits_per_parameter"].as_f64().unwrap();
+        assert!(bpp > bits && bpp < 32.0, "{bpp}");
+        assert!(r["bytes_after"].as_u64().unwrap() < r["bytes_before"].as_u64().unwrap());
+        let (before, after) = (r["before"]["ppl"].as_f64().unwrap(), r["after"]["ppl"].as_f64().unwrap());
+        assert!(after > 0.9 * before && after < 1.25 * before, "{format}: perplexity {before} -> {after}");
+        let marker: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("quantization.json")).unwrap()).unwrap();
+        assert_eq!(marker["tensors"]["model.layers.0.self_attn.q_proj.weight"], format);
+        assert_eq!(marker["method"], "rtn");
+
+        let text = ok(&["generate", "--model", p(&out), "--prompt", "Once upon", "--max-new-tokens", "8", "--temperature", "0"]);
+        assert!(text.starts_with("Once upon"), "{text}");
+        let ppl = json(&["eval", "ppl", "--model", p(&out), "--data", p(&data), "--json"]);
+        assert!(ppl["ppl"].as_f64().unwrap().is_finite());
+        assert!(ok(&["inspect", "--model", p(&out)]).contains(&format!("in {format} blocks (15 matrices)")));
+
+        // Quantizing again is refused; training starts from the dequantized weights.
+        assert!(fails(&["quantize", "--model", p(&out), "--out", p(&root.join("again")), "--format", format]).contains("already quantized"));
+        let tuned = root.join(format!("tuned-{format}"));
+        let out_text = common::stlm(&["train", "--config", p(&config), "--init", p(&out), "--data", p(&data), "--out", p(&tuned), "--max-steps", "2", "--samples", "0"]);
+        assert!(out_text.status.success(), "{}", String::from_utf8_lossy(&out_text.stderr));
+        assert!(String::from_utf8_lossy(&out_text.stderr).contains("dequantized float weights"));
+        assert!(!tuned.join("model").join("quantization.json").exists(), "a fine-tuned model is float");
+    }
+    assert!(fails(&["quantize", "--model", p(&model), "--out", p(&root.join("x")), "--format", "q5_1"]).contains("q5_1"));
+    assert!(fails(&["quantize", "--model", p(&model), "--out", p(&model), "--format", "q8_0"]).contains("must differ"));
+    assert!(fails(&["quantize", "--model", p(&model), "--out", p(&root.join("x")), "--format", "q8_0", "--val", p(&root.join("missing.txt"))]).contains("missing.txt"));
+}
