@@ -46,13 +46,15 @@ pub enum Role {
     /// A matrix stored as quantized blocks (its dequantized values here): multiplied like a
     /// matrix, never trained.
     QuantizedMatrix,
+    /// A lookup table stored as quantized blocks (its dequantized values here): never trained.
+    QuantizedEmbedding,
 }
 
 impl Role {
     /// Whether decoupled weight decay applies: to every tensor of two or more dimensions except
     /// lookup tables (norm scales, biases and other vectors never decay).
     pub fn decays(self, tensor: &Tensor) -> bool {
-        tensor.dim() >= 2 && !matches!(self, Role::Embedding | Role::RoutedRows { .. } | Role::Buffer | Role::QuantizedMatrix)
+        tensor.dim() >= 2 && !matches!(self, Role::Embedding | Role::RoutedRows { .. } | Role::Buffer | Role::QuantizedMatrix | Role::QuantizedEmbedding)
     }
 
     /// The weights of `tensor` that one token multiplies with (each is 2 FLOPs forward): all of a
@@ -62,7 +64,7 @@ impl Role {
         match self {
             Role::Matrix | Role::QuantizedMatrix => n,
             Role::RoutedExperts { experts, per_token } | Role::RoutedRows { experts, per_token } => n * per_token / experts.max(1) as f64,
-            Role::Embedding | Role::Norm | Role::Bias | Role::Scale | Role::KindParameter | Role::Buffer => 0.0,
+            Role::Embedding | Role::QuantizedEmbedding | Role::Norm | Role::Bias | Role::Scale | Role::KindParameter | Role::Buffer => 0.0,
         }
     }
 }

@@ -274,7 +274,7 @@ impl<'m> FastDecoder<'m> {
     /// counterpart or refuses with a reason; then decode with libtorch. The model's weights
     /// must not change while the decoder is alive.
     pub fn try_new(model: &'m DecoderModel) -> Fused<Self> {
-        let DecoderModel { config: cfg, embed_tokens, embed_positions, layers, norm, lm_head, residual_root, out_proj, lora, rope, vs: _ } = model;
+        let DecoderModel { config: cfg, embed_tokens, embed_positions, layers, norm, lm_head, embed_quantized, residual_root, out_proj, lora, rope, vs: _ } = model;
         if model.device() != Device::Cpu || model.kind() != Kind::Float {
             return Err(not_row_major());
         }
@@ -293,7 +293,10 @@ impl<'m> FastDecoder<'m> {
         let head = match lm_head {
             Some(h) if h.bias.is_none() => Affine::new(h)?.weight,
             Some(_) => return refuse("an output head with a bias"),
-            None => Matrix::Float(embed),
+            None => match embed_quantized {
+                Some(q) => Matrix::Quantized(q.matrix.rows()),
+                None => Matrix::Float(embed),
+            },
         };
         let positions = match embed_positions {
             Some(p) => Some(Rows::from_tensor(p).ok_or_else(not_row_major)?),

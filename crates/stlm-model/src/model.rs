@@ -6,6 +6,7 @@
 //! `tests/tests/hf_parity.rs` compare logits with them both ways.
 
 use crate::config::{ModelConfig, PositionKind};
+use crate::weight::Quantized;
 use crate::layers::{Adapter, DecoderLayer, FeedForward, Linear, Mlp, Norm, RotaryAngles};
 use crate::lora::LayerLora;
 use crate::{ModelError, Result};
@@ -122,6 +123,9 @@ pub struct DecoderModel {
     pub norm: Norm,
     /// Output head (`lm_head`); `None` when tied to `embed_tokens`.
     pub lm_head: Option<Linear>,
+    /// The token embedding's quantized blocks, when it is quantized (its dequantized values are
+    /// `embed_tokens`'s); a tied head multiplies with them when decoding one row.
+    pub embed_quantized: Option<Quantized>,
     /// The learned start of the residual stream (`residual_root`), if any.
     pub residual_root: Option<Root>,
     /// Projection of the last block's stream back to `hidden_size` `[hidden, last]`
@@ -186,7 +190,7 @@ impl DecoderModel {
             let (dim, theta, max) = (config.rotary_dim(), config.rope_theta, config.max_position_embeddings);
             Rope::with_scaling(dim, theta, config.rope_scaling.as_ref(), max, device)
         });
-        Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, residual_root, out_proj, lora, rope, vs })
+        Ok(DecoderModel { config, embed_tokens, embed_positions, layers, norm, lm_head, embed_quantized: None, residual_root, out_proj, lora, rope, vs })
     }
 
     /// Number of applied layers (stored blocks times their repeats).
@@ -374,9 +378,10 @@ impl DecoderModel {
     pub fn head(&self, x: &Tensor) -> Tensor {
         match &self.lm_head {
             Some(head) => head.forward(x),
-            None => {
-                small_batch_linear(x, &self.embed_tokens, None).unwrap_or_else(|| x.matmul(&self.embed_tokens.tr()))
-            }
+            None => match &self.embed_quantized {
+                Some(q) => q.forward(x, None),
+                None => small_batch_linear(x, &self.embed_tokens, None).unwrap_or_else(|| x.matmul(&self.embed_tokens.tr())),
+            },
         }
     }
 
@@ -548,7 +553,9 @@ impl DecoderModel {
     }
 
     fn visit_parts(&self, walk: &mut Walk<'_>, blocks: bool) {
-        walk.param("model.embed_tokens.weight", &self.embed_tokens, Role::Embedding);
+        let quantized = self.embed_quantized.is_some();
+        let embedding = if quantized { Role::QuantizedEmbedding } else { Role::Embedding };
+        walk.param("model.embed_tokens.weight", &self.embed_tokens, embedding);
         walk.param_opt("model.embed_positions.weight", self.embed_positions.as_ref(), Role::Embedding);
         walk.layer_opt("model.residual_root", self.residual_root.as_ref());
         match (blocks, walk.kind()) {
@@ -563,7 +570,7 @@ impl DecoderModel {
         walk.layer("model.norm", &self.norm);
         match &self.lm_head {
             Some(head) => walk.layer("lm_head", head),
-            None => walk.tied_param("lm_head.weight", &self.embed_tokens, Role::Matrix),
+            None => walk.tied_param("lm_head.weight", &self.embed_tokens, if quantized { Role::QuantizedMatrix } else { Role::Matrix }),
         }
     }
 }

@@ -15,6 +15,9 @@ use std::path::Path;
 use stlm_core::quant::{QuantFormat, QuantMatrix, QK};
 use tch::{Kind, Tensor};
 
+/// The token embedding's saved name.
+pub const EMBEDDING: &str = "model.embed_tokens.weight";
+
 /// The file that marks a model directory as quantized.
 pub const QUANTIZATION_FILE: &str = "quantization.json";
 
@@ -81,6 +84,10 @@ impl DecoderModel {
     /// Gives each linear layer named in `blocks` (by its weight's saved name) those blocks as its
     /// weight; a name that is not a linear layer of this model is an error.
     pub fn set_quantized(&mut self, mut blocks: HashMap<String, QuantMatrix>) -> Result<()> {
+        if let Some(m) = blocks.remove(EMBEDDING) {
+            let q = Quantized::new(m, self.embed_tokens.shallow_clone()).map_err(|e| ModelError::Input(format!("`{EMBEDDING}`: {e}")))?;
+            self.embed_quantized = Some(q);
+        }
         for site in self.linears_mut() {
             let name = format!("{}.weight", site.name());
             if let Some(m) = blocks.remove(&name) {
@@ -94,20 +101,23 @@ impl DecoderModel {
         }
     }
 
-    /// The quantized weights, by saved name, with their formats.
+    /// The quantized weights (linear layers and the token embedding), by saved name.
     pub fn quantized_weights(&self) -> BTreeMap<String, &QuantMatrix> {
+        let embedding = self.embed_quantized.as_ref().map(|q| (EMBEDDING.to_string(), q.matrix.as_ref()));
         self.linears()
             .into_iter()
             .filter_map(|(name, linear)| match &linear.weight {
                 Weight::Quantized(q) => Some((format!("{name}.weight"), q.matrix.as_ref())),
                 Weight::Dense(_) => None,
             })
+            .chain(embedding)
             .collect()
     }
 
     /// Turns every quantized weight back into its float variable, which holds the dequantized
     /// values: a float model to train or prune further.
     pub fn dequantize(&mut self) {
+        self.embed_quantized = None;
         for site in self.linears_mut() {
             if let Weight::Quantized(q) = &site.linear.weight {
                 let dense = q.dense.shallow_clone();

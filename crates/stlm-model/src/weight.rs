@@ -53,7 +53,7 @@ impl Quantized {
 
     /// `x W^T + b`: one float32 row on the CPU without gradients through the integer kernel (the
     /// row quantized per block), anything else through libtorch over the dequantized values.
-    fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
         let (rows, cols) = self.matrix.shape();
         let one_row = x.numel() == cols && x.device() == Device::Cpu && x.kind() == Kind::Float && !grad_enabled();
         if !one_row {

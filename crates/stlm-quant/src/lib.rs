@@ -69,6 +69,8 @@ pub struct QuantOptions {
     pub format: QuantFormat,
     /// Projections kept in float32 (in every block, or the head).
     pub skip: Vec<Projection>,
+    /// Keeps the token embedding (and a head tied to it) in float32.
+    pub keep_embeddings: bool,
 }
 
 /// Quantizes the linear layers of `model` in place by `opts`; returns the report (perplexities
@@ -103,6 +105,20 @@ pub fn quantize(model: &mut DecoderModel, opts: &QuantOptions) -> Result<QuantRe
         site.linear.weight = Weight::Quantized(Quantized::new(matrix, value)?);
         layers.push(LayerReport { name, rows, cols, format: opts.format, relative_error: error });
     }
+    let (vocab, hidden) = (model.embed_tokens.size()[0], model.embed_tokens.size()[1]);
+    let name = stlm_model::quantized::EMBEDDING.to_string();
+    if opts.keep_embeddings {
+        kept.push(Kept { name, parameters: vocab * hidden, reason: "embeddings are kept by request".into() });
+    } else if hidden as usize % QK != 0 {
+        kept.push(Kept { name, parameters: vocab * hidden, reason: format!("rows of {hidden} values do not divide into blocks of {QK}") });
+    } else {
+        let values: Vec<f32> = Vec::try_from(model.embed_tokens.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]))
+            .map_err(|e| QuantError::Input(format!("`{name}`: {e}")))?;
+        let matrix = QuantMatrix::quantize(opts.format, &values, hidden as usize).map_err(|e| QuantError::Input(format!("`{name}`: {e}")))?;
+        let error = relative_error(&values, &matrix.dequantize());
+        model.embed_quantized = Some(Quantized::new(matrix, model.embed_tokens.shallow_clone())?);
+        layers.push(LayerReport { name, rows: vocab, cols: hidden, format: opts.format, relative_error: error });
+    }
     if layers.is_empty() {
         return Err(QuantError::Input("no linear layer can be quantized (every one is skipped or has rows that are not whole blocks)".into()));
     }
@@ -124,15 +140,15 @@ fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
-/// The stored matrices that are not linear layers (embeddings, a tied head's table, routed
-/// experts), which stay float32, from the model's walk.
+/// The stored matrices that are neither linear layers nor the token embedding (learned
+/// positions, routed experts), which stay float32, from the model's walk.
 fn outside_linears(model: &DecoderModel) -> Vec<Kept> {
     use stlm_core::Role;
     stlm_core::module::parameters(model)
         .into_iter()
         .filter_map(|p| {
             let reason = match p.role {
-                Role::Embedding if model.lm_head.is_none() && p.name == "model.embed_tokens.weight" => "the embedding, which the head is tied to: a lookup table",
+                Role::Embedding if p.name == stlm_model::quantized::EMBEDDING => return None,
                 Role::Embedding => "a lookup table",
                 Role::RoutedExperts { .. } | Role::RoutedRows { .. } => "routed experts: stacked tensors, not linear layers",
                 _ => return None,
@@ -163,7 +179,7 @@ mod tests {
     }
 
     fn opts(format: QuantFormat) -> QuantOptions {
-        QuantOptions { method: Method::Rtn, format, skip: vec![] }
+        QuantOptions { method: Method::Rtn, format, skip: vec![], keep_embeddings: false }
     }
 
     #[test]
@@ -172,10 +188,11 @@ mod tests {
             let mut m = model("tie_word_embeddings = false\n");
             let before: Vec<Tensor> = m.linears_mut().iter().map(|s| s.linear.weight.value().copy()).collect();
             let report = quantize(&mut m, &opts(format)).unwrap();
-            // 2 blocks x 7 projections + the head.
-            assert_eq!(report.layers.len(), 15);
+            // 2 blocks x 7 projections, the head and the embedding.
+            assert_eq!(report.layers.len(), 16);
             assert!(m.linears_mut().iter().all(|s| s.linear.weight.quantization() == Some(format)));
-            assert_eq!(report.kept.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["model.embed_tokens.weight"]);
+            assert!(report.kept.is_empty(), "{:?}", report.kept);
+            assert!(m.embed_quantized.is_some());
             // The values are the blocks' (what libtorch paths and the saved model see).
             for (site, w) in m.linears_mut().iter().zip(&before) {
                 let values: Vec<f32> = Vec::try_from(w.view([-1])).unwrap();
@@ -194,12 +211,12 @@ mod tests {
     fn skipped_and_ragged_layers_stay_float_with_their_reason() {
         // An intermediate width of 72 is not whole blocks: down_proj (72 columns) stays float.
         let mut m = model_with(72, "tie_word_embeddings = true\n");
-        let o = QuantOptions { skip: vec![Projection::VProj], ..opts(QuantFormat::Q8_0) };
+        let o = QuantOptions { skip: vec![Projection::VProj], keep_embeddings: true, ..opts(QuantFormat::Q8_0) };
         let report = quantize(&mut m, &o).unwrap();
         let kept = |name: &str| report.kept.iter().find(|k| k.name == name).map(|k| k.reason.clone()).unwrap_or_default();
         assert!(kept("model.layers.0.self_attn.v_proj.weight").contains("v_proj is skipped"));
         assert!(kept("model.layers.1.mlp.down_proj.weight").contains("72 values"));
-        assert!(kept("model.embed_tokens.weight").contains("tied"));
+        assert!(kept("model.embed_tokens.weight").contains("kept by request"));
         assert_eq!(report.layers.len(), 2 * 5);
         let mut shared = model("model_type = \"stlm\"\nlayer_sharing = { mlp = true, o_proj = true }\n");
         assert!(quantize(&mut shared, &o).unwrap_err().to_string().contains("shared layers"));

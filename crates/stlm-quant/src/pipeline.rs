@@ -25,6 +25,9 @@ pub struct QuantSpec {
     /// Keep this projection in float32 in every block (repeatable).
     #[arg(long, value_enum)]
     pub skip: Vec<Projection>,
+    /// Keep the token embedding (and a head tied to it) in float32.
+    #[arg(long)]
+    pub keep_embeddings: bool,
     /// tokenizer.json (default: the model directory's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -39,7 +42,7 @@ pub struct QuantSpec {
 impl QuantSpec {
     /// The quantization options of this spec.
     pub fn options(&self) -> QuantOptions {
-        QuantOptions { method: self.method, format: self.format, skip: self.skip.clone() }
+        QuantOptions { method: self.method, format: self.format, skip: self.skip.clone(), keep_embeddings: self.keep_embeddings }
     }
 }
 

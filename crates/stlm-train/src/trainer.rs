@@ -276,7 +276,7 @@ pub fn train(
     let group = control.group.as_deref();
     let leader = control.is_leader();
     let params = model.parameters();
-    if let Some(p) = params.iter().find(|p| p.role == stlm_core::Role::QuantizedMatrix) {
+    if let Some(p) = params.iter().find(|p| matches!(p.role, stlm_core::Role::QuantizedMatrix | stlm_core::Role::QuantizedEmbedding)) {
         return Err(TrainError::Config(format!(
             "`{}` is quantized: training needs float weights (start from the quantized model with `--init`, which dequantizes it)",
             p.name
