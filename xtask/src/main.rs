@@ -20,7 +20,7 @@ const TORCH_VERSION: &str = "2.13.0";
 /// Every Python package the build and the interop tests use, pinned in one place so that parity
 /// results are reproducible.
 const PY_REQUIREMENTS: &[&str] =
-    &["torch==2.13.0", "setuptools==84.2.1", "numpy==2.4.6", "safetensors==0.8.0", "transformers==5.24.0"];
+    &["torch==2.13.0", "setuptools==84.2.1", "numpy==2.4.6", "safetensors==0.8.0", "transformers==5.24.0", "gguf==0.19.0"];
 
 const USAGE: &str = "usage: cargo xtask <job> [args]
 
