@@ -2,7 +2,7 @@
 the same weights, at each thread count.
 
 Usage: python compare_run_c.py STLM_BINARY RUN_C_SOURCE MODEL_DIR [--pairs 10] [--steps 256]
-       [--threads 1 2]
+       [--threads 1 2] [--also DIR ...]
 
 Exports MODEL_DIR with `stlm export llama2c` (version 0, what run.c reads), builds run.c as
 llama2.c's Makefile builds `runomp` (gcc -Ofast -fopenmp -march=native), and writes a
@@ -10,7 +10,9 @@ tokenizer.bin of placeholder pieces (run.c needs one; printing is not what is me
 runs both sides once per thread count, alternately, so that a noisy machine slows both alike:
 run.c from BOS for STEPS positions, reporting (STEPS - 1) / seconds after its first token;
 stlm for STEPS - 1 new tokens after a one-token prompt, the fastest of 3 repeats minus the first
-token. Ends with one JSON object: per thread count the medians and the per-pair ratios.
+token. `--also` times more stlm model directories of the same weights in every pair (quantized
+copies from `stlm quantize`), each against the same run.c runs. Ends with one JSON object: per
+thread count the medians and the per-pair ratios.
 """
 import argparse
 import json
@@ -48,6 +50,7 @@ def main():
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--also", nargs="*", default=[])
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="stlm-run-c-")
     exe = os.path.join(work, "run")
@@ -61,25 +64,29 @@ def main():
         for i in range(vocab):
             piece = f"<{i}>".encode()
             f.write(struct.pack("<fi", 0.0, len(piece)) + piece)
-    results = {t: ([], [], []) for t in args.threads}
+    models = [args.model] + args.also
+    results = {t: ({m: [] for m in models}, [], {m: [] for m in models}) for t in args.threads}
     for i in range(args.pairs):
         for t in args.threads:
-            s = stlm_speed(args.stlm, args.model, t, args.steps - 1)
-            c = run_c_speed(exe, work, checkpoint, t, args.steps)
             ours, theirs, ratios = results[t]
-            ours.append(s)
+            speeds = {m: stlm_speed(args.stlm, m, t, args.steps - 1) for m in models}
+            c = run_c_speed(exe, work, checkpoint, t, args.steps)
             theirs.append(c)
-            ratios.append(s / c)
-            print(f"pair {i + 1}, {t} thread(s): stlm {s:.1f} tokens/s, run.c {c:.1f} tokens/s, ratio {s / c:.2f}",
-                  file=sys.stderr)
-    print(json.dumps({
-        "pairs": args.pairs, "steps": args.steps,
-        "by_threads": {str(t): {
-            "stlm_tokens_per_s": statistics.median(o), "run_c_tokens_per_s": statistics.median(c),
-            "median_ratio": statistics.median(r), "min_ratio": min(r), "max_ratio": max(r),
-            "stlm": o, "run_c": c,
-        } for t, (o, c, r) in results.items()},
-    }))
+            for m, s in speeds.items():
+                ours[m].append(s)
+                ratios[m].append(s / c)
+                print(f"pair {i + 1}, {t} thread(s): stlm {os.path.basename(m)} {s:.1f} tokens/s, run.c {c:.1f} "
+                      f"tokens/s, ratio {s / c:.2f}", file=sys.stderr)
+    summary = {"pairs": args.pairs, "steps": args.steps, "by_threads": {}}
+    for t, (ours, theirs, ratios) in results.items():
+        row = {"run_c_tokens_per_s": statistics.median(theirs), "run_c": theirs}
+        for m in models:
+            key = "stlm" if m == args.model else f"stlm {os.path.basename(m.rstrip('/'))}"
+            r = ratios[m]
+            row[key] = {"tokens_per_s": statistics.median(ours[m]), "median_ratio": statistics.median(r),
+                        "min_ratio": min(r), "max_ratio": max(r), "runs": ours[m]}
+        summary["by_threads"][str(t)] = row
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
