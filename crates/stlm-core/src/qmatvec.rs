@@ -11,7 +11,7 @@
 //! ggml, the activation's scale stays float32 (ggml rounds it to f16): a little more accurate,
 //! no slower.
 
-use crate::quant::{BlockQ4_0, BlockQ8_0, QK};
+use crate::quant::{BlockQ4_0, BlockQ8_0, QuantMatrix, QK};
 use crate::spin::SpinPool;
 use half::f16;
 use std::sync::Mutex;
@@ -83,6 +83,16 @@ pub enum QuantRows<'a> {
         /// Values per row (a multiple of 32).
         cols: usize,
     },
+}
+
+impl QuantMatrix {
+    /// A borrowed view for the integer kernels.
+    pub fn rows(&self) -> QuantRows<'_> {
+        match self {
+            QuantMatrix::Q8_0 { blocks, cols } => QuantRows::Q8_0 { blocks, cols: *cols },
+            QuantMatrix::Q4_0 { blocks, cols } => QuantRows::Q4_0 { blocks, cols: *cols },
+        }
+    }
 }
 
 /// Which integer kernel runs (see the module docs).
@@ -262,16 +272,9 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
+    use crate::kernels::avx2::hsum;
     use std::arch::x86_64::*;
 
-    /// Sum of the 8 lanes.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
 
     /// An f16 scale as f32 (F16C).
     #[target_feature(enable = "f16c")]

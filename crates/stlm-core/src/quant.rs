@@ -206,14 +206,6 @@ impl QuantMatrix {
         (n * QK / cols, cols)
     }
 
-    /// A borrowed view for the integer kernels.
-    pub fn rows(&self) -> crate::qmatvec::QuantRows<'_> {
-        match self {
-            QuantMatrix::Q8_0 { blocks, cols } => crate::qmatvec::QuantRows::Q8_0 { blocks, cols: *cols },
-            QuantMatrix::Q4_0 { blocks, cols } => crate::qmatvec::QuantRows::Q4_0 { blocks, cols: *cols },
-        }
-    }
-
     /// Every value, dequantized (row-major).
     pub fn dequantize(&self) -> Vec<f32> {
         let (rows, cols) = self.shape();
