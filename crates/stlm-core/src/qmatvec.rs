@@ -233,6 +233,31 @@ impl<'a> QuantRows<'a> {
     }
 }
 
+/// `y_p += W_p x` for several matrices reading the same input (q, k and v; gate and up), split
+/// over the workers of `pool` in one round: each worker takes its share of every matrix's rows,
+/// so the pool synchronises once instead of once per matrix.
+pub fn matvec_add_split_many(parts: &mut [(QuantRows<'_>, &mut [f32])], x: &QuantizedVector, pool: &SpinPool) {
+    let weights: usize = parts.iter().map(|(m, _)| m.rows() * m.cols()).sum();
+    let workers = pool.threads().min(weights / QSPLIT_MIN_WEIGHTS).max(1);
+    if workers == 1 {
+        return parts.iter_mut().for_each(|(m, y)| m.matvec_add(x, y));
+    }
+    // (worker, rows, their outputs) for every part's share.
+    let mut shares: Vec<(usize, QuantRows<'_>, Mutex<&mut [f32]>)> = Vec::new();
+    for (m, y) in parts.iter_mut() {
+        let block = m.rows().div_ceil(workers).div_ceil(4) * 4;
+        for (i, chunk) in y.chunks_mut(block.max(1)).enumerate() {
+            shares.push((i, m.narrow(i * block, chunk.len()), Mutex::new(chunk)));
+        }
+    }
+    pool.run(&|w| {
+        for (_, m, y) in shares.iter().filter(|(i, _, _)| *i == w) {
+            let mut y = y.lock().unwrap_or_else(|e| e.into_inner());
+            m.matvec_add_with(m.kernel(), x, &mut y);
+        }
+    });
+}
+
 /// `y[r] += dot(r-th run of `per` blocks)` for every row.
 fn rows_of<B>(blocks: &[B], per: usize, y: &mut [f32], dot: impl Fn(&[B]) -> f32) {
     for (yr, w) in y.iter_mut().zip(blocks.chunks_exact(per)) {
@@ -502,6 +527,21 @@ mod tests {
         assert_eq!(x.qs[16], 0);
         assert_eq!(x.sums[0], x.qs[..32].iter().map(|&q| q as i32).sum::<i32>());
         assert_eq!((x.d[1], x.sums[1]), (0.0, 0));
+    }
+
+    #[test]
+    fn one_round_over_several_matrices_equals_each_alone() {
+        let cols = 256;
+        let (a, b) = (quantize_q8_0(&values(700 * cols, 7)).unwrap(), quantize_q4_0(&values(300 * cols, 8)).unwrap());
+        let (ma, mb) = (QuantRows::Q8_0 { blocks: &a, cols }, QuantRows::Q4_0 { blocks: &b, cols });
+        let mut x = QuantizedVector::new();
+        x.quantize(&values(cols, 9));
+        let (mut ya, mut yb) = (vec![0.25; 700], vec![-1.0; 300]);
+        ma.matvec_add(&x, &mut ya);
+        mb.matvec_add(&x, &mut yb);
+        let (mut za, mut zb) = (vec![0.25; 700], vec![-1.0; 300]);
+        matvec_add_split_many(&mut [(ma, &mut za[..]), (mb, &mut zb[..])], &x, &SpinPool::new(2));
+        assert_eq!((ya, yb), (za, zb));
     }
 
     #[test]

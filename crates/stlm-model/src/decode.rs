@@ -16,7 +16,7 @@ use crate::DecoderModel;
 use stlm_attention::KvCache;
 use std::cell::RefCell;
 use stlm_core::kernels::{f32_slice, layer_norm_row, rms_norm_row, Rows};
-use stlm_core::qmatvec::{QuantRows, QuantizedVector};
+use stlm_core::qmatvec::{matvec_add_split_many, QuantRows, QuantizedVector};
 use stlm_core::spin::SpinPool;
 use tch::{Device, Kind, Tensor};
 
@@ -111,12 +111,36 @@ impl<'m> Stacked<'m> {
     }
 
     fn apply(&self, x: &[f32], y: &mut [f32], pool: &SpinPool) {
-        let mut offset = 0;
-        for part in &self.0 {
-            let n = part.weight.rows();
-            part.apply(x, &mut y[offset..offset + n], pool);
-            offset += n;
+        let quantized: Option<Vec<QuantRows<'m>>> = self.0.iter().map(|p| match p.weight {
+            Matrix::Quantized(m) => Some(m),
+            Matrix::Float(_) => None,
+        }).collect();
+        let Some(matrices) = quantized else {
+            let mut offset = 0;
+            for part in &self.0 {
+                let n = part.weight.rows();
+                part.apply(x, &mut y[offset..offset + n], pool);
+                offset += n;
+            }
+            return;
+        };
+        // Quantized parts: the input quantized once, every part's rows in one round of the pool.
+        let mut rest = y;
+        let mut outputs = Vec::with_capacity(matrices.len());
+        for (part, m) in self.0.iter().zip(matrices) {
+            let (mine, after) = rest.split_at_mut(m.rows());
+            match part.bias {
+                Some(b) => mine.copy_from_slice(b),
+                None => mine.fill(0.0),
+            }
+            outputs.push((m, mine));
+            rest = after;
         }
+        QUANTIZED_INPUT.with(|q| {
+            let mut q = q.borrow_mut();
+            q.quantize(x);
+            matvec_add_split_many(&mut outputs, &q, pool);
+        });
     }
 }
 
