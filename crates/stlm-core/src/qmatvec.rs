@@ -66,6 +66,21 @@ impl QuantizedVector {
     }
 }
 
+thread_local! {
+    /// The input of this thread's quantized products, reused from call to call.
+    static INPUT: std::cell::RefCell<QuantizedVector> = std::cell::RefCell::new(QuantizedVector::new());
+}
+
+/// Calls `f` with `x` quantized (into this thread's reused buffer): what every quantized product
+/// of a float row starts with.
+pub fn with_quantized<R>(x: &[f32], f: impl FnOnce(&QuantizedVector) -> R) -> R {
+    INPUT.with(|q| {
+        let mut q = q.borrow_mut();
+        q.quantize(x);
+        f(&q)
+    })
+}
+
 /// A row-major matrix of quantized blocks: row `r` is blocks `r * cols / 32 ..` of `blocks`.
 #[derive(Debug, Clone, Copy)]
 pub enum QuantRows<'a> {

@@ -14,9 +14,8 @@ use crate::layers::{DecoderLayer, FeedForward, Linear, Mlp, Norm, SelfAttention}
 use crate::weight::Weight;
 use crate::DecoderModel;
 use stlm_attention::KvCache;
-use std::cell::RefCell;
 use stlm_core::kernels::{f32_slice, layer_norm_row, rms_norm_row, Rows};
-use stlm_core::qmatvec::{matvec_add_split_many, QuantRows, QuantizedVector};
+use stlm_core::qmatvec::{matvec_add_split_many, with_quantized, QuantRows};
 use stlm_core::spin::SpinPool;
 use tch::{Device, Kind, Tensor};
 
@@ -26,11 +25,6 @@ use tch::{Device, Kind, Tensor};
 enum Matrix<'m> {
     Float(Rows<'m>),
     Quantized(QuantRows<'m>),
-}
-
-thread_local! {
-    /// The input of a quantized product, quantized (reused from step to step).
-    static QUANTIZED_INPUT: RefCell<QuantizedVector> = RefCell::new(QuantizedVector::new());
 }
 
 impl<'m> Matrix<'m> {
@@ -59,11 +53,7 @@ impl<'m> Matrix<'m> {
     fn matvec_add_split(&self, x: &[f32], y: &mut [f32], pool: &SpinPool) {
         match self {
             Matrix::Float(m) => m.matvec_add_split(x, y, pool),
-            Matrix::Quantized(m) => QUANTIZED_INPUT.with(|q| {
-                let mut q = q.borrow_mut();
-                q.quantize(x);
-                m.matvec_add_split(&q, y, pool);
-            }),
+            Matrix::Quantized(m) => with_quantized(x, |q| m.matvec_add_split(q, y, pool)),
         }
     }
 }
@@ -99,35 +89,42 @@ impl<'m> Affine<'m> {
 }
 
 /// Several linear layers reading the same input, writing consecutive parts of one output (q, k,
-/// v; gate, up), or one already fused layer.
-struct Stacked<'m>(Vec<Affine<'m>>);
+/// v; gate, up), or one already fused layer; when every part is quantized, their blocks (decided
+/// once here), multiplied in one round of the pool with the input quantized once.
+struct Stacked<'m> {
+    parts: Vec<Affine<'m>>,
+    quantized: Option<Vec<QuantRows<'m>>>,
+}
 
 impl<'m> Stacked<'m> {
     fn new(fused: Option<&'m Linear>, parts: &[&'m Linear]) -> Fused<Self> {
-        match fused {
-            Some(f) => Ok(Stacked(vec![Affine::new(f)?])),
-            None => parts.iter().map(|&p| Affine::new(p)).collect::<Fused<_>>().map(Stacked),
-        }
+        let parts = match fused {
+            Some(f) => vec![Affine::new(f)?],
+            None => parts.iter().map(|&p| Affine::new(p)).collect::<Fused<_>>()?,
+        };
+        let quantized = parts
+            .iter()
+            .map(|p| match p.weight {
+                Matrix::Quantized(m) => Some(m),
+                Matrix::Float(_) => None,
+            })
+            .collect();
+        Ok(Stacked { parts, quantized })
     }
 
     fn apply(&self, x: &[f32], y: &mut [f32], pool: &SpinPool) {
-        let quantized: Option<Vec<QuantRows<'m>>> = self.0.iter().map(|p| match p.weight {
-            Matrix::Quantized(m) => Some(m),
-            Matrix::Float(_) => None,
-        }).collect();
-        let Some(matrices) = quantized else {
+        let Some(matrices) = &self.quantized else {
             let mut offset = 0;
-            for part in &self.0 {
+            for part in &self.parts {
                 let n = part.weight.rows();
                 part.apply(x, &mut y[offset..offset + n], pool);
                 offset += n;
             }
             return;
         };
-        // Quantized parts: the input quantized once, every part's rows in one round of the pool.
         let mut rest = y;
         let mut outputs = Vec::with_capacity(matrices.len());
-        for (part, m) in self.0.iter().zip(matrices) {
+        for (part, &m) in self.parts.iter().zip(matrices) {
             let (mine, after) = rest.split_at_mut(m.rows());
             match part.bias {
                 Some(b) => mine.copy_from_slice(b),
@@ -136,11 +133,7 @@ impl<'m> Stacked<'m> {
             outputs.push((m, mine));
             rest = after;
         }
-        QUANTIZED_INPUT.with(|q| {
-            let mut q = q.borrow_mut();
-            q.quantize(x);
-            matvec_add_split_many(&mut outputs, &q, pool);
-        });
+        with_quantized(x, |q| matvec_add_split_many(&mut outputs, q, pool));
     }
 }
 

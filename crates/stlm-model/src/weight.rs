@@ -8,7 +8,7 @@
 use crate::error::{ModelError, Result};
 use std::sync::Arc;
 use stlm_core::kernels::{grad_enabled, small_batch_linear};
-use stlm_core::qmatvec::QuantizedVector;
+use stlm_core::qmatvec::with_quantized;
 use stlm_core::quant::{QuantFormat, QuantMatrix};
 use tch::{Device, Kind, Tensor};
 
@@ -67,9 +67,7 @@ impl Quantized {
             Some(b) => Vec::try_from(b.to_kind(Kind::Float).contiguous()).unwrap_or_else(|_| vec![0.0; rows]),
             None => vec![0.0; rows],
         };
-        let mut q = QuantizedVector::new();
-        q.quantize(&input);
-        self.matrix.rows().matvec_add(&q, &mut y);
+        with_quantized(&input, |q| self.matrix.rows().matvec_add(q, &mut y));
         let mut shape = x.size();
         *shape.last_mut().expect("a vector has a last dimension") = rows as i64;
         Tensor::from_slice(&y).view(shape.as_slice())

@@ -21,7 +21,7 @@ use stlm_core::quant::{QuantFormat, QuantMatrix, QK};
 use stlm_model::linears::Projection;
 use stlm_model::weight::{Quantized, Weight};
 use stlm_model::DecoderModel;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 /// Errors of stlm-quant.
 #[derive(Debug, thiserror::Error)]
@@ -87,43 +87,52 @@ pub fn quantize(model: &mut DecoderModel, opts: &QuantOptions) -> Result<QuantRe
     let (mut layers, mut kept) = (Vec::new(), Vec::new());
     for site in model.linears_mut() {
         let name = format!("{}.weight", site.name());
-        let (rows, cols) = site.linear.weight.shape();
         if opts.skip.contains(&site.projection) {
+            let (rows, cols) = site.linear.weight.shape();
             kept.push(Kept { name, parameters: rows * cols, reason: format!("{} is skipped", site.projection.name()) });
             continue;
         }
-        if cols as usize % QK != 0 {
-            let reason = format!("rows of {cols} values do not divide into blocks of {QK}");
-            kept.push(Kept { name, parameters: rows * cols, reason });
-            continue;
+        match blocks_of(&site.linear.weight.value(), name, opts.format)? {
+            Ok((quantized, report)) => {
+                site.linear.weight = Weight::Quantized(quantized);
+                layers.push(report);
+            }
+            Err(k) => kept.push(k),
         }
-        let value = site.linear.weight.value();
-        let values: Vec<f32> = Vec::try_from(value.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]))
-            .map_err(|e| QuantError::Input(format!("`{name}`: {e}")))?;
-        let matrix = QuantMatrix::quantize(opts.format, &values, cols as usize).map_err(|e| QuantError::Input(format!("`{name}`: {e}")))?;
-        let error = relative_error(&values, &matrix.dequantize());
-        site.linear.weight = Weight::Quantized(Quantized::new(matrix, value)?);
-        layers.push(LayerReport { name, rows, cols, format: opts.format, relative_error: error });
     }
-    let (vocab, hidden) = (model.embed_tokens.size()[0], model.embed_tokens.size()[1]);
     let name = stlm_model::quantized::EMBEDDING.to_string();
     if opts.keep_embeddings {
-        kept.push(Kept { name, parameters: vocab * hidden, reason: "embeddings are kept by request".into() });
-    } else if hidden as usize % QK != 0 {
-        kept.push(Kept { name, parameters: vocab * hidden, reason: format!("rows of {hidden} values do not divide into blocks of {QK}") });
+        kept.push(Kept { name, parameters: model.embed_tokens.numel() as i64, reason: "embeddings are kept by request".into() });
     } else {
-        let values: Vec<f32> = Vec::try_from(model.embed_tokens.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]))
-            .map_err(|e| QuantError::Input(format!("`{name}`: {e}")))?;
-        let matrix = QuantMatrix::quantize(opts.format, &values, hidden as usize).map_err(|e| QuantError::Input(format!("`{name}`: {e}")))?;
-        let error = relative_error(&values, &matrix.dequantize());
-        model.embed_quantized = Some(Quantized::new(matrix, model.embed_tokens.shallow_clone())?);
-        layers.push(LayerReport { name, rows: vocab, cols: hidden, format: opts.format, relative_error: error });
+        match blocks_of(&model.embed_tokens, name, opts.format)? {
+            Ok((quantized, report)) => {
+                model.embed_quantized = Some(quantized);
+                layers.push(report);
+            }
+            Err(k) => kept.push(k),
+        }
     }
     if layers.is_empty() {
         return Err(QuantError::Input("no linear layer can be quantized (every one is skipped or has rows that are not whole blocks)".into()));
     }
     kept.extend(outside_linears(model));
     Ok(QuantReport::new(opts, layers, kept, model.num_parameters(), started.elapsed().as_secs_f64()))
+}
+
+/// `value` `[rows, cols]` (a layer's float variable, overwritten with the dequantized values) as
+/// blocks of `format`, with its report; or, when its rows are not whole blocks, why it is kept.
+fn blocks_of(value: &Tensor, name: String, format: QuantFormat) -> Result<std::result::Result<(Quantized, LayerReport), Kept>> {
+    let (rows, cols) = (value.size()[0], value.size()[1]);
+    if cols as usize % QK != 0 {
+        let reason = format!("rows of {cols} values do not divide into blocks of {QK}");
+        return Ok(Err(Kept { name, parameters: rows * cols, reason }));
+    }
+    let bad = |e: String| QuantError::Input(format!("`{name}`: {e}"));
+    let values: Vec<f32> = Vec::try_from(value.to_device(tch::Device::Cpu).to_kind(Kind::Float).contiguous().view([-1])).map_err(|e: tch::TchError| bad(e.to_string()))?;
+    let matrix = QuantMatrix::quantize(format, &values, cols as usize).map_err(|e| bad(e.to_string()))?;
+    let relative_error = relative_error(&values, &matrix.dequantize());
+    let quantized = Quantized::new(matrix, value.shallow_clone())?;
+    Ok(Ok((quantized, LayerReport { name, rows, cols, format, relative_error })))
 }
 
 /// `||a - b|| / ||a||` in float64.
@@ -148,7 +157,8 @@ fn outside_linears(model: &DecoderModel) -> Vec<Kept> {
         .into_iter()
         .filter_map(|p| {
             let reason = match p.role {
-                Role::Embedding if p.name == stlm_model::quantized::EMBEDDING => return None,
+                // The token embedding is reported above, quantized or kept.
+                Role::Embedding if p.tensor.data_ptr() == model.embed_tokens.data_ptr() => return None,
                 Role::Embedding => "a lookup table",
                 Role::RoutedExperts { .. } | Role::RoutedRows { .. } => "routed experts: stacked tensors, not linear layers",
                 _ => return None,
