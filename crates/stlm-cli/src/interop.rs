@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use std::path::PathBuf;
+use stlm_model::gguf::{self, GgufType};
 use stlm_model::llama2c::{self, Format};
 
 #[derive(Subcommand)]
@@ -12,6 +13,9 @@ pub enum ImportJob {
     /// A llama2.c checkpoint (`model.bin`, versions 0, 1 and 2) and its `tokenizer.bin` -> a
     /// Hugging Face Llama directory (docs/llama2c.md).
     Llama2c(ImportLlama2cArgs),
+    /// A GGUF file (llama.cpp; `llama` architecture; F32, F16, Q8_0, Q4_0 tensors) -> a model
+    /// directory, quantized where the file is, with its tokenizer (docs/gguf.md).
+    Gguf(ImportGgufArgs),
 }
 
 #[derive(Subcommand)]
@@ -19,6 +23,32 @@ pub enum ExportJob {
     /// A Llama model directory -> a llama2.c checkpoint that run.c (version 0) or runq.c
     /// (version 2) runs, and optionally its `tokenizer.bin`.
     Llama2c(ExportLlama2cArgs),
+    /// A Llama model directory (float or quantized) and its tokenizer -> a GGUF file for
+    /// llama.cpp (docs/gguf.md).
+    Gguf(ExportGgufArgs),
+}
+
+#[derive(Args)]
+pub struct ImportGgufArgs {
+    /// GGUF file.
+    #[arg(long)]
+    file: PathBuf,
+    /// Model directory to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ExportGgufArgs {
+    /// Model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// GGUF file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Type of the float matrices (a quantized model's blocks are copied as they are).
+    #[arg(long = "type", value_enum, default_value = "f32")]
+    ty: GgufType,
 }
 
 #[derive(Args)]
@@ -78,6 +108,7 @@ pub fn import(job: ImportJob) -> Result<()> {
             );
             Ok(())
         }
+        ImportJob::Gguf(a) => Ok(println!("{} -> {}", a.file.display(), gguf::import(&a.file, &a.out)?)),
     }
 }
 
@@ -93,37 +124,15 @@ pub fn export(job: ExportJob) -> Result<()> {
             for w in &r.warnings {
                 eprintln!("warning: {w}");
             }
-            let group_size = match r.header.format {
-                Format::V2 { group_size } => Some(group_size),
-                _ => None,
-            };
             if a.json {
-                return print_json(&json!({
-                    "out": out, "bytes": r.bytes, "version": r.header.format.version(), "group_size": group_size,
-                    "max_quant_error": r.max_quant_error, "tokenizer_out": a.tokenizer_out, "warnings": r.warnings,
-                    "swapped_ids": r.swapped_ids,
-                    "checkpoint": r.header.to_json(),
-                }));
+                return print_json(&r.to_json(&out, a.tokenizer_out.as_deref()));
             }
-            let quant = match (group_size, r.max_quant_error) {
-                (Some(g), Some(e)) => format!(", int8 groups of {g}, largest weight error {e:.3e}"),
-                _ => String::new(),
-            };
-            println!(
-                "{} -> {} (llama2.c version {}, {}, {} bytes{quant})",
-                a.model.display(),
-                out.display(),
-                r.header.format.version(),
-                r.header,
-                r.bytes
-            );
+            println!("{} -> {} ({r})", a.model.display(), out.display());
             if let Some(t) = &a.tokenizer_out {
                 println!("tokenizer -> {}", t.display());
             }
-            if let Some((one, s)) = r.swapped_ids {
-                println!("ids {one} and {s} swapped in the checkpoint and tokenizer.bin: run.c starts and ends texts at id 1, this model at {s}");
-            }
             Ok(())
         }
+        ExportJob::Gguf(a) => Ok(println!("{} -> {} ({})", a.model.display(), a.out.display(), gguf::export(&a.model, &output_path(&a.out)?, a.ty)?)),
     }
 }

@@ -21,6 +21,7 @@ pub mod depth;
 pub mod dynamic;
 pub mod error;
 pub mod generate;
+pub mod gguf;
 pub mod hf;
 pub mod inspect;
 pub mod io;

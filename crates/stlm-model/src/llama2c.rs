@@ -373,28 +373,41 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint { header, weights })
 }
 
+/// Why a model with config `c` is not Llama-shaped (what llama2.c and llama.cpp's `llama`
+/// architecture run), naming the field; `None` if it is. The RoPE base and head size are the
+/// formats' own business ([`export_mismatch`] for llama2.c).
+pub fn llama_mismatch(c: &ModelConfig) -> Option<String> {
+    use crate::config::ModelType;
+    let checks: [(bool, String); 15] = [
+        (!matches!(c.model_type, ModelType::Llama | ModelType::Mistral), format!("model_type = {:?}: not a Llama", c.model_type)),
+        (c.norm != NormKind::RmsNorm, format!("norm = {:?}: Llama uses RMSNorm", c.norm)),
+        (c.position != PositionKind::Rope, format!("position = {:?}: Llama uses RoPE", c.position)),
+        (c.mlp != MlpKind::Gated, format!("mlp = {:?}: Llama uses a gated (SwiGLU) MLP", c.mlp)),
+        (c.hidden_act != Activation::Silu, format!("hidden_act = {:?}: Llama uses SiLU", c.hidden_act)),
+        (c.attention_bias || c.mlp_bias || c.attention_out_bias == Some(true), "attention_bias / mlp_bias: Llama has no biases".into()),
+        (c.qk_norm, "qk_norm = true: Llama has no q/k norm".into()),
+        (c.residual_scales, "residual_scales = true: Llama has none".into()),
+        (c.moe.is_some() || c.cdmoe.is_some(), "moe / cdmoe: Llama has dense MLPs".into()),
+        (c.bytes.is_some(), "bytes: Llama models are token models".into()),
+        (c.layer_sharing.is_some(), "layer_sharing: Llama stores every layer".into()),
+        (c.layer_shapes.is_some() || c.residual_root.is_some(), "layer_shapes / residual_root: Llama layers all have one shape".into()),
+        (!c.attention.is_empty(), "attention: Llama layers use plain causal attention".into()),
+        (c.rope_scaling.is_some() || c.partial_rotary_factor != 1.0, "rope_scaling / partial_rotary_factor: exported models rotate whole heads unscaled".into()),
+        (c.head_dim() % 2 != 0, format!("head size {}: RoPE needs it even", c.head_dim())),
+    ];
+    checks.into_iter().find(|(bad, _)| *bad).map(|(_, why)| why)
+}
+
 /// Why a model with config `c` cannot be written in llama2.c's formats, naming the field; `None`
 /// if it can (RMSNorm epsilon aside, which [`export_warnings`] reports).
 pub fn export_mismatch(c: &ModelConfig) -> Option<String> {
-    let checks: [(bool, String); 16] = [
-        (c.norm != NormKind::RmsNorm, format!("norm = {:?}: llama2.c uses RMSNorm", c.norm)),
-        (c.position != PositionKind::Rope, format!("position = {:?}: llama2.c uses RoPE", c.position)),
-        (c.mlp != MlpKind::Gated, format!("mlp = {:?}: llama2.c uses a gated (SwiGLU) MLP", c.mlp)),
-        (c.hidden_act != Activation::Silu, format!("hidden_act = {:?}: llama2.c uses SiLU", c.hidden_act)),
-        (c.attention_bias || c.mlp_bias || c.attention_out_bias == Some(true), "attention_bias / mlp_bias: llama2.c has no biases".into()),
-        (c.qk_norm, "qk_norm = true: llama2.c has no q/k norm".into()),
-        (c.residual_scales, "residual_scales = true: llama2.c has none".into()),
-        (c.moe.is_some() || c.cdmoe.is_some(), "moe / cdmoe: llama2.c has dense MLPs".into()),
-        (c.bytes.is_some(), "bytes: llama2.c models are token models".into()),
-        (c.layer_sharing.is_some(), "layer_sharing: llama2.c stores every layer".into()),
-        (c.layer_shapes.is_some() || c.residual_root.is_some(), "layer_shapes / residual_root: llama2.c layers all have one shape".into()),
-        (!c.attention.is_empty(), "attention: llama2.c layers use plain causal attention".into()),
-        (c.head_dim.is_some_and(|d| d * c.num_attention_heads != c.hidden_size), format!("head_dim = {:?}: llama2.c heads are hidden_size / num_attention_heads", c.head_dim)),
-        (c.rope_theta != ROPE_THETA, format!("rope_theta = {}: run.c fixes it at 10000", c.rope_theta)),
-        (c.rope_scaling.is_some() || c.partial_rotary_factor != 1.0, "rope_scaling / partial_rotary_factor: run.c rotates whole heads unscaled".into()),
-        ((c.hidden_size / c.num_attention_heads.max(1)) % 2 != 0, format!("head size {}: RoPE needs it even", c.hidden_size / c.num_attention_heads.max(1))),
-    ];
-    checks.into_iter().find(|(bad, _)| *bad).map(|(_, why)| why)
+    llama_mismatch(c).or_else(|| {
+        let checks: [(bool, String); 2] = [
+            (c.head_dim.is_some_and(|d| d * c.num_attention_heads != c.hidden_size), format!("head_dim = {:?}: llama2.c heads are hidden_size / num_attention_heads", c.head_dim)),
+            (c.rope_theta != ROPE_THETA, format!("rope_theta = {}: run.c fixes it at 10000", c.rope_theta)),
+        ];
+        checks.into_iter().find(|(bad, _)| *bad).map(|(_, why)| why)
+    })
 }
 
 /// What run.c computes differently from stlm for config `c` (its fixed RMSNorm epsilon).
@@ -479,6 +492,35 @@ pub fn write_checkpoint(c: &ModelConfig, vars: &HashMap<String, Tensor>, format:
     Ok(ExportReport { header, bytes: out.len(), max_quant_error: max_err, swapped_ids: None, warnings: export_warnings(c) })
 }
 
+impl ExportReport {
+    /// The report as JSON (`out`: the checkpoint written, `tokenizer_out`: its tokenizer.bin).
+    pub fn to_json(&self, out: &Path, tokenizer_out: Option<&Path>) -> serde_json::Value {
+        let group_size = match self.header.format {
+            Format::V2 { group_size } => Some(group_size),
+            _ => None,
+        };
+        serde_json::json!({
+            "out": out, "bytes": self.bytes, "version": self.header.format.version(), "group_size": group_size,
+            "max_quant_error": self.max_quant_error, "tokenizer_out": tokenizer_out, "warnings": self.warnings,
+            "swapped_ids": self.swapped_ids, "checkpoint": self.header.to_json(),
+        })
+    }
+}
+
+impl std::fmt::Display for ExportReport {
+    /// What was written, in one line (and the swapped ids, if any, in a second).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "llama2.c version {}, {}, {} bytes", self.header.format.version(), self.header, self.bytes)?;
+        if let (Format::V2 { group_size }, Some(e)) = (self.header.format, self.max_quant_error) {
+            write!(f, ", int8 groups of {group_size}, largest weight error {e:.3e}")?;
+        }
+        if let Some((one, s)) = self.swapped_ids {
+            write!(f, "\nids {one} and {s} swapped in the checkpoint and tokenizer.bin: run.c starts and ends texts at id 1, this model at {s}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Symmetric int8 quantisation in groups (export.py's `quantize_q80`): per group scale =
 /// max |w| / 127 and q = round(w / scale), ties to even; returns q, the scales and the largest
 /// error |q * scale - w|.
@@ -509,14 +551,14 @@ fn rope_table(h: &Header, sin: bool) -> Vec<f32> {
 }
 
 /// Rows of a q or k projection `[heads * hs, in]` from interleaved pairs to rotate-half halves.
-fn to_rotate_half(w: &Tensor, heads: usize) -> Tensor {
+pub(crate) fn to_rotate_half(w: &Tensor, heads: usize) -> Tensor {
     let (out, inp) = w.size2().expect("a projection is a matrix");
     let h = heads as i64;
     w.view([h, out / h / 2, 2, inp]).transpose(1, 2).reshape([out, inp])
 }
 
 /// The inverse of [`to_rotate_half`].
-fn to_interleaved(w: &Tensor, heads: usize) -> Tensor {
+pub(crate) fn to_interleaved(w: &Tensor, heads: usize) -> Tensor {
     let (out, inp) = w.size2().expect("a projection is a matrix");
     let h = heads as i64;
     w.view([h, 2, out / h / 2, inp]).transpose(1, 2).reshape([out, inp])

@@ -8,10 +8,12 @@
 
 pub mod bytes;
 pub mod chunk;
+pub mod gguf;
 pub mod llama2c;
 
 pub use bytes::{byte_char, char_byte, BYTE_EOT, BYTE_IDS, BYTE_PAD};
 pub use chunk::{Chunker, ChunkerKind};
+pub use gguf::{GgufVocab, VocabKind};
 pub use llama2c::Llama2cVocab;
 
 use std::path::{Path, PathBuf};

@@ -321,24 +321,39 @@ impl Llama2cVocab {
             };
             pieces.push(piece);
         }
-        let mut scores = vec![NO_MERGE_SCORE; n];
-        for (rank, m) in model["merges"].as_array().into_iter().flatten().enumerate() {
-            let merged = match m {
-                Value::String(s) => s.split_once(' ').map(|(a, b)| format!("{a}{b}")),
-                Value::Array(pair) => pair.iter().map(Value::as_str).collect::<Option<String>>(),
-                _ => None,
-            };
-            let id = merged.and_then(|m| tok.token_to_id(&m));
-            if let Some(id) = id.filter(|&id| scores[id as usize] == NO_MERGE_SCORE) {
-                scores[id as usize] = -(rank as f32);
-            }
-        }
-        Self::new(pieces, scores)
+        Self::new(pieces, merge_scores(model, tok))
     }
 }
 
+/// The merges of a BPE `tokenizer.json` model (`"a b"` strings or `["a", "b"]` pairs, both
+/// forms the `tokenizers` crate writes) as pairs, in rank order.
+pub(crate) fn merge_pairs(model: &Value) -> Vec<(String, String)> {
+    let pair = |m: &Value| match m {
+        Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
+        Value::Array(p) => match (p.first()?.as_str(), p.get(1)?.as_str()) {
+            (Some(a), Some(b)) => Some((a.to_string(), b.to_string())),
+            _ => None,
+        },
+        _ => None,
+    };
+    model["merges"].as_array().into_iter().flatten().filter_map(pair).collect()
+}
+
+/// Sentencepiece-style scores of `tok`'s ids: a merged piece scores minus the rank of the first
+/// merge making it, every other piece [`NO_MERGE_SCORE`] (`model`: its `tokenizer.json` model).
+pub(crate) fn merge_scores(model: &Value, tok: &Tokenizer) -> Vec<f32> {
+    let mut scores = vec![NO_MERGE_SCORE; tok.vocab_size()];
+    for (rank, (a, b)) in merge_pairs(model).into_iter().enumerate() {
+        let id = tok.token_to_id(&format!("{a}{b}")).map(|id| id as usize).filter(|&id| id < scores.len());
+        if let Some(id) = id.filter(|&id| scores[id] == NO_MERGE_SCORE) {
+            scores[id] = -(rank as f32);
+        }
+    }
+    scores
+}
+
 /// The byte of a `<0xNN>` piece.
-fn byte_piece(piece: &[u8]) -> Option<u8> {
+pub(crate) fn byte_piece(piece: &[u8]) -> Option<u8> {
     let hex = piece.strip_prefix(b"<0x")?.strip_suffix(b">")?;
     if hex.len() != 2 {
         return None;
