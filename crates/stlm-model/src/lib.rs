@@ -15,6 +15,7 @@
 
 pub mod byte_config;
 pub mod bytes;
+pub mod calibration;
 pub mod config;
 pub mod decode;
 pub mod depth;

@@ -7,7 +7,6 @@
 //! - [`structured`]: whole heads, neurons, experts or blocks removed; the model rebuilt smaller.
 //! - [`report`]: sparsity per matrix and overall, parameters, perplexity before/after, time.
 
-pub mod calibration;
 pub mod mask;
 pub mod options;
 pub mod pipeline;
@@ -16,7 +15,7 @@ pub mod sparsegpt;
 pub mod structured;
 pub mod unstructured;
 
-pub use calibration::calibration_windows;
+pub use stlm_model::calibration::calibration_windows;
 pub use mask::{Pattern, Scope};
 pub use report::{Perplexity, PruneReport, TargetReport};
 pub use sparsegpt::SparseGptOptions;

@@ -5,7 +5,7 @@
 use crate::{prune, prune_structured, Pattern, Perplexity, PruneError, PruneOptions, PruneReport, Result, StructuredOptions, StructuredReport};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use stlm_eval::heldout::{read_text, HeldOutText};
+use stlm_eval::heldout::HeldOutText;
 use stlm_model::{load_model, tokenizer_path, DecoderModel, PRUNING_FILE};
 use stlm_tokenizers::Tokenizer;
 use stlm_train::trainer::RunControl;
@@ -223,7 +223,7 @@ impl Loaded {
         }
         let model = load_model(dir, job.device, stlm_core::DType::Float32)?;
         let calib = match (&job.inputs.calib, calibrated) {
-            (Some(path), true) => calibration_batches(&model, &tok, path, job.inputs.calib_samples, job.inputs.calib_len)?,
+            (Some(path), true) => stlm_model::calibration::calibration_batches(&model, &tok, path, job.inputs.calib_samples, job.inputs.calib_len)?,
             (Some(path), false) => return Err(PruneError::Input(format!("{}: magnitude scoring needs no calibration; drop it", path.display()))),
             (None, _) => Vec::new(),
         };
@@ -236,13 +236,3 @@ impl Loaded {
     }
 }
 
-/// `samples` windows of `len` tokens spread evenly over the tokens of `path`, as batches.
-fn calibration_batches(model: &DecoderModel, tok: &Tokenizer, path: &Path, samples: usize, len: usize) -> Result<Vec<Tensor>> {
-    let text = read_text(path)?;
-    let ids = tok.encode(&text, false).map_err(|e| PruneError::Input(format!("{}: {e}", path.display())))?;
-    let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-    match crate::calibration_windows(model, &ids, samples, len) {
-        Err(PruneError::Input(m)) => Err(PruneError::Input(format!("{}: {m}", path.display()))),
-        other => other,
-    }
-}

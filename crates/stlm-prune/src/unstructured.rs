@@ -6,31 +6,36 @@
 //! blocks. Embeddings are lookup tables, not products, and are never pruned; MoE experts are
 //! stacked tensors, not linear layers, and are left dense.
 //!
-//! Wanda and SparseGPT calibrate block by block as in their papers: the inputs of block `i`'s
-//! linears are recorded (a Gram matrix each, see [`stlm_model::layers::InputGram`]) while the
-//! calibration batches run through blocks `0..i` already pruned, then block `i` is pruned.
+//! Wanda and SparseGPT calibrate block by block as in their papers
+//! ([`stlm_model::calibration::blockwise_grams`]): the inputs of block `i`'s linears are recorded
+//! (a Gram matrix each) while the calibration batches run through blocks `0..i` already pruned,
+//! then block `i` is pruned.
 
 use crate::mask::{global_keep_masks, keep_mask, Pattern, Scope};
 use crate::report::{PruneReport, TargetReport};
 use crate::sparsegpt::sparsegpt;
 use crate::{PruneError, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use stlm_core::OptionError;
-use stlm_model::layers::{InputGram, Linear};
+use stlm_model::calibration::blockwise_grams;
+use stlm_model::layers::Linear;
 use stlm_model::linears::LinearSite as Target;
-use stlm_model::model::BlockPass;
 use stlm_model::DecoderModel;
 use tch::{Kind, Tensor};
 
 pub use crate::options::{Method, PruneOptions};
 
+/// Whether `opts` skips a linear layer (its projection or its block).
+fn skipped(opts: &PruneOptions) -> impl Fn(&Target<'_>) -> bool + '_ {
+    |t| opts.skip.contains(&t.projection) || t.block.is_some_and(|b| opts.skip_blocks.contains(&b))
+}
+
 /// The linear layers of `model` that `opts` prunes: every one the model owns (see
 /// [`DecoderModel::linears_mut`]) except the skipped projections and blocks.
 fn targets<'a>(model: &'a mut DecoderModel, opts: &PruneOptions) -> Vec<Target<'a>> {
-    let skipped = |t: &Target<'_>| opts.skip.contains(&t.projection) || t.block.is_some_and(|b| opts.skip_blocks.contains(&b));
-    model.linears_mut().into_iter().filter(|t| !skipped(t)).collect()
+    let skip = skipped(opts);
+    model.linears_mut().into_iter().filter(|t| !skip(t)).collect()
 }
 
 /// Prunes `model` in place by `opts`, calibrating Wanda and SparseGPT on `calib` (int64 token
@@ -70,77 +75,21 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
             }
         }
         (Method::Wanda | Method::SparseGpt, _, _) => {
-            // Block by block, as the papers do: each block's inputs come through the blocks
-            // before it, already pruned; its outputs, after pruning, are the next block's inputs.
-            let mut passes: Vec<(BlockPass, Tensor)> = calib
-                .iter()
-                .map(|b| {
-                    let pass = model.block_pass(b);
-                    let x = pass.input.shallow_clone();
-                    (pass, x)
-                })
-                .collect();
-            for i in 0..model.layers.len() {
-                let group = Some(i);
-                if names.iter().any(|(_, l)| *l == group) {
-                    prune_group(model, group, opts, &bar, |m| {
-                        for (pass, x) in &passes {
-                            let _ = m.run_block(i, pass, x);
-                        }
-                    })?;
+            let skip = skipped(opts);
+            blockwise_grams(model, calib, &|t| !skip(t), |m, group, grams| {
+                for (name, gram) in grams {
+                    bar.set_message(name.clone());
+                    let t = targets(m, opts).into_iter().find(|t| t.block == group && t.name() == name).expect("a picked target");
+                    prune_calibrated(t, &gram, opts)?;
+                    bar.inc(1);
                 }
-                if i + 1 < model.layers.len() || names.iter().any(|(_, l)| l.is_none()) {
-                    for (pass, x) in passes.iter_mut() {
-                        *x = model.run_block(i, pass, x);
-                    }
-                }
-            }
-            if names.iter().any(|(_, l)| l.is_none()) {
-                prune_group(model, None, opts, &bar, |m| {
-                    for (_, x) in &passes {
-                        let _ = m.head(&m.norm.forward(x));
-                    }
-                })?;
-            }
+                Ok::<(), PruneError>(())
+            })?;
         }
     }
     bar.finish_and_clear();
     let reports = targets(model, opts).iter().map(|t| TargetReport::of(&t.name(), &t.linear.weight.value())).collect();
     Ok(PruneReport::new(opts, reports, model.num_parameters(), nonzero_before, nonzero(model), started.elapsed().as_secs_f64()))
-}
-
-/// Prunes the targets of block `group` (`None`: the head) with Wanda or SparseGPT from the inputs
-/// they see while `run` feeds the calibration data through them.
-fn prune_group(model: &mut DecoderModel, group: Option<usize>, opts: &PruneOptions, bar: &ProgressBar, run: impl Fn(&DecoderModel)) -> Result<()> {
-    let in_group = |t: &Target<'_>| t.block == group;
-    let taps: Vec<Arc<Mutex<InputGram>>> = targets(model, opts)
-        .into_iter()
-        .filter(in_group)
-        .map(|t| {
-            let tap = Arc::new(Mutex::new(InputGram::default()));
-            t.linear.tap = Some(Arc::clone(&tap));
-            tap
-        })
-        .collect();
-    run(model);
-    // Every tap comes off before anything can fail.
-    let grams: Vec<Option<Tensor>> = targets(model, opts)
-        .into_iter()
-        .filter(in_group)
-        .zip(taps)
-        .map(|(t, tap)| {
-            t.linear.tap = None;
-            let mut g = tap.lock().unwrap_or_else(|e| e.into_inner());
-            g.gram.take()
-        })
-        .collect();
-    for (t, gram) in targets(model, opts).into_iter().filter(in_group).zip(grams) {
-        let gram = gram.ok_or_else(|| PruneError::Input(format!("{}: saw no calibration input", t.name())))?;
-        bar.set_message(t.name());
-        prune_calibrated(t, &gram, opts)?;
-        bar.inc(1);
-    }
-    Ok(())
 }
 
 /// Rejects option combinations that do not make sense, naming the option.
@@ -212,6 +161,8 @@ fn bar(len: u64, progress: bool) -> ProgressBar {
 mod tests {
     use super::*;
     use crate::sparsegpt::SparseGptOptions;
+    use std::sync::{Arc, Mutex};
+    use stlm_model::layers::InputGram;
     use stlm_model::linears::Projection;
     use stlm_model::ModelConfig;
     use tch::Device;
