@@ -1,5 +1,6 @@
-//! `stlm quantize` end to end on a tiny trained model: Q8_0 and Q4_0 directories that
-//! `generate`, `eval ppl`, `inspect` and `train --init` load, with reports; bad input is one line.
+//! `stlm quantize` end to end on a tiny trained model: Q8_0 and Q4_0 directories (round to
+//! nearest and GPTQ) that `generate`, `eval ppl`, `inspect`, `train --init` and `export gguf`
+//! load, with reports; a GGUF export imports back to the same model; bad input is one line.
 
 mod common;
 
@@ -45,6 +46,22 @@ fn quantizes_reports_and_loads_everywhere() {
         assert!(String::from_utf8_lossy(&out_text.stderr).contains("dequantized float weights"));
         assert!(!tuned.join("model").join("quantization.json").exists(), "a fine-tuned model is float");
     }
+    // GPTQ, calibrated on the training text.
+    let gq = root.join("gptq");
+    let calib = ["--calib", p(&data), "--calib-samples", "8", "--calib-len", "32"];
+    let r = json(&[&["quantize", "--model", p(&model), "--out", p(&gq), "--format", "q4_0", "--method", "gptq", "--val", p(&data), "--val-len", "32", "--json"][..], &calib].concat());
+    assert_eq!((r["method"].as_str(), r["layers"].as_array().unwrap().len()), (Some("gptq"), 16), "{r}");
+    assert!(r["after"]["ppl"].as_f64().unwrap().is_finite());
+    assert!(fails(&["quantize", "--model", p(&model), "--out", p(&root.join("x")), "--format", "q8_0", "--method", "gptq"]).contains("--calib"));
+    assert!(fails(&[&["quantize", "--model", p(&model), "--out", p(&root.join("x")), "--format", "q8_0"][..], &calib].concat()).contains("needs no calibration"));
+    // GGUF: the quantized model's blocks go out and come back as they were.
+    let file = root.join("m.gguf");
+    assert!(ok(&["export", "gguf", "--model", p(&gq), "--out", p(&file)]).contains("16 quantized weights copied"));
+    let back = root.join("back");
+    assert!(ok(&["import", "gguf", "--file", p(&file), "--out", p(&back)]).contains("16 weights kept quantized"));
+    let ppl = |m: &std::path::Path| json(&["eval", "ppl", "--model", p(m), "--data", p(&data), "--json"])["ppl"].as_f64().unwrap();
+    assert_eq!(ppl(&back), ppl(&gq));
+    assert!(fails(&["import", "gguf", "--file", p(&data), "--out", p(&root.join("y"))]).contains("not a readable GGUF file"));
     assert!(fails(&["quantize", "--model", p(&model), "--out", p(&root.join("x")), "--format", "q5_1"]).contains("q5_1"));
     assert!(fails(&["quantize", "--model", p(&model), "--out", p(&model), "--format", "q8_0"]).contains("must differ"));
     assert!(fails(&["quantize", "--model", p(&model), "--out", p(&root.join("x")), "--format", "q8_0", "--val", p(&root.join("missing.txt"))]).contains("missing.txt"));

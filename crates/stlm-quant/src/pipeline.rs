@@ -2,11 +2,12 @@
 //! float model, score it on the validation text, quantize, score again, save the quantized model
 //! with its report in `quantization.json`.
 
-use crate::{quantize, Method, QuantError, QuantOptions, QuantReport, Result};
+use crate::{quantize, GptqOptions, Method, QuantError, QuantOptions, QuantReport, Result};
 use stlm_core::quant::QuantFormat;
 use stlm_model::linears::Projection;
 use std::path::{Path, PathBuf};
 use stlm_eval::heldout::HeldOutText;
+use stlm_model::calibration::calibration_batches;
 use stlm_model::io::WEIGHTS_FILE;
 use stlm_model::quantized::{QuantizationFile, QUANTIZATION_FILE};
 use stlm_model::{load_config, load_model, tokenizer_path};
@@ -28,6 +29,22 @@ pub struct QuantSpec {
     /// Keep the token embedding (and a head tied to it) in float32.
     #[arg(long)]
     pub keep_embeddings: bool,
+    /// GPTQ: calibration text (.txt).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// GPTQ: calibration windows, spread evenly over the calibration text.
+    #[arg(long, default_value_t = 64)]
+    pub calib_samples: usize,
+    /// GPTQ: tokens per calibration window.
+    #[arg(long, default_value_t = 256)]
+    pub calib_len: usize,
+    /// GPTQ: columns in order of decreasing Hessian diagonal (block scales then come from the
+    /// original weights).
+    #[arg(long)]
+    pub act_order: bool,
+    /// GPTQ: damping added to the Hessian's diagonal, as a fraction of its mean.
+    #[arg(long, default_value_t = 0.01)]
+    pub damp: f64,
     /// tokenizer.json (default: the model directory's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -42,7 +59,8 @@ pub struct QuantSpec {
 impl QuantSpec {
     /// The quantization options of this spec.
     pub fn options(&self) -> QuantOptions {
-        QuantOptions { method: self.method, format: self.format, skip: self.skip.clone(), keep_embeddings: self.keep_embeddings }
+        let gptq = GptqOptions { damp: self.damp, act_order: self.act_order, ..GptqOptions::default() };
+        QuantOptions { method: self.method, format: self.format, skip: self.skip.clone(), keep_embeddings: self.keep_embeddings, gptq }
     }
 }
 
@@ -75,17 +93,28 @@ pub fn run(job: &QuantJob) -> Result<QuantReport> {
     if load_config(&job.model)?.bytes.is_some() {
         return Err(QuantError::Input(format!("{}: a byte-pooled model; quantization takes token models", job.model.display())));
     }
+    match (opts.method, &job.spec.calib) {
+        (Method::Rtn, Some(path)) => return Err(QuantError::Input(format!("{}: round to nearest needs no calibration; drop --calib", path.display()))),
+        (Method::Gptq, None) => return Err(QuantError::Input("GPTQ needs calibration text: --calib FILE".into())),
+        _ => {}
+    }
     let tok_path = job.spec.tokenizer.clone().or_else(|| tokenizer_path(&job.model));
     let mut model = load_model(&job.model, job.device, stlm_core::DType::Float32)?;
-    let val = match &job.spec.val {
-        Some(path) => {
-            let tok_path = tok_path.as_deref().ok_or_else(|| QuantError::Input(format!("{}: no tokenizer.json to score the validation text with", job.model.display())))?;
-            Some(HeldOutText::load(path, &model, &Tokenizer::from_file(tok_path).map_err(|e| QuantError::Input(format!("{}: {e}", tok_path.display())))?, job.spec.val_len)?)
-        }
-        None => None,
+    let tok = match (&tok_path, job.spec.val.is_some() || job.spec.calib.is_some()) {
+        (Some(p), true) => Some(Tokenizer::from_file(p).map_err(|e| QuantError::Input(format!("{}: {e}", p.display())))?),
+        (None, true) => return Err(QuantError::Input(format!("{}: no tokenizer.json to read the calibration or validation text with", job.model.display()))),
+        (_, false) => None,
+    };
+    let val = match (&job.spec.val, &tok) {
+        (Some(path), Some(tok)) => Some(HeldOutText::load(path, &model, tok, job.spec.val_len)?),
+        _ => None,
+    };
+    let calib = match (&job.spec.calib, &tok) {
+        (Some(path), Some(tok)) => calibration_batches(&model, tok, path, job.spec.calib_samples, job.spec.calib_len)?,
+        _ => Vec::new(),
     };
     let before = val.as_ref().map(|v| v.perplexity(&model, job.progress)).transpose()?;
-    let mut report = quantize(&mut model, &opts)?;
+    let mut report = quantize(&mut model, &opts, &calib)?;
     report.before = before;
     report.after = val.as_ref().map(|v| v.perplexity(&model, job.progress)).transpose()?;
     report.bytes_before = file_size(&job.model.join(WEIGHTS_FILE));

@@ -24,7 +24,7 @@ fn model(tied: bool) -> DecoderModel {
 
 fn quantized(format: QuantFormat, tied: bool) -> DecoderModel {
     let mut m = model(tied);
-    quantize(&mut m, &QuantOptions { method: Method::Rtn, format, skip: vec![], keep_embeddings: false }).unwrap();
+    quantize(&mut m, &QuantOptions { method: Method::Rtn, format, skip: vec![], keep_embeddings: false, gptq: Default::default() }, &[]).unwrap();
     m
 }
 
