@@ -2,7 +2,7 @@
 the same weights, at each thread count.
 
 Usage: python compare_run_c.py STLM_BINARY RUN_C_SOURCE MODEL_DIR [--pairs 10] [--steps 256]
-       [--threads 1 2] [--also DIR ...]
+       [--threads 1 2] [--also DIR ...] [--llama-bench LLAMA_BENCH_BINARY]
 
 Exports MODEL_DIR with `stlm export llama2c` (version 0, what run.c reads), builds run.c as
 llama2.c's Makefile builds `runomp` (gcc -Ofast -fopenmp -march=native), and writes a
@@ -11,7 +11,10 @@ runs both sides once per thread count, alternately, so that a noisy machine slow
 run.c from BOS for STEPS positions, reporting (STEPS - 1) / seconds after its first token;
 stlm for STEPS - 1 new tokens after a one-token prompt, the fastest of 3 repeats minus the first
 token. `--also` times more stlm model directories of the same weights in every pair (quantized
-copies from `stlm quantize`), each against the same run.c runs. Ends with one JSON object: per
+copies from `stlm quantize`), each against the same run.c runs. `--llama-bench` (llama.cpp's,
+built by benches/llama_cpp/build.sh) also times every model directory's `stlm export gguf` (its
+own blocks for quantized ones, so llama.cpp runs the same weights) in every pair: `llama-bench
+-p 0 -n STEPS -r 1` at the same thread count, its tokens/s. Ends with one JSON object: per
 thread count the medians and the per-pair ratios.
 """
 import argparse
@@ -42,6 +45,12 @@ def run_c_speed(exe, workdir, checkpoint, threads, steps, repeats=3):
     return best
 
 
+def llama_bench_speed(exe, gguf, threads, steps):
+    cmd = [exe, "-m", gguf, "-p", "0", "-n", str(steps), "-t", str(threads), "-r", "1", "-o", "json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)[0]["avg_ts"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("stlm")
@@ -51,6 +60,7 @@ def main():
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--also", nargs="*", default=[])
+    ap.add_argument("--llama-bench")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="stlm-run-c-")
     exe = os.path.join(work, "run")
@@ -65,23 +75,33 @@ def main():
             piece = f"<{i}>".encode()
             f.write(struct.pack("<fi", 0.0, len(piece)) + piece)
     models = [args.model] + args.also
-    results = {t: ({m: [] for m in models}, [], {m: [] for m in models}) for t in args.threads}
+    ggufs = {}
+    if args.llama_bench:
+        for m in models:
+            ggufs[m] = os.path.join(work, os.path.basename(m.rstrip("/")) + ".gguf")
+            subprocess.run([args.stlm, "export", "gguf", "--model", m, "--out", ggufs[m]], check=True, stdout=subprocess.DEVNULL)
+    # The llama.cpp runs are keyed by their GGUF path.
+    timed = models + list(ggufs.values())
+    results = {t: ({m: [] for m in timed}, [], {m: [] for m in timed}) for t in args.threads}
     for i in range(args.pairs):
         for t in args.threads:
             ours, theirs, ratios = results[t]
             speeds = {m: stlm_speed(args.stlm, m, t, args.steps - 1) for m in models}
+            speeds.update({g: llama_bench_speed(args.llama_bench, g, t, args.steps) for g in ggufs.values()})
             c = run_c_speed(exe, work, checkpoint, t, args.steps)
             theirs.append(c)
             for m, s in speeds.items():
                 ours[m].append(s)
                 ratios[m].append(s / c)
-                print(f"pair {i + 1}, {t} thread(s): stlm {os.path.basename(m)} {s:.1f} tokens/s, run.c {c:.1f} "
+                who = "llama.cpp" if m.endswith(".gguf") else "stlm"
+                print(f"pair {i + 1}, {t} thread(s): {who} {os.path.basename(m)} {s:.1f} tokens/s, run.c {c:.1f} "
                       f"tokens/s, ratio {s / c:.2f}", file=sys.stderr)
     summary = {"pairs": args.pairs, "steps": args.steps, "by_threads": {}}
     for t, (ours, theirs, ratios) in results.items():
         row = {"run_c_tokens_per_s": statistics.median(theirs), "run_c": theirs}
-        for m in models:
-            key = "stlm" if m == args.model else f"stlm {os.path.basename(m.rstrip('/'))}"
+        for m in timed:
+            who = "llama.cpp" if m.endswith(".gguf") else "stlm"
+            key = who if m == args.model else f"{who} {os.path.basename(m.rstrip('/'))}"
             r = ratios[m]
             row[key] = {"tokens_per_s": statistics.median(ours[m]), "median_ratio": statistics.median(r),
                         "min_ratio": min(r), "max_ratio": max(r), "runs": ours[m]}
