@@ -338,14 +338,13 @@ mod x86 {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
     }
 
-    /// The 32 values of a Q4_0 block as unsigned bytes 0..15, in value order.
+    /// The 32 values of a Q4_0 block as unsigned bytes 0..15, in value order: the 16 bytes
+    /// loaded into both halves (one broadcast load), the upper half shifted right by 4 bits (per
+    /// 32-bit lane: the mask then keeps each byte's own high nibble), masked.
     #[target_feature(enable = "avx2")]
     unsafe fn nibbles(qs: *const u8) -> __m256i {
-        let b = _mm_loadu_si128(qs as *const __m128i);
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(b, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-        _mm256_set_m128i(hi, lo)
+        let b = _mm256_broadcastsi128_si256(_mm_loadu_si128(qs as *const __m128i));
+        _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0)), _mm256_set1_epi8(0x0F))
     }
 
     /// The four sums of `a[0..4]`'s lanes.

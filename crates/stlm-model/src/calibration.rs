@@ -124,6 +124,25 @@ fn grams(model: &mut DecoderModel, group: Option<usize>, select: &dyn Fn(&Linear
         .collect()
 }
 
+/// What the Optimal Brain Surgeon methods (SparseGPT, GPTQ) compute from a layer's input Gram
+/// matrix `gram` `[in, in]`: the upper Cholesky factor `U` of `H^-1` (float64), with
+/// `H = gram + damp * mean(diag(gram)) * I`, inputs that were always zero (a zero diagonal) given a
+/// unit diagonal first; and those inputs' mask `[in]`. `None` when the damped `H` is not positive
+/// definite (more damping or more calibration data helps).
+pub fn inverse_hessian_factor(gram: &Tensor, damp: f64) -> Option<(Tensor, Tensor)> {
+    let h = gram.to_kind(tch::Kind::Double).copy();
+    let dead = h.diagonal(0, 0, 1).eq(0.0);
+    let _ = h.diagonal(0, 0, 1).masked_fill_(&dead, 1.0);
+    let damping = h.diagonal(0, 0, 1).mean(tch::Kind::Double) * damp;
+    let mut diag = h.diagonal(0, 0, 1);
+    diag += &damping;
+    let (chol, info) = h.linalg_cholesky_ex(false, false);
+    if info.int64_value(&[]) != 0 {
+        return None;
+    }
+    Some((chol.cholesky_inverse(false).linalg_cholesky(true), dead))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

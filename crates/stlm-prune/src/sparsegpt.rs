@@ -10,6 +10,7 @@
 
 use crate::mask::Pattern;
 use crate::{PruneError, Result};
+use stlm_model::calibration::inverse_hessian_factor;
 use tch::{Kind, Tensor};
 
 /// SparseGPT's settings.
@@ -47,21 +48,13 @@ pub fn sparsegpt(name: &str, weight: &Tensor, gram: &Tensor, pattern: Pattern, o
     // Weights that are zero already were pruned before (an iterative schedule): they are pruned
     // first again, whatever the updates from earlier columns made of them.
     let was_zero = w.eq(0.0);
-    let h = gram.to_kind(Kind::Double).copy();
-    let dead = h.diagonal(0, 0, 1).eq(0.0);
-    let _ = h.diagonal(0, 0, 1).masked_fill_(&dead, 1.0);
-    let _ = w.masked_fill_(&dead.unsqueeze(0), 0.0);
-    let damp = h.diagonal(0, 0, 1).mean(Kind::Double) * opts.damp;
-    let mut diag = h.diagonal(0, 0, 1);
-    diag += &damp;
-    let (chol, info) = h.linalg_cholesky_ex(false, false);
-    if info.int64_value(&[]) != 0 {
-        return Err(PruneError::Numerical(format!(
+    let (u, dead) = inverse_hessian_factor(gram, opts.damp).ok_or_else(|| {
+        PruneError::Numerical(format!(
             "{name}: the damped Hessian is not positive definite; raise the damping (`damp`, now {}) or use more calibration data",
             opts.damp
-        )));
-    }
-    let u = chol.cholesky_inverse(false).linalg_cholesky(true); // upper factor of H^-1
+        ))
+    })?; // upper factor of H^-1
+    let _ = w.masked_fill_(&dead.unsqueeze(0), 0.0);
     for start in (0..cols).step_by(block as usize) {
         let count = block.min(cols - start);
         let w1 = w.narrow(1, start, count).copy(); // [rows, count]

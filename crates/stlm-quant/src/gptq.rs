@@ -19,6 +19,7 @@
 use crate::{QuantError, Result};
 use half::f16;
 use stlm_core::quant::{BlockQ4_0, BlockQ8_0, QuantFormat, QuantMatrix, QK};
+use stlm_model::calibration::inverse_hessian_factor;
 use tch::{Kind, Tensor};
 
 /// GPTQ's settings.
@@ -94,10 +95,10 @@ pub fn gptq(name: &str, weight: &Tensor, gram: &Tensor, format: QuantFormat, opt
     }
     let cpu = tch::Device::Cpu;
     let mut w = weight.to_device(cpu).to_kind(Kind::Double).copy();
-    let h = gram.to_device(cpu).to_kind(Kind::Double).copy();
-    let dead = h.diagonal(0, 0, 1).eq(0.0);
-    let _ = h.diagonal(0, 0, 1).masked_fill_(&dead, 1.0);
-    let _ = w.masked_fill_(&dead.unsqueeze(0), 0.0);
+    let gram = gram.to_device(cpu).to_kind(Kind::Double);
+    let diag: Vec<f64> = Vec::try_from(gram.diagonal(0, 0, 1))?;
+    // Inputs that were always zero get zero weights.
+    let _ = w.masked_fill_(&gram.diagonal(0, 0, 1).eq(0.0).unsqueeze(0), 0.0);
     // Static scales (act_order) come from the weights before any update.
     let original: Vec<f32> = Vec::try_from(w.to_kind(Kind::Float).contiguous().view([-1]))?;
     let (cols_u, blocks_per_row) = (cols as usize, cols as usize / QK);
@@ -108,28 +109,18 @@ pub fn gptq(name: &str, weight: &Tensor, gram: &Tensor, format: QuantFormat, opt
             *s = Some(Scale::of(format, &original[r * cols_u + b * QK..r * cols_u + (b + 1) * QK]));
         }
     }
-    let perm: Vec<i64> = if opts.act_order {
-        let diag: Vec<f64> = Vec::try_from(h.diagonal(0, 0, 1))?;
-        let mut p: Vec<i64> = (0..cols).collect();
-        p.sort_by(|&a, &b| diag[b as usize].total_cmp(&diag[a as usize]).then(a.cmp(&b)));
-        p
-    } else {
-        (0..cols).collect()
-    };
+    let mut perm: Vec<i64> = (0..cols).collect();
+    if opts.act_order {
+        perm.sort_by(|&a, &b| diag[b as usize].total_cmp(&diag[a as usize]).then(a.cmp(&b)));
+    }
     let p = Tensor::from_slice(&perm);
     let w = w.index_select(1, &p);
-    let h = h.index_select(0, &p).index_select(1, &p);
-    let damp = h.diagonal(0, 0, 1).mean(Kind::Double) * opts.damp;
-    let mut diag = h.diagonal(0, 0, 1);
-    diag += &damp;
-    let (chol, info) = h.linalg_cholesky_ex(false, false);
-    if info.int64_value(&[]) != 0 {
-        return Err(QuantError::Input(format!(
+    let (u, _) = inverse_hessian_factor(&gram.index_select(0, &p).index_select(1, &p), opts.damp).ok_or_else(|| {
+        QuantError::Input(format!(
             "`{name}`: the damped Hessian is not positive definite; raise the damping (now {}) or use more calibration text",
             opts.damp
-        )));
-    }
-    let u = chol.cholesky_inverse(false).linalg_cholesky(true);
+        ))
+    })?;
     let mut codes = vec![0i32; rows as usize * cols_u];
     // Batches are whole blocks of 32 columns, so a block's columns share a batch.
     let block = opts.block_size.max(QK as i64) / QK as i64 * QK as i64;
