@@ -379,7 +379,6 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
 pub fn llama_mismatch(c: &ModelConfig) -> Option<String> {
     use crate::config::ModelType;
     let checks: [(bool, String); 15] = [
-        (!matches!(c.model_type, ModelType::Llama | ModelType::Mistral), format!("model_type = {:?}: not a Llama", c.model_type)),
         (c.norm != NormKind::RmsNorm, format!("norm = {:?}: Llama uses RMSNorm", c.norm)),
         (c.position != PositionKind::Rope, format!("position = {:?}: Llama uses RoPE", c.position)),
         (c.mlp != MlpKind::Gated, format!("mlp = {:?}: Llama uses a gated (SwiGLU) MLP", c.mlp)),
@@ -394,6 +393,8 @@ pub fn llama_mismatch(c: &ModelConfig) -> Option<String> {
         (!c.attention.is_empty(), "attention: Llama layers use plain causal attention".into()),
         (c.rope_scaling.is_some() || c.partial_rotary_factor != 1.0, "rope_scaling / partial_rotary_factor: exported models rotate whole heads unscaled".into()),
         (c.head_dim() % 2 != 0, format!("head size {}: RoPE needs it even", c.head_dim())),
+        // Last, so that another family's model is told the first field that differs.
+        (!matches!(c.model_type, ModelType::Llama | ModelType::Mistral), format!("model_type = {:?}: not a Llama", c.model_type)),
     ];
     checks.into_iter().find(|(bad, _)| *bad).map(|(_, why)| why)
 }
