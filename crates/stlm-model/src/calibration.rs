@@ -10,7 +10,7 @@
 use crate::layers::InputGram;
 use crate::linears::LinearSite;
 use crate::{DecoderModel, ModelError, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use stlm_core::{CoreError, OptionError};
 use stlm_tokenizers::Tokenizer;
@@ -47,6 +47,33 @@ pub fn calibration_batches(model: &DecoderModel, tok: &Tokenizer, path: &Path, s
     match calibration_windows(model, &ids, samples, len) {
         Err(ModelError::Input(m)) => Err(ModelError::Input(format!("{}: {m}", path.display()))),
         other => other,
+    }
+}
+
+/// A calibration text and how it is cut into windows (`--calib`, `--calib-samples`,
+/// `--calib-len` of `stlm prune` and `stlm quantize`).
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct CalibrationText {
+    /// Calibration text (.txt) for the methods that fit weights to their inputs (wanda,
+    /// sparsegpt, activation or taylor importance; gptq).
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub calib: Option<PathBuf>,
+    /// Calibration windows, spread evenly over the calibration text.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 64))]
+    pub calib_samples: usize,
+    /// Tokens per calibration window.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 256))]
+    pub calib_len: usize,
+}
+
+impl CalibrationText {
+    /// The [`calibration_batches`] of the text, or none when there is no text.
+    pub fn batches(&self, model: &DecoderModel, tok: &Tokenizer) -> Result<Vec<Tensor>> {
+        match &self.calib {
+            Some(path) => calibration_batches(model, tok, path, self.calib_samples, self.calib_len),
+            None => Ok(Vec::new()),
+        }
     }
 }
 

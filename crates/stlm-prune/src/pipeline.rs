@@ -6,6 +6,7 @@ use crate::{prune, prune_structured, Pattern, Perplexity, PruneError, PruneOptio
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use stlm_eval::heldout::HeldOutText;
+use stlm_model::calibration::CalibrationText;
 use stlm_model::{load_model, tokenizer_path, DecoderModel, PRUNING_FILE};
 use stlm_tokenizers::Tokenizer;
 use stlm_train::trainer::RunControl;
@@ -17,15 +18,9 @@ pub struct Inputs {
     /// tokenizer.json (default: the model directory's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Calibration text for wanda and sparsegpt, and activation or taylor importance (.txt).
-    #[arg(long)]
-    pub calib: Option<PathBuf>,
-    /// Calibration windows, spread evenly over the calibration text.
-    #[arg(long, default_value_t = 64)]
-    pub calib_samples: usize,
-    /// Tokens per calibration window.
-    #[arg(long, default_value_t = 256)]
-    pub calib_len: usize,
+    /// The calibration text of wanda, sparsegpt, and activation or taylor importance.
+    #[command(flatten)]
+    pub calibration: CalibrationText,
     /// Validation text: perplexity before and after pruning goes into the report.
     #[arg(long)]
     pub val: Option<PathBuf>,
@@ -222,8 +217,8 @@ impl Loaded {
             return Err(PruneError::Input(format!("{}: a byte-pooled model; pruning takes token models", dir.display())));
         }
         let model = load_model(dir, job.device, stlm_core::DType::Float32)?;
-        let calib = match (&job.inputs.calib, calibrated) {
-            (Some(path), true) => stlm_model::calibration::calibration_batches(&model, &tok, path, job.inputs.calib_samples, job.inputs.calib_len)?,
+        let calib = match (&job.inputs.calibration.calib, calibrated) {
+            (Some(_), true) => job.inputs.calibration.batches(&model, &tok)?,
             (Some(path), false) => return Err(PruneError::Input(format!("{}: magnitude scoring needs no calibration; drop it", path.display()))),
             (None, _) => Vec::new(),
         };

@@ -7,7 +7,7 @@ use stlm_core::quant::QuantFormat;
 use stlm_model::linears::Projection;
 use std::path::{Path, PathBuf};
 use stlm_eval::heldout::HeldOutText;
-use stlm_model::calibration::calibration_batches;
+use stlm_model::calibration::CalibrationText;
 use stlm_model::io::WEIGHTS_FILE;
 use stlm_model::quantized::{QuantizationFile, QUANTIZATION_FILE};
 use stlm_model::{load_config, load_model, tokenizer_path};
@@ -29,15 +29,9 @@ pub struct QuantSpec {
     /// Keep the token embedding (and a head tied to it) in float32.
     #[arg(long)]
     pub keep_embeddings: bool,
-    /// GPTQ: calibration text (.txt).
-    #[arg(long)]
-    pub calib: Option<PathBuf>,
-    /// GPTQ: calibration windows, spread evenly over the calibration text.
-    #[arg(long, default_value_t = 64)]
-    pub calib_samples: usize,
-    /// GPTQ: tokens per calibration window.
-    #[arg(long, default_value_t = 256)]
-    pub calib_len: usize,
+    /// GPTQ's calibration text.
+    #[command(flatten)]
+    pub calibration: CalibrationText,
     /// GPTQ: columns in order of decreasing Hessian diagonal (block scales then come from the
     /// original weights).
     #[arg(long)]
@@ -93,14 +87,14 @@ pub fn run(job: &QuantJob) -> Result<QuantReport> {
     if load_config(&job.model)?.bytes.is_some() {
         return Err(QuantError::Input(format!("{}: a byte-pooled model; quantization takes token models", job.model.display())));
     }
-    match (opts.method, &job.spec.calib) {
+    match (opts.method, &job.spec.calibration.calib) {
         (Method::Rtn, Some(path)) => return Err(QuantError::Input(format!("{}: round to nearest needs no calibration; drop --calib", path.display()))),
         (Method::Gptq, None) => return Err(QuantError::Input("GPTQ needs calibration text: --calib FILE".into())),
         _ => {}
     }
     let tok_path = job.spec.tokenizer.clone().or_else(|| tokenizer_path(&job.model));
     let mut model = load_model(&job.model, job.device, stlm_core::DType::Float32)?;
-    let tok = match (&tok_path, job.spec.val.is_some() || job.spec.calib.is_some()) {
+    let tok = match (&tok_path, job.spec.val.is_some() || job.spec.calibration.calib.is_some()) {
         (Some(p), true) => Some(Tokenizer::from_file(p).map_err(|e| QuantError::Input(format!("{}: {e}", p.display())))?),
         (None, true) => return Err(QuantError::Input(format!("{}: no tokenizer.json to read the calibration or validation text with", job.model.display()))),
         (_, false) => None,
@@ -109,9 +103,9 @@ pub fn run(job: &QuantJob) -> Result<QuantReport> {
         (Some(path), Some(tok)) => Some(HeldOutText::load(path, &model, tok, job.spec.val_len)?),
         _ => None,
     };
-    let calib = match (&job.spec.calib, &tok) {
-        (Some(path), Some(tok)) => calibration_batches(&model, tok, path, job.spec.calib_samples, job.spec.calib_len)?,
-        _ => Vec::new(),
+    let calib = match &tok {
+        Some(tok) => job.spec.calibration.batches(&model, tok)?,
+        None => Vec::new(),
     };
     let before = val.as_ref().map(|v| v.perplexity(&model, job.progress)).transpose()?;
     let mut report = quantize(&mut model, &opts, &calib)?;
