@@ -47,7 +47,7 @@ pub struct ExportGgufArgs {
     #[arg(long)]
     out: PathBuf,
     /// Type of the float matrices (a quantized model's blocks are copied as they are).
-    #[arg(long = "type", value_enum, default_value = "f32")]
+    #[arg(long = "type", value_name = "TYPE", value_enum, default_value = "f32")]
     ty: GgufType,
 }
 

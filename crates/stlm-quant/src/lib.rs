@@ -1,15 +1,16 @@
 //! stlm-quant: a model's linear layers quantized to ggml's block formats (Q8_0, Q4_0; the
 //! formats and their integer kernels are in [`stlm_core::quant`] and [`stlm_core::qmatvec`]).
 //!
-//! - [`quantize`]: round-to-nearest over every linear layer the model lists
-//!   ([`stlm_model::DecoderModel::linears_mut`]), with a report of what was quantized and what was
-//!   kept in float32 and why.
+//! - [`quantize`]: every linear layer the model lists
+//!   ([`stlm_model::DecoderModel::linears_mut`]) and the token embedding, by round to nearest or
+//!   by [`gptq`] (calibrated block by block through [`stlm_model::calibration`]), with a report of
+//!   what was quantized and what was kept in float32 and why.
 //! - [`pipeline`]: model directory to model directory, with perplexity before and after, as
 //!   `stlm quantize` runs it.
 //!
-//! Kept in float32: embeddings (lookup tables) and a head tied to them, routed MoE experts
-//! (stacked tensors, not linear layers), and any matrix whose rows do not divide into blocks of
-//! 32 (never padded).
+//! Kept in float32: norms and biases, learned position tables, routed MoE experts (stacked
+//! tensors, not linear layers), skipped projections, the embedding on request, and any matrix
+//! whose rows do not divide into blocks of 32 (never padded).
 
 pub mod gptq;
 pub mod pipeline;
@@ -56,7 +57,7 @@ pub enum Method {
     /// Round to nearest: each block's scale from its largest magnitude, as ggml quantizes.
     Rtn,
     /// GPTQ: columns rounded in turn, each one's error compensated by the columns after it,
-    /// from the calibration inputs ([`gptq`]); embeddings round to nearest.
+    /// from the calibration inputs (`--calib`); embeddings round to nearest.
     Gptq,
 }
 
