@@ -52,14 +52,8 @@ pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<BlockQ8_0>, CoreError> {
     check_len("Q8_0", x.len())?;
     Ok(x.chunks_exact(QK)
         .map(|b| {
-            let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut qs = [0i8; QK];
-            for (q, v) in qs.iter_mut().zip(b) {
-                *q = (v * id).round() as i8; // roundf: halves away from zero
-            }
-            BlockQ8_0 { d: f16::from_f32(d).to_bits(), qs }
+            let (d, id) = QuantFormat::Q8_0.block_scale(b);
+            BlockQ8_0 { d: f16::from_f32(d).to_bits(), qs: std::array::from_fn(|j| QuantFormat::Q8_0.code(b[j], id) as i8) }
         })
         .collect())
 }
@@ -81,21 +75,9 @@ pub fn quantize_q4_0(x: &[f32]) -> Result<Vec<BlockQ4_0>, CoreError> {
     check_len("Q4_0", x.len())?;
     Ok(x.chunks_exact(QK)
         .map(|b| {
-            let (mut amax, mut max) = (0.0f32, 0.0f32);
-            for &v in b {
-                if amax < v.abs() {
-                    amax = v.abs();
-                    max = v;
-                }
-            }
-            let d = max / -8.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let nibble = |v: f32| ((v * id + 8.5) as i8).min(15) as u8; // C's (int8_t) truncates
-            let mut qs = [0u8; QK / 2];
-            for (j, q) in qs.iter_mut().enumerate() {
-                *q = nibble(b[j]) | (nibble(b[j + QK / 2]) << 4);
-            }
-            BlockQ4_0 { d: f16::from_f32(d).to_bits(), qs }
+            let (d, id) = QuantFormat::Q4_0.block_scale(b);
+            let nibble = |v: f32| QuantFormat::Q4_0.code(v, id) as u8;
+            BlockQ4_0 { d: f16::from_f32(d).to_bits(), qs: std::array::from_fn(|j| nibble(b[j]) | (nibble(b[j + QK / 2]) << 4)) }
         })
         .collect())
 }
@@ -143,6 +125,37 @@ impl QuantFormat {
     /// Bits per weight (the scale included).
     pub fn bits_per_weight(self) -> f64 {
         (self.block_bytes() * 8) as f64 / QK as f64
+    }
+
+    /// ggml's float32 scale `d` of a block's values `x` and its inverse (0 when `d` is 0): Q8_0
+    /// `max |x| / 127`, Q4_0 the value of largest magnitude `/ -8`. The block stores `d` as f16;
+    /// values are coded with the float32 inverse.
+    pub fn block_scale(self, x: &[f32]) -> (f32, f32) {
+        let d = match self {
+            QuantFormat::Q8_0 => x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0,
+            QuantFormat::Q4_0 => {
+                let (mut amax, mut max) = (0.0f32, 0.0f32);
+                for &v in x {
+                    if amax < v.abs() {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                max / -8.0
+            }
+        };
+        (d, if d != 0.0 { 1.0 / d } else { 0.0 })
+    }
+
+    /// ggml's code of `v` in a block whose scale's inverse is `id`: Q8_0 `round(v · id)` (halves
+    /// away from zero) in -127..=127; Q4_0 `v · id + 8.5` truncated (C's `(int8_t)`), in 0..=15.
+    /// The clamps change nothing for the block's own values; they bound values updated after the
+    /// scale was chosen (GPTQ's).
+    pub fn code(self, v: f32, id: f32) -> i32 {
+        match self {
+            QuantFormat::Q8_0 => (v * id).round().clamp(-127.0, 127.0) as i32,
+            QuantFormat::Q4_0 => ((v * id + 8.5).floor() as i32).clamp(0, 15),
+        }
     }
 }
 

@@ -47,37 +47,18 @@ struct Scale {
 }
 
 impl Scale {
-    /// ggml's scale of the 32 values `x` in `format`.
+    /// ggml's scale of the 32 values `x` in `format` ([`QuantFormat::block_scale`]).
     fn of(format: QuantFormat, x: &[f32]) -> Self {
-        let d = match format {
-            QuantFormat::Q8_0 => x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0,
-            QuantFormat::Q4_0 => {
-                let (mut amax, mut max) = (0.0f32, 0.0f32);
-                for &v in x {
-                    if amax < v.abs() {
-                        amax = v.abs();
-                        max = v;
-                    }
-                }
-                max / -8.0
-            }
-        };
-        Scale { inverse: if d != 0.0 { 1.0 / d } else { 0.0 }, stored: f16::from_f32(d).to_bits() }
+        let (d, inverse) = format.block_scale(x);
+        Scale { inverse, stored: f16::from_f32(d).to_bits() }
     }
 
-    /// The integer code of `v` (Q8_0: -127..=127; Q4_0: 0..=15, offset 8) and its value.
+    /// The integer code of `v` ([`QuantFormat::code`]) and the value it stands for.
     fn round(self, format: QuantFormat, v: f32) -> (i32, f64) {
         let d = f16::from_bits(self.stored).to_f32() as f64;
-        match format {
-            QuantFormat::Q8_0 => {
-                let q = (v * self.inverse).round().clamp(-127.0, 127.0) as i32;
-                (q, q as f64 * d)
-            }
-            QuantFormat::Q4_0 => {
-                let q = (v * self.inverse + 8.5).floor().clamp(0.0, 15.0) as i32;
-                (q, (q - 8) as f64 * d)
-            }
-        }
+        let q = format.code(v, self.inverse);
+        let offset = if format == QuantFormat::Q4_0 { 8 } else { 0 };
+        (q, (q - offset) as f64 * d)
     }
 }
 
