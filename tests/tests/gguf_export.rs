@@ -75,12 +75,12 @@ fn check(python: &Path, m: &DecoderModel, tokenizer: &Path, ty: GgufType, dir: &
 
     // Metadata: exactly these keys, with these values and types.
     let c = &m.config;
-    let mut vocab = GgufVocab::from_tokenizer(&Tokenizer::from_file(tokenizer).unwrap()).unwrap();
     let n = c.vocab_size as usize;
-    for id in vocab.tokens.len()..n {
-        vocab.tokens.push(format!("[PAD{id}]"));
-        vocab.scores.push(0.0);
-        vocab.token_types.push(5);
+    let vocab = GgufVocab::from_tokenizer(&Tokenizer::from_file(tokenizer).unwrap()).unwrap().padded(n).unwrap();
+    // llama.cpp's converter pads with unused `[PADid]` tokens: type 5, score 0.
+    let own = Tokenizer::from_file(tokenizer).unwrap().vocab_size();
+    for id in own..n {
+        assert_eq!((vocab.tokens[id].as_str(), vocab.token_types[id], vocab.scores[id]), (format!("[PAD{id}]").as_str(), 5, 0.0));
     }
     let quantized = matches!(ty, GgufType::Q8_0 | GgufType::Q4_0);
     let file_type = match ty {

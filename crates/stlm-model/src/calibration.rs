@@ -79,14 +79,14 @@ impl CalibrationText {
 
 /// Feeds `calib` (int64 token batches) through `model` block by block and, for each block (and
 /// last the head's layers, block `None`) with linear layers that `select` picks, calls `apply`
-/// with the model, the block, and each picked layer's name (`model.layers.0.mlp.up_proj`) and
-/// input Gram matrix (float64 `[in, in]`); `apply` may change those layers, and the later blocks
-/// see their changed outputs.
+/// with the model, the block, and each picked layer's position in [`DecoderModel::linears_mut`]
+/// with its input Gram matrix (float64 `[in, in]`); `apply` may change those layers, and the
+/// later blocks see their changed outputs.
 pub fn blockwise_grams<E: From<ModelError>>(
     model: &mut DecoderModel,
     calib: &[Tensor],
     select: &dyn Fn(&LinearSite<'_>) -> bool,
-    mut apply: impl FnMut(&mut DecoderModel, Option<usize>, Vec<(String, Tensor)>) -> std::result::Result<(), E>,
+    mut apply: impl FnMut(&mut DecoderModel, Option<usize>, Vec<(usize, Tensor)>) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
     let _guard = tch::no_grad_guard();
     let groups: Vec<Option<usize>> = model.linears_mut().iter().filter(|t| select(t)).map(|t| t.block).collect();
@@ -125,29 +125,32 @@ pub fn blockwise_grams<E: From<ModelError>>(
     Ok(())
 }
 
-/// The input Gram matrices of block `group`'s picked layers while `run` feeds them.
-fn grams(model: &mut DecoderModel, group: Option<usize>, select: &dyn Fn(&LinearSite<'_>) -> bool, run: impl Fn(&DecoderModel)) -> Result<Vec<(String, Tensor)>> {
+/// The input Gram matrices of block `group`'s picked layers (by position in
+/// [`DecoderModel::linears_mut`]) while `run` feeds them.
+fn grams(model: &mut DecoderModel, group: Option<usize>, select: &dyn Fn(&LinearSite<'_>) -> bool, run: impl Fn(&DecoderModel)) -> Result<Vec<(usize, Tensor)>> {
     let picked = |t: &LinearSite<'_>| t.block == group && select(t);
-    let taps: Vec<Arc<Mutex<InputGram>>> = model
+    let taps: Vec<(usize, Arc<Mutex<InputGram>>)> = model
         .linears_mut()
         .into_iter()
-        .filter(picked)
-        .map(|t| {
+        .enumerate()
+        .filter(|(_, t)| picked(t))
+        .map(|(i, t)| {
             let tap = Arc::new(Mutex::new(InputGram::default()));
             t.linear.tap = Some(Arc::clone(&tap));
-            tap
+            (i, tap)
         })
         .collect();
     run(model);
     // Every tap comes off before anything can fail.
+    let mut sites = model.linears_mut();
     let mut out = Vec::new();
-    for (t, tap) in model.linears_mut().into_iter().filter(picked).zip(taps) {
-        t.linear.tap = None;
+    for (i, tap) in taps {
+        sites[i].linear.tap = None;
         let gram = tap.lock().unwrap_or_else(|e| e.into_inner()).gram.take();
-        out.push((t.name(), gram));
+        out.push((i, sites[i].name(), gram));
     }
     out.into_iter()
-        .map(|(name, gram)| gram.map(|g| (name.clone(), g)).ok_or_else(|| ModelError::Input(format!("{name}: saw no calibration input"))))
+        .map(|(i, name, gram)| gram.map(|g| (i, g)).ok_or_else(|| ModelError::Input(format!("{name}: saw no calibration input"))))
         .collect()
 }
 
@@ -205,7 +208,8 @@ mod tests {
         for zero in [false, true, false] {
             let mut seen = Vec::new();
             blockwise_grams::<ModelError>(&mut model, &calib, &select, |m, group, grams| {
-                seen.push((group, grams));
+                let names = m.linears_mut().iter().map(|t| t.name()).collect::<Vec<_>>();
+                seen.push((group, grams.into_iter().map(|(i, g)| (names[i].clone(), g)).collect()));
                 if zero && group == Some(0) {
                     for t in m.linears_mut().into_iter().filter(|t| t.block == Some(0) && t.projection.name() == "o_proj") {
                         t.linear.weight.assign(&t.linear.weight.value().zeros_like(), "o_proj").unwrap();

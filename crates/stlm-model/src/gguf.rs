@@ -39,8 +39,6 @@ use tch::{Kind, Tensor};
 pub const ARCH: &str = "llama";
 /// llama.cpp's quantization version of Q8_0 and Q4_0 blocks (`general.quantization_version`).
 const QUANTIZATION_VERSION: u32 = 2;
-/// llama.cpp's token type of padding added up to the model's vocabulary.
-const TYPE_UNUSED: i32 = 5;
 
 /// The tensor type of exported matrices (`stlm export gguf --type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,17 +186,9 @@ pub fn export(model: &Path, out: &Path, ty: GgufType) -> Result<ExportReport> {
     let tok_path = crate::tokenizer_path(model)
         .ok_or_else(|| ModelError::config(model, "no tokenizer.json: llama.cpp needs the vocabulary in the GGUF file"))?;
     let tok = Tokenizer::from_file(&tok_path).map_err(|e| CoreError::Invalid(e.to_string()))?;
-    let mut vocab = GgufVocab::from_tokenizer(&tok).map_err(|e| ModelError::config(&tok_path, e.to_string()))?;
-    let n = c.vocab_size as usize;
-    if vocab.tokens.len() > n {
-        return Err(ModelError::config(&tok_path, format!("{} tokens, more than the model's vocab_size {n}", vocab.tokens.len())));
-    }
-    let padded = n - vocab.tokens.len();
-    for id in vocab.tokens.len()..n {
-        vocab.tokens.push(format!("[PAD{id}]"));
-        vocab.scores.push(0.0);
-        vocab.token_types.push(TYPE_UNUSED);
-    }
+    let vocab = GgufVocab::from_tokenizer(&tok).map_err(|e| ModelError::config(&tok_path, e.to_string()))?;
+    let padded = (c.vocab_size as usize).saturating_sub(vocab.tokens.len());
+    let vocab = vocab.padded(c.vocab_size as usize).map_err(|e| ModelError::config(&tok_path, e.to_string()))?;
 
     let quantized = m.quantized_weights();
     let mut vars: Vec<(Option<usize>, String, String, Tensor)> = Vec::new();

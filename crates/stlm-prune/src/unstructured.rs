@@ -76,10 +76,10 @@ pub fn prune(model: &mut DecoderModel, calib: &[Tensor], opts: &PruneOptions, pr
         }
         (Method::Wanda | Method::SparseGpt, _, _) => {
             let skip = skipped(opts);
-            blockwise_grams(model, calib, &|t| !skip(t), |m, group, grams| {
-                for (name, gram) in grams {
-                    bar.set_message(name.clone());
-                    let t = targets(m, opts).into_iter().find(|t| t.block == group && t.name() == name).expect("a picked target");
+            blockwise_grams(model, calib, &|t| !skip(t), |m, _, grams| {
+                for (i, gram) in grams {
+                    let t = m.linears_mut().swap_remove(i);
+                    bar.set_message(t.name());
                     prune_calibrated(t, &gram, opts)?;
                     bar.inc(1);
                 }

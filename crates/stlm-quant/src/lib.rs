@@ -121,11 +121,11 @@ pub fn quantize(model: &mut DecoderModel, opts: &QuantOptions, calib: &[Tensor])
                 layers.push(report);
             }
         }
-        Method::Gptq => blockwise_grams(model, calib, &picked, |m, group, grams| {
-            for (name, gram) in grams {
-                let site = m.linears_mut().into_iter().find(|t| t.block == group && t.name() == name).expect("a picked layer");
+        Method::Gptq => blockwise_grams(model, calib, &picked, |m, _, grams| {
+            for (i, gram) in grams {
+                let site = m.linears_mut().swap_remove(i);
                 let value = site.linear.weight.value();
-                let name = format!("{name}.weight");
+                let name = format!("{}.weight", site.name());
                 let (quantized, report) = install(&value, name.clone(), opts.format, |_| gptq(&name, &value, &gram, opts.format, opts.gptq))?;
                 site.linear.weight = Weight::Quantized(quantized);
                 layers.push(report);
@@ -258,7 +258,7 @@ mod tests {
         let calib = vec![Tensor::randint(40, [4, 32], (Kind::Int64, Device::Cpu))];
         let mut float = model("tie_word_embeddings = false\n");
         let want = tch::no_grad(|| float.forward(&calib[0]));
-        let mut error = |method: Method| {
+        let error = |method: Method| {
             let mut m = model("tie_word_embeddings = false\n");
             let report = quantize(&mut m, &QuantOptions { method, ..opts(QuantFormat::Q4_0) }, &calib).unwrap();
             assert_eq!((report.layers.len(), report.method.as_str()), (16, method.name()));

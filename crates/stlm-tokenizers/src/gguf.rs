@@ -21,6 +21,8 @@ pub const TYPE_NORMAL: i32 = 1;
 pub const TYPE_UNKNOWN: i32 = 2;
 /// llama.cpp's token type of a special (control) token.
 pub const TYPE_CONTROL: i32 = 3;
+/// llama.cpp's token type of padding that no text encodes to.
+pub const TYPE_UNUSED: i32 = 5;
 /// llama.cpp's token type of a `<0xNN>` byte piece.
 pub const TYPE_BYTE: i32 = 6;
 
@@ -105,6 +107,20 @@ impl GgufVocab {
             VocabKind::Llama => (merge_scores(model, tok), Vec::new()),
         };
         Ok(GgufVocab { kind, tokens, scores, token_types, merges, unk, eos: tok.eos_id(), pad: tok.pad_id() })
+    }
+
+    /// The vocabulary padded to `n` ids with unused `[PADid]` tokens (score 0), as llama.cpp's
+    /// converter pads a tokenizer smaller than the model's vocabulary; `n` below its size is an error.
+    pub fn padded(mut self, n: usize) -> Result<Self> {
+        if self.tokens.len() > n {
+            return Err(TokenizerError::Invalid(format!("{} tokens, more than the model's vocab_size {n}", self.tokens.len())));
+        }
+        for id in self.tokens.len()..n {
+            self.tokens.push(format!("[PAD{id}]"));
+            self.scores.push(0.0);
+            self.token_types.push(TYPE_UNUSED);
+        }
+        Ok(self)
     }
 
     /// Checks that every per-token list has one entry per token (`tokenizer.ggml.*` arrays of
